@@ -1,0 +1,51 @@
+# The two commands: `make run` and `make test`. Each installs what it needs on a fresh Debian
+# machine that has Python 3.11, and skips what is already there.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
+
+.PHONY: run test install models setup test-tools bench lint clean help
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(BIN)/python:
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  echo "venv needs python3-venv; installing it"; \
+	  $(APT) update -qq && $(APT) install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+
+$(STAMP): requirements.lock pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	$(BIN)/python -m pip install -q --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --config-settings editable_mode=compat -e .
+	@touch $@
+
+install: $(STAMP)  ## create the virtual environment and install the locked dependencies
+
+models: $(STAMP)  ## build the demo models into models/ if missing
+	$(BIN)/python models/build.py
+
+setup: $(STAMP)  ## development PKI, gateway.toml and credentials.json if missing
+	@[ -f gateway.toml ] && [ -f certs/ca.key ] || $(BIN)/gateway init --dir .
+
+run: models setup  ## start the gateway with its workers (Ctrl-C stops it)
+	$(BIN)/gateway serve --config gateway.toml
+
+test-tools:  ## system tools the test suite drives (wrk, curl, openssl)
+	@command -v wrk >/dev/null && command -v curl >/dev/null && command -v openssl >/dev/null || { \
+	  $(APT) update -qq && $(APT) install -y -qq wrk curl openssl; }
+
+test: models test-tools  ## run the whole suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: models test-tools  ## benchmark the gateway path against in-process ONNX Runtime
+	$(BIN)/python bench/bench_gateway.py $(BENCH_ARGS)
+
+lint:  ## ruff and mypy on the package
+	$(BIN)/python -m ruff check gateway tests && $(BIN)/python -m mypy gateway
+
+clean:  ## remove the virtual environment and generated files (keeps certs and config)
+	rm -rf $(VENV) .pytest_cache models/*/*/model.onnx models/*/*/manifest.json

@@ -1,0 +1,74 @@
+"""The application factory: the middleware stack, outer to inner, in one function."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.config import Config, load_config
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway.middleware import ContextMiddleware, ProblemMiddleware, problem_response
+from gateway.security.xfcc import TrustedProxies
+from gateway.v2 import V2, ModelEntry, routes
+from gateway.workers.pool import WorkerPool
+
+__all__ = ["app_from_environment", "create_app"]
+
+
+def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error: GatewayError
+    if exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}",
+                                 allow=(exc.headers or {}).get("Allow", ""))
+    elif exc.status_code == 404:
+        error = NotFound("no such route or model")
+    else:
+        error = GatewayError(exc.detail)
+    return problem_response(error, request.scope)
+
+
+def create_app(config: Config, runtime_dir: str, models: dict[str, ModelEntry] | None = None) -> Starlette:
+    """Build the gateway: ``problems → context → router``, over one worker pool."""
+    from gateway.server import load_manifests
+
+    if models is None:
+        manifests = load_manifests(config)
+        models = {m.name: ModelEntry(manifests[m.name], m) for m in config.models}
+    pool = WorkerPool(config, runtime_dir)
+    v2 = V2(config, models, pool)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await pool.start()
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    def gateway_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, GatewayError)
+        return problem_response(exc, request.scope, config.server.debug)
+
+    middleware = [
+        Middleware(ProblemMiddleware, debug=config.server.debug),
+        Middleware(ContextMiddleware, trusted_proxies=TrustedProxies(config.tls.trusted_proxies),
+                   timeout_s=config.server.request_timeout_s),
+    ]
+    handlers: dict[Any, Any] = {GatewayError: gateway_error, HTTPException: _http_exception}
+    app = Starlette(routes=routes(v2), middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+    app.state.pool = pool
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """uvicorn factory for the serving processes: ``GATEWAY_CONFIG`` and ``GATEWAY_RUNTIME_DIR``."""
+    return create_app(load_config(os.environ["GATEWAY_CONFIG"]), os.environ["GATEWAY_RUNTIME_DIR"])

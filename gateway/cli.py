@@ -1,0 +1,85 @@
+"""The ``gateway`` command (also ``python -m gateway``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from gateway import __version__
+
+__all__ = ["main"]
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from gateway.devsetup import init
+
+    report = init(Path(args.dir), Path(args.models), port=args.port, force=args.force)
+    for path in report.created:
+        print(f"created  {path}")
+    for path in report.kept:
+        print(f"kept     {path} (use --force to replace)")
+    print(f"\nNext: gateway serve --config {Path(args.dir) / 'gateway.toml'}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.config import ConfigError
+    from gateway.registry.manifest import ManifestError
+    from gateway.server import serve
+    from gateway.workers.supervisor import WorkerStartError
+
+    try:
+        return serve(args.config)
+    except (ConfigError, ManifestError, WorkerStartError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from gateway.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    warnings = config.insecure_settings()
+    print(f"{args.config}: valid; {len(config.models)} model(s)")
+    for w in warnings:
+        print(f"insecure: {w}")
+    return 1 if warnings and args.strict else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Secure model-serving gateway.")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write a development PKI, configuration and credentials")
+    p.add_argument("--dir", default=".", help="where to write certs/, gateway.toml, credentials.json")
+    p.add_argument("--models", default="models", help="model repository the configuration points at")
+    p.add_argument("--port", type=int, default=8443)
+    p.add_argument("--force", action="store_true", help="replace existing keys, certificates and config")
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("serve", help="start the workers and serve HTTPS")
+    p.add_argument("--config", default="gateway.toml")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("check", help="validate a configuration and list its insecure settings")
+    p.add_argument("--config", default="gateway.toml")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any setting weakens security")
+    p.set_defaults(func=_cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per worker health ping otherwise
+    return int(args.func(args))

@@ -1,0 +1,28 @@
+"""Per-request state: one typed object under one namespaced scope key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.security.tls import PeerIdentity
+
+__all__ = ["SCOPE_KEY", "RequestContext", "get_context"]
+
+SCOPE_KEY = "gateway.context"
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    started: float
+    deadline: float
+    client_host: str | None
+    peer: PeerIdentity | None
+    model: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def get_context(scope: dict[str, Any]) -> RequestContext:
+    ctx: RequestContext = scope[SCOPE_KEY]
+    return ctx

@@ -1,0 +1,62 @@
+"""Opens the per-request context: request id, deadline, and the peer's identity.
+
+The identity comes from the verified client certificate that ``gateway.server`` put into
+``scope["extensions"]["tls"]``, or, only when the TCP peer is a configured trusted proxy, from
+``X-Forwarded-Client-Cert``. From anyone else that header is removed before the app sees it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.context import SCOPE_KEY, RequestContext
+from gateway.security.xfcc import TrustedProxies, parse_xfcc
+
+__all__ = ["ContextMiddleware"]
+
+XFCC = b"x-forwarded-client-cert"
+REQUEST_ID = b"x-request-id"
+_VALID_ID = re.compile(rb"^[A-Za-z0-9._:-]{8,128}$")
+
+
+class ContextMiddleware:
+    def __init__(self, app: ASGIApp, trusted_proxies: TrustedProxies, timeout_s: float) -> None:
+        self.app = app
+        self.trusted = trusted_proxies
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        host = client[0] if client else None
+        tls = scope.get("extensions", {}).get("tls") or {}
+        peer = tls.get("client_identity")
+        request_id = None
+        xfcc = None
+        for name, value in scope["headers"]:
+            if name == REQUEST_ID and _VALID_ID.match(value):
+                request_id = value.decode()
+            elif name == XFCC:
+                xfcc = value
+        if xfcc is not None:
+            if self.trusted.trusts(host):
+                peer = parse_xfcc(xfcc.decode("latin-1")) or peer
+            else:
+                scope["headers"] = [(n, v) for n, v in scope["headers"] if n != XFCC]
+        request_id = request_id or uuid.uuid4().hex
+        now = time.monotonic()
+        scope[SCOPE_KEY] = RequestContext(request_id, now, now + self.timeout_s, host, peer)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["x-request-id"] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

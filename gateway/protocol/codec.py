@@ -1,0 +1,307 @@
+"""Decoding and encoding of inference requests and responses.
+
+Two encodings: JSON tensors (``"data"`` lists) and the binary tensor extension, where a JSON
+header of ``Inference-Header-Content-Length`` bytes is followed by the raw tensor bytes in the
+order of the tensors whose ``parameters.binary_data_size`` is set.
+https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_binary_data.md
+
+Everything here is plain values: a malformed message raises ``BadRequest`` naming the offending
+field, and nothing here knows a web framework.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from gateway.errors import BadRequest
+from gateway.protocol.datatypes import DATATYPES, JSON_KINDS, datatype_of
+
+__all__ = [
+    "DecodeLimits",
+    "InferRequest",
+    "RequestedOutput",
+    "Tensor",
+    "decode_infer_request",
+    "decode_tensor_message",
+    "encode_infer_response",
+    "encode_tensor_message",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """Bounds applied while decoding, before any tensor memory is allocated."""
+
+    max_tensors: int = 64
+    max_rank: int = 8
+    max_elements: int = 64 * 1024 * 1024
+    max_bytes_element: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    name: str
+    array: np.ndarray
+
+    @property
+    def datatype(self) -> str:
+        return datatype_of(self.array)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool | None = None
+
+
+@dataclass(slots=True)
+class InferRequest:
+    inputs: list[Tensor]
+    outputs: list[RequestedOutput] = field(default_factory=list)
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def binary_output(self) -> bool:
+        return bool(self.parameters.get("binary_data_output", False))
+
+
+def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memoryview]:
+    if header_length is None:
+        header, rest = body, b""
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise BadRequest(
+                f"Inference-Header-Content-Length is {header_length} but the body has "
+                f"{len(body)} bytes",
+                field="Inference-Header-Content-Length",
+            )
+        header, rest = body[:header_length], body[header_length:]
+    try:
+        doc = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", field="body") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("request body must be a JSON object", field="body")
+    return doc, memoryview(rest)
+
+
+def _shape(item: dict[str, Any], where: str, limits: DecodeLimits) -> tuple[tuple[int, ...], int]:
+    shape = item.get("shape")
+    if not isinstance(shape, list) or len(shape) > limits.max_rank:
+        raise BadRequest(f"{where}.shape must be a list of at most {limits.max_rank} integers", field=where)
+    count = 1
+    for dim in shape:
+        # bool is an int in Python; a shape of [true] is still malformed.
+        if type(dim) is not int or dim < 0:
+            raise BadRequest(f"{where}.shape must hold non-negative integers, got {shape}", field=where)
+        count *= dim
+        if count > limits.max_elements:
+            raise BadRequest(
+                f"{where}.shape {shape} exceeds {limits.max_elements} elements", field=where
+            )
+    return tuple(shape), count
+
+
+def _bytes_elements(raw: memoryview, count: int, where: str, limits: DecodeLimits) -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(raw):
+            raise BadRequest(f"{where}: BYTES data ends inside element {i}", field=where)
+        (size,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if size > limits.max_bytes_element or pos + size > len(raw):
+            raise BadRequest(f"{where}: BYTES element {i} has a bad length {size}", field=where)
+        out[i] = bytes(raw[pos : pos + size])
+        pos += size
+    if pos != len(raw):
+        raise BadRequest(f"{where}: {len(raw) - pos} trailing bytes after BYTES elements", field=where)
+    return out
+
+
+def _from_binary(raw: memoryview, datatype: str, count: int, where: str, limits: DecodeLimits) -> np.ndarray:
+    if datatype == "BYTES":
+        return _bytes_elements(raw, count, where, limits)
+    dtype = DATATYPES[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise BadRequest(
+            f"{where}: binary_data_size is {len(raw)} bytes but shape and datatype need "
+            f"{count * dtype.itemsize}",
+            field=where,
+        )
+    return np.frombuffer(raw, dtype=dtype)
+
+
+def _from_json(data: Any, datatype: str, count: int, where: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise BadRequest(f"{where}.data must be a list", field=where)
+    try:
+        array = np.array(data)
+    except (ValueError, TypeError):
+        raise BadRequest(f"{where}.data is ragged or holds mixed types", field=where) from None
+    if array.size != count:
+        raise BadRequest(
+            f"{where}.data has {array.size} elements but its shape needs {count}", field=where
+        )
+    if array.size and array.dtype.kind not in JSON_KINDS[datatype]:
+        raise BadRequest(f"{where}.data holds {array.dtype.kind!r}-kind values, not {datatype}", field=where)
+    array = array.reshape(-1)
+    if datatype == "BYTES":
+        return np.array([s.encode() for s in array], dtype=object)
+    dtype = DATATYPES[datatype]
+    if dtype.kind in "iu" and array.size:
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise BadRequest(f"{where}.data has values outside {datatype}'s range", field=where)
+    return array.astype(dtype, copy=False)
+
+
+def _tensors(
+    items: Any, raw: memoryview, key: str, limits: DecodeLimits
+) -> list[Tensor]:
+    if not isinstance(items, list) or not items or len(items) > limits.max_tensors:
+        raise BadRequest(f"'{key}' must be a list of 1 to {limits.max_tensors} tensors", field=key)
+    tensors, offset, names = [], 0, set()
+    for i, item in enumerate(items):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise BadRequest(f"{where} must be an object", field=where)
+        name, datatype = item.get("name"), item.get("datatype")
+        if not isinstance(name, str) or not name or name in names:
+            raise BadRequest(f"{where}.name must be a unique non-empty string", field=where)
+        names.add(name)
+        where = f"{key}[{name!r}]"[:200]
+        if datatype not in DATATYPES:
+            raise BadRequest(f"{where}.datatype {str(datatype)[:32]!r} is not a known datatype", field=where)
+        shape, count = _shape(item, where, limits)
+        params = item.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if type(size) is not int or size < 0 or offset + size > len(raw):
+                raise BadRequest(f"{where}.binary_data_size {size} overruns the binary body", field=where)
+            array = _from_binary(raw[offset : offset + size], datatype, count, where, limits)
+            offset += size
+        elif "data" in item:
+            array = _from_json(item["data"], datatype, count, where)
+        else:
+            raise BadRequest(f"{where} has neither data nor binary_data_size", field=where)
+        tensors.append(Tensor(name, array.reshape(shape)))
+    if offset != len(raw):
+        raise BadRequest(
+            f"{len(raw) - offset} bytes of binary data follow the last tensor",
+            field="Inference-Header-Content-Length",
+        )
+    return tensors
+
+
+def _requested_outputs(items: Any) -> list[RequestedOutput]:
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise BadRequest("'outputs' must be a list", field="outputs")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadRequest(f"outputs[{i}] must be an object with a name", field=f"outputs[{i}]")
+        params = item.get("parameters") or {}
+        binary = params.get("binary_data") if isinstance(params, dict) else None
+        out.append(RequestedOutput(item["name"], None if binary is None else bool(binary)))
+    return out
+
+
+def decode_infer_request(
+    body: bytes, header_length: int | None, limits: DecodeLimits = DecodeLimits()
+) -> InferRequest:
+    """Decode an inference request in JSON or with the binary tensor extension."""
+    doc, raw = _split(body, header_length)
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("'parameters' must be an object", field="parameters")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest("'id' must be a string", field="id")
+    return InferRequest(
+        inputs=_tensors(doc.get("inputs"), raw, "inputs", limits),
+        outputs=_requested_outputs(doc.get("outputs")),
+        id=request_id,
+        parameters=params,
+    )
+
+
+def _bytes_payload(array: np.ndarray) -> bytes:
+    parts = []
+    for item in array.reshape(-1):
+        data = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(struct.pack("<I", len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _json_data(array: np.ndarray) -> Any:
+    flat = array.reshape(-1)
+    if flat.dtype.kind == "O":
+        return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in flat]
+    if flat.dtype == np.float16:
+        flat = flat.astype(np.float32)
+    return np.ascontiguousarray(flat)
+
+
+def _encode(
+    key: str, tensors: list[Tensor], binary: set[str], top: dict[str, Any]
+) -> tuple[bytes, int | None]:
+    items, chunks = [], []
+    for t in tensors:
+        item: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.array.shape)}
+        if t.name in binary:
+            payload = _bytes_payload(t.array) if item["datatype"] == "BYTES" else np.ascontiguousarray(t.array).tobytes()
+            item["parameters"] = {"binary_data_size": len(payload)}
+            chunks.append(payload)
+        else:
+            item["data"] = _json_data(t.array)
+        items.append(item)
+    header = orjson.dumps({**top, key: items}, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    outputs: list[Tensor],
+    binary: set[str],
+    request_id: str | None = None,
+) -> tuple[bytes, int | None]:
+    """Encode a response; returns the body and, if any output is binary, the header length."""
+    top: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        top["id"] = request_id
+    return _encode("outputs", outputs, binary, top)
+
+
+def encode_tensor_message(key: str, tensors: list[Tensor]) -> tuple[bytes, int]:
+    """All-binary message between the gateway and a worker (``key`` is inputs or outputs)."""
+    body, header_length = _encode(key, tensors, {t.name for t in tensors}, {})
+    return body, header_length if header_length is not None else len(body)
+
+
+def decode_tensor_message(
+    body: bytes, header_length: int, key: str, limits: DecodeLimits = DecodeLimits()
+) -> list[Tensor]:
+    doc, raw = _split(body, header_length)
+    return _tensors(doc.get(key), raw, key, limits)
+
+
+def has_non_finite(array: np.ndarray) -> bool:
+    return array.dtype.kind == "f" and not bool(np.isfinite(array).all())
+
+
+def element_count(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)

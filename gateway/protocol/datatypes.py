@@ -1,0 +1,48 @@
+"""Open Inference Protocol tensor datatypes and their numpy equivalents.
+
+https://github.com/kserve/open-inference-protocol/blob/main/specification/protocol/inference_rest.md#tensor-data-types
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["DATATYPES", "datatype_of", "numpy_dtype"]
+
+# BYTES is a variable-length type held in object arrays of ``bytes``.
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+
+_BY_DTYPE = {dt: name for name, dt in DATATYPES.items() if name != "BYTES"}
+
+# Which numpy kinds a JSON ``data`` list may hold for each datatype: JSON numbers for numeric
+# types, booleans for BOOL. Strings never pass for numbers (numpy would silently parse "1.0").
+JSON_KINDS: dict[str, str] = {name: "iuf" if dt.kind == "f" else "iu" for name, dt in DATATYPES.items()}
+JSON_KINDS["BOOL"] = "b"
+JSON_KINDS["BYTES"] = "U"
+
+
+def numpy_dtype(datatype: str) -> np.dtype:
+    return DATATYPES[datatype]
+
+
+def datatype_of(array: np.ndarray) -> str:
+    if array.dtype.kind in "OSU":
+        return "BYTES"
+    try:
+        return _BY_DTYPE[array.dtype]
+    except KeyError:
+        raise ValueError(f"no Open Inference Protocol datatype for numpy {array.dtype}") from None

@@ -1,0 +1,123 @@
+"""Model manifests: ``<root>/<name>/<version>/manifest.json`` beside the ONNX file.
+
+A manifest declares the model's signature (inputs and outputs with datatype, shape, with ``-1``
+for a variable dimension, and an optional value domain), the ONNX file's SHA-256 and the
+preferred device. The gateway checks requests against it before any worker sees a byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.protocol.datatypes import DATATYPES
+
+__all__ = ["NAME_PATTERN", "Manifest", "ManifestError", "TensorSpec", "load_manifest"]
+
+# Model names and versions: a strict charset, no path separators, no leading dot.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ManifestError(ValueError):
+    """A manifest or model file that cannot be served, with the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    min: float | None = None
+    max: float | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    name: str
+    version: str
+    path: Path
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    sha256: str
+    device: str = "auto"
+    description: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / "model.onnx"
+
+    def read_verified(self) -> bytes:
+        """The ONNX file's bytes, refused unless they match the manifest's SHA-256."""
+        data = self.onnx_path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self.sha256:
+            raise ManifestError(
+                f"{self.name}/{self.version}: model.onnx has SHA-256 {digest}, "
+                f"the manifest says {self.sha256}"
+            )
+        return data
+
+
+def _spec(raw: Any, where: str) -> TensorSpec:
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where} must be an object")
+    name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
+    if not isinstance(name, str) or not name:
+        raise ManifestError(f"{where}.name must be a non-empty string")
+    if datatype not in DATATYPES:
+        raise ManifestError(f"{where}.datatype {datatype!r} is not a known datatype")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= -1 for d in shape):
+        raise ManifestError(f"{where}.shape must be a list of integers >= -1")
+    domain = raw.get("domain") or {}
+    lo, hi = domain.get("min"), domain.get("max")
+    if lo is not None and hi is not None and lo > hi:
+        raise ManifestError(f"{where}.domain has min > max")
+    return TensorSpec(name, datatype, tuple(shape), lo, hi)
+
+
+def load_manifest(directory: Path) -> Manifest:
+    """Read and validate ``directory/manifest.json``; raises ``ManifestError`` with the reason."""
+    try:
+        raw = json.loads((directory / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{directory}: no manifest.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{directory}/manifest.json is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{directory}/manifest.json must hold an object")
+    name, version = str(raw.get("name", "")), str(raw.get("version", ""))
+    for what, value in (("name", name), ("version", version)):
+        if not NAME_PATTERN.match(value) or ".." in value:
+            raise ManifestError(f"{directory}: manifest {what} {value!r} is not a valid identifier")
+    onnx = raw.get("onnx") or {}
+    sha = onnx.get("sha256")
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise ManifestError(f"{directory}: manifest onnx.sha256 must be 64 hex digits")
+    if onnx.get("file", "model.onnx") != "model.onnx":
+        raise ManifestError(f"{directory}: the model file must be named model.onnx")
+    inputs = tuple(_spec(x, f"inputs[{i}]") for i, x in enumerate(raw.get("inputs") or []))
+    outputs = tuple(_spec(x, f"outputs[{i}]") for i, x in enumerate(raw.get("outputs") or []))
+    if not inputs or not outputs:
+        raise ManifestError(f"{directory}: a manifest needs at least one input and one output")
+    device = raw.get("device", "auto")
+    if device not in ("auto", "cuda", "cpu"):
+        raise ManifestError(f"{directory}: device must be auto, cuda or cpu")
+    return Manifest(
+        name=name,
+        version=version,
+        path=directory,
+        inputs=inputs,
+        outputs=outputs,
+        sha256=sha,
+        device=device,
+        description=str(raw.get("description", "")),
+        metrics=dict(raw.get("metrics") or {}),
+    )

@@ -1,0 +1,71 @@
+"""Checks of decoded tensors against a model's declared signature (its manifest).
+
+Runs in the gateway before a worker sees a byte: datatype, rank, each fixed dimension, a shared
+batch dimension, NaN and Inf, and the declared value domain. Failures are ``InvalidInput`` (422)
+naming the offending input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gateway.errors import InvalidInput
+from gateway.protocol.codec import RequestedOutput, Tensor
+from gateway.registry.manifest import Manifest, TensorSpec
+
+__all__ = ["check_inputs", "check_outputs"]
+
+
+def _check_one(tensor: Tensor, spec: TensorSpec) -> None:
+    where = f"inputs[{spec.name!r}]"
+    array = tensor.array
+    if tensor.datatype != spec.datatype:
+        raise InvalidInput(f"{where}: datatype {tensor.datatype}, the model expects {spec.datatype}", field=where)
+    if array.ndim != len(spec.shape) or any(
+        want != -1 and got != want for got, want in zip(array.shape, spec.shape)
+    ):
+        raise InvalidInput(
+            f"{where}: shape {list(array.shape)} does not match the model's {list(spec.shape)}",
+            field=where,
+        )
+    if array.dtype.kind == "f" and array.size:
+        # min/max are NaN if any element is, and propagate infinities: one pass each.
+        lo, hi = float(array.min()), float(array.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise InvalidInput(f"{where}: NaN or infinite values are not accepted", field=where)
+    elif array.size and array.dtype.kind in "iu":
+        lo, hi = float(array.min()), float(array.max())
+    else:
+        return
+    if (spec.min is not None and lo < spec.min) or (spec.max is not None and hi > spec.max):
+        raise InvalidInput(
+            f"{where}: values span [{lo:g}, {hi:g}], outside the model's domain "
+            f"[{spec.min}, {spec.max}]",
+            field=where,
+        )
+
+
+def check_inputs(manifest: Manifest, inputs: list[Tensor]) -> None:
+    given = {t.name: t for t in inputs}
+    unknown = sorted(set(given) - {s.name for s in manifest.inputs})
+    if unknown:
+        raise InvalidInput(f"unknown input {unknown[0]!r} for model {manifest.name}", field="inputs")
+    batch: set[int] = set()
+    for spec in manifest.inputs:
+        tensor = given.get(spec.name)
+        if tensor is None:
+            raise InvalidInput(f"missing input {spec.name!r}", field=f"inputs[{spec.name!r}]")
+        _check_one(tensor, spec)
+        if spec.shape and spec.shape[0] == -1:
+            batch.add(tensor.array.shape[0])
+    if len(batch) > 1:
+        raise InvalidInput(f"inputs disagree on the batch size: {sorted(batch)}", field="inputs")
+    if batch == {0}:
+        raise InvalidInput("the batch is empty", field="inputs")
+
+
+def check_outputs(manifest: Manifest, outputs: list[RequestedOutput]) -> None:
+    known = {s.name for s in manifest.outputs}
+    for out in outputs:
+        if out.name not in known:
+            raise InvalidInput(f"unknown output {out.name!r} for model {manifest.name}", field="outputs")

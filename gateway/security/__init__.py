@@ -1,0 +1,1 @@
+"""Security decisions as plain functions over typed values: TLS identity, development PKI."""

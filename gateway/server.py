@@ -1,0 +1,193 @@
+"""Running the gateway: uvicorn with our own HTTP protocol class, the workers' supervisor, probes.
+
+uvicorn verifies client certificates but does not hand them to the application (the ASGI ``tls``
+extension is unmerged: uvicorn PRs 3132/3133), so ``TLSHttpToolsProtocol`` reads the verified
+peer certificate once per connection and puts it into ``scope["extensions"]["tls"]``. It also
+answers malformed requests and oversized headers with problem+json rather than plain text.
+uvicorn is pinned in ``pyproject.toml`` because this subclasses its protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.config import Config, load_config
+from gateway.errors import problem_body
+from gateway.registry.manifest import Manifest, load_manifest
+from gateway.security.tls import build_server_context, identity_from_der
+
+__all__ = ["GatewayUvicornConfig", "TLSHttpToolsProtocol", "load_manifests", "serve"]
+
+log = logging.getLogger("gateway.server")
+
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32 * 1024  # Envoy's edge default buffer per connection
+
+
+def _raw_problem(status: int, reason: bytes, type_: str, title: str, detail: str) -> bytes:
+    body = orjson.dumps(problem_body(status, type_, title, detail, "", None, True))
+    return b"".join([
+        b"HTTP/1.1 %d %s\r\n" % (status, reason),
+        b"content-type: application/problem+json\r\n",
+        b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body),
+        body,
+    ])
+
+
+class TLSHttpToolsProtocol(HttpToolsProtocol):
+    """httptools protocol that exposes the verified client certificate and bounds headers."""
+
+    _tls_extension: dict[str, Any] | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return
+        der = ssl_object.getpeercert(binary_form=True)
+        self._tls_extension = {
+            "client_cert_der": der,
+            "client_identity": identity_from_der(der) if der else None,
+            "tls_version": ssl_object.version(),
+            "cipher": (ssl_object.cipher() or ("",))[0],
+        }
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_bytes = 0
+        if self._tls_extension is not None:
+            self.scope["extensions"] = {"tls": self._tls_extension}
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if len(self.headers) >= MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
+            self.transport.write(_raw_problem(
+                431, b"Request Header Fields Too Large", "headers-too-large",
+                "Request headers too large",
+                f"at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes of headers are accepted",
+            ))
+            self.transport.close()
+            # Stop the parser: httptools surfaces this as a parse error, which we then ignore.
+            raise ValueError("headers too large")
+        super().on_header(name, value)
+
+    def send_400_response(self, msg: str) -> None:
+        if self.transport.is_closing():
+            return
+        self.transport.write(_raw_problem(400, b"Bad Request", "bad-request", "Malformed request", msg))
+        self.transport.close()
+
+
+class GatewayUvicornConfig(uvicorn.Config):
+    """uvicorn's config with our SSL context (uvicorn's own cannot express mTLS policy fully)."""
+
+    def __init__(self, gateway_config: Config, **kwargs: Any) -> None:
+        self.gateway_config = gateway_config
+        super().__init__(**kwargs)
+
+    def load(self) -> None:
+        super().load()
+        self.ssl = build_server_context(self.gateway_config.tls)
+
+
+def load_manifests(config: Config) -> dict[str, Manifest]:
+    """The manifest of each configured model version; raises ``ManifestError``."""
+    return {
+        m.name: load_manifest(Path(config.models_root) / m.name / m.version) for m in config.models
+    }
+
+
+def _uvicorn_config(config: Config) -> GatewayUvicornConfig:
+    s = config.server
+    return GatewayUvicornConfig(
+        config,
+        app="gateway.app:app_from_environment",
+        factory=True,
+        host=s.host,
+        port=s.port,
+        workers=s.processes,
+        http=TLSHttpToolsProtocol,
+        loop="uvloop",
+        ws="none",
+        lifespan="on",
+        access_log=False,
+        log_level=s.log_level,
+        timeout_keep_alive=int(s.keepalive_timeout_s),
+        limit_concurrency=s.limit_concurrency,
+        backlog=s.backlog,
+        server_header=False,
+        date_header=False,
+        # Placeholders so uvicorn's own checks see TLS on; load() swaps in our context.
+        ssl_keyfile=config.tls.key_file,
+        ssl_certfile=config.tls.cert_file,
+    )
+
+
+def serve(config_path: str, announce: bool = True) -> int:
+    """Start the workers, wait for them, then serve HTTPS until interrupted."""
+    from gateway.workers.supervisor import Supervisor
+
+    config = load_config(config_path)
+    manifests = load_manifests(config)
+    runtime_dir = Path(config.server.runtime_dir or tempfile.mkdtemp(prefix="gateway-"))
+    supervisor = Supervisor(config, manifests, runtime_dir)
+    os.environ["GATEWAY_CONFIG"] = str(Path(config_path).resolve())
+    os.environ["GATEWAY_RUNTIME_DIR"] = str(runtime_dir)
+    for warning in config.insecure_settings():
+        log.warning("insecure setting: %s", warning)
+    supervisor.start()
+    try:
+        supervisor.wait_ready()
+        log.info("workers ready: %s", supervisor.pids())
+        ucfg = _uvicorn_config(config)
+        if announce:
+            _announce(config)
+        if config.server.processes > 1:
+            from uvicorn.supervisors import Multiprocess
+
+            sock = ucfg.bind_socket()
+            Multiprocess(ucfg, target=uvicorn.Server(ucfg).run, sockets=[sock]).run()
+        else:
+            import uvloop
+
+            uvloop.run(_serve_single(ucfg, config))
+    finally:
+        supervisor.stop()
+    return 0
+
+
+async def _serve_single(ucfg: GatewayUvicornConfig, config: Config) -> None:
+    servers = [uvicorn.Server(ucfg)]
+    if config.server.probe_port:
+        servers.append(uvicorn.Server(uvicorn.Config(
+            "gateway.probes:probe_app_from_environment", factory=True,
+            host=config.server.probe_host, port=config.server.probe_port,
+            log_level="warning", access_log=False, lifespan="on", ws="none",
+        )))
+    await asyncio.gather(*(s.serve() for s in servers))
+
+
+def _announce(config: Config) -> None:
+    s = config.server
+    host = "localhost" if s.host in ("127.0.0.1", "0.0.0.0", "::") else s.host
+    certs = Path(config.tls.client_ca_file).parent
+    print(
+        f"\nGateway listening on https://{host}:{s.port} (mTLS {config.tls.client_auth}); "
+        f"models: {', '.join(m.name for m in config.models)}\n"
+        f"Try it:\n"
+        f"  curl --cacert {certs}/ca.pem --cert {certs}/client-demo.pem --key {certs}/client-demo.key \\\n"
+        f"       https://{host}:{s.port}/v2/health/ready\n"
+        f"  curl --cacert {certs}/ca.pem --cert {certs}/client-demo.pem --key {certs}/client-demo.key \\\n"
+        f"       -H 'content-type: application/json' https://{host}:{s.port}/v2/models/digits/infer \\\n"
+        f"       -d '{{\"inputs\":[{{\"name\":\"input\",\"datatype\":\"FP32\",\"shape\":[1,64],\"data\":[{','.join(['8'] * 64)}]}}]}}'\n",
+        flush=True,
+    )

@@ -1,0 +1,165 @@
+"""Open Inference Protocol v2 over REST: health, metadata, readiness and inference.
+
+https://github.com/kserve/open-inference-protocol/blob/main/specification/protocol/inference_rest.md
+The handlers decode and check tensors against the model's manifest here, in the gateway, and
+send only well-formed binary tensors to a worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway import __version__
+from gateway.config import Config, ModelConfig
+from gateway.context import get_context
+from gateway.errors import BadRequest, NotFound, PayloadTooLarge, Unavailable, UnsupportedEncoding
+from gateway.protocol.codec import DecodeLimits, RequestedOutput, Tensor, decode_infer_request, encode_infer_response
+from gateway.registry.manifest import NAME_PATTERN, Manifest
+from gateway.registry.signature import check_inputs, check_outputs
+from gateway.workers.pool import WorkerPool
+
+__all__ = ["ModelEntry", "V2", "routes"]
+
+HEADER_LENGTH = "inference-header-content-length"
+PLATFORM = "onnxruntime_onnx"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    manifest: Manifest
+    config: ModelConfig
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+class V2:
+    """The protocol's handlers over a model table and a worker pool."""
+
+    def __init__(self, config: Config, models: dict[str, ModelEntry], pool: WorkerPool) -> None:
+        self.config = config
+        self.models = models
+        self.pool = pool
+        self.limits = DecodeLimits()
+
+    def _model(self, request: Request) -> ModelEntry:
+        name = request.path_params["name"]
+        version = request.path_params.get("version")
+        entry = self.models.get(name) if NAME_PATTERN.match(name) else None
+        if entry is None or (version is not None and version != entry.manifest.version):
+            # One answer for missing and (later) forbidden models: no existence leak.
+            shown = name if NAME_PATTERN.match(name) else "requested model"
+            raise NotFound(f"unknown model {shown!r}" + (f" version {version!r}" if version else ""))
+        get_context(request.scope).model = name
+        return entry
+
+    async def live(self, request: Request) -> Response:
+        return _json({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        if not self.pool.all_ready():
+            raise Unavailable("not every model has a healthy worker yet", retry_after=1)
+        return _json({"ready": True})
+
+    async def server_metadata(self, request: Request) -> Response:
+        return _json({"name": "gateway", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def model_metadata(self, request: Request) -> Response:
+        m = self._model(request).manifest
+        return _json({
+            "name": m.name,
+            "versions": [m.version],
+            "platform": PLATFORM,
+            "inputs": [s.metadata() for s in m.inputs],
+            "outputs": [s.metadata() for s in m.outputs],
+            "parameters": {"execution_providers": self.pool.providers(m.name)},
+        })
+
+    async def model_ready(self, request: Request) -> Response:
+        m = self._model(request).manifest
+        if not self.pool.ready(m.name):
+            raise Unavailable(f"model {m.name!r} has no healthy worker", retry_after=1)
+        return _json({"name": m.name, "ready": True})
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.config.server.max_body_bytes
+        encoding = request.headers.get("content-encoding", "identity").lower()
+        if encoding != "identity":
+            raise UnsupportedEncoding(f"Content-Encoding {encoding[:32]!r} is not accepted; send identity")
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise PayloadTooLarge(f"the body may be at most {limit} bytes", limit=limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # chunked bodies are counted as they stream
+                raise PayloadTooLarge(f"the body may be at most {limit} bytes", limit=limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @staticmethod
+    def _header_length(request: Request) -> int | None:
+        raw = request.headers.get(HEADER_LENGTH)
+        if raw is None:
+            return None
+        if not raw.isdigit() or len(raw) > 12:
+            raise BadRequest(f"Inference-Header-Content-Length must be a byte count, got {raw[:32]!r}",
+                             field="Inference-Header-Content-Length")
+        return int(raw)
+
+    async def infer(self, request: Request) -> Response:
+        entry = self._model(request)
+        manifest = entry.manifest
+        body = await self._body(request)
+        req = decode_infer_request(body, self._header_length(request), self.limits)
+        check_inputs(manifest, req.inputs)
+        check_outputs(manifest, req.outputs)
+        ctx = get_context(request.scope)
+        order = [s.name for s in manifest.inputs]
+        inputs = sorted(req.inputs, key=lambda t: order.index(t.name))
+        outputs = await self.pool.infer(manifest.name, inputs, ctx.deadline)
+        selected = _select(outputs, req.outputs, req.binary_output)
+        payload, header_length = encode_infer_response(
+            manifest.name, manifest.version, [t for t, _ in selected],
+            {t.name for t, binary in selected if binary}, req.id,
+        )
+        if header_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(header_length)})
+
+
+def _select(
+    outputs: list[Tensor], requested: list[RequestedOutput], binary_default: bool
+) -> list[tuple[Tensor, bool]]:
+    if not requested:
+        return [(t, binary_default) for t in outputs]
+    by_name = {t.name: t for t in outputs}
+    return [
+        (by_name[r.name], binary_default if r.binary is None else r.binary)
+        for r in requested if r.name in by_name
+    ]
+
+
+def routes(v2: V2) -> list[Route]:
+    model = "/v2/models/{name:str}"
+    versioned = model + "/versions/{version:str}"
+    out = [
+        Route("/v2/health/live", v2.live, methods=["GET"]),
+        Route("/v2/health/ready", v2.ready, methods=["GET"]),
+        Route("/v2", v2.server_metadata, methods=["GET"]),
+    ]
+    for prefix in (model, versioned):
+        out += [
+            Route(prefix, v2.model_metadata, methods=["GET"]),
+            Route(prefix + "/ready", v2.model_ready, methods=["GET"]),
+            Route(prefix + "/infer", v2.infer, methods=["POST"]),
+        ]
+    return out

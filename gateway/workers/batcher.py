@@ -1,0 +1,136 @@
+"""Dynamic batching: concurrent requests for one model share a single ``session.run``.
+
+Requests queue here; one loop takes what is waiting (up to ``max_batch_size`` rows), joins the
+inputs along the batch axis, runs them in the session's thread and splits the outputs back.
+Batches form naturally while the previous ``run`` is executing; when the last batch held more
+than one request (the model is under concurrent load), the loop also waits up to
+``max_queue_delay`` for the batch to fill, as Triton's dynamic batcher does. A lone client
+therefore pays no queueing delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Batcher", "BatchStats"]
+
+RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+
+@dataclass(slots=True)
+class _Item:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    key: tuple[object, ...]
+    future: asyncio.Future[list[np.ndarray]]
+
+
+@dataclass(slots=True)
+class BatchStats:
+    batches: int = 0
+    requests: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)
+
+    def record(self, requests: int) -> None:
+        self.batches += 1
+        self.requests += requests
+        self.sizes[requests] = self.sizes.get(requests, 0) + 1
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: RunFn,
+        *,
+        batchable: bool,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+    ) -> None:
+        self._run = run
+        self._batchable = batchable
+        self._max_rows = max_batch_size if batchable else 1
+        self._delay = max_queue_delay_s
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session")
+        self._task: asyncio.Task[None] | None = None
+        self._last_batch = 1
+        self.stats = BatchStats()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        first = next(iter(inputs.values()))
+        rows = int(first.shape[0]) if self._batchable and first.ndim else 1
+        # Only tensors that agree on everything but the batch dimension can be joined.
+        key = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items()))
+        future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Item(inputs, rows, key, future))
+        return await future
+
+    async def _collect(self) -> list[_Item]:
+        batch = [await self._queue.get()]
+        rows = batch[0].rows
+        deadline = time.monotonic() + (self._delay if self._last_batch > 1 else 0.0)
+        while rows < self._max_rows:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            batch.append(item)
+            rows += item.rows
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            self._last_batch = len(batch)
+            groups: dict[tuple[object, ...], list[_Item]] = {}
+            for item in batch:
+                groups.setdefault(item.key, []).append(item)
+            for items in groups.values():
+                await self._execute(loop, items)
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+        live = [i for i in items if not i.future.done()]
+        if not live:
+            return
+        if len(live) == 1:
+            joined = live[0].inputs
+        else:
+            joined = {n: np.concatenate([i.inputs[n] for i in live]) for n in live[0].inputs}
+        self.stats.record(len(live))
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run, joined)
+        except Exception as exc:  # the session's error belongs to every request in the batch
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        offsets = np.cumsum([i.rows for i in live])[:-1]
+        parts = [np.split(o, offsets) if len(live) > 1 else [o] for o in outputs]
+        for k, item in enumerate(live):
+            if not item.future.done():
+                item.future.set_result([p[k] for p in parts])

@@ -1,0 +1,180 @@
+"""The gateway's side of the workers: one HTTP client per worker socket, least-loaded routing.
+
+Each gateway process keeps its own view of worker health: a worker is taken out of rotation the
+moment a request to it fails at the transport level, and a background task probes it back in.
+A request caught on a dead worker answers 503 with ``Retry-After``; one that never reached a
+worker (connection refused) is retried once on another. A request past its deadline answers 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.config import Config, ModelConfig
+from gateway.errors import GatewayError, GatewayTimeout, InvalidInput, Unavailable
+from gateway.protocol.codec import Tensor, decode_tensor_message, encode_tensor_message
+from gateway.workers.supervisor import socket_path
+from gateway.workers.transport import (
+    UnixHTTPClient,
+    WorkerConnectError,
+    WorkerConnectionLost,
+    WorkerResponse,
+)
+
+__all__ = ["WorkerClient", "WorkerPool"]
+
+log = logging.getLogger("gateway.pool")
+HEADER = "inference-header-content-length"
+
+
+class ModelExecutionError(GatewayError):
+    status = 500
+    type = "model-execution"
+    title = "The model failed to run"
+
+
+@dataclass(eq=False)
+class WorkerClient:
+    model: str
+    index: int
+    socket: Path
+    max_inflight: int
+    timeout_s: float
+    healthy: bool = False
+    inflight: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+    client: UnixHTTPClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = UnixHTTPClient(str(self.socket), max_connections=self.max_inflight)
+
+    async def probe(self) -> bool:
+        try:
+            response = await self.client.request("GET", "/health", timeout=2.0)
+            self.info = orjson.loads(response.body) if response.status == 200 else {}
+            self.healthy = bool(self.info.get("ready"))
+        except (ConnectionError, TimeoutError, orjson.JSONDecodeError):
+            self.healthy = False
+        return self.healthy
+
+
+class WorkerPool:
+    probe_interval_s = 0.5
+
+    def __init__(self, config: Config, runtime_dir: str | Path) -> None:
+        self.config = config
+        self.workers: dict[str, list[WorkerClient]] = {
+            m.name: [self._client(m, i, runtime_dir) for i in range(m.workers)] for m in config.models
+        }
+        self._task: asyncio.Task[None] | None = None
+
+    def _client(self, m: ModelConfig, index: int, runtime_dir: str | Path) -> WorkerClient:
+        return WorkerClient(
+            m.name, index, socket_path(runtime_dir, m.name, index), m.max_inflight,
+            self.config.server.request_timeout_s,
+        )
+
+    async def start(self) -> None:
+        await asyncio.gather(*(w.probe() for ws in self.workers.values() for w in ws))
+        self._task = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await asyncio.gather(*(w.client.aclose() for ws in self.workers.values() for w in ws))
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval_s)
+            down = [w for ws in self.workers.values() for w in ws if not w.healthy]
+            if down:
+                await asyncio.gather(*(w.probe() for w in down))
+
+    # views ---------------------------------------------------------------------------------
+    def ready(self, model: str) -> bool:
+        return any(w.healthy for w in self.workers.get(model, ()))
+
+    def all_ready(self) -> bool:
+        return all(self.ready(m) for m in self.workers)
+
+    def providers(self, model: str) -> list[str]:
+        return next((w.info.get("providers", []) for w in self.workers.get(model, ()) if w.healthy), [])
+
+    def status(self) -> dict[str, Any]:
+        return {
+            m: [{"index": w.index, "healthy": w.healthy, "inflight": w.inflight,
+                 "providers": w.info.get("providers", [])} for w in ws]
+            for m, ws in self.workers.items()
+        }
+
+    # routing -------------------------------------------------------------------------------
+    def _pick(self, model: str, exclude: WorkerClient | None = None) -> WorkerClient:
+        candidates = [w for w in self.workers[model] if w.healthy and w is not exclude]
+        if not candidates:
+            raise Unavailable(f"no healthy worker for model {model!r}; retry shortly", retry_after=1)
+        best = min(candidates, key=lambda w: w.inflight)
+        if best.inflight >= best.max_inflight:
+            raise Unavailable(f"model {model!r} is at capacity; retry shortly", retry_after=1)
+        return best
+
+    async def infer(self, model: str, inputs: list[Tensor], deadline: float | None = None) -> list[Tensor]:
+        body, header_length = encode_tensor_message("inputs", inputs)
+        worker = self._pick(model)
+        try:
+            return await self._send(worker, body, header_length, deadline)
+        except WorkerConnectError:
+            # Nothing reached that worker: safe to try another one, once.
+            self._mark_down(worker, "connection refused")
+            worker = self._pick(model, exclude=worker)
+            try:
+                return await self._send(worker, body, header_length, deadline)
+            except WorkerConnectError:
+                self._mark_down(worker, "connection refused")
+                raise Unavailable(f"no worker of model {model!r} accepted the request", retry_after=1) from None
+
+    def _mark_down(self, worker: WorkerClient, why: str) -> None:
+        if worker.healthy:
+            log.warning("worker %s-%d out of rotation: %s", worker.model, worker.index, why)
+        worker.healthy = False
+
+    async def _send(
+        self, worker: WorkerClient, body: bytes, header_length: int, deadline: float | None
+    ) -> list[Tensor]:
+        timeout = self.config.server.request_timeout_s
+        if deadline is not None:
+            timeout = max(0.001, deadline - time.monotonic())
+        worker.inflight += 1
+        try:
+            response = await worker.client.request(
+                "POST", "/infer", body, {HEADER: str(header_length)}, timeout=timeout
+            )
+        except TimeoutError:
+            raise GatewayTimeout(f"model {worker.model!r} did not answer within {timeout:.1f}s") from None
+        except WorkerConnectionLost as exc:
+            self._mark_down(worker, str(exc))
+            raise Unavailable(
+                f"the worker serving {worker.model!r} failed during the request; retry shortly",
+                retry_after=1,
+            ) from None
+        finally:
+            worker.inflight -= 1
+        if response.status != 200:
+            detail = _worker_error(response)
+            if response.status in (400, 422):
+                raise InvalidInput(f"model {worker.model!r} rejected the input: {detail}")
+            raise ModelExecutionError(f"model {worker.model!r} failed: {detail}")
+        return decode_tensor_message(response.body, int(response.headers[HEADER.encode()]), "outputs")
+
+
+def _worker_error(response: WorkerResponse) -> str:
+    try:
+        return str(orjson.loads(response.body).get("error", ""))[:500]
+    except (orjson.JSONDecodeError, AttributeError):
+        return f"status {response.status}"

@@ -1,0 +1,219 @@
+"""Starts, watches and restarts the worker processes (the shape of uvicorn's multiprocess supervisor).
+
+Per configured model it keeps ``workers`` processes alive, each on its own Unix socket inside a
+private (0700) runtime directory. Every worker gets a scrubbed environment (no gateway secrets),
+the verified model bytes on its standard input, and, when the gateway runs as root, an
+unprivileged user. A monitor thread pings each worker's ``/health``; a worker that exited or
+stopped answering is killed and restarted with exponential backoff while the others keep serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from gateway.config import Config, ModelConfig
+from gateway.registry.manifest import Manifest
+
+__all__ = ["Supervisor", "WorkerStartError", "socket_path"]
+
+log = logging.getLogger("gateway.supervisor")
+
+# Variables a worker may inherit: what the CUDA stack and the dynamic loader need, nothing else.
+_PASS_ENV = ("LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "TZ", "OPENBLAS_CORETYPE")
+UNPRIVILEGED_USER = "nobody"
+
+
+class WorkerStartError(RuntimeError):
+    """A worker failed in a way a restart will not fix (bad device, model that does not load)."""
+
+
+def socket_path(runtime_dir: str | Path, model: str, index: int) -> Path:
+    return Path(runtime_dir) / f"{model}-{index}.sock"
+
+
+@dataclass
+class _Worker:
+    model: ModelConfig
+    index: int
+    socket: Path
+    proc: subprocess.Popen[bytes] | None = None
+    failures: int = 0
+    next_start: float = 0.0
+    started_at: float = 0.0
+    last_ok: float = 0.0
+    ready: bool = False
+    restarts: int = 0
+    last_error: str = ""
+    stderr_path: Path = field(default_factory=Path)
+
+
+class Supervisor:
+    ping_interval_s = 0.5
+    hang_timeout_s = 10.0
+    start_timeout_s = 120.0
+    max_backoff_s = 10.0
+
+    def __init__(self, config: Config, manifests: dict[str, Manifest], runtime_dir: Path) -> None:
+        self.config = config
+        self.manifests = manifests
+        self.runtime_dir = runtime_dir
+        self.user = UNPRIVILEGED_USER if os.geteuid() == 0 else None
+        self.workers = [
+            _Worker(m, i, socket_path(runtime_dir, m.name, i))
+            for m in config.models
+            for i in range(m.workers)
+        ]
+        self._models: dict[str, bytes] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.runtime_dir, 0o700)
+        if self.user:
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.runtime_dir, entry.pw_uid, entry.pw_gid)
+        for name, manifest in self.manifests.items():
+            self._models[name] = manifest.read_verified()
+        for w in self.workers:
+            self._spawn(w)
+        self._thread = threading.Thread(target=self._monitor, name="supervisor", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until every worker answered its health check; raise on a permanent failure."""
+        deadline = time.monotonic() + (timeout_s or self.start_timeout_s)
+        while time.monotonic() < deadline:
+            fatal = [w for w in self.workers if w.last_error and w.failures >= 1 and w.proc is None
+                     and w.last_error.startswith("permanent")]
+            if fatal:
+                raise WorkerStartError("; ".join(f"{w.model.name}-{w.index}: {w.last_error}" for w in fatal))
+            if all(w.ready for w in self.workers):
+                return
+            time.sleep(0.1)
+        pending = [f"{w.model.name}-{w.index}" for w in self.workers if not w.ready]
+        raise WorkerStartError(f"workers not ready after {timeout_s or self.start_timeout_s:.0f}s: {pending}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for w in self.workers:
+            if w.proc and w.proc.poll() is None:
+                w.proc.terminate()
+        deadline = time.monotonic() + 5
+        for w in self.workers:
+            if w.proc:
+                try:
+                    w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    w.proc.kill()
+                    w.proc.wait()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def pids(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for w in self.workers:
+            if w.proc and w.proc.poll() is None:
+                out.setdefault(w.model.name, []).append(w.proc.pid)
+        return out
+
+    # internals -----------------------------------------------------------------------------
+    def _command(self, w: _Worker) -> list[str]:
+        m = w.model
+        cmd = [
+            sys.executable, "-m", "gateway.workers.worker",
+            "--socket", str(w.socket), "--name", m.name, "--device", m.device,
+            "--max-batch-size", str(m.max_batch_size),
+            "--max-queue-delay-ms", str(m.max_queue_delay_ms),
+            "--intra-op-threads", str(m.intra_op_threads),
+            "--memory-limit-mb", str(m.memory_limit_mb),
+        ]
+        return cmd + (["--user", self.user] if self.user else [])
+
+    def _environment(self, w: _Worker) -> dict[str, str]:
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(self.runtime_dir),
+               "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": str(max(1, w.model.intra_op_threads))}
+        env.update({k: os.environ[k] for k in _PASS_ENV if k in os.environ})
+        # The package must be importable by the worker's interpreter from where it is installed.
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+        return env
+
+    def _spawn(self, w: _Worker) -> None:
+        w.socket.unlink(missing_ok=True)
+        w.stderr_path = self.runtime_dir / f"{w.model.name}-{w.index}.log"
+        with open(w.stderr_path, "wb") as err:
+            w.proc = subprocess.Popen(
+                self._command(w), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
+                env=self._environment(w), close_fds=True, start_new_session=True,
+            )
+        assert w.proc.stdin is not None
+        try:
+            w.proc.stdin.write(self._models[w.model.name])
+            w.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        w.started_at = time.monotonic()
+        w.ready = False
+        log.info("worker %s-%d started (pid %d)", w.model.name, w.index, w.proc.pid)
+
+    def _ping(self, w: _Worker) -> bool:
+        try:
+            transport = httpx.HTTPTransport(uds=str(w.socket))
+            with httpx.Client(transport=transport, timeout=2.0) as client:
+                return client.get("http://worker/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _exited(self, w: _Worker, code: int) -> None:
+        tail = w.stderr_path.read_text(errors="replace")[-2000:].strip() if w.stderr_path.exists() else ""
+        permanent = code in (3, 4)
+        w.last_error = ("permanent: " if permanent else "") + f"exit code {code}" + (f": {tail}" if tail else "")
+        w.proc, w.ready = None, False
+        w.failures += 1
+        backoff = min(self.max_backoff_s, 0.25 * 2 ** (w.failures - 1))
+        w.next_start = time.monotonic() + backoff
+        log.warning("worker %s-%d exited (%s); restarting in %.2fs", w.model.name, w.index, w.last_error, backoff)
+
+    def _check(self, w: _Worker, now: float) -> None:
+        if w.proc is None:
+            if now >= w.next_start and not self._stop.is_set():
+                w.restarts += 1
+                self._spawn(w)
+            return
+        code = w.proc.poll()
+        if code is not None:
+            self._exited(w, code)
+            return
+        if self._ping(w):
+            w.last_ok, w.ready = now, True
+            if now - w.started_at > 30:
+                w.failures = 0  # healthy for a while: the next crash starts the backoff afresh
+            return
+        limit = self.hang_timeout_s if w.ready else self.start_timeout_s
+        if now - max(w.last_ok, w.started_at) > limit:
+            log.warning("worker %s-%d unresponsive for %.0fs; killing it", w.model.name, w.index, limit)
+            os.killpg(w.proc.pid, signal.SIGKILL)
+
+    def _monitor(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for w in self.workers:
+                try:
+                    self._check(w, now)
+                except Exception:  # the monitor must outlive any one worker's trouble
+                    log.exception("supervising worker %s-%d", w.model.name, w.index)
+            self._stop.wait(self.ping_interval_s)

@@ -1,0 +1,215 @@
+"""Worker entry point: ``python -m gateway.workers.worker --socket PATH ...``, model bytes on stdin.
+
+One process, one ``onnxruntime.InferenceSession``, one Unix socket. It applies its own isolation
+(see ``isolation``), reads the verified model bytes from its standard input (so it needs no read
+access to the model repository and no plaintext copy on disk), builds the session with the
+configured providers, and serves two routes to the gateway:
+
+* ``GET /health``: readiness, active execution providers, queue depth and batch statistics;
+* ``POST /infer``: all-binary tensors in, all-binary tensors out.
+
+Exit codes: 2 bad arguments, 3 the configured device is unavailable, 4 the model does not load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+import numpy as np
+import orjson
+
+from gateway.errors import BadRequest
+from gateway.protocol.codec import Tensor, decode_tensor_message, encode_tensor_message
+from gateway.workers.batcher import Batcher
+from gateway.workers.isolation import apply_isolation
+
+log = logging.getLogger("gateway.worker")
+
+EXIT_DEVICE, EXIT_MODEL = 3, 4
+HEADER = b"inference-header-content-length"
+
+
+def _cuda_driver_present() -> bool:
+    # onnxruntime-gpu lists the CUDA provider as available even where no driver exists, then
+    # logs errors while falling back; "auto" asks for CUDA only where the driver library loads.
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def providers_for(device: str, available: list[str]) -> list[str]:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda" or ("CUDAExecutionProvider" in available and _cuda_driver_present()):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def load_session(model: bytes, device: str, intra_op_threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    wanted = providers_for(device, ort.get_available_providers())
+    session = ort.InferenceSession(model, sess_options=options, providers=wanted)
+    # Asking for CUDA where it cannot run only logs and falls back to the CPU: check what is active.
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        print(
+            f"device = \"cuda\" but the CUDA execution provider is not active "
+            f"(active: {session.get_providers()}, available: {ort.get_available_providers()})",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_DEVICE)
+    return session
+
+
+class WorkerApp:
+    """A raw ASGI app: the worker speaks only to the gateway, over its private socket."""
+
+    def __init__(self, session: Any, name: str, args: argparse.Namespace, isolation: dict[str, object]) -> None:
+        self.session = session
+        self.name = name
+        self.output_names = [o.name for o in session.get_outputs()]
+        dims = [i.shape[0] if i.shape else 1 for i in session.get_inputs()]
+        dims += [o.shape[0] if o.shape else 1 for o in session.get_outputs()]
+        batchable = all(not isinstance(d, int) for d in dims)
+        self.batcher = Batcher(
+            self._run,
+            batchable=batchable,
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_s=args.max_queue_delay_ms / 1000,
+        )
+        self.health: dict[str, Any] = {
+            "ready": True,
+            "model": name,
+            "pid": os.getpid(),
+            "providers": session.get_providers(),
+            "batchable": batchable,
+            "isolation": isolation,
+        }
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.session.run(self.output_names, inputs))
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["path"] == "/health":
+            body = {**self.health, "queue_depth": self.batcher.depth, "batches": self.batcher.stats.batches,
+                    "requests": self.batcher.stats.requests}
+            await _respond(send, 200, orjson.dumps(body), b"application/json")
+        elif scope["path"] == "/infer" and scope["method"] == "POST":
+            await self._infer(scope, receive, send)
+        else:
+            await _respond(send, 404, b'{"error":"not found"}', b"application/json")
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.batcher.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.batcher.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _infer(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        header_length = next((int(v) for k, v in scope["headers"] if k == HEADER), None)
+        try:
+            if header_length is None:
+                raise BadRequest("missing Inference-Header-Content-Length")
+            tensors = decode_tensor_message(b"".join(chunks), header_length, "inputs")
+            outputs = await self.batcher.submit({t.name: t.array for t in tensors})
+        except BadRequest as exc:
+            await _respond(send, 400, orjson.dumps({"error": exc.detail}), b"application/json")
+            return
+        except Exception as exc:  # onnxruntime's own errors: invalid argument or a failed run
+            status = 422 if "INVALID_ARGUMENT" in str(exc) or "Invalid" in type(exc).__name__ else 500
+            await _respond(send, status, orjson.dumps({"error": f"{type(exc).__name__}: {exc}"}), b"application/json")
+            return
+        body, length = encode_tensor_message(
+            "outputs", [Tensor(n, a) for n, a in zip(self.output_names, outputs)]
+        )
+        await _respond(send, 200, body, b"application/octet-stream", [(HEADER, str(length).encode())])
+
+
+async def _respond(
+    send: Any, status: int, body: bytes, content_type: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gateway-worker", description=__doc__.split("\n\n")[0])
+    p.add_argument("--socket", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    p.add_argument("--intra-op-threads", type=int, default=1)
+    p.add_argument("--memory-limit-mb", type=int, default=0)
+    p.add_argument("--user", default=None, help="drop to this user when started as root")
+    return p.parse_args(argv)
+
+
+def _preload() -> None:
+    """Import everything the worker will need while the interpreter's files are still readable.
+
+    The worker drops to an unprivileged user before it parses the model; from then on it may not
+    be able to read the interpreter's standard library (under root's home, say).
+    """
+    import onnxruntime  # noqa: F401
+    import uvicorn.lifespan.on  # noqa: F401
+    import uvicorn.loops.uvloop  # noqa: F401
+    import uvicorn.protocols.http.httptools_impl  # noqa: F401
+    import uvloop  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format=f"worker {args.name}[%(process)d] %(message)s")
+    model = sys.stdin.buffer.read()
+    _preload()
+    import uvicorn
+
+    if os.path.exists(args.socket):
+        os.unlink(args.socket)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(args.socket)
+    isolation = apply_isolation(args.user, args.memory_limit_mb)
+    try:
+        session = load_session(model, args.device, args.intra_op_threads)
+    except Exception as exc:
+        print(f"model {args.name} does not load: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    del model
+    app = WorkerApp(session, args.name, args, isolation)
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", http="httptools",
+        loop="uvloop", ws="none", timeout_keep_alive=3600, backlog=1024,
+    )
+    uvicorn.Server(config).run(sockets=[listener])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

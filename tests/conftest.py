@@ -1,0 +1,150 @@
+"""Shared fixtures: the demo models, a development PKI, and real gateway processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway.devsetup import init
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def models_root() -> Path:
+    missing = [m for m in ("digits", "resnetish") if not (MODELS / m / "1" / "model.onnx").exists()]
+    if missing:
+        subprocess.run([sys.executable, str(MODELS / "build.py")], check=True)
+    return MODELS
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Path:
+    directory = tmp_path_factory.mktemp("setup")
+    init(directory, models_root)
+    return directory
+
+
+def client_context(pki: Path, principal: str | None = "demo") -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki / "certs" / "ca.pem"))
+    if principal:
+        ctx.load_cert_chain(pki / "certs" / f"client-{principal}.pem", pki / "certs" / f"client-{principal}.key")
+    return ctx
+
+
+def onnx_reference(models_root: Path, name: str, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(models_root / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"input": x})[0])
+
+
+@dataclass
+class Gateway:
+    url: str
+    port: int
+    pki: Path
+    config: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def client(self, principal: str | None = "demo", **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, verify=client_context(self.pki, principal), timeout=30, **kwargs)  # type: ignore[arg-type]
+
+    def async_client(self, principal: str | None = "demo", **kwargs: object) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, verify=client_context(self.pki, principal), timeout=30, **kwargs)  # type: ignore[arg-type]
+
+    def runtime_dir(self) -> Path:
+        for line in self.config.read_text().splitlines():
+            if line.startswith("runtime_dir"):
+                return Path(line.split("=", 1)[1].strip().strip('"'))
+        raise AssertionError("no runtime_dir")
+
+    def worker_pids(self, model: str) -> list[int]:
+        out = subprocess.run(["pgrep", "-f", f"gateway.workers.worker --socket {self.runtime_dir()}/{model}-"],
+                             capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_gateway(pki: Path, tmp: Path, models_root: Path, extra: str = "", digits_workers: int = 1) -> Gateway:
+    port = free_port()
+    runtime = tmp / "run"
+    config = tmp / "gateway.toml"
+    config.write_text(f"""
+[server]
+port = {port}
+runtime_dir = "{runtime}"
+request_timeout_s = 20.0
+max_body_bytes = 8388608
+{extra}
+[tls]
+cert_file = "{pki}/certs/server.pem"
+key_file = "{pki}/certs/server.key"
+client_ca_file = "{pki}/certs/ca.pem"
+
+[models]
+root = "{models_root}"
+
+[models.digits]
+workers = {digits_workers}
+max_batch_size = 64
+
+[models.resnetish]
+workers = 1
+max_batch_size = 8
+intra_op_threads = 1
+""")
+    log = tmp / "gateway.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    gw = Gateway(f"https://localhost:{port}", port, pki, config, proc, log)
+    deadline = time.monotonic() + 90
+    with gw.client() as c:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {log.read_text()[-3000:]}")
+            try:
+                if c.get("/v2/health/ready").status_code == 200:
+                    return gw
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+    gw.stop()
+    raise RuntimeError(f"gateway not ready: {log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def gateway(pki: Path, tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Iterator[Gateway]:
+    gw = start_gateway(pki, tmp_path_factory.mktemp("gw"), models_root)
+    yield gw
+    gw.stop()

@@ -1,0 +1,118 @@
+"""The bad-input table: each malformed or mismatched request gets the right 4xx problem+json,
+and the gateway keeps serving."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway
+
+GOOD = {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [8.0] * 64}
+INFER = "/v2/models/digits/infer"
+
+
+def _body(**changes: object) -> bytes:
+    return json.dumps({"inputs": [{**GOOD, **changes}]}).encode()
+
+
+def _binary(header_length: str, data: bytes = b"\x00" * 256) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                     "parameters": {"binary_data_size": 256}}]}).encode()
+    return header + data, {"Inference-Header-Content-Length": header_length,
+                           "Content-Type": "application/octet-stream"}
+
+
+BIN_OK, _ = _binary("0")
+HEADER_LEN = str(len(BIN_OK) - 256)
+
+CASES = [
+    # id, method, path, body, headers, status
+    ("wrong-dtype", "POST", INFER, _body(datatype="INT64", data=[8] * 64), {}, 422),
+    ("unknown-dtype", "POST", INFER, _body(datatype="FP128"), {}, 400),
+    ("wrong-rank", "POST", INFER, _body(shape=[64]), {}, 422),
+    ("wrong-dim", "POST", INFER, _body(shape=[1, 65], data=[8.0] * 65), {}, 422),
+    ("negative-dim", "POST", INFER, _body(shape=[-1, 64]), {}, 400),
+    ("int64-overflow-shape", "POST", INFER, _body(shape=[2**62, 2**62]), {}, 400),
+    ("count-not-matching-shape", "POST", INFER, _body(shape=[2, 64]), {}, 400),
+    ("ragged-data", "POST", INFER, _body(data=[[1.0], [1.0, 2.0]]), {}, 400),
+    ("strings-as-numbers", "POST", INFER, _body(data=["8"] * 64), {}, 400),
+    ("nan", "POST", INFER, b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,64],"data":[NaN' + b",8" * 63 + b"]}]}", {}, 400),
+    ("nan-binary", "POST", INFER, _binary(HEADER_LEN, b"\x00\x00\xc0\x7f" * 64)[0], _binary(HEADER_LEN)[1], 422),
+    ("inf", "POST", INFER, _body(data=[1e39] + [8.0] * 63), {}, 422),
+    ("out-of-domain", "POST", INFER, _body(data=[17.0] + [8.0] * 63), {}, 422),
+    ("missing-input", "POST", INFER, _body(name="other"), {}, 422),
+    ("unknown-output", "POST", INFER, json.dumps({"inputs": [GOOD], "outputs": [{"name": "x"}]}).encode(), {}, 422),
+    ("malformed-json", "POST", INFER, b'{"inputs": [', {}, 400),
+    ("json-not-object", "POST", INFER, b"[1, 2]", {}, 400),
+    ("no-inputs", "POST", INFER, b'{"inputs": []}', {}, 400),
+    ("header-length-past-body", "POST", INFER, _binary("99999")[0], _binary("99999")[1], 400),
+    ("header-length-not-a-number", "POST", INFER, _binary("12abc")[0], _binary("12abc")[1], 400),
+    ("header-length-splits-json", "POST", INFER, _binary("10")[0], _binary("10")[1], 400),
+    ("binary-size-mismatch", "POST", INFER, _binary(HEADER_LEN, b"\x00" * 200)[0], _binary(HEADER_LEN)[1], 400),
+    ("gzip-body", "POST", INFER, _body(), {"Content-Encoding": "gzip"}, 415),
+    ("unknown-model", "POST", "/v2/models/nope/infer", _body(), {}, 404),
+    ("unknown-version", "POST", "/v2/models/digits/versions/7/infer", _body(), {}, 404),
+    ("dotdot-encoded-name", "POST", "/v2/models/..%2f..%2fetc/infer", _body(), {}, 404),
+    ("dotdot-name", "GET", "/v2/models/%2e%2e", b"", {}, 404),
+    ("bad-charset-name", "GET", "/v2/models/a%0d%0aSet-Cookie:x", b"", {}, 404),
+    ("wrong-method", "DELETE", INFER, b"", {}, 405),
+    ("get-on-infer", "GET", INFER, b"", {}, 405),
+    ("unknown-route", "GET", "/admin", b"", {}, 404),
+    ("too-large", "POST", INFER, b"{" + b" " * (9 * 1024 * 1024) + b"}", {}, 413),
+]
+
+
+@pytest.mark.parametrize("method,path,body,headers,status", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gets_problem_json(gateway: Gateway, method: str, path: str, body: bytes,
+                                     headers: dict[str, str], status: int) -> None:
+    with gateway.client() as c:
+        r = c.request(method, path, content=body or None, headers=headers)
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        problem = r.json()
+        assert problem["status"] == status
+        assert {"type", "title", "detail", "instance"} <= problem.keys()
+        if path.startswith("/v2"):
+            assert problem["error"] == problem["detail"]  # the OIP "error" field tritonclient reads
+        assert r.headers["x-request-id"] == problem["request_id"]
+        # ... and the gateway still serves.
+        ok = c.post(INFER, content=_body(), headers={"content-type": "application/json"})
+        assert ok.status_code == 200
+
+
+def test_chunked_body_over_the_limit_is_refused_while_streaming(gateway: Gateway) -> None:
+    def chunks():  # no Content-Length: the limit must be enforced as the body streams in
+        for _ in range(40):
+            yield b" " * (1024 * 1024)
+
+    with gateway.client() as c:
+        r = c.post(INFER, content=chunks())
+        assert r.status_code == 413
+        assert r.json()["limit"] > 0
+
+
+def test_too_many_headers_get_431(gateway: Gateway) -> None:
+    with gateway.client() as c:
+        r = c.get("/v2/health/live", headers={f"x-h{i}": "v" for i in range(150)})
+        assert r.status_code == 431
+        assert r.headers["content-type"] == "application/problem+json"
+
+
+def test_error_field_only_on_v2_routes(gateway: Gateway) -> None:
+    with gateway.client() as c:
+        problem = c.get("/nothing-here").json()
+        assert problem["status"] == 404 and problem["type"].endswith("not-found")
+        assert "error" not in problem
+
+
+def test_worker_never_sees_rejected_input(gateway: Gateway) -> None:
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(gateway.runtime_dir() / "digits-0.sock"))) as w:
+        before = w.get("http://worker/health").json()["requests"]
+    with gateway.client() as c:
+        for _ in range(5):
+            assert c.post(INFER, content=_body(data=[99.0] * 64)).status_code == 422
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(gateway.runtime_dir() / "digits-0.sock"))) as w:
+        assert w.get("http://worker/health").json()["requests"] == before
