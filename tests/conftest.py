@@ -94,7 +94,9 @@ class Gateway:
                 self.proc.wait()
 
 
-def start_gateway(pki: Path, tmp: Path, models_root: Path, extra: str = "", digits_workers: int = 1) -> Gateway:
+def start_gateway(
+    pki: Path, tmp: Path, models_root: Path, extra: str = "", digits_workers: int = 1, timeout_s: float = 20.0
+) -> Gateway:
     port = free_port()
     runtime = tmp / "run"
     config = tmp / "gateway.toml"
@@ -102,7 +104,7 @@ def start_gateway(pki: Path, tmp: Path, models_root: Path, extra: str = "", digi
 [server]
 port = {port}
 runtime_dir = "{runtime}"
-request_timeout_s = 20.0
+request_timeout_s = {timeout_s}
 max_body_bytes = 8388608
 {extra}
 [tls]
@@ -148,3 +150,9 @@ def gateway(pki: Path, tmp_path_factory: pytest.TempPathFactory, models_root: Pa
     gw = start_gateway(pki, tmp_path_factory.mktemp("gw"), models_root)
     yield gw
     gw.stop()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
+from gateway.workers.transport import fetch_health
 from tests.conftest import Gateway
 
 GOOD = {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [8.0] * 64}
@@ -109,10 +109,9 @@ def test_error_field_only_on_v2_routes(gateway: Gateway) -> None:
 
 
 def test_worker_never_sees_rejected_input(gateway: Gateway) -> None:
-    with httpx.Client(transport=httpx.HTTPTransport(uds=str(gateway.runtime_dir() / "digits-0.sock"))) as w:
-        before = w.get("http://worker/health").json()["requests"]
+    sock = str(gateway.runtime_dir() / "digits-0.sock")
+    before = fetch_health(sock)["requests"]  # type: ignore[index]
     with gateway.client() as c:
         for _ in range(5):
             assert c.post(INFER, content=_body(data=[99.0] * 64)).status_code == 422
-    with httpx.Client(transport=httpx.HTTPTransport(uds=str(gateway.runtime_dir() / "digits-0.sock"))) as w:
-        assert w.get("http://worker/health").json()["requests"] == before
+    assert fetch_health(sock)["requests"] == before  # type: ignore[index]

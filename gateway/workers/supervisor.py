@@ -21,10 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 from gateway.config import Config, ModelConfig
 from gateway.registry.manifest import Manifest
+from gateway.workers.transport import fetch_health
 
 __all__ = ["Supervisor", "WorkerStartError", "socket_path"]
 
@@ -171,12 +170,8 @@ class Supervisor:
         log.info("worker %s-%d started (pid %d)", w.model.name, w.index, w.proc.pid)
 
     def _ping(self, w: _Worker) -> bool:
-        try:
-            transport = httpx.HTTPTransport(uds=str(w.socket))
-            with httpx.Client(transport=transport, timeout=2.0) as client:
-                return client.get("http://worker/health").status_code == 200
-        except httpx.HTTPError:
-            return False
+        health = fetch_health(str(w.socket), timeout=2.0)
+        return bool(health and health.get("ready"))
 
     def _exited(self, w: _Worker, code: int) -> None:
         tail = w.stderr_path.read_text(errors="replace")[-2000:].strip() if w.stderr_path.exists() else ""

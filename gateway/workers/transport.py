@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 import httptools
 
-__all__ = ["UnixHTTPClient", "WorkerConnectError", "WorkerConnectionLost", "WorkerResponse"]
+__all__ = [
+    "UnixHTTPClient",
+    "WorkerConnectError",
+    "WorkerConnectionLost",
+    "WorkerResponse",
+    "fetch_health",
+]
 
 
 class WorkerConnectError(ConnectionError):
@@ -135,3 +141,28 @@ class UnixHTTPClient:
     async def aclose(self) -> None:
         while self._idle:
             self._idle.pop().close()
+
+
+def fetch_health(path: str, timeout: float = 2.0) -> dict[str, object] | None:
+    """Blocking ``GET /health`` on a worker socket (for the supervisor's thread); None if unwell."""
+    import json
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(b"GET /health HTTP/1.1\r\nhost: worker\r\nconnection: close\r\n\r\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    except OSError:
+        return None
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        return None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
