@@ -181,8 +181,11 @@ def _tensors(
         if datatype not in DATATYPES:
             raise BadRequest(f"{where}.datatype {str(datatype)[:32]!r} is not a known datatype", field=where)
         shape, count = _shape(item, where, limits)
-        params = item.get("parameters") or {}
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        params = item.get("parameters")
+        params = {} if params is None else params
+        if not isinstance(params, dict):
+            raise BadRequest(f"{where}.parameters must be an object", field=where)
+        size = params.get("binary_data_size")
         if size is not None:
             if type(size) is not int or size < 0 or offset + size > len(raw):
                 raise BadRequest(f"{where}.binary_data_size {size} overruns the binary body", field=where)
@@ -221,7 +224,8 @@ def decode_infer_request(
 ) -> InferRequest:
     """Decode an inference request in JSON or with the binary tensor extension."""
     doc, raw = _split(body, header_length)
-    params = doc.get("parameters") or {}
+    params = doc.get("parameters")
+    params = {} if params is None else params
     if not isinstance(params, dict):
         raise BadRequest("'parameters' must be an object", field="parameters")
     request_id = doc.get("id")

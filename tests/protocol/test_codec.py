@@ -1,0 +1,108 @@
+"""The Open Inference Protocol codecs: JSON and binary tensors, round trips and refusals."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from gateway.errors import BadRequest
+from gateway.protocol import (
+    DecodeLimits,
+    Tensor,
+    decode_infer_request,
+    decode_tensor_message,
+    encode_infer_response,
+    encode_tensor_message,
+)
+
+ALL_TYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
+
+
+@pytest.mark.parametrize("datatype", ALL_TYPES)
+def test_binary_message_round_trip(datatype: str) -> None:
+    from gateway.protocol.datatypes import numpy_dtype
+
+    array = (np.arange(12) % 2 if datatype == "BOOL" else np.arange(12)).astype(numpy_dtype(datatype)).reshape(3, 4)
+    body, n = encode_tensor_message("inputs", [Tensor("x", array)])
+    (back,) = decode_tensor_message(body, n, "inputs")
+    assert back.datatype == datatype
+    np.testing.assert_array_equal(back.array, array)
+
+
+def test_bytes_round_trip_with_length_prefixes() -> None:
+    array = np.array([b"a", b"", "é".encode()], dtype=object)
+    body, n = encode_tensor_message("outputs", [Tensor("s", array)])
+    assert body[n:] == struct.pack("<I", 1) + b"a" + struct.pack("<I", 0) + struct.pack("<I", 2) + "é".encode()
+    (back,) = decode_tensor_message(body, n, "outputs")
+    assert list(back.array) == list(array)
+
+
+def test_json_request_with_nested_data_and_outputs() -> None:
+    doc = {"id": "r1", "inputs": [{"name": "x", "datatype": "INT32", "shape": [2, 2], "data": [[1, 2], [3, 4]]}],
+           "outputs": [{"name": "y", "parameters": {"binary_data": True}}], "parameters": {"binary_data_output": False}}
+    req = decode_infer_request(json.dumps(doc).encode(), None)
+    assert req.id == "r1" and req.outputs[0].binary is True and req.binary_output is False
+    np.testing.assert_array_equal(req.inputs[0].array, [[1, 2], [3, 4]])
+
+
+def test_mixed_json_and_binary_inputs() -> None:
+    header = json.dumps({"inputs": [
+        {"name": "a", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 8}},
+        {"name": "b", "datatype": "INT8", "shape": [1], "data": [5]},
+    ]}).encode()
+    req = decode_infer_request(header + np.array([1.5, 2.5], np.float32).tobytes(), len(header))
+    np.testing.assert_array_equal(req.inputs[0].array, [1.5, 2.5])
+    assert req.inputs[1].array.tolist() == [5]
+
+
+@pytest.mark.parametrize(
+    "doc,fragment",
+    [
+        ({"inputs": [{"name": "x", "datatype": "INT8", "shape": [1], "data": [300]}]}, "range"),
+        ({"inputs": [{"name": "x", "datatype": "BOOL", "shape": [1], "data": [1]}]}, "kind"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [True], "data": [1.0]}]}, "non-negative"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1] * 9, "data": [1.0]}]}, "at most"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}, "neither"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}] * 2}, "unique"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": 1.0}]}, "must be a list"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "id": 5}, "'id'"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "parameters": []}, "parameters"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "outputs": [3]}, "outputs[0]"),
+    ],
+    ids=["int-overflow", "bool-from-int", "bool-dim", "rank", "no-data", "duplicate", "scalar-data", "id-type",
+         "params-type", "output-type"],
+)
+def test_malformed_json_requests_are_refused(doc: dict[str, object], fragment: str) -> None:
+    with pytest.raises(BadRequest, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        decode_infer_request(json.dumps(doc).encode(), None)
+
+
+def test_element_limit_applies_before_allocation() -> None:
+    doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1 << 20, 1 << 20], "parameters": {"binary_data_size": 4}}]}
+    with pytest.raises(BadRequest, match="exceeds"):
+        decode_infer_request(json.dumps(doc).encode() + b"\0" * 4, len(json.dumps(doc)), DecodeLimits())
+
+
+@pytest.mark.parametrize("payload", [b"\x05\x00\x00\x00ab", b"\x01\x00\x00\x00a\x00", b"\x01\x00"], ids=["short", "trailing", "cut-prefix"])
+def test_malformed_bytes_elements(payload: bytes) -> None:
+    header = json.dumps({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(payload)}}]}).encode()
+    with pytest.raises(BadRequest):
+        decode_infer_request(header + payload, len(header))
+
+
+def test_response_json_and_binary_outputs() -> None:
+    a = np.array([[0.25, 0.75]], np.float32)
+    b = np.array([1, 2], np.int64)
+    body, n = encode_infer_response("m", "1", [Tensor("a", a), Tensor("b", b)], {"b"}, request_id="q")
+    assert n is not None
+    doc = json.loads(body[:n])
+    assert doc["id"] == "q" and doc["model_name"] == "m"
+    assert doc["outputs"][0]["data"] == [0.25, 0.75]
+    assert doc["outputs"][1]["parameters"]["binary_data_size"] == 16
+    assert np.frombuffer(body[n:], np.int64).tolist() == [1, 2]
+    json_only, none = encode_infer_response("m", "1", [Tensor("a", a)], set())
+    assert none is None and json.loads(json_only)["outputs"][0]["shape"] == [1, 2]

@@ -1,0 +1,83 @@
+"""Manifests and the signature checks made before a worker sees a byte."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.errors import InvalidInput
+from gateway.protocol import RequestedOutput, Tensor
+from gateway.registry import ManifestError, check_inputs, check_outputs, load_manifest
+
+
+def _write(tmp: Path, **changes: object) -> Path:
+    data = b"onnx bytes"
+    manifest = {
+        "name": "m", "version": "1",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2], "domain": {"min": 0, "max": 1}}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 1]}],
+        "onnx": {"file": "model.onnx", "sha256": hashlib.sha256(data).hexdigest()},
+    }
+    manifest.update(changes)
+    (tmp / "model.onnx").write_bytes(data)
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    return tmp
+
+
+def test_demo_manifests_load_and_verify(models_root: Path) -> None:
+    for name in ("digits", "resnetish"):
+        m = load_manifest(models_root / name / "1")
+        assert m.read_verified()[:2]  # the file matches its recorded SHA-256
+    digits = load_manifest(models_root / "digits" / "1")
+    assert digits.inputs[0].shape == (-1, 64) and (digits.inputs[0].min, digits.inputs[0].max) == (0.0, 16.0)
+    assert 0.9 < digits.metrics["test_accuracy"] <= 1.0
+    assert 11_000_000 < load_manifest(models_root / "resnetish" / "1").metrics["parameters"] < 12_500_000
+
+
+def test_a_modified_model_file_is_refused(tmp_path: Path) -> None:
+    m = load_manifest(_write(tmp_path))
+    (tmp_path / "model.onnx").write_bytes(b"onnx bytez")
+    with pytest.raises(ManifestError, match="SHA-256"):
+        m.read_verified()
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"name": "../evil"}, "name"),
+    ({"version": ".."}, "version"),
+    ({"onnx": {"sha256": "abc"}}, "sha256"),
+    ({"onnx": {"file": "../x.onnx", "sha256": "0" * 64}}, "model.onnx"),
+    ({"inputs": []}, "at least one"),
+    ({"inputs": [{"name": "x", "datatype": "FP8", "shape": [1]}]}, "datatype"),
+    ({"device": "tpu"}, "device"),
+], ids=["name-traversal", "version-dots", "bad-digest", "file-escape", "no-inputs", "bad-dtype", "bad-device"])
+def test_invalid_manifests_name_the_problem(tmp_path: Path, changes: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ManifestError, match=fragment):
+        load_manifest(_write(tmp_path, **changes))
+
+
+@pytest.mark.parametrize("array,fragment", [
+    (np.zeros((1, 2), np.float64), "datatype"),
+    (np.zeros((1, 3), np.float32), "shape"),
+    (np.zeros((2,), np.float32), "shape"),
+    (np.array([[np.nan, 0]], np.float32), "NaN"),
+    (np.array([[np.inf, 0]], np.float32), "NaN or infinite"),
+    (np.array([[2.0, 0]], np.float32), "domain"),
+    (np.zeros((0, 2), np.float32), "empty"),
+], ids=["dtype", "dim", "rank", "nan", "inf", "domain", "empty-batch"])
+def test_signature_refusals(tmp_path: Path, array: np.ndarray, fragment: str) -> None:
+    m = load_manifest(_write(tmp_path))
+    with pytest.raises(InvalidInput, match=fragment):
+        check_inputs(m, [Tensor("x", array)])
+
+
+def test_signature_accepts_any_batch_and_checks_names(tmp_path: Path) -> None:
+    m = load_manifest(_write(tmp_path))
+    check_inputs(m, [Tensor("x", np.full((7, 2), 0.5, np.float32))])
+    with pytest.raises(InvalidInput, match="unknown input"):
+        check_inputs(m, [Tensor("x", np.zeros((1, 2), np.float32)), Tensor("z", np.zeros(1, np.float32))])
+    with pytest.raises(InvalidInput, match="unknown output"):
+        check_outputs(m, [RequestedOutput("nope")])

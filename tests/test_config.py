@@ -1,0 +1,58 @@
+"""Configuration: typed, validated at once with every error reported, environment overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config
+
+
+def test_every_problem_is_reported_together(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text("""
+[server]
+port = 70000
+processes = "two"
+colour = "blue"
+[tls]
+client_auth = "sometimes"
+trusted_proxies = ["not-a-net"]
+[models.digits]
+workers = 0
+device = "tpu"
+[extra]
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    text = str(info.value)
+    for fragment in ("server.port", "server.processes", "server.colour: unknown", "tls.client_auth",
+                     "not-a-net", "models.digits.workers", "models.digits.device", "[extra]", "cert_file"):
+        assert fragment in text, fragment
+    assert len(info.value.problems) >= 9
+
+
+def test_environment_overrides_and_insecure_settings(pki: Path) -> None:
+    env = {"GATEWAY__TLS__CLIENT_AUTH": "optional", "GATEWAY__SERVER__PORT": "9443",
+           "GATEWAY__TLS__MIN_VERSION": '"1.2"', "GATEWAY__TLS__TRUSTED_PROXIES": '["10.0.0.1"]'}
+    config = load_config(pki / "gateway.toml", environ=env)
+    assert config.server.port == 9443 and config.tls.client_auth == "optional"
+    warnings = "\n".join(config.insecure_settings())
+    assert "client_auth" in warnings and "1.2" in warnings and "trusted_proxies" in warnings
+
+
+def test_relative_paths_resolve_against_the_config_file(pki: Path) -> None:
+    config = load_config(pki / "gateway.toml", environ={})
+    assert Path(config.tls.cert_file) == (pki / "certs" / "server.pem").resolve()
+
+
+def test_missing_file_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="gateway init"):
+        load_config(tmp_path / "absent.toml", environ={})
+
+
+def test_malformed_toml(tmp_path: Path) -> None:
+    (tmp_path / "g.toml").write_text("[server\nport=")
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "g.toml", environ={})

@@ -1,0 +1,111 @@
+"""Packaging promises: the command, the lock, the Dockerfile lint, the layering rules, pins."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "gateway"
+
+
+def test_gateway_command_and_module_agree() -> None:
+    out = subprocess.run([sys.executable, "-m", "gateway", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("gateway ")
+    helps = subprocess.run([sys.executable, "-m", "gateway", "--help"], capture_output=True, text=True, check=True)
+    for command in ("init", "serve", "check"):
+        assert command in helps.stdout
+
+
+def test_check_reports_insecure_settings(pki: Path) -> None:
+    ok = subprocess.run([sys.executable, "-m", "gateway", "check", "--strict", "--config", str(pki / "gateway.toml")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    weak = subprocess.run([sys.executable, "-m", "gateway", "check", "--strict", "--config", str(pki / "gateway.toml")],
+                          capture_output=True, text=True, env={"GATEWAY__TLS__CLIENT_AUTH": "off", "PATH": "/usr/bin"})
+    assert weak.returncode == 1 and "client_auth" in weak.stdout
+
+
+def test_serve_with_a_broken_config_fails_with_a_clear_message(tmp_path: Path) -> None:
+    (tmp_path / "g.toml").write_text("[server]\nport = 0\n")
+    out = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(tmp_path / "g.toml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "server.port" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    out = subprocess.run([str(hadolint), "--failure-threshold", "warning", str(ROOT / "Dockerfile")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001", text, re.M) and "HEALTHCHECK" in text
+    assert re.search(r'^CMD \[', text, re.M) and text.count("FROM ") >= 2 and ":latest" not in text
+
+
+def test_dependencies_are_pinned_and_locked() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+    for spec in specs:
+        assert "==" in spec, f"unpinned: {spec}"
+    from packaging.requirements import Requirement
+
+    lock = (ROOT / "requirements.lock").read_text()
+    platform = {"sys_platform": "linux", "platform_machine": "x86_64"}  # what the lock is resolved for
+    for spec in specs:
+        req = Requirement(spec)
+        if req.marker is not None and not req.marker.evaluate(platform):
+            continue
+        name, version = spec.split(";")[0].split("[")[0].split("==")
+        assert re.search(rf"^{re.escape(name.strip().lower())}=={re.escape(version.strip())} ", lock, re.M | re.I), spec
+
+
+def _version(dist: str) -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in re.findall(r"\d+", version(dist))[:3])
+
+
+@pytest.mark.parametrize("dist,floor", [("onnx", (1, 21, 0)), ("starlette", (1, 3, 1))])
+def test_security_advisory_version_floors(dist: str, floor: tuple[int, ...]) -> None:
+    assert _version(dist) >= floor
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+RULES = [
+    ("workers", ("gateway.security", "gateway.audit")),
+    ("security", ("gateway.workers",)),
+    ("protocol", ("gateway.app", "starlette", "uvicorn")),
+]
+
+
+@pytest.mark.parametrize("package,forbidden", RULES, ids=[r[0] for r in RULES])
+def test_dependency_rules(package: str, forbidden: tuple[str, ...]) -> None:
+    for path in (PACKAGE / package).rglob("*.py"):
+        bad = {n for n in _imports(path) if n.startswith(forbidden)}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+    errors = _imports(PACKAGE / "errors.py")
+    assert not {n for n in errors if n.startswith(("gateway.app", "starlette"))}
+
+
+def test_worker_process_imports_no_server_side_security() -> None:
+    code = "import sys, gateway.workers.worker; print(sorted(m for m in sys.modules if m.startswith('gateway.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "gateway.security" not in out and "gateway.app" not in out

@@ -1,0 +1,78 @@
+"""Dynamic batching: concurrent requests share one run, each gets its own rows back."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from gateway.workers.batcher import Batcher
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[int] = []
+        self.fail = fail
+        self.gate = threading.Event()
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.gate.wait(5)
+        x = inputs["x"]
+        self.calls.append(x.shape[0])
+        if self.fail:
+            raise RuntimeError("boom")
+        return [x * 2, x.sum(axis=1, keepdims=True)]
+
+
+async def test_concurrent_requests_share_runs_and_get_their_own_rows() -> None:
+    rec = Recorder()
+    b = Batcher(rec.run, batchable=True, max_batch_size=8, max_queue_delay_s=0.005)
+    b.start()
+    xs = [np.full((1 + i % 3, 4), float(i), np.float32) for i in range(40)]
+    tasks = [asyncio.ensure_future(b.submit({"x": x})) for x in xs]
+    await asyncio.sleep(0.01)
+    rec.gate.set()
+    results = await asyncio.gather(*tasks)
+    for x, (doubled, sums) in zip(xs, results):
+        np.testing.assert_array_equal(doubled, x * 2)
+        np.testing.assert_array_equal(sums, x.sum(axis=1, keepdims=True))
+    assert sum(rec.calls) == sum(x.shape[0] for x in xs)
+    assert len(rec.calls) < len(xs) and max(rec.calls) <= 8 + 2  # one request may overshoot by its own rows
+    await b.stop()
+
+
+async def test_incompatible_shapes_are_run_separately() -> None:
+    rec = Recorder()
+    rec.gate.set()
+    b = Batcher(rec.run, batchable=True, max_batch_size=8, max_queue_delay_s=0.0)
+    b.start()
+    a, c = np.ones((1, 4), np.float32), np.ones((1, 5), np.float32)
+    ra, rc = await asyncio.gather(b.submit({"x": a}), b.submit({"x": c}))
+    assert ra[0].shape == (1, 4) and rc[0].shape == (1, 5)
+    await b.stop()
+
+
+async def test_a_failed_run_fails_every_request_in_its_batch() -> None:
+    rec = Recorder(fail=True)
+    b = Batcher(rec.run, batchable=True, max_batch_size=8, max_queue_delay_s=0.0)
+    b.start()
+    tasks = [asyncio.ensure_future(b.submit({"x": np.ones((1, 2), np.float32)})) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    rec.gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    await b.stop()
+
+
+async def test_unbatchable_models_run_one_request_at_a_time() -> None:
+    rec = Recorder()
+    rec.gate.set()
+    b = Batcher(rec.run, batchable=False, max_batch_size=8, max_queue_delay_s=0.0)
+    b.start()
+    await asyncio.gather(*(b.submit({"x": np.ones((2, 2), np.float32)}) for _ in range(5)))
+    assert rec.calls == [2] * 5
+    await b.stop()
