@@ -64,8 +64,8 @@ def test_dependencies_are_pinned_and_locked() -> None:
         req = Requirement(spec)
         if req.marker is not None and not req.marker.evaluate(platform):
             continue
-        name, version = spec.split(";")[0].split("[")[0].split("==")
-        assert re.search(rf"^{re.escape(name.strip().lower())}=={re.escape(version.strip())} ", lock, re.M | re.I), spec
+        version = str(req.specifier).removeprefix("==")
+        assert re.search(rf"^{re.escape(req.name.lower())}=={re.escape(version)} ", lock, re.M | re.I), spec
 
 
 def _version(dist: str) -> tuple[int, ...]:
