@@ -126,6 +126,9 @@ def _uvicorn_config(config: Config) -> GatewayUvicornConfig:
         backlog=s.backlog,
         server_header=False,
         date_header=False,
+        # Never trust X-Forwarded-For/-Proto (uvicorn trusts 127.0.0.1 by default): client
+        # identity comes from the TLS handshake, or from XFCC sent by a configured trusted proxy.
+        proxy_headers=False,
         # Placeholders so uvicorn's own checks see TLS on; load() swaps in our context.
         ssl_keyfile=config.tls.key_file,
         ssl_certfile=config.tls.cert_file,

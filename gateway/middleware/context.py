@@ -7,9 +7,9 @@ The identity comes from the verified client certificate that ``gateway.server`` 
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -50,7 +50,7 @@ class ContextMiddleware:
                 peer = parse_xfcc(xfcc.decode("latin-1")) or peer
             else:
                 scope["headers"] = [(n, v) for n, v in scope["headers"] if n != XFCC]
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or os.urandom(16).hex()
         now = time.monotonic()
         scope[SCOPE_KEY] = RequestContext(request_id, now, now + self.timeout_s, host, peer)
 

@@ -84,12 +84,24 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    async def exchange(self, message: bytes) -> WorkerResponse:
+    async def exchange(self, message: bytes, timeout: float | None) -> WorkerResponse:
         assert self.transport is not None
+        loop = asyncio.get_running_loop()
         self.headers, self.body = {}, []
-        self.waiter = asyncio.get_running_loop().create_future()
+        self.waiter = waiter = loop.create_future()
         self.transport.write(message)
-        return await self.waiter
+        # A timer on the future itself: cheaper per request than asyncio.timeout's task machinery.
+        timer = loop.call_later(timeout, self._expire, waiter) if timeout else None
+        try:
+            return await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    @staticmethod
+    def _expire(waiter: asyncio.Future[WorkerResponse]) -> None:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
 
     def close(self) -> None:
         self.closed = True
@@ -127,8 +139,7 @@ class UnixHTTPClient:
         else:
             conn = await self._connect()
         try:
-            async with asyncio.timeout(timeout):
-                response = await conn.exchange(message)
+            response = await conn.exchange(message, timeout)
         except BaseException:
             conn.close()  # a half-finished exchange poisons the connection
             raise
