@@ -160,7 +160,7 @@ def wrk(url: str, model: str, clients: int, seconds: float, body: tuple[Path, st
 
 def start_gateway(tmp: Path, processes: int, device: str) -> tuple[subprocess.Popen[bytes], int]:
     init(tmp, ROOT / "models", port=0)
-    port = 18443
+    port = int(os.environ.get("BENCH_PORT", "18443"))
     lines = [f"[server]\nport = {port}\nprocesses = {processes}\nlog_level = \"warning\"\n",
              f'[tls]\ncert_file = "{tmp}/certs/server.pem"\nkey_file = "{tmp}/certs/server.key"\n'
              f'client_ca_file = "{tmp}/certs/ca.pem"\n', f'[models]\nroot = "{ROOT / "models"}"\n']
@@ -178,6 +178,8 @@ def start_gateway(tmp: Path, processes: int, device: str) -> tuple[subprocess.Po
     ctx.load_cert_chain(tmp / "certs/client-demo.pem", tmp / "certs/client-demo.key")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"gateway exited: {(tmp / 'gateway.log').read_text()[-2000:]}")
         try:
             if httpx.get(f"https://localhost:{port}/v2/health/ready", verify=ctx).status_code == 200:
                 return proc, port

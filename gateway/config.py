@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import pwd
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,8 @@ class ServerConfig:
     probe_port: int = 0
     """Plain-HTTP listener serving only /v2/health/live and /ready for probes; 0 disables it."""
     probe_host: str = "127.0.0.1"
+    worker_user: str = "nobody"
+    """When the gateway runs as root, workers drop to this user; "" keeps them as root (reported)."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     debug: bool = False
     """Show internal error details to clients. Never in production."""
@@ -101,6 +104,8 @@ class Config:
             out.append('tls.min_version = "1.2": TLS 1.2 is accepted')
         if self.tls.trusted_proxies:
             out.append(f"tls.trusted_proxies = {list(self.tls.trusted_proxies)}: X-Forwarded-Client-Cert is trusted from them")
+        if not self.server.worker_user and os.geteuid() == 0:
+            out.append('server.worker_user = "": workers run as root')
         if self.server.debug:
             out.append("server.debug = true: internal error details reach clients")
         if self.server.probe_port and self.server.probe_host not in ("127.0.0.1", "::1", "localhost"):
@@ -172,6 +177,11 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
             (m.max_inflight >= 1, f"{where}.max_inflight must be >= 1"),
         ]
     problems.extend(msg for ok, msg in checks if not ok)
+    if s.worker_user:
+        try:
+            pwd.getpwnam(s.worker_user)
+        except KeyError:
+            problems.append(f"server.worker_user: no user named {s.worker_user!r} on this system")
     for proxy in cfg.tls.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)

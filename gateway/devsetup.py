@@ -37,6 +37,7 @@ keepalive_timeout_s = 5.0
 limit_concurrency = 2048    # connections + in-flight requests per process before 503
 runtime_dir = ""            # worker sockets; "" = a fresh private (0700) temporary directory
 probe_port = 0              # plain-HTTP /v2/health/live and /ready for orchestrators; 0 = off
+worker_user = "nobody"      # when started as root, workers drop to this user ("" = stay root)
 debug = false               # true shows internal error details to clients: never in production
 
 [tls]

@@ -31,7 +31,6 @@ log = logging.getLogger("gateway.supervisor")
 
 # Variables a worker may inherit: what the CUDA stack and the dynamic loader need, nothing else.
 _PASS_ENV = ("LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "TZ", "OPENBLAS_CORETYPE")
-UNPRIVILEGED_USER = "nobody"
 
 
 class WorkerStartError(RuntimeError):
@@ -68,7 +67,7 @@ class Supervisor:
         self.config = config
         self.manifests = manifests
         self.runtime_dir = runtime_dir
-        self.user = UNPRIVILEGED_USER if os.geteuid() == 0 else None
+        self.user = (config.server.worker_user or None) if os.geteuid() == 0 else None
         self.workers = [
             _Worker(m, i, socket_path(runtime_dir, m.name, i))
             for m in config.models
@@ -147,8 +146,10 @@ class Supervisor:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(self.runtime_dir),
                "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": str(max(1, w.model.intra_op_threads))}
         env.update({k: os.environ[k] for k in _PASS_ENV if k in os.environ})
-        # The package must be importable by the worker's interpreter from where it is installed.
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+        # The package must be importable by the worker's interpreter from where it is installed,
+        # and so must whatever the gateway itself was given on PYTHONPATH (no secrets live there).
+        paths = [str(Path(__file__).resolve().parents[2]), *filter(None, os.environ.get("PYTHONPATH", "").split(":"))]
+        env["PYTHONPATH"] = ":".join(paths)
         return env
 
     def _spawn(self, w: _Worker) -> None:
