@@ -158,7 +158,7 @@ def serve(config_path: str, announce: bool = True) -> int:
             from uvicorn.supervisors import Multiprocess
 
             sock = ucfg.bind_socket()
-            Multiprocess(ucfg, target=uvicorn.Server(ucfg).run, sockets=[sock]).run()
+            Multiprocess(ucfg, sockets=[sock]).run()
         else:
             import uvloop
 

@@ -140,6 +140,7 @@ class Supervisor:
             "--intra-op-threads", str(m.intra_op_threads),
             "--memory-limit-mb", str(m.memory_limit_mb),
         ]
+        cmd += ["--cuda-tf32"] if m.cuda_tf32 else []
         return cmd + (["--user", self.user] if self.user else [])
 
     def _environment(self, w: _Worker) -> dict[str, str]:

@@ -1,0 +1,92 @@
+"""Worker isolation and start-up policy, observed on real worker processes."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.workers.transport import fetch_health
+from tests.conftest import Gateway, start_gateway
+
+ALLOWED_ENV = {"PATH", "LANG", "HOME", "PYTHONDONTWRITEBYTECODE", "OMP_NUM_THREADS", "PYTHONPATH",
+               "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "TZ", "OPENBLAS_CORETYPE"}
+
+
+def _health(gw: Gateway, model: str = "digits") -> dict[str, object]:
+    health = fetch_health(str(gw.runtime_dir() / f"{model}-0.sock"))
+    assert health is not None
+    return health
+
+
+def test_worker_environment_is_scrubbed(gateway: Gateway) -> None:
+    pid = int(_health(gateway)["pid"])  # type: ignore[arg-type]
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    names = {e.split(b"=", 1)[0].decode() for e in environ if e}
+    assert names <= ALLOWED_ENV, names - ALLOWED_ENV
+    assert not any(n.startswith("GATEWAY") for n in names)
+
+
+def test_runtime_directory_is_private(gateway: Gateway) -> None:
+    assert (gateway.runtime_dir().stat().st_mode & 0o777) == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop and network namespaces apply when started as root")
+def test_root_gateway_runs_workers_unprivileged_without_network(gateway: Gateway) -> None:
+    isolation = _health(gateway)["isolation"]
+    assert isolation["uid"] != 0  # type: ignore[index]
+    assert isolation["network_isolated"] is True  # type: ignore[index]
+    pid = int(_health(gateway)["pid"])  # type: ignore[arg-type]
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    assert set(uid_line.split()[1:]) == {str(isolation["uid"])}  # type: ignore[index]
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    assert any(line.startswith("Max core file size") and line.split()[4] == "0" for line in limits.splitlines())
+
+
+def _cuda_driver() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_cuda_driver(), reason="CUDA is present here: bench/gpu_check.py checks the CUDA path")
+def test_device_cuda_fails_loudly_without_cuda(pki: Path, tmp_path: Path, models_root: Path) -> None:
+    config = tmp_path / "g.toml"
+    config.write_text(f"""
+[server]
+port = 1
+runtime_dir = "{tmp_path / 'run'}"
+[tls]
+cert_file = "{pki}/certs/server.pem"
+key_file = "{pki}/certs/server.key"
+client_ca_file = "{pki}/certs/ca.pem"
+[models]
+root = "{models_root}"
+[models.digits]
+device = "cuda"
+""")
+    out = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert 'device = "cuda" but the CUDA execution provider is not active' in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_several_gateway_processes_share_the_port(pki: Path, tmp_path: Path, models_root: Path) -> None:
+    gw = start_gateway(pki, tmp_path, models_root, extra="processes = 2\n")
+    try:
+        children = subprocess.run(["pgrep", "-P", str(gw.proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 3  # two serving processes and the workers
+        with gw.client() as c:
+            for _ in range(20):
+                body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [1.0] * 64}]}
+                assert c.post("/v2/models/digits/infer", json=body).status_code == 200
+    finally:
+        gw.stop()
