@@ -44,8 +44,8 @@ test: models test-tools  ## run the whole suite
 bench: models test-tools  ## benchmark the gateway path against in-process ONNX Runtime
 	$(BIN)/python bench/bench_gateway.py $(BENCH_ARGS)
 
-lint:  ## ruff and mypy on the package
-	$(BIN)/python -m ruff check gateway tests && $(BIN)/python -m mypy gateway
+lint: $(STAMP)  ## ruff, and mypy --strict on the package (the suite runs both too)
+	$(BIN)/ruff check gateway tests bench models && $(BIN)/mypy
 
 clean:  ## remove the virtual environment and generated files (keeps certs and config)
 	rm -rf $(VENV) .pytest_cache models/*/*/model.onnx models/*/*/manifest.json

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,8 +170,9 @@ def start_gateway(tmp: Path, processes: int, device: str) -> tuple[subprocess.Po
     log = open(tmp / "gateway.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(tmp / "bench.toml")],
                             stdout=log, stderr=subprocess.STDOUT)
-    import httpx
     import ssl
+
+    import httpx
 
     ctx = ssl.create_default_context(cafile=str(tmp / "certs/ca.pem"))
     ctx.load_cert_chain(tmp / "certs/client-demo.pem", tmp / "certs/client-demo.key")

@@ -215,7 +215,10 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     server = ServerConfig(**_coerce(ServerConfig, data.get("server", {}), "server", problems))
     tls = TLSConfig(**_coerce(TLSConfig, data.get("tls", {}), "tls", problems))
     tls = dataclasses.replace(
-        tls, **{k: _resolve(base, getattr(tls, k)) for k in ("cert_file", "key_file", "client_ca_file")}
+        tls,
+        cert_file=_resolve(base, tls.cert_file),
+        key_file=_resolve(base, tls.key_file),
+        client_ca_file=_resolve(base, tls.client_ca_file),
     )
     models_raw = dict(data.get("models", {}))
     root = models_raw.pop("root", "models")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,6 @@ class RequestContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def get_context(scope: dict[str, Any]) -> RequestContext:
+def get_context(scope: MutableMapping[str, Any]) -> RequestContext:
     ctx: RequestContext = scope[SCOPE_KEY]
     return ctx

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from cryptography import x509
@@ -82,7 +84,7 @@ def _load_ca(certs: Path) -> Issued:
     return Issued(cert, key)  # type: ignore[arg-type]
 
 
-def _pair(certs: Path, stem: str, make: "callable[[], Issued]", force: bool, report: InitReport) -> None:  # type: ignore[valid-type]
+def _pair(certs: Path, stem: str, make: Callable[[], Issued], force: bool, report: InitReport) -> None:
     pem, key = certs / f"{stem}.pem", certs / f"{stem}.key"
     if pem.exists() and key.exists() and not force:
         report.kept.append(str(pem))
@@ -112,8 +114,9 @@ def init(directory: Path, models_root: Path, port: int = 8443, force: bool = Fal
         ca, "localhost", server=True, dns=("localhost",), ips=("127.0.0.1", "::1")), force, report)
     principals = {}
     for name, what in DEMO_PRINCIPALS.items():
-        _pair(certs, f"client-{name}", lambda n=name: issue_certificate(  # type: ignore[misc]
-            ca, n, server=False, uris=(f"spiffe://gateway.local/principal/{n}",)), force, report)
+        _pair(certs, f"client-{name}", partial(
+            issue_certificate, ca, name, server=False, uris=(f"spiffe://gateway.local/principal/{name}",)),
+            force, report)
         principals[name] = {
             "description": what,
             "cert": str((certs / f"client-{name}.pem").resolve()),

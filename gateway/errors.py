@@ -9,6 +9,7 @@ Every refusal the gateway makes is one of these, so every client sees one shape:
     ├── MethodNotAllowed             405
     ├── PayloadTooLarge              413
     ├── HeadersTooLarge              431
+    ├── ClientClosedRequest          499  the client went away mid-request (nginx's convention)
     ├── InvalidInput                 422  well-formed but not what the model's signature accepts
     ├── Unavailable                  503  no healthy worker, worker died mid-request (Retry-After)
     └── GatewayTimeout               504  the per-request deadline passed
@@ -23,6 +24,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "BadRequest",
+    "ClientClosedRequest",
     "GatewayError",
     "GatewayTimeout",
     "HeadersTooLarge",
@@ -124,6 +126,12 @@ class HeadersTooLarge(GatewayError):
     status = 431
     type = "headers-too-large"
     title = "Request headers too large"
+
+
+class ClientClosedRequest(GatewayError):
+    status = 499
+    type = "client-closed-request"
+    title = "Client closed the request"
 
 
 class InvalidInput(GatewayError):

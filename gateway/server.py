@@ -46,7 +46,7 @@ def _raw_problem(status: int, reason: bytes, type_: str, title: str, detail: str
 class TLSHttpToolsProtocol(HttpToolsProtocol):
     """httptools protocol that exposes the verified client certificate and bounds headers."""
 
-    _tls_extension: dict[str, Any] | None = None
+    _tls_extension: Any = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

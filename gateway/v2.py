@@ -11,15 +11,28 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import __version__
 from gateway.config import Config, ModelConfig
 from gateway.context import get_context
-from gateway.errors import BadRequest, NotFound, PayloadTooLarge, Unavailable, UnsupportedEncoding
-from gateway.protocol.codec import DecodeLimits, RequestedOutput, Tensor, decode_infer_request, encode_infer_response
+from gateway.errors import (
+    BadRequest,
+    ClientClosedRequest,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+    UnsupportedEncoding,
+)
+from gateway.protocol.codec import (
+    DecodeLimits,
+    RequestedOutput,
+    Tensor,
+    decode_infer_request,
+    encode_infer_response,
+)
 from gateway.registry.manifest import NAME_PATTERN, Manifest
 from gateway.registry.signature import check_inputs, check_outputs
 from gateway.workers.pool import WorkerPool
@@ -97,11 +110,14 @@ class V2:
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise PayloadTooLarge(f"the body may be at most {limit} bytes", limit=limit)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:  # chunked bodies are counted as they stream
-                raise PayloadTooLarge(f"the body may be at most {limit} bytes", limit=limit)
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:  # chunked bodies are counted as they stream
+                    raise PayloadTooLarge(f"the body may be at most {limit} bytes", limit=limit)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientClosedRequest("the client closed the connection before sending the whole body") from None
         return b"".join(chunks)
 
     @staticmethod

@@ -109,3 +109,12 @@ def test_worker_process_imports_no_server_side_security() -> None:
     code = "import sys, gateway.workers.worker; print(sorted(m for m in sys.modules if m.startswith('gateway.')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "gateway.security" not in out and "gateway.app" not in out
+
+
+def test_lint_and_strict_types() -> None:
+    bin_dir = Path(sys.executable).parent
+    ruff = subprocess.run([str(bin_dir / "ruff"), "check", "gateway", "tests", "bench", "models"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert ruff.returncode == 0, ruff.stdout
+    mypy = subprocess.run([str(bin_dir / "mypy")], capture_output=True, text=True, cwd=ROOT)
+    assert mypy.returncode == 0, mypy.stdout

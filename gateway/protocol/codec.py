@@ -31,6 +31,7 @@ __all__ = [
     "decode_tensor_message",
     "encode_infer_response",
     "encode_tensor_message",
+    "encode_tensor_parts",
 ]
 
 
@@ -73,6 +74,7 @@ class InferRequest:
 
 
 def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memoryview]:
+    rest: bytes | memoryview
     if header_length is None:
         header, rest = body, b""
     else:
@@ -82,14 +84,15 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memo
                 f"{len(body)} bytes",
                 field="Inference-Header-Content-Length",
             )
-        header, rest = body[:header_length], body[header_length:]
+        # The tensor bytes stay a view: a large body is not copied again.
+        header, rest = body[:header_length], memoryview(body)[header_length:]
     try:
         doc = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", field="body") from None
     if not isinstance(doc, dict):
         raise BadRequest("request body must be a JSON object", field="body")
-    return doc, memoryview(rest)
+    return doc, rest if isinstance(rest, memoryview) else memoryview(rest)
 
 
 def _shape(item: dict[str, Any], where: str, limits: DecodeLimits) -> tuple[tuple[int, ...], int]:
@@ -257,14 +260,24 @@ def _json_data(array: np.ndarray) -> Any:
     return np.ascontiguousarray(flat)
 
 
+Chunk = bytes | memoryview
+
+
+def _raw(array: np.ndarray) -> Chunk:
+    if array.dtype.kind == "O":
+        return _bytes_payload(array)
+    contiguous: Any = np.ascontiguousarray(array)
+    return memoryview(contiguous).cast("B")  # a view, not a copy
+
+
 def _encode(
-    key: str, tensors: list[Tensor], binary: set[str], top: dict[str, Any]
-) -> tuple[bytes, int | None]:
+    key: str, tensors: list[Tensor], binary: set[str], top: dict[str, Any], align: int = 1
+) -> tuple[list[Chunk], int | None]:
     items, chunks = [], []
     for t in tensors:
         item: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.array.shape)}
         if t.name in binary:
-            payload = _bytes_payload(t.array) if item["datatype"] == "BYTES" else np.ascontiguousarray(t.array).tobytes()
+            payload = _raw(t.array)
             item["parameters"] = {"binary_data_size": len(payload)}
             chunks.append(payload)
         else:
@@ -272,8 +285,10 @@ def _encode(
         items.append(item)
     header = orjson.dumps({**top, key: items}, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
-        return header, None
-    return b"".join([header, *chunks]), len(header)
+        return [header], None
+    # Trailing JSON whitespace keeps the tensor bytes aligned for the receiver's numpy views.
+    header += b" " * (-len(header) % align)
+    return [header, *chunks], len(header)
 
 
 def encode_infer_response(
@@ -287,13 +302,21 @@ def encode_infer_response(
     top: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         top["id"] = request_id
-    return _encode("outputs", outputs, binary, top)
+    parts, header_length = _encode("outputs", outputs, binary, top)
+    return b"".join(parts), header_length
+
+
+def encode_tensor_parts(key: str, tensors: list[Tensor]) -> tuple[list[Chunk], int]:
+    """All-binary message between the gateway and a worker (``key`` is inputs or outputs), as
+    parts to write in sequence: a JSON header padded to 8 bytes, then views of the tensors."""
+    parts, header_length = _encode(key, tensors, {t.name for t in tensors}, {}, align=8)
+    return parts, header_length if header_length is not None else len(parts[0])
 
 
 def encode_tensor_message(key: str, tensors: list[Tensor]) -> tuple[bytes, int]:
-    """All-binary message between the gateway and a worker (``key`` is inputs or outputs)."""
-    body, header_length = _encode(key, tensors, {t.name for t in tensors}, {})
-    return body, header_length if header_length is not None else len(body)
+    """``encode_tensor_parts`` joined into one body."""
+    parts, header_length = encode_tensor_parts(key, tensors)
+    return b"".join(parts), header_length
 
 
 def decode_tensor_message(

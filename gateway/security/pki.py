@@ -39,7 +39,7 @@ def _name(common_name: str, org: str = "Gateway Development") -> x509.Name:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def make_ca(common_name: str = "Gateway Development CA") -> Issued:

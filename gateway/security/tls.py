@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 
 from gateway.config import TLSConfig
 
@@ -63,7 +62,7 @@ class PeerIdentity:
 
 def _sans(cert: x509.Certificate) -> tuple[str, ...]:
     try:
-        ext = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return ()
     out = [f"DNS:{v}" for v in ext.get_values_for_type(x509.DNSName)]

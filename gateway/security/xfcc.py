@@ -36,7 +36,9 @@ class TrustedProxies:
 
 def _split(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside double quotes."""
-    parts, current, quoted = [], [], False
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
     for ch in text:
         if ch == '"':
             quoted = not quoted

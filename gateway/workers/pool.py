@@ -19,7 +19,7 @@ import orjson
 
 from gateway.config import Config, ModelConfig
 from gateway.errors import GatewayError, GatewayTimeout, InvalidInput, Unavailable
-from gateway.protocol.codec import Tensor, decode_tensor_message, encode_tensor_message
+from gateway.protocol.codec import Chunk, Tensor, decode_tensor_message, encode_tensor_parts
 from gateway.workers.supervisor import socket_path
 from gateway.workers.transport import (
     UnixHTTPClient,
@@ -125,7 +125,7 @@ class WorkerPool:
         return best
 
     async def infer(self, model: str, inputs: list[Tensor], deadline: float | None = None) -> list[Tensor]:
-        body, header_length = encode_tensor_message("inputs", inputs)
+        body, header_length = encode_tensor_parts("inputs", inputs)
         worker = self._pick(model)
         try:
             return await self._send(worker, body, header_length, deadline)
@@ -145,7 +145,7 @@ class WorkerPool:
         worker.healthy = False
 
     async def _send(
-        self, worker: WorkerClient, body: bytes, header_length: int, deadline: float | None
+        self, worker: WorkerClient, body: list[Chunk], header_length: int, deadline: float | None
     ) -> list[Tensor]:
         timeout = self.config.server.request_timeout_s
         if deadline is not None:

@@ -84,16 +84,17 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    async def exchange(self, message: bytes, timeout: float | None) -> WorkerResponse:
+    async def exchange(self, message: list[bytes | memoryview], timeout: float | None) -> WorkerResponse:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self.headers, self.body = {}, []
         self.waiter = waiter = loop.create_future()
-        self.transport.write(message)
+        self.transport.writelines(message)
         # A timer on the future itself: cheaper per request than asyncio.timeout's task machinery.
         timer = loop.call_later(timeout, self._expire, waiter) if timeout else None
         try:
-            return await waiter
+            response: WorkerResponse = await waiter
+            return response
         finally:
             if timer is not None:
                 timer.cancel()
@@ -126,12 +127,14 @@ class UnixHTTPClient:
         return conn
 
     async def request(
-        self, method: str, target: str, body: bytes = b"", headers: dict[str, str] | None = None,
-        timeout: float | None = None,
+        self, method: str, target: str, body: list[bytes | memoryview] | bytes = b"",
+        headers: dict[str, str] | None = None, timeout: float | None = None,
     ) -> WorkerResponse:
-        head = [f"{method} {target} HTTP/1.1\r\nhost: worker\r\ncontent-length: {len(body)}\r\n"]
+        """One exchange; ``body`` may be a list of parts, written in order without joining."""
+        parts = [body] if isinstance(body, bytes) else body
+        head = [f"{method} {target} HTTP/1.1\r\nhost: worker\r\ncontent-length: {sum(map(len, parts))}\r\n"]
         head += [f"{k}: {v}\r\n" for k, v in (headers or {}).items()]
-        message = "".join(head).encode("latin-1") + b"\r\n" + body
+        message = ["".join(head).encode("latin-1") + b"\r\n", *parts]
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed:
