@@ -18,10 +18,10 @@ from typing import Any
 
 import orjson
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.config import Config, load_config
 from gateway.errors import problem_body
+from gateway.httpserver import BufferedBodyProtocol
 from gateway.registry.manifest import Manifest, load_manifest
 from gateway.security.tls import build_server_context, identity_from_der
 
@@ -43,7 +43,7 @@ def _raw_problem(status: int, reason: bytes, type_: str, title: str, detail: str
     ])
 
 
-class TLSHttpToolsProtocol(HttpToolsProtocol):
+class TLSHttpToolsProtocol(BufferedBodyProtocol):
     """httptools protocol that exposes the verified client certificate and bounds headers."""
 
     _tls_extension: Any = None

@@ -189,8 +189,9 @@ def _preload() -> None:
     import onnxruntime  # noqa: F401
     import uvicorn.lifespan.on  # noqa: F401
     import uvicorn.loops.uvloop  # noqa: F401
-    import uvicorn.protocols.http.httptools_impl  # noqa: F401
     import uvloop  # noqa: F401
+
+    import gateway.httpserver  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     model = sys.stdin.buffer.read()
     _preload()
     import uvicorn
+
+    from gateway.httpserver import BufferedBodyProtocol
 
     if os.path.exists(args.socket):
         os.unlink(args.socket)
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     del model
     app = WorkerApp(session, args.name, args, isolation)
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", http="httptools",
+        app, log_level="warning", access_log=False, lifespan="on", http=BufferedBodyProtocol,
         loop="uvloop", ws="none", timeout_keep_alive=3600, backlog=1024,
     )
     uvicorn.Server(config).run(sockets=[listener])
