@@ -1,4 +1,11 @@
-"""uvicorn's httptools protocol with a larger request-body buffer, for the gateway and its workers.
+"""uvicorn's httptools protocol tuned for tensors, for the gateway and its workers.
+
+Two changes, each measured with ``wrk`` over mTLS on this project's two-core machine:
+
+* the response head and body leave in one write (``CoalescingTransport``): one TLS record and
+  one system call instead of two; ``digits`` at 16 clients went from about 3,500 to 4,800
+  requests/s in back-to-back runs;
+* a larger request-body buffer, below.
 
 uvicorn pauses reading once 64 KiB of body is buffered and resumes on each ``receive()``, so a
 tensor body of several hundred KiB costs a dozen pause/wake round trips per hop. Both the gateway
@@ -10,14 +17,53 @@ from 1.8 ms to 1.45 ms, and +13% requests/s at 16 clients. uvicorn is pinned for
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["BODY_HIGH_WATER", "BufferedBodyProtocol"]
+__all__ = ["BODY_HIGH_WATER", "BufferedBodyProtocol", "CoalescingTransport"]
 
 BODY_HIGH_WATER = 1024 * 1024
 
 
+class CoalescingTransport:
+    """Joins the writes made in one event-loop step into one ``write``.
+
+    uvicorn writes a response's head and body separately; over TLS each write is its own record
+    and system call. Writes are held until the end of the current loop step (``call_soon``), so a
+    small response goes out as one record. Everything else is the wrapped transport's.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending = []
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class BufferedBodyProtocol(HttpToolsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(CoalescingTransport(transport))  # type: ignore[arg-type]
+
     def on_body(self, body: bytes) -> None:
         if (self.parser.should_upgrade() and self._should_upgrade()) or self.cycle.response_complete:
             return
