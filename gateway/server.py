@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,9 @@ def serve(config_path: str, announce: bool = True) -> int:
     os.environ["GATEWAY_RUNTIME_DIR"] = str(runtime_dir)
     for warning in config.insecure_settings():
         log.warning("insecure setting: %s", warning)
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the default
+    # SIGTERM disposition that would end the process before the workers are stopped.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     supervisor.start()
     try:
         supervisor.wait_ready()
@@ -177,6 +181,10 @@ async def _serve_single(ucfg: GatewayUvicornConfig, config: Config) -> None:
             log_level="warning", access_log=False, lifespan="on", ws="none",
         )))
     await asyncio.gather(*(s.serve() for s in servers))
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _announce(config: Config) -> None:

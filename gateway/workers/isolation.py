@@ -1,6 +1,7 @@
 """Process isolation for a worker, applied by the worker itself before it loads a model.
 
 * resource limits (no core dumps, bounded open files, optional address-space cap);
+* death with the gateway (the kernel's parent-death signal), so no worker is ever orphaned;
 * when started as root: a new, empty network namespace (no egress; the Unix socket still works,
   since it lives in the filesystem) and a drop to an unprivileged user with no supplementary
   groups.
@@ -15,10 +16,12 @@ import ctypes.util
 import os
 import pwd
 import resource
+import signal
 
-__all__ = ["apply_isolation"]
+__all__ = ["apply_isolation", "die_with_parent"]
 
 CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
 
 
 def _limit(which: int, value: int) -> None:
@@ -27,12 +30,25 @@ def _limit(which: int, value: int) -> None:
     resource.setrlimit(which, (value, value))
 
 
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 def _unshare_network() -> bool:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return bool(libc.unshare(CLONE_NEWNET) == 0)
+    return bool(_libc().unshare(CLONE_NEWNET) == 0)
 
 
-def apply_isolation(user: str | None, memory_limit_mb: int, max_files: int = 4096) -> dict[str, object]:
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this worker when the gateway dies, however it dies (kill -9
+    included), so no worker outlives it. Set after the privilege drop, which clears it."""
+    _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the gateway died before the request took effect
+        os._exit(1)
+
+
+def apply_isolation(
+    user: str | None, memory_limit_mb: int, parent_pid: int, max_files: int = 4096
+) -> dict[str, object]:
     report: dict[str, object] = {}
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_NOFILE, max_files)
@@ -47,5 +63,6 @@ def apply_isolation(user: str | None, memory_limit_mb: int, max_files: int = 409
             os.setgroups([])
             os.setgid(entry.pw_gid)
             os.setuid(entry.pw_uid)
+    die_with_parent(parent_pid)
     report["uid"] = os.getuid()
     return report

@@ -196,6 +196,7 @@ def _preload() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    parent = os.getppid()
     logging.basicConfig(level=logging.WARNING, format=f"worker {args.name}[%(process)d] %(message)s")
     model = sys.stdin.buffer.read()
     _preload()
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         os.unlink(args.socket)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(args.socket)
-    isolation = apply_isolation(args.user, args.memory_limit_mb)
+    isolation = apply_isolation(args.user, args.memory_limit_mb, parent)
     try:
         session = load_session(model, args.device, args.intra_op_threads, args.cuda_tf32)
     except Exception as exc:

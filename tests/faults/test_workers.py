@@ -16,7 +16,6 @@ import pytest
 from gateway.workers.transport import fetch_health
 from tests.conftest import Gateway, onnx_reference, start_gateway
 
-pytestmark = pytest.mark.anyio
 INFER = "/v2/models/digits/infer"
 
 
@@ -53,6 +52,7 @@ async def _load(gw: Gateway, seconds: float, clients: int) -> list[tuple[float, 
     return results
 
 
+@pytest.mark.anyio
 async def test_kill_9_of_a_worker_under_load(gw2: Gateway) -> None:
     victim_pid = int(_worker_health(gw2, 0)["pid"])  # type: ignore[index, arg-type]
     load = asyncio.create_task(_load(gw2, seconds=6.0, clients=16))
@@ -83,6 +83,7 @@ async def test_kill_9_of_a_worker_under_load(gw2: Gateway) -> None:
             assert (await c.post(INFER, json=_payload(np.full((1, 64), 3.0, np.float32)))).status_code == 200
 
 
+@pytest.mark.anyio
 async def test_hung_worker_answers_504_then_is_replaced(gw2: Gateway) -> None:
     health = _worker_health(gw2, 1)
     assert health is not None
@@ -112,6 +113,7 @@ async def test_hung_worker_answers_504_then_is_replaced(gw2: Gateway) -> None:
             pass
 
 
+@pytest.mark.anyio
 async def test_a_thousand_concurrent_unique_inputs_each_get_their_own_output(gw2: Gateway, models_root: Path) -> None:
     xs = np.random.default_rng(1).uniform(0, 16, (1000, 64)).astype(np.float32)
     expected = onnx_reference(models_root, "digits", xs)
@@ -123,3 +125,27 @@ async def test_a_thousand_concurrent_unique_inputs_each_get_their_own_output(gw2
     batches = sum(int(h["batches"]) for h in (_worker_health(gw2, i) for i in (0, 1)) if h)  # type: ignore[call-overload]
     requests = sum(int(h["requests"]) for h in (_worker_health(gw2, i) for i in (0, 1)) if h)  # type: ignore[call-overload]
     assert batches < requests, "concurrent requests shared session runs"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_no_worker_outlives_the_gateway(pki: Path, tmp_path: Path, models_root: Path, sig: signal.Signals) -> None:
+    gw = start_gateway(pki, tmp_path, models_root)
+    pids = [int(h["pid"]) for h in (fetch_health(str(gw.runtime_dir() / f"{m}-0.sock")) for m in ("digits", "resnetish")) if h]  # type: ignore[arg-type]
+    assert len(pids) == 2
+    gw.proc.send_signal(sig)
+    gw.proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "a worker outlived its gateway"
+    if sig == signal.SIGTERM:
+        assert gw.proc.returncode == 128 + signal.SIGTERM
+        assert not gw.runtime_dir().exists(), "a clean stop removes the sockets' directory"
