@@ -86,6 +86,8 @@ class ModelConfig:
     """Address-space limit for each worker process; 0 means none (CUDA reserves a lot)."""
     max_inflight: int = 256
     """Requests queued or running per worker before 503 with Retry-After."""
+    batch_buckets: str = "auto"
+    """Pad batches to these sizes ("8,16"); "auto" = powers of two on CUDA, none on CPU; "off"."""
     cuda_tf32: bool = False
     """Allow TF32 matrix maths on CUDA: faster, but outputs drift from the CPU's by ~1e-3."""
 
@@ -177,6 +179,8 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
             (0 <= m.max_queue_delay_ms <= 1000, f"{where}.max_queue_delay_ms must be 0..1000"),
             (m.intra_op_threads >= 0, f"{where}.intra_op_threads must be >= 0"),
             (m.max_inflight >= 1, f"{where}.max_inflight must be >= 1"),
+            (m.batch_buckets in ("auto", "off") or all(p.strip().isdigit() and int(p) > 0 for p in m.batch_buckets.split(",")),
+             f'{where}.batch_buckets must be "auto", "off" or comma-separated sizes'),
         ]
     problems.extend(msg for ok, msg in checks if not ok)
     if s.worker_user:

@@ -141,6 +141,7 @@ class Supervisor:
             "--memory-limit-mb", str(m.memory_limit_mb),
         ]
         cmd += ["--cuda-tf32"] if m.cuda_tf32 else []
+        cmd += ["--batch-buckets", m.batch_buckets]
         return cmd + (["--user", self.user] if self.user else [])
 
     def _environment(self, w: _Worker) -> dict[str, str]:

@@ -96,6 +96,7 @@ class WorkerApp:
             batchable=batchable,
             max_batch_size=args.max_batch_size,
             max_queue_delay_s=args.max_queue_delay_ms / 1000,
+            buckets=batch_buckets(args.batch_buckets, args.max_batch_size, session.get_providers()),
         )
         self.health: dict[str, Any] = {
             "ready": True,
@@ -103,6 +104,7 @@ class WorkerApp:
             "pid": os.getpid(),
             "providers": session.get_providers(),
             "batchable": batchable,
+            "batch_buckets": list(self.batcher.buckets),
             "isolation": isolation,
         }
 
@@ -166,6 +168,16 @@ async def _respond(
     await send({"type": "http.response.body", "body": body})
 
 
+def batch_buckets(setting: str, max_batch_size: int, providers: list[str]) -> tuple[int, ...]:
+    """``auto``: powers of two up to the maximum batch on CUDA, none on the CPU; ``off``; or a list."""
+    if setting == "off" or (setting == "auto" and "CUDAExecutionProvider" not in providers):
+        return ()
+    if setting == "auto":
+        sizes = {1 << k for k in range(max_batch_size.bit_length()) if 1 << k <= max_batch_size}
+        return tuple(sorted(sizes | {max_batch_size}))
+    return tuple(sorted({int(s) for s in setting.split(",")}))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gateway-worker", description=__doc__.split("\n\n")[0])
     p.add_argument("--socket", required=True)
@@ -176,6 +188,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--intra-op-threads", type=int, default=1)
     p.add_argument("--memory-limit-mb", type=int, default=0)
     p.add_argument("--cuda-tf32", action="store_true", help="allow TF32 maths on CUDA")
+    p.add_argument("--batch-buckets", default="auto", help="auto, off, or comma-separated batch sizes")
     p.add_argument("--user", default=None, help="drop to this user when started as root")
     return p.parse_args(argv)
 

@@ -10,8 +10,6 @@ import pytest
 
 from gateway.workers.batcher import Batcher
 
-pytestmark = pytest.mark.anyio
-
 
 class Recorder:
     def __init__(self, fail: bool = False) -> None:
@@ -28,6 +26,7 @@ class Recorder:
         return [x * 2, x.sum(axis=1, keepdims=True)]
 
 
+@pytest.mark.anyio
 async def test_concurrent_requests_share_runs_and_get_their_own_rows() -> None:
     rec = Recorder()
     b = Batcher(rec.run, batchable=True, max_batch_size=8, max_queue_delay_s=0.005)
@@ -45,6 +44,7 @@ async def test_concurrent_requests_share_runs_and_get_their_own_rows() -> None:
     await b.stop()
 
 
+@pytest.mark.anyio
 async def test_incompatible_shapes_are_run_separately() -> None:
     rec = Recorder()
     rec.gate.set()
@@ -56,6 +56,7 @@ async def test_incompatible_shapes_are_run_separately() -> None:
     await b.stop()
 
 
+@pytest.mark.anyio
 async def test_a_failed_run_fails_every_request_in_its_batch() -> None:
     rec = Recorder(fail=True)
     b = Batcher(rec.run, batchable=True, max_batch_size=8, max_queue_delay_s=0.0)
@@ -68,6 +69,7 @@ async def test_a_failed_run_fails_every_request_in_its_batch() -> None:
     await b.stop()
 
 
+@pytest.mark.anyio
 async def test_unbatchable_models_run_one_request_at_a_time() -> None:
     rec = Recorder()
     rec.gate.set()
@@ -76,3 +78,32 @@ async def test_unbatchable_models_run_one_request_at_a_time() -> None:
     await asyncio.gather(*(b.submit({"x": np.ones((2, 2), np.float32)}) for _ in range(5)))
     assert rec.calls == [2] * 5
     await b.stop()
+
+
+@pytest.mark.anyio
+async def test_batches_are_padded_to_buckets_and_padding_never_returned() -> None:
+    rec = Recorder()
+    b = Batcher(rec.run, batchable=True, max_batch_size=8, max_queue_delay_s=0.0, buckets=(1, 2, 4, 8))
+    b.start()
+    xs = [np.full((1, 4), float(i), np.float32) for i in range(3)]
+    tasks = [asyncio.ensure_future(b.submit({"x": x})) for x in xs]
+    await asyncio.sleep(0.01)
+    rec.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert rec.calls == [4]  # three rows ran as a bucket of four
+    for x, (doubled, sums) in zip(xs, results):
+        np.testing.assert_array_equal(doubled, x * 2)
+        assert sums.shape == (1, 1)
+    await b.stop()
+
+
+@pytest.mark.parametrize("setting,providers,expected", [
+    ("auto", ["CPUExecutionProvider"], ()),
+    ("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"], (1, 2, 4, 8, 16, 24)),
+    ("off", ["CUDAExecutionProvider"], ()),
+    ("16,4", ["CPUExecutionProvider"], (4, 16)),
+])
+def test_bucket_settings(setting: str, providers: list[str], expected: tuple[int, ...]) -> None:
+    from gateway.workers.worker import batch_buckets
+
+    assert batch_buckets(setting, 24, providers) == expected
