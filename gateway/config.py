@@ -87,7 +87,7 @@ class ModelConfig:
     max_inflight: int = 256
     """Requests queued or running per worker before 503 with Retry-After."""
     batch_buckets: str = "auto"
-    """Pad batches to these sizes ("8,16"); "auto" = powers of two on CUDA, none on CPU; "off"."""
+    """Pad batches to these sizes ("8,16"); "auto" = max_batch_size on CUDA, none on CPU; "off"."""
     cuda_tf32: bool = False
     """Allow TF32 matrix maths on CUDA: faster, but outputs drift from the CPU's by ~1e-3."""
 

@@ -169,12 +169,12 @@ async def _respond(
 
 
 def batch_buckets(setting: str, max_batch_size: int, providers: list[str]) -> tuple[int, ...]:
-    """``auto``: powers of two up to the maximum batch on CUDA, none on the CPU; ``off``; or a list."""
+    """``auto``: every batch padded to the maximum on CUDA (one shape, never re-planned), none
+    on the CPU; ``off``; or a comma-separated list of sizes."""
     if setting == "off" or (setting == "auto" and "CUDAExecutionProvider" not in providers):
         return ()
     if setting == "auto":
-        sizes = {1 << k for k in range(max_batch_size.bit_length()) if 1 << k <= max_batch_size}
-        return tuple(sorted(sizes | {max_batch_size}))
+        return (max_batch_size,)
     return tuple(sorted({int(s) for s in setting.split(",")}))
 
 
