@@ -167,7 +167,10 @@ def _select(
 def routes(v2: V2) -> list[Route]:
     model = "/v2/models/{name:str}"
     versioned = model + "/versions/{version:str}"
-    out = [
+    # Inference first: the router tries routes in order, and infer is the hot path.
+    out = [Route(model + "/infer", v2.infer, methods=["POST"]),
+           Route(versioned + "/infer", v2.infer, methods=["POST"])]
+    out += [
         Route("/v2/health/live", v2.live, methods=["GET"]),
         Route("/v2/health/ready", v2.ready, methods=["GET"]),
         Route("/v2", v2.server_metadata, methods=["GET"]),
@@ -176,6 +179,5 @@ def routes(v2: V2) -> list[Route]:
         out += [
             Route(prefix, v2.model_metadata, methods=["GET"]),
             Route(prefix + "/ready", v2.model_ready, methods=["GET"]),
-            Route(prefix + "/infer", v2.infer, methods=["POST"]),
         ]
     return out
