@@ -94,16 +94,16 @@ class Gateway:
                 self.proc.wait()
 
 
-def start_gateway(
-    pki: Path, tmp: Path, models_root: Path, extra: str = "", digits_workers: int = 1, timeout_s: float = 20.0
-) -> Gateway:
-    port = free_port()
-    runtime = tmp / "run"
+def write_config(
+    pki: Path, tmp: Path, models_root: Path, port: int, extra: str = "", digits_workers: int = 1,
+    timeout_s: float = 20.0, digits_device: str = "auto",
+) -> Path:
+    """A test configuration: both demo models, the session's PKI, a private runtime directory."""
     config = tmp / "gateway.toml"
     config.write_text(f"""
 [server]
 port = {port}
-runtime_dir = "{runtime}"
+runtime_dir = "{tmp / "run"}"
 request_timeout_s = {timeout_s}
 max_body_bytes = 8388608
 {extra}
@@ -118,12 +118,21 @@ root = "{models_root}"
 [models.digits]
 workers = {digits_workers}
 max_batch_size = 64
+device = "{digits_device}"
 
 [models.resnetish]
 workers = 1
 max_batch_size = 8
 intra_op_threads = 1
 """)
+    return config
+
+
+def start_gateway(
+    pki: Path, tmp: Path, models_root: Path, extra: str = "", digits_workers: int = 1, timeout_s: float = 20.0
+) -> Gateway:
+    port = free_port()
+    config = write_config(pki, tmp, models_root, port, extra, digits_workers, timeout_s)
     log = tmp / "gateway.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:

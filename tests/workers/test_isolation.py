@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.workers.transport import fetch_health
-from tests.conftest import Gateway, start_gateway
+from tests.conftest import Gateway, start_gateway, write_config
 
 ALLOWED_ENV = {"PATH", "LANG", "HOME", "PYTHONDONTWRITEBYTECODE", "OMP_NUM_THREADS", "PYTHONPATH",
                "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "TZ", "OPENBLAS_CORETYPE"}
@@ -58,20 +58,7 @@ def _cuda_driver() -> bool:
 
 @pytest.mark.skipif(_cuda_driver(), reason="CUDA is present here: bench/gpu_check.py checks the CUDA path")
 def test_device_cuda_fails_loudly_without_cuda(pki: Path, tmp_path: Path, models_root: Path) -> None:
-    config = tmp_path / "g.toml"
-    config.write_text(f"""
-[server]
-port = 1
-runtime_dir = "{tmp_path / 'run'}"
-[tls]
-cert_file = "{pki}/certs/server.pem"
-key_file = "{pki}/certs/server.key"
-client_ca_file = "{pki}/certs/ca.pem"
-[models]
-root = "{models_root}"
-[models.digits]
-device = "cuda"
-""")
+    config = write_config(pki, tmp_path, models_root, port=1, digits_device="cuda")
     out = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
