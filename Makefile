@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 
-.PHONY: run test install models setup test-tools bench lint clean help
+.PHONY: run test install models setup test-tools bench-tools bench lint clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -34,14 +34,16 @@ setup: $(STAMP)  ## development PKI, gateway.toml and credentials.json if missin
 run: models setup  ## start the gateway with its workers (Ctrl-C stops it)
 	$(BIN)/gateway serve --config gateway.toml
 
-test-tools:  ## system tools the test suite drives (wrk, curl, openssl)
-	@command -v wrk >/dev/null && command -v curl >/dev/null && command -v openssl >/dev/null || { \
-	  $(APT) update -qq && $(APT) install -y -qq wrk curl openssl; }
+test-tools:  ## system tools the test suite drives (curl)
+	@command -v curl >/dev/null || { $(APT) update -qq && $(APT) install -y -qq curl; }
+
+bench-tools:  ## the load generator and compiler the benchmark needs (wrk, cc)
+	@command -v wrk >/dev/null && command -v cc >/dev/null || { $(APT) update -qq && $(APT) install -y -qq wrk gcc libc6-dev; }
 
 test: models test-tools  ## run the whole suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: models test-tools  ## benchmark the gateway path against in-process ONNX Runtime
+bench: models bench-tools  ## benchmark the gateway path against in-process ONNX Runtime
 	$(BIN)/python bench/bench_gateway.py $(BENCH_ARGS)
 
 lint: $(STAMP)  ## ruff, and mypy --strict on the package (the suite runs both too)
