@@ -182,6 +182,8 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
             (m.batch_buckets in ("auto", "off") or all(p.strip().isdigit() and int(p) > 0 for p in m.batch_buckets.split(",")),
              f'{where}.batch_buckets must be "auto", "off" or comma-separated sizes'),
         ]
+    checks.append((not (s.probe_port and s.processes > 1),
+                   "server.probe_port needs server.processes = 1 (probes are not served per process yet)"))
     problems.extend(msg for ok, msg in checks if not ok)
     if s.worker_user:
         try:
