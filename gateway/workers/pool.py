@@ -107,13 +107,6 @@ class WorkerPool:
     def providers(self, model: str) -> list[str]:
         return next((w.info.get("providers", []) for w in self.workers.get(model, ()) if w.healthy), [])
 
-    def status(self) -> dict[str, Any]:
-        return {
-            m: [{"index": w.index, "healthy": w.healthy, "inflight": w.inflight,
-                 "providers": w.info.get("providers", [])} for w in ws]
-            for m, ws in self.workers.items()
-        }
-
     # routing -------------------------------------------------------------------------------
     def _pick(self, model: str, exclude: WorkerClient | None = None) -> WorkerClient:
         candidates = [w for w in self.workers[model] if w.healthy and w is not exclude]
@@ -126,18 +119,15 @@ class WorkerPool:
 
     async def infer(self, model: str, inputs: list[Tensor], deadline: float | None = None) -> list[Tensor]:
         body, header_length = encode_tensor_parts("inputs", inputs)
-        worker = self._pick(model)
-        try:
-            return await self._send(worker, body, header_length, deadline)
-        except WorkerConnectError:
-            # Nothing reached that worker: safe to try another one, once.
-            self._mark_down(worker, "connection refused")
-            worker = self._pick(model, exclude=worker)
+        refused: WorkerClient | None = None
+        for _ in range(2):  # a refused connection reached no worker: safe to try another, once
+            worker = self._pick(model, exclude=refused)
             try:
                 return await self._send(worker, body, header_length, deadline)
             except WorkerConnectError:
                 self._mark_down(worker, "connection refused")
-                raise Unavailable(f"no worker of model {model!r} accepted the request", retry_after=1) from None
+                refused = worker
+        raise Unavailable(f"no worker of model {model!r} accepted the request", retry_after=1)
 
     def _mark_down(self, worker: WorkerClient, why: str) -> None:
         if worker.healthy:

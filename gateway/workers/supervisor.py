@@ -95,8 +95,7 @@ class Supervisor:
         """Block until every worker answered its health check; raise on a permanent failure."""
         deadline = time.monotonic() + (timeout_s or self.start_timeout_s)
         while time.monotonic() < deadline:
-            fatal = [w for w in self.workers if w.last_error and w.failures >= 1 and w.proc is None
-                     and w.last_error.startswith("permanent")]
+            fatal = [w for w in self.workers if w.last_error.startswith("permanent") and not w.ready]
             if fatal:
                 raise WorkerStartError("; ".join(f"{w.model.name}-{w.index}: {w.last_error}" for w in fatal))
             if all(w.ready for w in self.workers):
