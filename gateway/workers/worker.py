@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     app = WorkerApp(session, args.name, args, isolation)
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on", http=BufferedBodyProtocol,
-        loop="uvloop", ws="none", timeout_keep_alive=3600, backlog=1024,
+        loop="uvloop", ws="none", timeout_keep_alive=3600, backlog=1024, proxy_headers=False,
     )
     uvicorn.Server(config).run(sockets=[listener])
     return 0

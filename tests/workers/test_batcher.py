@@ -107,3 +107,28 @@ def test_bucket_settings(setting: str, providers: list[str], expected: tuple[int
     from gateway.workers.worker import batch_buckets
 
     assert batch_buckets(setting, 24, providers) == expected
+
+
+@pytest.mark.anyio
+async def test_microsecond_runs_stay_on_the_loop_and_slow_runs_use_the_session_thread() -> None:
+    import threading
+    import time
+
+    where: list[str] = []
+    delay = {"s": 0.0}
+
+    def run(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        where.append(threading.current_thread().name)
+        time.sleep(delay["s"])
+        return [inputs["x"]]
+
+    b = Batcher(run, batchable=True, max_batch_size=4, max_queue_delay_s=0.0)
+    b.start()
+    for _ in range(3):
+        await b.submit({"x": np.ones((1, 2), np.float32)})
+    assert where[0].startswith("session") and where[1] == where[2] == threading.current_thread().name
+    delay["s"] = 0.01  # the model got slow: the moving average sends runs back to the thread
+    for _ in range(3):
+        await b.submit({"x": np.ones((1, 2), np.float32)})
+    assert where[-1].startswith("session")
+    await b.stop()
