@@ -38,7 +38,7 @@ class ServerConfig:
     """Address to listen on (HTTPS only)."""
     port: int = 8443
     processes: int = 1
-    """Gateway (HTTP) processes sharing the listening socket."""
+    """Serving (HTTP) processes, each with its own SO_REUSEPORT socket on the same port."""
     request_timeout_s: float = 30.0
     """Per-request deadline for the worker round trip; past it the answer is 504."""
     max_body_bytes: int = 32 * 1024 * 1024

@@ -32,7 +32,7 @@ CONFIG_TEMPLATE = """\
 [server]
 host = "127.0.0.1"          # listen address (HTTPS only)
 port = {port}
-processes = 1               # gateway processes sharing the socket (workers are separate)
+processes = 1               # serving processes, one SO_REUSEPORT socket each (workers are separate)
 request_timeout_s = 30.0    # per-request deadline; past it the answer is 504
 max_body_bytes = 33554432   # 32 MiB; larger bodies get 413 (Content-Length or while streaming)
 keepalive_timeout_s = 5.0

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import signal
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,10 +162,7 @@ def serve(config_path: str, announce: bool = True) -> int:
         if announce:
             _announce(config)
         if config.server.processes > 1:
-            from uvicorn.supervisors import Multiprocess
-
-            sock = ucfg.bind_socket()
-            Multiprocess(ucfg, sockets=[sock]).run()
+            ServingProcesses(ucfg, config.server.processes).run()
         else:
             import uvloop
 
@@ -181,6 +181,63 @@ async def _serve_single(ucfg: GatewayUvicornConfig, config: Config) -> None:
             log_level="warning", access_log=False, lifespan="on", ws="none",
         )))
     await asyncio.gather(*(s.serve() for s in servers))
+
+
+def reuse_port_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening socket of its own for one serving process (``SO_REUSEPORT``).
+
+    With one socket shared by every process (uvicorn's multi-process mode), connections that
+    arrive together are often all accepted by one process while the others idle; with a socket
+    each, the kernel spreads new connections across the processes.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    return sock
+
+
+def _serving_process(ucfg: GatewayUvicornConfig, parent_pid: int) -> None:
+    from gateway.workers.isolation import die_with_parent
+
+    die_with_parent(parent_pid)
+    sock = reuse_port_socket(ucfg.host, ucfg.port, ucfg.backlog)
+    uvicorn.Server(ucfg).run(sockets=[sock])
+
+
+class ServingProcesses:
+    """``count`` serving processes, each on its own ``SO_REUSEPORT`` socket; a dead one is
+    restarted (after a second), and all are stopped when this process is told to stop."""
+
+    def __init__(self, ucfg: GatewayUvicornConfig, count: int) -> None:
+        self.ucfg = ucfg
+        self.count = count
+        self.context = multiprocessing.get_context("spawn")
+
+    def _start(self) -> multiprocessing.process.BaseProcess:
+        proc = self.context.Process(target=_serving_process, args=(self.ucfg, os.getpid()), name="gateway-serve")
+        proc.start()
+        return proc
+
+    def run(self) -> None:
+        procs = [self._start() for _ in range(self.count)]
+        try:
+            while True:
+                time.sleep(1.0)
+                for i, proc in enumerate(procs):
+                    if not proc.is_alive():
+                        log.warning("serving process %s exited (%s); restarting it", proc.pid, proc.exitcode)
+                        procs[i] = self._start()
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+            for proc in procs:
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

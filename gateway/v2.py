@@ -99,7 +99,8 @@ class V2:
         m = self._model(request).manifest
         if not self.pool.ready(m.name):
             raise Unavailable(f"model {m.name!r} has no healthy worker", retry_after=1)
-        return _json({"name": m.name, "ready": True})
+        return _json({"name": m.name, "ready": True,
+                      "parameters": {"execution_providers": self.pool.providers(m.name)}})
 
     async def _body(self, request: Request) -> bytes:
         limit = self.config.server.max_body_bytes

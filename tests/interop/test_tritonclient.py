@@ -9,6 +9,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
@@ -53,6 +54,9 @@ def test_server_and_model_metadata(gateway: Gateway) -> None:
     assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 64]}
     assert meta["parameters"]["execution_providers"] == ["CPUExecutionProvider"]
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    with httpx.Client(verify=client_context(gateway.pki)) as c:  # model health names the active providers
+        ready = c.get(f"{gateway.url}/v2/models/resnetish/ready").json()
+    assert ready == {"name": "resnetish", "ready": True, "parameters": {"execution_providers": ["CPUExecutionProvider"]}}
     client.close()
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.workers.transport import fetch_health
@@ -66,14 +68,33 @@ def test_device_cuda_fails_loudly_without_cuda(pki: Path, tmp_path: Path, models
     assert "Traceback" not in out.stderr
 
 
-def test_several_gateway_processes_share_the_port(pki: Path, tmp_path: Path, models_root: Path) -> None:
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_several_serving_processes_share_a_burst_of_connections(pki: Path, tmp_path: Path, models_root: Path) -> None:
     gw = start_gateway(pki, tmp_path, models_root, extra="processes = 2\n")
     try:
         children = subprocess.run(["pgrep", "-P", str(gw.proc.pid)], capture_output=True, text=True).stdout.split()
-        assert len(children) >= 3  # two serving processes and the workers
-        with gw.client() as c:
-            for _ in range(20):
-                body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [1.0] * 64}]}
-                assert c.post("/v2/models/digits/infer", json=body).status_code == 200
+        serving = [int(p) for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(serving) == 2
+        before = {p: _cpu_ticks(p) for p in serving}
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [1.0] * 64}]}
+
+        async def burst() -> list[int]:
+            # 32 connections opened at the same moment: the case where one shared socket lets
+            # a single process accept them all.
+            clients = [gw.async_client() for _ in range(32)]
+
+            async def use(c: httpx.AsyncClient) -> list[int]:
+                async with c:
+                    return [(await c.post("/v2/models/digits/infer", json=body)).status_code for _ in range(25)]
+
+            return [s for statuses in await asyncio.gather(*(use(c) for c in clients)) for s in statuses]
+
+        assert set(asyncio.run(burst())) == {200}
+        used = {p: _cpu_ticks(p) - before[p] for p in serving}
+        assert min(used.values()) >= 0.2 * sum(used.values()), used
     finally:
         gw.stop()
