@@ -14,10 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
-from gateway.security.pki import Issued, issue_certificate, make_ca, write_key, write_pem
+from gateway.security.pki import Issued, issue_certificate, load_ca, make_ca, write_key, write_pem
 
 __all__ = ["DEMO_PRINCIPALS", "InitReport", "init"]
 
@@ -78,12 +75,6 @@ class InitReport:
     kept: list[str] = field(default_factory=list)
 
 
-def _load_ca(certs: Path) -> Issued:
-    cert = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
-    key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), password=None)
-    return Issued(cert, key)  # type: ignore[arg-type]
-
-
 def _pair(certs: Path, stem: str, make: Callable[[], Issued], force: bool, report: InitReport) -> None:
     pem, key = certs / f"{stem}.pem", certs / f"{stem}.key"
     if pem.exists() and key.exists() and not force:
@@ -102,7 +93,7 @@ def init(directory: Path, models_root: Path, port: int = 8443, force: bool = Fal
     certs.mkdir(mode=0o700, exist_ok=True)
     ca_exists = (certs / "ca.pem").exists() and (certs / "ca.key").exists()
     if ca_exists and not force:
-        ca = _load_ca(certs)
+        ca = load_ca(certs)
         report.kept.append(str(certs / "ca.pem"))
     else:
         ca = make_ca()

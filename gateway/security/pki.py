@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["Issued", "issue_certificate", "make_ca", "write_key", "write_pem"]
+__all__ = ["Issued", "issue_certificate", "load_ca", "make_ca", "write_key", "write_pem"]
 
 SERVER_DAYS = 90
 CLIENT_DAYS = 90
@@ -70,21 +70,24 @@ def issue_certificate(
     ips: tuple[str, ...] = (),
     uris: tuple[str, ...] = (),
     days: int | None = None,
+    not_before: dt.datetime | None = None,
+    usage: x509.ObjectIdentifier | None = None,
 ) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
     sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     sans += [x509.UniformResourceIdentifier(u) for u in uris]
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    usage = usage or (ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH)
     days = days or (SERVER_DAYS if server else CLIENT_DAYS)
+    start = not_before or _now() - dt.timedelta(minutes=5)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - dt.timedelta(minutes=5))
-        .not_valid_after(_now() + dt.timedelta(days=days))
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -96,6 +99,15 @@ def issue_certificate(
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+
+
+def load_ca(certs: Path) -> Issued:
+    """The CA in ``certs/ca.pem`` and ``certs/ca.key``."""
+    cert = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
+    key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{certs / 'ca.key'} is not an EC private key")
+    return Issued(cert, key)
 
 
 def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import ssl
 from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from gateway.security.pki import issue_certificate, make_ca, write_key, write_pem
+from gateway.security.pki import issue_certificate, load_ca, make_ca, write_key, write_pem
 from tests.conftest import Gateway, client_context
 
 
@@ -52,6 +54,24 @@ def test_certificate_from_a_foreign_ca_fails_the_handshake(gateway: Gateway, tmp
     ctx = client_context(gateway.pki, principal=None)
     ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "c.key")
     assert _refused(gateway, ctx)
+
+
+@pytest.mark.parametrize("kind", ["expired", "not-yet-valid", "server-auth-only"])
+def test_client_certificates_from_our_ca_that_are_unfit_are_refused(gateway: Gateway, tmp_path: Path, kind: str) -> None:
+    now = dt.datetime.now(dt.UTC)
+    options: dict[str, object] = {
+        "expired": {"not_before": now - dt.timedelta(days=10), "days": 2},
+        "not-yet-valid": {"not_before": now + dt.timedelta(days=1)},
+        "server-auth-only": {"usage": ExtendedKeyUsageOID.SERVER_AUTH},
+    }[kind]
+    cert = issue_certificate(load_ca(gateway.pki / "certs"), "demo", server=False, **options)  # type: ignore[arg-type]
+    write_pem(tmp_path / "c.pem", cert.cert)
+    write_key(tmp_path / "c.key", cert.key)
+    ctx = client_context(gateway.pki, principal=None)
+    ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "c.key")
+    assert _refused(gateway, ctx)
+    # the same CA's valid demo certificate still gets in
+    assert _handshake_and_get(gateway, client_context(gateway.pki)).startswith(b"HTTP/1.1 200")
 
 
 def test_tls_1_2_is_refused_by_default(gateway: Gateway) -> None:
