@@ -31,12 +31,9 @@ def _input(name: str, rows: int, seed: int) -> np.ndarray:
 
 
 def _sync_client(gw: Gateway) -> httpclient.InferenceServerClient:
-    certs = gw.pki / "certs"
+    # As the README shows it: an ssl.SSLContext holding the CA and the client certificate.
     return httpclient.InferenceServerClient(
-        url=f"localhost:{gw.port}", ssl=True,
-        ssl_options={"keyfile": str(certs / "client-demo.key"), "certfile": str(certs / "client-demo.pem"),
-                     "ca_certs": str(certs / "ca.pem")},
-        ssl_context_factory=lambda: client_context(gw.pki),
+        url=f"localhost:{gw.port}", ssl=True, ssl_context_factory=lambda: client_context(gw.pki)
     )
 
 
