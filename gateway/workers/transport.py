@@ -1,10 +1,10 @@
 """A lean HTTP/1.1 client for the worker's Unix socket: keep-alive pool, ``httptools`` parsing.
 
 The gateway sends every inference through here, so its cost is per request. Measured against
-the same worker (``bench/transport.py``), httpx's pooled async transport managed about 800
-requests/s from one client and fewer under concurrency, which would cap the whole gateway; this
-client speaks only the small subset the worker uses (``Content-Length`` bodies, keep-alive, one
-request at a time per connection) and costs tens of microseconds.
+one ``digits`` worker (``bench/transport.py``, two-core machine): httpx's pooled async transport
+managed 879 requests/s from one task and 643 from 16, which would cap the whole gateway; this
+client, 4,014 and 5,450. It speaks only the small subset the worker uses (``Content-Length``
+bodies, keep-alive, one request at a time per connection).
 
 Errors are split by whether the request may have reached the worker: ``WorkerConnectError``
 (it did not; safe to send elsewhere) and ``WorkerConnectionLost`` (it may have).
