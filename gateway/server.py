@@ -139,7 +139,7 @@ def _uvicorn_config(config: Config) -> GatewayUvicornConfig:
     )
 
 
-def serve(config_path: str, announce: bool = True) -> int:
+def serve(config_path: str) -> int:
     """Start the workers, wait for them, then serve HTTPS until interrupted."""
     from gateway.workers.supervisor import Supervisor
 
@@ -159,8 +159,7 @@ def serve(config_path: str, announce: bool = True) -> int:
         supervisor.wait_ready()
         log.info("workers ready: %s", supervisor.pids())
         ucfg = _uvicorn_config(config)
-        if announce:
-            _announce(config)
+        _announce(config)
         if config.server.processes > 1:
             ServingProcesses(ucfg, config.server.processes).run()
         else:

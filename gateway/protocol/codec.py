@@ -11,7 +11,6 @@ field, and nothing here knows a web framework.
 
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -325,10 +324,3 @@ def decode_tensor_message(
     doc, raw = _split(body, header_length)
     return _tensors(doc.get(key), raw, key, limits)
 
-
-def has_non_finite(array: np.ndarray) -> bool:
-    return array.dtype.kind == "f" and not bool(np.isfinite(array).all())
-
-
-def element_count(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)

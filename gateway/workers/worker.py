@@ -141,10 +141,11 @@ class WorkerApp:
             message = await receive()
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
-        header_length = next((int(v) for k, v in scope["headers"] if k == HEADER), None)
+        raw_length = next((v for k, v in scope["headers"] if k == HEADER), b"")
         try:
-            if header_length is None:
-                raise BadRequest("missing Inference-Header-Content-Length")
+            if not raw_length.isdigit():
+                raise BadRequest("missing or malformed Inference-Header-Content-Length")
+            header_length = int(raw_length)
             tensors = decode_tensor_message(b"".join(chunks), header_length, "inputs")
             outputs = await self.batcher.submit({t.name: t.array for t in tensors})
         except BadRequest as exc:
