@@ -118,3 +118,29 @@ def test_lint_and_strict_types() -> None:
     assert ruff.returncode == 0, ruff.stdout
     mypy = subprocess.run([str(bin_dir / "mypy")], capture_output=True, text=True, cwd=ROOT)
     assert mypy.returncode == 0, mypy.stdout
+
+
+def test_serve_with_a_missing_model_names_it(pki: Path, tmp_path: Path) -> None:
+    from tests.conftest import write_config
+
+    config = write_config(pki, tmp_path, tmp_path / "empty-repository", port=1)
+    out = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "no manifest.json" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_refuses_a_model_file_that_does_not_match_its_manifest(pki: Path, tmp_path: Path, models_root: Path) -> None:
+    import shutil
+
+    from tests.conftest import write_config
+
+    repo = tmp_path / "models"
+    shutil.copytree(models_root / "digits", repo / "digits")
+    shutil.copytree(models_root / "resnetish", repo / "resnetish", ignore=shutil.ignore_patterns("model.onnx"))
+    (repo / "resnetish" / "1" / "model.onnx").write_bytes(b"not the model the manifest describes")
+    config = write_config(pki, tmp_path, repo, port=1)
+    out = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "resnetish/1: model.onnx has SHA-256" in out.stderr and "Traceback" not in out.stderr
