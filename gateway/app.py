@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -16,6 +17,7 @@ from starlette.responses import Response
 from gateway.config import Config, load_config
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.middleware import ContextMiddleware, ProblemMiddleware, problem_response
+from gateway.registry.manifest import load_manifests
 from gateway.security.xfcc import TrustedProxies
 from gateway.v2 import V2, ModelEntry, routes
 from gateway.workers.pool import WorkerPool
@@ -38,10 +40,8 @@ def _http_exception(request: Request, exc: Exception) -> Response:
 
 def create_app(config: Config, runtime_dir: str, models: dict[str, ModelEntry] | None = None) -> Starlette:
     """Build the gateway: ``problems → context → router``, over one worker pool."""
-    from gateway.server import load_manifests
-
     if models is None:
-        manifests = load_manifests(config)
+        manifests = load_manifests(Path(config.models_root), {m.name: m.version for m in config.models})
         models = {m.name: ModelEntry(manifests[m.name], m) for m in config.models}
     pool = WorkerPool(config, runtime_dir)
     v2 = V2(config, models, pool)

@@ -26,10 +26,10 @@ import uvicorn
 from gateway.config import Config, load_config
 from gateway.errors import problem_body
 from gateway.httpserver import BufferedBodyProtocol
-from gateway.registry.manifest import Manifest, load_manifest
+from gateway.registry.manifest import load_manifests
 from gateway.security.tls import build_server_context, identity_from_der
 
-__all__ = ["GatewayUvicornConfig", "TLSHttpToolsProtocol", "load_manifests", "serve"]
+__all__ = ["GatewayUvicornConfig", "TLSHttpToolsProtocol", "serve"]
 
 log = logging.getLogger("gateway.server")
 
@@ -103,13 +103,6 @@ class GatewayUvicornConfig(uvicorn.Config):
         self.ssl = build_server_context(self.gateway_config.tls)
 
 
-def load_manifests(config: Config) -> dict[str, Manifest]:
-    """The manifest of each configured model version; raises ``ManifestError``."""
-    return {
-        m.name: load_manifest(Path(config.models_root) / m.name / m.version) for m in config.models
-    }
-
-
 def _uvicorn_config(config: Config) -> GatewayUvicornConfig:
     s = config.server
     return GatewayUvicornConfig(
@@ -144,7 +137,7 @@ def serve(config_path: str) -> int:
     from gateway.workers.supervisor import Supervisor
 
     config = load_config(config_path)
-    manifests = load_manifests(config)
+    manifests = load_manifests(Path(config.models_root), {m.name: m.version for m in config.models})
     runtime_dir = Path(config.server.runtime_dir or tempfile.mkdtemp(prefix="gateway-"))
     supervisor = Supervisor(config, manifests, runtime_dir)
     os.environ["GATEWAY_CONFIG"] = str(Path(config_path).resolve())

@@ -108,7 +108,9 @@ class V2:
         if encoding != "identity":
             raise UnsupportedEncoding(f"Content-Encoding {encoding[:32]!r} is not accepted; send identity")
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        if declared is not None and not declared.isdigit():
+            raise BadRequest(f"Content-Length must be a byte count, got {declared[:32]!r}", field="Content-Length")
+        if declared is not None and int(declared) > limit:
             raise PayloadTooLarge(f"the body may be at most {limit} bytes", limit=limit)
         chunks, size = [], 0
         try:

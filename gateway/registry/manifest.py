@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway.protocol.datatypes import DATATYPES
 
-__all__ = ["NAME_PATTERN", "Manifest", "ManifestError", "TensorSpec", "load_manifest"]
+__all__ = ["NAME_PATTERN", "Manifest", "ManifestError", "TensorSpec", "load_manifest", "load_manifests"]
 
 # Model names and versions: a strict charset, no path separators, no leading dot.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -121,3 +121,8 @@ def load_manifest(directory: Path) -> Manifest:
         description=str(raw.get("description", "")),
         metrics=dict(raw.get("metrics") or {}),
     )
+
+
+def load_manifests(root: Path, versions: dict[str, str]) -> dict[str, Manifest]:
+    """The manifest of each model's chosen version in the repository at ``root``."""
+    return {name: load_manifest(root / name / version) for name, version in versions.items()}
