@@ -27,6 +27,7 @@ from gateway.errors import (
     UnsupportedEncoding,
 )
 from gateway.protocol.codec import (
+    HEADER_LENGTH,
     DecodeLimits,
     RequestedOutput,
     Tensor,
@@ -39,7 +40,6 @@ from gateway.workers.pool import WorkerPool
 
 __all__ = ["ModelEntry", "V2", "routes"]
 
-HEADER_LENGTH = "inference-header-content-length"
 PLATFORM = "onnxruntime_onnx"
 
 

@@ -22,6 +22,7 @@ from gateway.errors import BadRequest
 from gateway.protocol.datatypes import DATATYPES, JSON_KINDS, datatype_of
 
 __all__ = [
+    "HEADER_LENGTH",
     "DecodeLimits",
     "InferRequest",
     "RequestedOutput",
@@ -32,6 +33,10 @@ __all__ = [
     "encode_tensor_message",
     "encode_tensor_parts",
 ]
+
+
+# The binary tensor extension's header: the byte length of the JSON part of the body.
+HEADER_LENGTH = "inference-header-content-length"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +78,9 @@ class InferRequest:
 
 
 def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memoryview]:
-    rest: bytes | memoryview
+    rest = memoryview(b"")
     if header_length is None:
-        header, rest = body, b""
+        header = body
     else:
         if header_length < 0 or header_length > len(body):
             raise BadRequest(
@@ -91,7 +96,7 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memo
         raise BadRequest(f"request body is not valid JSON: {exc}", field="body") from None
     if not isinstance(doc, dict):
         raise BadRequest("request body must be a JSON object", field="body")
-    return doc, rest if isinstance(rest, memoryview) else memoryview(rest)
+    return doc, rest
 
 
 def _shape(item: dict[str, Any], where: str, limits: DecodeLimits) -> tuple[tuple[int, ...], int]:

@@ -19,7 +19,7 @@ import orjson
 
 from gateway.config import Config, ModelConfig
 from gateway.errors import GatewayError, GatewayTimeout, InvalidInput, Unavailable
-from gateway.protocol.codec import Chunk, Tensor, decode_tensor_message, encode_tensor_parts
+from gateway.protocol.codec import HEADER_LENGTH, Chunk, Tensor, decode_tensor_message, encode_tensor_parts
 from gateway.workers.supervisor import socket_path
 from gateway.workers.transport import (
     UnixHTTPClient,
@@ -31,7 +31,6 @@ from gateway.workers.transport import (
 __all__ = ["WorkerClient", "WorkerPool"]
 
 log = logging.getLogger("gateway.pool")
-HEADER = "inference-header-content-length"
 
 
 class ModelExecutionError(GatewayError):
@@ -46,7 +45,6 @@ class WorkerClient:
     index: int
     socket: Path
     max_inflight: int
-    timeout_s: float
     healthy: bool = False
     inflight: int = 0
     info: dict[str, Any] = field(default_factory=dict)
@@ -77,8 +75,7 @@ class WorkerPool:
 
     def _client(self, m: ModelConfig, index: int, runtime_dir: str | Path) -> WorkerClient:
         return WorkerClient(
-            m.name, index, socket_path(runtime_dir, m.name, index), m.max_inflight,
-            self.config.server.request_timeout_s,
+            m.name, index, socket_path(runtime_dir, m.name, index), m.max_inflight
         )
 
     async def start(self) -> None:
@@ -143,7 +140,7 @@ class WorkerPool:
         worker.inflight += 1
         try:
             response = await worker.client.request(
-                "POST", "/infer", body, {HEADER: str(header_length)}, timeout=timeout
+                "POST", "/infer", body, {HEADER_LENGTH: str(header_length)}, timeout=timeout
             )
         except TimeoutError:
             raise GatewayTimeout(f"model {worker.model!r} did not answer within {timeout:.1f}s") from None
@@ -160,7 +157,7 @@ class WorkerPool:
             if response.status in (400, 422):
                 raise InvalidInput(f"model {worker.model!r} rejected the input: {detail}")
             raise ModelExecutionError(f"model {worker.model!r} failed: {detail}")
-        return decode_tensor_message(response.body, int(response.headers[HEADER.encode()]), "outputs")
+        return decode_tensor_message(response.body, int(response.headers[HEADER_LENGTH.encode()]), "outputs")
 
 
 def _worker_error(response: WorkerResponse) -> str:

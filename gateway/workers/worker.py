@@ -25,14 +25,14 @@ import numpy as np
 import orjson
 
 from gateway.errors import BadRequest
-from gateway.protocol.codec import Tensor, decode_tensor_message, encode_tensor_message
+from gateway.protocol.codec import HEADER_LENGTH, Tensor, decode_tensor_message, encode_tensor_message
 from gateway.workers.batcher import Batcher
 from gateway.workers.isolation import apply_isolation
 
 log = logging.getLogger("gateway.worker")
 
 EXIT_DEVICE, EXIT_MODEL = 3, 4
-HEADER = b"inference-header-content-length"
+HEADER = HEADER_LENGTH.encode()
 
 
 def _cuda_driver_present() -> bool:

@@ -25,6 +25,13 @@ class Recorder:
             raise RuntimeError("boom")
         return [x * 2, x.sum(axis=1, keepdims=True)]
 
+    async def submit_while_held(self, b: Batcher, xs: list[np.ndarray]) -> list[object]:
+        """Queue every input while the first run is held, so the rest must batch; then release."""
+        tasks = [asyncio.ensure_future(b.submit({"x": x})) for x in xs]
+        await asyncio.sleep(0.01)
+        self.gate.set()
+        return list(await asyncio.gather(*tasks, return_exceptions=True))
+
 
 @pytest.mark.anyio
 async def test_concurrent_requests_share_runs_and_get_their_own_rows() -> None:
@@ -32,10 +39,7 @@ async def test_concurrent_requests_share_runs_and_get_their_own_rows() -> None:
     b = Batcher(rec.run, batchable=True, max_batch_size=8, max_queue_delay_s=0.005)
     b.start()
     xs = [np.full((1 + i % 3, 4), float(i), np.float32) for i in range(40)]
-    tasks = [asyncio.ensure_future(b.submit({"x": x})) for x in xs]
-    await asyncio.sleep(0.01)
-    rec.gate.set()
-    results = await asyncio.gather(*tasks)
+    results = await rec.submit_while_held(b, xs)
     for x, (doubled, sums) in zip(xs, results):
         np.testing.assert_array_equal(doubled, x * 2)
         np.testing.assert_array_equal(sums, x.sum(axis=1, keepdims=True))
@@ -61,10 +65,7 @@ async def test_a_failed_run_fails_every_request_in_its_batch() -> None:
     rec = Recorder(fail=True)
     b = Batcher(rec.run, batchable=True, max_batch_size=8, max_queue_delay_s=0.0)
     b.start()
-    tasks = [asyncio.ensure_future(b.submit({"x": np.ones((1, 2), np.float32)})) for _ in range(3)]
-    await asyncio.sleep(0.01)
-    rec.gate.set()
-    results = await asyncio.gather(*tasks, return_exceptions=True)
+    results = await rec.submit_while_held(b, [np.ones((1, 2), np.float32)] * 3)
     assert all(isinstance(r, RuntimeError) for r in results)
     await b.stop()
 
@@ -86,10 +87,7 @@ async def test_batches_are_padded_to_buckets_and_padding_never_returned() -> Non
     b = Batcher(rec.run, batchable=True, max_batch_size=8, max_queue_delay_s=0.0, buckets=(1, 2, 4, 8))
     b.start()
     xs = [np.full((1, 4), float(i), np.float32) for i in range(3)]
-    tasks = [asyncio.ensure_future(b.submit({"x": x})) for x in xs]
-    await asyncio.sleep(0.01)
-    rec.gate.set()
-    results = await asyncio.gather(*tasks)
+    results = await rec.submit_while_held(b, xs)
     assert rec.calls == [4]  # three rows ran as a bucket of four
     for x, (doubled, sums) in zip(xs, results):
         np.testing.assert_array_equal(doubled, x * 2)
