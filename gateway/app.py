@@ -16,8 +16,11 @@ from starlette.responses import Response
 
 from gateway.config import Config, load_config
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
-from gateway.middleware import ContextMiddleware, ProblemMiddleware, problem_response
+from gateway.middleware import AuthMiddleware, ContextMiddleware, ProblemMiddleware, problem_response
 from gateway.registry.manifest import load_manifests
+from gateway.security.issuer import BuiltinIssuer
+from gateway.security.rbac import Policy
+from gateway.security.tokens import TokenValidator
 from gateway.security.xfcc import TrustedProxies
 from gateway.v2 import V2, ModelEntry, routes
 from gateway.workers.pool import WorkerPool
@@ -39,16 +42,20 @@ def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 def create_app(config: Config, runtime_dir: str, models: dict[str, ModelEntry] | None = None) -> Starlette:
-    """Build the gateway: ``problems → context → router``, over one worker pool."""
+    """Build the gateway: ``problems → context → auth → router``, over one worker pool."""
     if models is None:
         manifests = load_manifests(Path(config.models_root), {m.name: m.version for m in config.models})
         models = {m.name: ModelEntry(manifests[m.name], m) for m in config.models}
     pool = WorkerPool(config, runtime_dir)
-    v2 = V2(config, models, pool)
+    issuer = BuiltinIssuer(config) if config.issuer.enabled else None
+    validator = TokenValidator(config, issuer.store.public_keys if issuer else None)
+    v2 = V2(config, models, pool, Policy(config.rbac))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await pool.start()
+        for cache in validator.caches():  # warm the external providers' keys; failures are retried lazily
+            await cache.refresh()
         try:
             yield
         finally:
@@ -62,10 +69,13 @@ def create_app(config: Config, runtime_dir: str, models: dict[str, ModelEntry] |
         Middleware(ProblemMiddleware, debug=config.server.debug),
         Middleware(ContextMiddleware, trusted_proxies=TrustedProxies(config.tls.trusted_proxies),
                    timeout_s=config.server.request_timeout_s),
+        Middleware(AuthMiddleware, validator=validator, auth=config.auth),
     ]
     handlers: dict[Any, Any] = {GatewayError: gateway_error, HTTPException: _http_exception}
-    app = Starlette(routes=routes(v2), middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+    all_routes = routes(v2) + (issuer.routes() if issuer else [])
+    app = Starlette(routes=all_routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.pool = pool
+    app.state.validator = validator
     return app
 
 

@@ -9,6 +9,7 @@ resolved against the configuration file's directory. Secure by default: weakenin
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import ipaddress
 import os
 import pwd
@@ -17,11 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "ServerConfig", "TLSConfig", "load_config"]
+__all__ = [
+    "AuthConfig", "Config", "ConfigError", "IssuerConfig", "IssuerTrust", "ModelConfig", "PolicyConfig",
+    "RuleConfig", "ServerConfig", "StepUpRule", "TLSConfig", "load_config",
+]
 
 ClientAuth = Literal["required", "optional", "off"]
 TLSVersion = Literal["1.3", "1.2"]
 Device = Literal["auto", "cuda", "cpu"]
+ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
+"""The only JWS algorithms a token may use: no ``none``, no HMAC (a public key is no secret)."""
+VERBS = ("infer", "metadata", "list", "explain", "admin:models", "admin:audit", "admin:incident")
+"""What a role can be granted; patterns such as ``admin:*`` or ``*`` expand to these."""
+ACR_PASSWORD = "urn:gateway:acr:pwd"
+ACR_MFA = "urn:gateway:acr:mfa"
 
 
 class ConfigError(ValueError):
@@ -93,12 +103,114 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class IssuerTrust:
+    """An external OpenID provider whose access tokens the gateway accepts (``[[auth.issuers]]``)."""
+
+    issuer: str
+    """The exact ``iss`` of its tokens."""
+    jwks_uri: str = ""
+    """Where its public keys are; "" finds them through OIDC discovery (``/.well-known/openid-configuration``)."""
+    audience: str = ""
+    """The ``aud`` its tokens must carry; "" means ``auth.audience``."""
+    typ: str = "at+jwt"
+    """Required JWS ``typ`` (RFC 9068); "" accepts any (reported by the self-audit)."""
+    algorithms: tuple[str, ...] = ALGORITHMS
+    roles_claims: tuple[str, ...] = ("roles",)
+    """Claims that carry roles, dotted for nested ones (``realm_access.roles``); ``scope`` splits on spaces."""
+    ca_file: str = ""
+    """CA bundle for its HTTPS endpoints; "" uses the system's."""
+    jwks_ttl_s: float = 3600.0
+    """How long fetched keys are trusted without a successful refresh; past it, 503 until it answers."""
+    jwks_refresh_s: float = 60.0
+    """An unknown ``kid`` triggers a refetch at most this often."""
+    require_cert_binding: bool = False
+    """Refuse its tokens unless bound to the caller's client certificate (``cnf.x5t#S256``, RFC 8705)."""
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    audience: str = ""
+    """The ``aud`` access tokens must carry; "" means the built-in issuer's URL."""
+    require_token: bool = True
+    """false lets a client certificate listed in ``certificate_roles`` act without a token (reported)."""
+    leeway_s: int = 30
+    """Clock skew tolerated on ``exp``, ``nbf`` and ``iat`` (at most 300)."""
+    issuers: tuple[IssuerTrust, ...] = ()
+    certificate_roles: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Roles a verified client certificate brings: ``"URI:spiffe://..."`` or ``"subject:CN=..."`` → roles."""
+
+
+@dataclass(frozen=True)
+class IssuerConfig:
+    """The built-in issuer (``[issuer]``): discovery, JWKS and a token endpoint served by the gateway."""
+
+    enabled: bool = True
+    url: str = ""
+    """Its ``iss``; "" means ``https://localhost:<port>`` (or the listen address when not loopback)."""
+    directory: str = "issuer"
+    """Signing keys, clients and users (created by ``gateway init``; keep it private)."""
+    token_ttl_s: int = 900
+    max_failed_logins: int = 100
+    """Consecutive failures before an account is locked (NIST SP 800-63B allows at most 100)."""
+    lockout_s: int = 900
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """``[[rbac.rules]]``: principals holding any of ``roles`` may perform ``verbs`` on ``models``."""
+
+    name: str
+    roles: tuple[str, ...]
+    verbs: tuple[str, ...]
+    models: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
+class StepUpRule:
+    """``[[rbac.step_up]]``: how strongly a principal must have authenticated for these verbs/roles."""
+
+    name: str
+    verbs: tuple[str, ...] = ("*",)
+    roles: tuple[str, ...] = ()
+    """Applies only to principals holding one of these roles; empty means everyone."""
+    amr_any: tuple[str, ...] = ()
+    """At least one of these ``amr`` values (RFC 8176: ``mfa``, ``otp``, ``hwk``, ...)."""
+    acr_min: str = ""
+    """Lowest acceptable ``acr``, by its position in ``rbac.acr_order``."""
+    max_age_s: int = 0
+    """Most seconds since ``auth_time``; 0 means no limit."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    rules: tuple[RuleConfig, ...] = ()
+    step_up: tuple[StepUpRule, ...] = ()
+    acr_order: tuple[str, ...] = (ACR_PASSWORD, ACR_MFA)
+    """``acr`` values from weakest to strongest."""
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     models_root: str = "models"
     models: tuple[ModelConfig, ...] = ()
     source: str = ""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    issuer: IssuerConfig = field(default_factory=IssuerConfig)
+    rbac: PolicyConfig = field(default_factory=PolicyConfig)
+
+    @property
+    def issuer_url(self) -> str:
+        if self.issuer.url:
+            return self.issuer.url.rstrip("/")
+        host = self.server.host
+        host = "localhost" if host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::") else host
+        return f"https://{host}:{self.server.port}"
+
+    @property
+    def audience(self) -> str:
+        return self.auth.audience or self.issuer_url
 
     def insecure_settings(self) -> list[str]:
         out = []
@@ -114,6 +226,11 @@ class Config:
             out.append("server.debug = true: internal error details reach clients")
         if self.server.probe_port and self.server.probe_host not in ("127.0.0.1", "::1", "localhost"):
             out.append(f"server.probe_host = {self.server.probe_host!r}: plain-HTTP probes reachable off-host")
+        if not self.auth.require_token:
+            out.append("auth.require_token = false: a client certificate alone can act with its certificate_roles")
+        for trust in self.auth.issuers:
+            if not trust.typ:
+                out.append(f"auth.issuers[{trust.issuer}].typ = \"\": tokens of any type (ID tokens too) are accepted")
         return out
 
     def model(self, name: str) -> ModelConfig | None:
@@ -184,6 +301,43 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
         ]
     checks.append((not (s.probe_port and s.processes > 1),
                    "server.probe_port needs server.processes = 1 (probes are not served per process yet)"))
+    a, iss = cfg.auth, cfg.issuer
+    checks += [
+        (0 <= a.leeway_s <= 300, "auth.leeway_s must be 0..300"),
+        (60 <= iss.token_ttl_s <= 86400, "issuer.token_ttl_s must be 60..86400"),
+        (1 <= iss.max_failed_logins <= 100, "issuer.max_failed_logins must be 1..100 (NIST SP 800-63B)"),
+        (iss.lockout_s >= 1, "issuer.lockout_s must be positive"),
+        (bool(iss.enabled or a.issuers or not a.require_token),
+         "no token issuer: enable [issuer] or add [[auth.issuers]]"),
+    ]
+    for t in a.issuers:
+        where = f"auth.issuers[{t.issuer}]"
+        checks += [
+            (_safe_url(t.issuer), f"{where}.issuer must be https:// (http:// only on loopback)"),
+            (not t.jwks_uri or _safe_url(t.jwks_uri), f"{where}.jwks_uri must be https:// (http:// only on loopback)"),
+            (bool(t.algorithms) and set(t.algorithms) <= set(ALGORITHMS),
+             f"{where}.algorithms must be a non-empty subset of {list(ALGORITHMS)}"),
+            (t.jwks_ttl_s > 0 and t.jwks_refresh_s > 0, f"{where}: jwks_ttl_s and jwks_refresh_s must be positive"),
+            (not t.ca_file or Path(t.ca_file).is_file(), f"{where}.ca_file: {t.ca_file} does not exist"),
+        ]
+    checks.append((_safe_url(cfg.issuer_url), "issuer.url must be https://"))
+    p = cfg.rbac
+    for rule in p.rules:
+        for verb in rule.verbs:
+            checks.append((any(fnmatch.fnmatchcase(v, verb) for v in VERBS),
+                           f"{rule.name}: verb {verb!r} matches none of {list(VERBS)}"))
+        checks.append((bool(rule.roles), f"{rule.name}: roles must not be empty"))
+    for step in p.step_up:
+        checks += [
+            (not step.acr_min or step.acr_min in p.acr_order, f"{step.name}.acr_min {step.acr_min!r} is not in rbac.acr_order"),
+            (step.max_age_s >= 0, f"{step.name}.max_age_s must be >= 0"),
+            (bool(step.amr_any or step.acr_min or step.max_age_s), f"{step.name}: requires nothing (set amr_any, acr_min or max_age_s)"),
+        ]
+        for verb in step.verbs:
+            checks.append((any(fnmatch.fnmatchcase(v, verb) for v in VERBS),
+                           f"{step.name}: verb {verb!r} matches none of {list(VERBS)}"))
+    names = [r.name for r in p.rules] + [r.name for r in p.step_up]
+    checks.append((len(names) == len(set(names)), "rbac: rule names must be unique"))
     problems.extend(msg for ok, msg in checks if not ok)
     if s.worker_user:
         try:
@@ -195,6 +349,68 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
             problems.append(f"tls.trusted_proxies: {proxy!r} is not an address or network")
+
+
+def _tables(raw: Any, where: str, problems: list[str]) -> list[dict[str, Any]]:
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        problems.append(f"{where}: expected an array of tables ([[{where}]])")
+        return []
+    return raw
+
+
+def _required(cls: type, kwargs: dict[str, Any], where: str, problems: list[str], *names: str) -> bool:
+    missing = [n for n in names if n not in kwargs]
+    for n in missing:
+        problems.append(f"{where}.{n}: required")
+    return not missing
+
+
+def _auth(raw: dict[str, Any], base: Path, problems: list[str]) -> AuthConfig:
+    raw = dict(raw)
+    issuers = []
+    for i, table in enumerate(_tables(raw.pop("issuers", []), "auth.issuers", problems)):
+        kwargs = _coerce(IssuerTrust, table, f"auth.issuers[{i}]", problems)
+        if _required(IssuerTrust, kwargs, f"auth.issuers[{i}]", problems, "issuer"):
+            trust = IssuerTrust(**kwargs)
+            issuers.append(dataclasses.replace(trust, ca_file=_resolve(base, trust.ca_file)))
+    roles = raw.pop("certificate_roles", {})
+    mapping = []
+    if not isinstance(roles, dict):
+        problems.append("auth.certificate_roles: expected a table of identity = [roles]")
+    else:
+        for identity, names in roles.items():
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                problems.append(f"auth.certificate_roles.{identity!r}: expected a list of role names")
+            elif not identity.startswith(("URI:", "DNS:", "email:", "subject:")):
+                problems.append(f"auth.certificate_roles.{identity!r}: start with URI:, DNS:, email: or subject:")
+            else:
+                mapping.append((identity, tuple(names)))
+    auth = AuthConfig(**_coerce(AuthConfig, raw, "auth", problems))
+    return dataclasses.replace(auth, issuers=tuple(issuers), certificate_roles=tuple(mapping))
+
+
+def _policy(raw: dict[str, Any], problems: list[str]) -> PolicyConfig:
+    raw = dict(raw)
+    rules, step_up = [], []
+    for i, table in enumerate(_tables(raw.pop("rules", []), "rbac.rules", problems)):
+        kwargs = _coerce(RuleConfig, {"name": f"rbac.rules[{i}]", **table}, f"rbac.rules[{i}]", problems)
+        if _required(RuleConfig, kwargs, f"rbac.rules[{i}]", problems, "roles", "verbs"):
+            rules.append(RuleConfig(**kwargs))
+    for i, table in enumerate(_tables(raw.pop("step_up", []), "rbac.step_up", problems)):
+        kwargs = _coerce(StepUpRule, {"name": f"rbac.step_up[{i}]", **table}, f"rbac.step_up[{i}]", problems)
+        step_up.append(StepUpRule(**kwargs))
+    policy = PolicyConfig(**_coerce(PolicyConfig, raw, "rbac", problems))
+    return dataclasses.replace(policy, rules=tuple(rules), step_up=tuple(step_up))
+
+
+def _safe_url(url: str) -> bool:
+    """https://, or http:// to a loopback host (nothing off the machine can tamper with it)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost")
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -216,7 +432,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{p}: {exc}"]) from None
     _env_overrides(data, dict(os.environ if environ is None else environ))
-    for section in set(data) - {"server", "tls", "models"}:
+    for section in set(data) - {"server", "tls", "models", "auth", "issuer", "rbac"}:
         problems.append(f"[{section}]: unknown section")
     server = ServerConfig(**_coerce(ServerConfig, data.get("server", {}), "server", problems))
     tls = TLSConfig(**_coerce(TLSConfig, data.get("tls", {}), "tls", problems))
@@ -234,7 +450,11 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
             problems.append(f"models.{name}: expected a table")
             continue
         models.append(ModelConfig(name=name, **_coerce(ModelConfig, table, f"models.{name}", problems)))
-    cfg = Config(server, tls, _resolve(base, str(root)), tuple(models), str(path or ""))
+    auth = _auth(data.get("auth", {}), base, problems)
+    issuer = IssuerConfig(**_coerce(IssuerConfig, data.get("issuer", {}), "issuer", problems))
+    issuer = dataclasses.replace(issuer, directory=_resolve(base, issuer.directory))
+    rbac = _policy(data.get("rbac", {}), problems)
+    cfg = Config(server, tls, _resolve(base, str(root)), tuple(models), str(path or ""), auth, issuer, rbac)
     _check_ranges(cfg, problems)
     if not cfg.models:
         problems.append("models: no model is configured (add a [models.NAME] table)")

@@ -1,7 +1,9 @@
 """``gateway init``: a working development setup in one directory.
 
-Writes ``certs/`` (the development PKI), ``gateway.toml`` (a commented configuration) and
-``credentials.json`` (each demo principal with its certificate paths). Existing secrets and
+Writes ``certs/`` (the development PKI), ``issuer/`` (the built-in issuer's signing key, a demo
+service client and a demo admin person with TOTP), ``gateway.toml`` (a commented configuration)
+and ``credentials.json`` (each demo principal's certificate paths and token credentials: the
+client side of what the server stores only hashed). Existing secrets and
 configuration are kept unless ``force`` is given; only what is missing is created.
 """
 
@@ -9,16 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+from gateway.security.issuer import TOKEN_PATH, IssuerStore, enrolment_uri
 from gateway.security.pki import Issued, issue_certificate, load_ca, make_ca, write_key, write_pem
 
 __all__ = ["DEMO_PRINCIPALS", "InitReport", "init"]
 
-# name -> what it stands for; the identity issue gives each its token credentials and roles.
+# name -> what it stands for. "demo" is a service (client credentials, role inference); "admin"
+# is a person (password + TOTP, role admin).
 DEMO_PRINCIPALS = {"demo": "a service calling models (role: inference)", "admin": "an operator (role: admin)"}
 
 CONFIG_TEMPLATE = """\
@@ -47,6 +53,52 @@ client_auth = "required"          # "required" | "optional" | "off"  (weaker cho
 min_version = "1.3"               # "1.2" also admits TLS 1.2 (ECDHE + AEAD only)
 trusted_proxies = []              # addresses whose X-Forwarded-Client-Cert is honoured
 
+[auth]
+audience = "https://localhost:{port}"   # the aud every access token must carry
+require_token = true        # false: a certificate listed in certificate_roles may act alone (reported)
+leeway_s = 30               # clock skew tolerated on exp / nbf / iat
+
+# Roles a verified client certificate adds, by SAN ("URI:...", "DNS:...") or "subject:CN=...".
+# [auth.certificate_roles]
+# "URI:spiffe://gateway.local/principal/demo" = ["inference"]
+
+# An external OpenID provider (any number of these): keys by discovery, or set jwks_uri.
+# [[auth.issuers]]
+# issuer = "https://idp.example.com/realms/ml"
+# audience = "https://localhost:{port}"
+# roles_claims = ["realm_access.roles"]
+# typ = "at+jwt"
+# require_cert_binding = false
+
+[issuer]                    # the built-in issuer: /oauth/token, /oauth/jwks, /.well-known/...
+enabled = true
+url = "https://localhost:{port}"
+directory = "issuer"        # signing keys, clients, users (private; edit with `gateway clients|users|keys`)
+token_ttl_s = 900
+max_failed_logins = 100     # consecutive failures before an account locks (NIST SP 800-63B)
+lockout_s = 900
+
+# Deny by default: each rule grants verbs on models to roles. Verbs: infer, metadata, list,
+# explain, admin:models, admin:audit, admin:incident ("admin:*" and "*" match several).
+[[rbac.rules]]
+name = "inference"
+roles = ["inference"]
+verbs = ["infer", "metadata", "list", "explain"]
+models = ["*"]
+
+[[rbac.rules]]
+name = "admin"
+roles = ["admin"]
+verbs = ["*"]
+models = ["*"]
+
+# Step-up: administrative verbs need a person who signed in with a second factor within 12 h.
+[[rbac.step_up]]
+name = "admin-mfa"
+verbs = ["admin:*"]
+amr_any = ["mfa", "otp", "hwk"]
+max_age_s = 43200
+
 [models]
 root = "{models_root}"      # <root>/<name>/<version>/{{model.onnx,manifest.json}}
 
@@ -67,6 +119,38 @@ max_batch_size = 16
 max_queue_delay_ms = 2.0
 intra_op_threads = 2
 """
+
+
+def _previous_credentials(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()).get("principals", {}))
+    except (FileNotFoundError, ValueError, AttributeError):
+        return {}
+
+
+def _issuer_setup(store_dir: Path, principals: dict[str, Any], previous: dict[str, Any], force: bool,
+                  report: InitReport) -> None:
+    """Signing key, the demo service client and the demo admin person, unless already there."""
+    store = IssuerStore(store_dir)
+    if force or not store.signing_keys():
+        store.rotate(keep_retired_s=0)
+        report.created.append(str(store_dir / "keys.json"))
+    old_demo, old_admin = previous.get("demo", {}), previous.get("admin", {})
+    if not force and "demo" in store.clients() and old_demo.get("client_secret"):
+        principals["demo"].update(client_id="demo", client_secret=old_demo["client_secret"])
+    else:
+        secret = store.add_client("demo", ["inference"], "demo service (gateway init)")
+        principals["demo"].update(client_id="demo", client_secret=secret)
+        report.created.append(f"{store_dir / 'clients.json'} (client demo)")
+    if not force and "admin" in store.users() and old_admin.get("password"):
+        principals["admin"].update({k: old_admin[k] for k in ("username", "password", "totp_secret", "otpauth_uri")
+                                    if k in old_admin})
+    else:
+        password = secrets.token_urlsafe(18)
+        totp_secret = store.add_user("admin", password, ["admin"])
+        principals["admin"].update(username="admin", password=password, totp_secret=totp_secret,
+                                   otpauth_uri=enrolment_uri(totp_secret, "admin", "gateway"))
+        report.created.append(f"{store_dir / 'users.json'} (user admin)")
 
 
 @dataclass
@@ -120,12 +204,16 @@ def init(directory: Path, models_root: Path, port: int = 8443, force: bool = Fal
         root = os.path.relpath(models_root.resolve(), directory.resolve())
         config.write_text(CONFIG_TEMPLATE.format(port=port, models_root=root))
         report.created.append(str(config))
+    cred_path = directory / "credentials.json"
+    previous = _previous_credentials(cred_path)
+    _issuer_setup(directory / "issuer", principals, previous, force, report)
+    url = f"https://localhost:{port}"
     credentials = {
-        "gateway": f"https://localhost:{port}",
+        "gateway": url,
         "ca": str((certs / "ca.pem").resolve()),
+        "token_endpoint": url + TOKEN_PATH,
         "principals": principals,
     }
-    cred_path = directory / "credentials.json"
     fd = os.open(cred_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(credentials, f, indent=2)

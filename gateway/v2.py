@@ -7,6 +7,7 @@ send only well-formed binary tensors to a worker.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ from gateway.protocol.codec import (
 )
 from gateway.registry.manifest import NAME_PATTERN, Manifest
 from gateway.registry.signature import check_inputs, check_outputs
+from gateway.security.rbac import Policy
 from gateway.workers.pool import WorkerPool
 
 __all__ = ["ModelEntry", "V2", "routes"]
@@ -56,22 +58,62 @@ def _json(body: Any, status: int = 200) -> Response:
 class V2:
     """The protocol's handlers over a model table and a worker pool."""
 
-    def __init__(self, config: Config, models: dict[str, ModelEntry], pool: WorkerPool) -> None:
+    def __init__(self, config: Config, models: dict[str, ModelEntry], pool: WorkerPool, policy: Policy) -> None:
         self.config = config
         self.models = models
         self.pool = pool
+        self.policy = policy
         self.limits = DecodeLimits()
 
-    def _model(self, request: Request) -> ModelEntry:
+    def _model(self, request: Request, verb: str) -> ModelEntry:
+        """Authenticate, authorize ``verb`` on the named model, and find it.
+
+        A model that does not exist and one the caller may not see get the same 404, word for word.
+        """
+        self.policy.authenticated(request.scope)
         name = request.path_params["name"]
         version = request.path_params.get("version")
-        entry = self.models.get(name) if NAME_PATTERN.match(name) else None
-        if entry is None or (version is not None and version != entry.manifest.version):
-            # One answer for missing and (later) forbidden models: no existence leak.
-            shown = name if NAME_PATTERN.match(name) else "requested model"
-            raise NotFound(f"unknown model {shown!r}" + (f" version {version!r}" if version else ""))
+        shown = name if NAME_PATTERN.match(name) else "requested model"
+        missing = NotFound(f"unknown model {shown!r}" + (f" version {version!r}" if version else ""))
+        if not NAME_PATTERN.match(name):
+            raise missing
         get_context(request.scope).model = name
+        try:
+            self.policy.authorize(request.scope, verb, name)
+        except NotFound:
+            raise missing from None
+        entry = self.models.get(name)
+        if entry is None or (version is not None and version != entry.manifest.version):
+            raise missing
         return entry
+
+    async def model_index(self, request: Request) -> Response:
+        """``GET /v2/models``: the models this caller may use (others are not even named)."""
+        principal = self.policy.authorize(request.scope, "list")
+        names = self.policy.visible_models(principal, sorted(self.models))
+        return _json({"models": [
+            {"name": n, "versions": [self.models[n].manifest.version], "platform": PLATFORM,
+             "ready": self.pool.ready(n)} for n in names
+        ]})
+
+    async def repository_index(self, request: Request) -> Response:
+        """``POST /v2/repository/index`` (Triton's repository extension, as ``tritonclient`` calls it)."""
+        principal = self.policy.authorize(request.scope, "list")
+        names = self.policy.visible_models(principal, sorted(self.models))
+        return _json([
+            {"name": n, "version": self.models[n].manifest.version,
+             "state": "READY" if self.pool.ready(n) else "UNAVAILABLE"} for n in names
+        ])
+
+    async def admin_models(self, request: Request) -> Response:
+        """``GET /admin/models``: the operator's view, with configuration and execution providers."""
+        principal = self.policy.authorize(request.scope, "admin:models")
+        names = [n for n in sorted(self.models) if self.policy.decide(principal, "admin:models", n).allowed]
+        return Response(orjson.dumps({"models": [
+            {"name": n, "version": self.models[n].manifest.version, "sha256": self.models[n].manifest.sha256,
+             "ready": self.pool.ready(n), "execution_providers": self.pool.providers(n),
+             "config": dataclasses.asdict(self.models[n].config)} for n in names
+        ]}), media_type="application/json")
 
     async def live(self, request: Request) -> Response:
         return _json({"live": True})
@@ -82,10 +124,11 @@ class V2:
         return _json({"ready": True})
 
     async def server_metadata(self, request: Request) -> Response:
+        self.policy.authenticated(request.scope)
         return _json({"name": "gateway", "version": __version__, "extensions": ["binary_tensor_data"]})
 
     async def model_metadata(self, request: Request) -> Response:
-        m = self._model(request).manifest
+        m = self._model(request, "metadata").manifest
         return _json({
             "name": m.name,
             "versions": [m.version],
@@ -96,7 +139,7 @@ class V2:
         })
 
     async def model_ready(self, request: Request) -> Response:
-        m = self._model(request).manifest
+        m = self._model(request, "metadata").manifest
         if not self.pool.ready(m.name):
             raise Unavailable(f"model {m.name!r} has no healthy worker", retry_after=1)
         return _json({"name": m.name, "ready": True,
@@ -134,7 +177,7 @@ class V2:
         return int(raw)
 
     async def infer(self, request: Request) -> Response:
-        entry = self._model(request)
+        entry = self._model(request, "infer")
         manifest = entry.manifest
         body = await self._body(request)
         req = decode_infer_request(body, self._header_length(request), self.limits)
@@ -177,6 +220,9 @@ def routes(v2: V2) -> list[Route]:
         Route("/v2/health/live", v2.live, methods=["GET"]),
         Route("/v2/health/ready", v2.ready, methods=["GET"]),
         Route("/v2", v2.server_metadata, methods=["GET"]),
+        Route("/v2/models", v2.model_index, methods=["GET"]),
+        Route("/v2/repository/index", v2.repository_index, methods=["POST"]),
+        Route("/admin/models", v2.admin_models, methods=["GET"]),
     ]
     for prefix in (model, versioned):
         out += [

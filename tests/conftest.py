@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,14 +11,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
 from gateway.devsetup import init
+from gateway.security.issuer import totp_now
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -51,6 +54,27 @@ def client_context(pki: Path, principal: str | None = "demo") -> ssl.SSLContext:
     return ctx
 
 
+def credentials(pki: Path) -> dict[str, Any]:
+    return dict(json.loads((pki / "credentials.json").read_text())["principals"])
+
+
+def fetch_token(url: str, pki: Path, principal: str = "demo", mfa: bool = True) -> str:
+    """Client credentials for the service "demo"; password (+ TOTP when ``mfa``) for the person "admin"."""
+    creds = credentials(pki)[principal]
+    with httpx.Client(base_url=url, verify=client_context(pki, principal), timeout=30) as c:
+        if "client_secret" in creds:
+            r = c.post("/oauth/token", data={"grant_type": "client_credentials"},
+                       auth=(creds["client_id"], creds["client_secret"]))
+        else:
+            form = {"grant_type": "password", "client_id": "gateway-cli", "username": creds["username"],
+                    "password": creds["password"]}
+            if mfa:
+                form["totp"] = totp_now(creds["totp_secret"])
+            r = c.post("/oauth/token", data=form)
+        assert r.status_code == 200, r.text
+        return str(r.json()["access_token"])
+
+
 def onnx_reference(models_root: Path, name: str, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
@@ -67,11 +91,27 @@ class Gateway:
     proc: subprocess.Popen[bytes]
     log: Path
 
-    def client(self, principal: str | None = "demo", **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.url, verify=client_context(self.pki, principal), timeout=30, **kwargs)  # type: ignore[arg-type]
+    tokens: dict[str, str] = field(default_factory=dict)
 
-    def async_client(self, principal: str | None = "demo", **kwargs: object) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, verify=client_context(self.pki, principal), timeout=30, **kwargs)  # type: ignore[arg-type]
+    def token(self, principal: str = "demo", mfa: bool = True) -> str:
+        """A bearer token from the gateway's built-in issuer, fetched once per principal and kind."""
+        key = f"{principal}:{mfa}"
+        if key not in self.tokens:
+            self.tokens[key] = fetch_token(self.url, self.pki, principal, mfa)
+        return self.tokens[key]
+
+    def auth(self, principal: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(principal)}"} if principal else {}
+
+    def client(self, principal: str | None = "demo", token: bool = True, **kwargs: Any) -> httpx.Client:
+        headers = {**(self.auth(principal) if token else {}), **kwargs.pop("headers", {})}
+        return httpx.Client(base_url=self.url, verify=client_context(self.pki, principal), timeout=30,
+                            headers=headers, **kwargs)
+
+    def async_client(self, principal: str | None = "demo", token: bool = True, **kwargs: Any) -> httpx.AsyncClient:
+        headers = {**(self.auth(principal) if token else {}), **kwargs.pop("headers", {})}
+        return httpx.AsyncClient(base_url=self.url, verify=client_context(self.pki, principal), timeout=30,
+                                 headers=headers, **kwargs)
 
     def runtime_dir(self) -> Path:
         for line in self.config.read_text().splitlines():
@@ -94,9 +134,27 @@ class Gateway:
                 self.proc.wait()
 
 
+AUTH_POLICY = """
+[[rbac.rules]]
+name = "inference"
+roles = ["inference"]
+verbs = ["infer", "metadata", "list", "explain"]
+
+[[rbac.rules]]
+name = "admin"
+roles = ["admin"]
+verbs = ["*"]
+
+[[rbac.step_up]]
+name = "admin-mfa"
+verbs = ["admin:*"]
+amr_any = ["mfa", "otp", "hwk"]
+"""
+
+
 def write_config(
     pki: Path, tmp: Path, models_root: Path, port: int, extra: str = "", digits_workers: int = 1,
-    timeout_s: float = 20.0, digits_device: str = "auto",
+    timeout_s: float = 20.0, digits_device: str = "auto", auth: str = "", sections: str = "",
 ) -> Path:
     """A test configuration: both demo models, the session's PKI, a private runtime directory."""
     config = tmp / "gateway.toml"
@@ -112,6 +170,15 @@ cert_file = "{pki}/certs/server.pem"
 key_file = "{pki}/certs/server.key"
 client_ca_file = "{pki}/certs/ca.pem"
 
+[auth]
+audience = "https://localhost:{port}"
+{auth}
+
+[issuer]
+url = "https://localhost:{port}"
+directory = "{pki}/issuer"
+
+{AUTH_POLICY if 'rbac.rules' not in sections else ''}
 [models]
 root = "{models_root}"
 
@@ -124,15 +191,17 @@ device = "{digits_device}"
 workers = 1
 max_batch_size = 8
 intra_op_threads = 1
+{sections}
 """)
     return config
 
 
 def start_gateway(
-    pki: Path, tmp: Path, models_root: Path, extra: str = "", digits_workers: int = 1, timeout_s: float = 20.0
+    pki: Path, tmp: Path, models_root: Path, extra: str = "", digits_workers: int = 1, timeout_s: float = 20.0,
+    auth: str = "", sections: str = "",
 ) -> Gateway:
     port = free_port()
-    config = write_config(pki, tmp, models_root, port, extra, digits_workers, timeout_s)
+    config = write_config(pki, tmp, models_root, port, extra, digits_workers, timeout_s, auth=auth, sections=sections)
     log = tmp / "gateway.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
@@ -140,7 +209,7 @@ def start_gateway(
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     gw = Gateway(f"https://localhost:{port}", port, pki, config, proc, log)
     deadline = time.monotonic() + 90
-    with gw.client() as c:
+    with gw.client(token=False) as c:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"gateway exited: {log.read_text()[-3000:]}")

@@ -57,7 +57,10 @@ class ProblemMiddleware:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:
             ctx: Any = scope.get(SCOPE_KEY)
-            log.exception("unhandled error in request %s", getattr(ctx, "request_id", "-"))
+            if isinstance(exc, GatewayError) and exc.status < 500:
+                log.debug("request %s refused: %s", getattr(ctx, "request_id", "-"), exc.detail)
+            else:
+                log.exception("unhandled error in request %s", getattr(ctx, "request_id", "-"))
             if started:
                 raise
             error = exc if isinstance(exc, GatewayError) else GatewayError(

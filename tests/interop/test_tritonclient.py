@@ -45,13 +45,16 @@ def _inputs(model: str, x: np.ndarray, binary: bool) -> list[httpclient.InferInp
 
 def test_server_and_model_metadata(gateway: Gateway) -> None:
     client = _sync_client(gateway)
+    h = gateway.auth("demo")  # a bearer token from the built-in issuer, over the same mTLS
     assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("digits") and client.is_model_ready("resnetish")
-    meta = client.get_model_metadata("digits")
+    assert client.is_model_ready("digits", headers=h) and client.is_model_ready("resnetish", headers=h)
+    meta = client.get_model_metadata("digits", headers=h)
     assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 64]}
     assert meta["parameters"]["execution_providers"] == ["CPUExecutionProvider"]
-    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
-    with httpx.Client(verify=client_context(gateway.pki)) as c:  # model health names the active providers
+    assert "binary_tensor_data" in client.get_server_metadata(headers=h)["extensions"]
+    index = client.get_model_repository_index(headers=h)
+    assert {m["name"] for m in index} == {"digits", "resnetish"}
+    with httpx.Client(verify=client_context(gateway.pki), headers=h) as c:  # model health names the active providers
         ready = c.get(f"{gateway.url}/v2/models/resnetish/ready").json()
     assert ready == {"name": "resnetish", "ready": True, "parameters": {"execution_providers": ["CPUExecutionProvider"]}}
     client.close()
@@ -65,7 +68,7 @@ def test_sync_infer_equals_onnxruntime(gateway: Gateway, models_root: Path, mode
     x = _input(model, rows, seed=rows + binary)
     client = _sync_client(gateway)
     outputs = [httpclient.InferRequestedOutput(OUTPUT[model], binary_data=binary)]
-    result = client.infer(model, _inputs(model, x, binary), outputs=outputs)
+    result = client.infer(model, _inputs(model, x, binary), outputs=outputs, headers=gateway.auth("demo"))
     got = result.as_numpy(OUTPUT[model])
     np.testing.assert_allclose(got, onnx_reference(models_root, model, x), rtol=1e-5, atol=1e-5)
     client.close()
@@ -77,12 +80,13 @@ async def test_aio_infer_equals_onnxruntime(gateway: Gateway, models_root: Path,
     x = _input(model, 1, seed=7)
     ctx: ssl.SSLContext = client_context(gateway.pki)
     async with aioclient.InferenceServerClient(url=f"localhost:{gateway.port}", ssl=True, ssl_context=ctx) as client:
-        assert await client.is_model_ready(model)
-        assert (await client.get_model_metadata(model))["name"] == model
+        h = gateway.auth("demo")
+        assert await client.is_model_ready(model, headers=h)
+        assert (await client.get_model_metadata(model, headers=h))["name"] == model
         inp = aioclient.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=binary)
         out = aioclient.InferRequestedOutput(OUTPUT[model], binary_data=binary)
-        result = await client.infer(model, [inp], outputs=[out], model_version="1")
+        result = await client.infer(model, [inp], outputs=[out], model_version="1", headers=h)
     np.testing.assert_allclose(result.as_numpy(OUTPUT[model]), onnx_reference(models_root, model, x), rtol=1e-5, atol=1e-5)
 
 
@@ -90,10 +94,13 @@ def test_errors_surface_through_tritonclient(gateway: Gateway) -> None:
     client = _sync_client(gateway)
     x = np.full((1, 64), 99.0, np.float32)  # outside digits' declared domain [0, 16]
     with pytest.raises(InferenceServerException) as info:
-        client.infer("digits", _inputs("digits", x, True))
+        client.infer("digits", _inputs("digits", x, True), headers=gateway.auth("demo"))
     assert info.value.status() == "422" or "422" in str(info.value.status())
     assert "domain" in info.value.message()
     with pytest.raises(InferenceServerException) as missing:
-        client.get_model_metadata("no-such-model")
+        client.get_model_metadata("no-such-model", headers=gateway.auth("demo"))
     assert "unknown model" in missing.value.message()
+    with pytest.raises(InferenceServerException) as anonymous:  # no token: 401, surfaced with its message
+        client.infer("digits", _inputs("digits", np.zeros((1, 64), np.float32), True))
+    assert "401" in str(anonymous.value.status()) and "bearer token" in anonymous.value.message()
     client.close()

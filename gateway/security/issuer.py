@@ -1,0 +1,552 @@
+"""The built-in OAuth 2 issuer: discovery, JWKS and a token endpoint served by the gateway itself.
+
+So that one machine needs no external identity provider. Grants (authlib's, behind a thin
+Starlette adapter of ours):
+
+- ``client_credentials`` for services; client secrets are stored only as scrypt hashes.
+- ``password`` for people, with an extra ``totp`` parameter: with a valid one-time code the token
+  carries ``amr: ["pwd", "otp", "mfa"]`` and ``acr: urn:gateway:acr:mfa``; without it,
+  ``amr: ["pwd"]`` and ``acr: urn:gateway:acr:pwd``, which step-up rules can refuse (RFC 9470).
+
+Tokens are RFC 9068 JWTs (``typ: at+jwt``), ES256, short-lived (``issuer.token_ttl_s``), with a
+``jti``; requested over mTLS they are bound to the client certificate (``cnf.x5t#S256``, RFC 8705).
+After ``issuer.max_failed_logins`` consecutive failures an account (person or client) is locked
+for ``issuer.lockout_s`` (NIST SP 800-63B allows at most 100).
+
+The store is a private directory: ``keys.json`` (signing keys; the newest signs, retired ones stay
+published until every token they signed has expired), ``clients.json`` and ``users.json``. The
+``gateway`` commands edit it; serving processes pick changes up within a second.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextvars
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import anyio.to_thread
+import orjson
+from authlib.oauth2.rfc6749 import AuthorizationServer, ClientMixin, OAuth2Payload, OAuth2Request
+from authlib.oauth2.rfc6749.errors import InvalidGrantError, OAuth2Error
+from authlib.oauth2.rfc6749.grants import ClientCredentialsGrant, ResourceOwnerPasswordCredentialsGrant
+from authlib.oauth2.rfc9068 import JWTBearerTokenGenerator
+from cryptography.exceptions import InvalidKey
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from cryptography.hazmat.primitives.twofactor import InvalidToken as InvalidTOTP
+from cryptography.hazmat.primitives.twofactor.totp import TOTP
+from joserfc.jwk import ECKey, KeySet
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.config import ACR_MFA, ACR_PASSWORD, Config
+from gateway.context import get_context
+from gateway.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
+from gateway.security.tokens import cert_thumbprint
+
+__all__ = [
+    "JWKS_PATH", "TOKEN_PATH", "AccountLocked", "BuiltinIssuer", "IssuerStore", "enrolment_uri", "hash_secret",
+    "new_totp_secret", "totp_now", "verify_secret",
+]
+
+log = logging.getLogger("gateway.issuer")
+
+TOKEN_PATH = "/oauth/token"
+JWKS_PATH = "/oauth/jwks"
+CLI_CLIENT = "gateway-cli"
+"""The public client people sign in through (no secret: it stands for whatever program they use)."""
+MAX_FORM_BYTES = 16 * 1024
+TOTP_STEP = 30
+
+# scrypt (RFC 7914) at 16 MiB, about 50 ms: a secret costs an attacker that much per guess.
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+
+
+def hash_secret(secret: str) -> str:
+    salt = os.urandom(16)
+    digest = Scrypt(salt=salt, length=32, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P).derive(secret.encode())
+    b64 = base64.b64encode
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_secret(secret: str, stored: str) -> bool:
+    try:
+        kind, n, r, p, salt, digest = stored.split("$")
+        if kind != "scrypt":
+            return False
+        Scrypt(salt=base64.b64decode(salt), length=32, n=int(n), r=int(r), p=int(p)).verify(
+            secret.encode(), base64.b64decode(digest))
+        return True
+    except (ValueError, InvalidKey):
+        return False
+
+
+_DUMMY_HASH = hash_secret(secrets.token_urlsafe(16))  # unknown accounts cost the same time as known ones
+
+
+def _totp(secret_b32: str) -> TOTP:
+    return TOTP(base64.b32decode(secret_b32), 6, hashes.SHA1(), TOTP_STEP, enforce_key_length=True)
+
+
+def new_totp_secret() -> str:
+    return base64.b32encode(os.urandom(20)).decode()
+
+
+def totp_now(secret_b32: str, at: float | None = None) -> str:
+    """The current one-time code (what an authenticator app would show)."""
+    return _totp(secret_b32).generate(int(time.time() if at is None else at)).decode()
+
+
+def _write_private(path: Path, data: Any) -> None:
+    """Atomically replace a 0600 JSON file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class IssuerStore:
+    """Signing keys, clients and users on disk, re-read when a file changes."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._checked: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _read(self, name: str, default: Any) -> Any:
+        path = self.directory / name
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(name)
+            if cached is not None and now - self._checked.get(name, 0) < 1.0:
+                return cached[1]
+            self._checked[name] = now
+            try:
+                mtime = path.stat().st_mtime_ns
+            except FileNotFoundError:
+                return default
+            if cached is None or cached[0] != mtime:
+                cached = (mtime, json.loads(path.read_text()))
+                self._cache[name] = cached
+            return cached[1]
+
+    def _write(self, name: str, data: Any) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_private(self.directory / name, data)
+        with self._lock:
+            self._cache.pop(name, None)
+
+    # -- signing keys ---------------------------------------------------------------------------
+    def signing_keys(self) -> list[dict[str, Any]]:
+        return list(self._read("keys.json", {"keys": []})["keys"])
+
+    def rotate(self, keep_retired_s: float) -> str:
+        """A new current key; the previous ones stay published for ``keep_retired_s``."""
+        now = time.time()
+        keys = []
+        for k in self.signing_keys():
+            retired = k.get("retired_at") or now
+            if now - retired <= keep_retired_s:
+                keys.append({**k, "retired_at": retired})
+        key = ECKey.generate_key("P-256", {"alg": "ES256", "use": "sig"}, private=True)
+        key.ensure_kid()
+        keys.append({"jwk": key.as_dict(private=True), "created_at": now, "retired_at": None})
+        self._write("keys.json", {"keys": keys})
+        return str(key.kid)
+
+    def current_key(self) -> KeySet:
+        current = [k for k in self.signing_keys() if not k.get("retired_at")]
+        if not current:
+            raise RuntimeError(f"no signing key in {self.directory} (run `gateway keys rotate`)")
+        return KeySet.import_key_set({"keys": [current[-1]["jwk"]]})
+
+    def public_keys(self) -> KeySet:
+        return KeySet.import_key_set({"keys": [k["jwk"] for k in self.signing_keys()]})
+
+    def jwks(self) -> dict[str, Any]:
+        return dict(self.public_keys().as_dict(private=False))
+
+    # -- clients and users ----------------------------------------------------------------------
+    def clients(self) -> dict[str, Any]:
+        return dict(self._read("clients.json", {}))
+
+    def users(self) -> dict[str, Any]:
+        return dict(self._read("users.json", {}))
+
+    def add_client(self, client_id: str, roles: list[str], description: str = "") -> str:
+        """Register a client_credentials client; returns its secret, which is stored only hashed."""
+        secret = secrets.token_urlsafe(32)
+        clients = self.clients()
+        clients[client_id] = {"secret_hash": hash_secret(secret), "roles": sorted(roles),
+                              "grants": ["client_credentials"], "description": description,
+                              "created_at": int(time.time())}
+        self._write("clients.json", clients)
+        return secret
+
+    def add_user(self, username: str, password: str, roles: list[str]) -> str:
+        """Register a person with a password and TOTP; returns the TOTP secret (base32)."""
+        totp_secret = new_totp_secret()
+        users = self.users()
+        users[username] = {"password_hash": hash_secret(password), "totp_secret": totp_secret,
+                           "roles": sorted(roles), "created_at": int(time.time())}
+        self._write("users.json", users)
+        return totp_secret
+
+    def remove(self, kind: str, name: str) -> bool:
+        table = self.clients() if kind == "client" else self.users()
+        if name not in table:
+            return False
+        del table[name]
+        self._write("clients.json" if kind == "client" else "users.json", table)
+        return True
+
+
+def enrolment_uri(totp_secret: str, username: str, issuer_name: str) -> str:
+    return _totp(totp_secret).get_provisioning_uri(username, issuer_name)
+
+
+# -- authlib adapters -----------------------------------------------------------------------------
+
+@dataclass
+class _User:
+    username: str
+    roles: list[str]
+    amr: list[str]
+    acr: str
+    auth_time: int
+
+    def get_user_id(self) -> str:
+        return self.username
+
+
+@dataclass
+class _Client(ClientMixin):  # type: ignore[misc]
+    client_id: str
+    record: dict[str, Any]
+    public: bool = False
+
+    def get_client_id(self) -> str:
+        return self.client_id
+
+    def get_default_redirect_uri(self) -> None:
+        return None
+
+    def get_allowed_scope(self, scope: str | None) -> str:
+        return ""  # access is decided by roles, not scopes
+
+    def check_redirect_uri(self, redirect_uri: str) -> bool:
+        return False
+
+    def check_client_secret(self, client_secret: str) -> bool:
+        return not self.public and verify_secret(client_secret, self.record.get("secret_hash", _DUMMY_HASH))
+
+    def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
+        if self.public:
+            return method == "none"
+        return method in ("client_secret_basic", "client_secret_post")
+
+    def check_response_type(self, response_type: str) -> bool:
+        return False
+
+    def check_grant_type(self, grant_type: str) -> bool:
+        return grant_type in self.record.get("grants", ())
+
+
+class _Payload(OAuth2Payload):  # type: ignore[misc]
+    def __init__(self, form: dict[str, str]) -> None:
+        self._form = form
+
+    @property
+    def data(self) -> dict[str, str]:
+        return self._form
+
+    @property
+    def datalist(self) -> dict[str, list[str]]:
+        return {k: [v] for k, v in self._form.items()}
+
+
+class _Request(OAuth2Request):  # type: ignore[misc]
+    def __init__(self, url: str, headers: Mapping[str, str], form: dict[str, str]) -> None:
+        super().__init__("POST", url, headers=headers)
+        self.payload = _Payload(form)
+        self._form = form
+
+    @property
+    def args(self) -> dict[str, str]:
+        return {}
+
+    @property
+    def form(self) -> dict[str, str]:
+        return self._form
+
+
+class AccountLocked(OAuth2Error):  # type: ignore[misc]
+    error = "invalid_grant"
+    status_code = 429
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("too many failed attempts; the account is locked for now")
+        self.retry_after = retry_after
+
+    def get_headers(self) -> list[tuple[str, str]]:
+        return [*super().get_headers(), ("Retry-After", str(self.retry_after))]
+
+
+@dataclass
+class _Throttle:
+    """Consecutive failures per account; at the limit the account locks for ``lockout_s``."""
+
+    limit: int
+    lockout_s: float
+    failures: dict[str, int] = field(default_factory=dict)
+    locked_until: dict[str, float] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def check(self, account: str) -> None:
+        with self.lock:
+            until = self.locked_until.get(account, 0.0)
+            if until > time.monotonic():
+                raise AccountLocked(int(until - time.monotonic()) + 1)
+
+    def failed(self, account: str) -> None:
+        with self.lock:
+            count = self.failures.get(account, 0) + 1
+            self.failures[account] = count
+            if count >= self.limit:
+                self.locked_until[account] = time.monotonic() + self.lockout_s
+                self.failures[account] = 0
+                log.warning("account %r locked for %d s after %d consecutive failures",
+                            account, self.lockout_s, count)
+
+    def succeeded(self, account: str) -> None:
+        with self.lock:
+            self.failures.pop(account, None)
+
+
+_peer_thumbprint: contextvars.ContextVar[str | None] = contextvars.ContextVar("peer_thumbprint", default=None)
+
+
+class _TokenGenerator(JWTBearerTokenGenerator):  # type: ignore[misc]
+    def __init__(self, issuer: BuiltinIssuer) -> None:
+        super().__init__(issuer.url, alg="ES256", expires_generator=lambda client, grant: issuer.ttl)
+        self.gateway_issuer = issuer
+
+    def get_jwks(self) -> KeySet:
+        return self.gateway_issuer.store.current_key()
+
+    def get_audiences(self, client: _Client, user: _User | None, scope: str) -> str:
+        return self.gateway_issuer.audience
+
+    def get_auth_time(self, user: _User | None) -> int | None:
+        return user.auth_time if user else None
+
+    def get_amr(self, user: _User | None) -> list[str] | None:
+        return user.amr if user else None
+
+    def get_acr(self, user: _User | None) -> str | None:
+        return user.acr if user else None
+
+    def get_extra_claims(self, client: _Client, grant_type: str, user: _User | None, scope: str) -> dict[str, Any]:
+        claims: dict[str, Any] = {"roles": user.roles if user else list(client.record.get("roles", []))}
+        thumbprint = _peer_thumbprint.get()
+        if thumbprint:
+            claims["cnf"] = {"x5t#S256": thumbprint}
+        return claims
+
+
+class BuiltinIssuer:
+    def __init__(self, config: Config) -> None:
+        self.url = config.issuer_url
+        self.audience = config.audience
+        self.ttl = config.issuer.token_ttl_s
+        self.store = IssuerStore(config.issuer.directory)
+        self.throttle = _Throttle(config.issuer.max_failed_logins, config.issuer.lockout_s)
+        self._used_codes: dict[str, int] = {}  # last accepted TOTP step per user: no replays
+        self.server = self._authorization_server()
+
+    def _authorization_server(self) -> AuthorizationServer:
+        issuer = self
+
+        class Server(AuthorizationServer):  # type: ignore[misc]
+            def query_client(self, client_id: str) -> _Client | None:
+                if client_id == CLI_CLIENT:
+                    return _Client(CLI_CLIENT, {"grants": ["password"]}, public=True)
+                record = issuer.store.clients().get(client_id)
+                return _Client(client_id, record) if record else None
+
+            def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None:
+                pass  # self-contained JWTs: nothing to store
+
+            def create_oauth2_request(self, request: _Request) -> _Request:
+                return request
+
+            def handle_response(self, status: int, body: Any, headers: Any) -> tuple[int, Any, Any]:
+                return status, body, headers
+
+            def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
+                pass
+
+            def authenticate_client(self, request: _Request, methods: list[str], endpoint: str = "token") -> Any:
+                account = f"client:{_claimed_client_id(request)}"
+                issuer.throttle.check(account)
+                try:
+                    client = super().authenticate_client(request, methods, endpoint)
+                except OAuth2Error:
+                    issuer.throttle.failed(account)
+                    raise
+                if not client.public:
+                    issuer.throttle.succeeded(account)
+                return client
+
+        class ClientCredentials(ClientCredentialsGrant):  # type: ignore[misc]
+            TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
+
+        class Password(ResourceOwnerPasswordCredentialsGrant):  # type: ignore[misc]
+            TOKEN_ENDPOINT_AUTH_METHODS = ["none", "client_secret_basic", "client_secret_post"]
+
+            def authenticate_user(self, username: str, password: str) -> _User:
+                return issuer.login(username, password, self.request.form.get("totp"))
+
+        server = Server()
+        server.register_grant(ClientCredentials)
+        server.register_grant(Password)
+        server.register_token_generator("default", _TokenGenerator(self))
+        return server
+
+    def login(self, username: str, password: str, code: str | None) -> _User:
+        account = f"user:{username}"
+        self.throttle.check(account)
+        record = self.store.users().get(username)
+        ok = verify_secret(password, record["password_hash"] if record else _DUMMY_HASH) and record is not None
+        amr, acr = ["pwd"], ACR_PASSWORD
+        if ok and code:
+            assert record is not None
+            ok = self._check_totp(username, record["totp_secret"], code)
+            amr, acr = ["pwd", "otp", "mfa"], ACR_MFA
+        if not ok or record is None:
+            self.throttle.failed(account)
+            raise InvalidGrantError("invalid username, password or one-time code")
+        self.throttle.succeeded(account)
+        return _User(username, list(record.get("roles", [])), amr, acr, int(time.time()))
+
+    def _check_totp(self, username: str, secret: str, code: str) -> bool:
+        if not (code.isdigit() and len(code) == 6):
+            return False
+        now = int(time.time())
+        totp = _totp(secret)
+        for offset in (0, -TOTP_STEP, TOTP_STEP):  # one step of clock drift either way
+            at = now + offset
+            try:
+                totp.verify(code.encode(), at)
+            except InvalidTOTP:
+                continue
+            step = at // TOTP_STEP
+            if self._used_codes.get(username, -1) >= step:
+                return False  # a code is good for one sign-in only
+            self._used_codes[username] = step
+            return True
+        return False
+
+    def _issue(self, oauth_request: _Request, thumbprint: str | None) -> tuple[int, Any, Any]:
+        _peer_thumbprint.set(thumbprint)
+        return self.server.create_token_response(oauth_request)  # type: ignore[no-any-return]
+
+    # -- Starlette endpoints --------------------------------------------------------------------
+    async def token(self, request: Request) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/x-www-form-urlencoded":
+            raise UnsupportedEncoding("the token endpoint takes application/x-www-form-urlencoded")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                raise PayloadTooLarge(f"token requests may be at most {MAX_FORM_BYTES} bytes", limit=MAX_FORM_BYTES)
+        try:
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body),
+                              max_num_fields=32)
+        except (UnicodeDecodeError, ValueError):
+            raise BadRequest("the form body is not valid application/x-www-form-urlencoded") from None
+        form = dict(pairs)
+        if len(form) != len(pairs):
+            raise BadRequest("a parameter appears more than once (RFC 6749 section 3.2)")
+        peer = get_context(request.scope).peer
+        oauth_request = _Request(str(request.url), request.headers, form)
+        status, payload, headers = await anyio.to_thread.run_sync(
+            self._issue, oauth_request, cert_thumbprint(peer) if peer else None)
+        out = dict(headers or [])
+        media = "application/json"
+        if status >= 400:
+            payload = _oauth_problem(status, payload, str(request.url.path))
+            media = "application/problem+json"
+        out.setdefault("Cache-Control", "no-store")
+        return Response(orjson.dumps(payload), status_code=status, headers=out, media_type=media)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "issuer": self.url,
+            "token_endpoint": self.url + TOKEN_PATH,
+            "jwks_uri": self.url + JWKS_PATH,
+            "grant_types_supported": ["client_credentials", "password"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+            "response_types_supported": [],
+            "scopes_supported": [],
+            "acr_values_supported": [ACR_PASSWORD, ACR_MFA],
+            "tls_client_certificate_bound_access_tokens": True,
+            "access_token_signing_alg_values_supported": ["ES256"],
+        }
+
+    async def discovery(self, request: Request) -> Response:
+        return Response(orjson.dumps(self.metadata()), media_type="application/json")
+
+    async def jwks_endpoint(self, request: Request) -> Response:
+        return Response(orjson.dumps(self.store.jwks()), media_type="application/jwk-set+json",
+                        headers={"Cache-Control": "max-age=300"})
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(TOKEN_PATH, self.token, methods=["POST"]),
+            Route(JWKS_PATH, self.jwks_endpoint, methods=["GET"]),
+            Route("/.well-known/oauth-authorization-server", self.discovery, methods=["GET"]),
+            Route("/.well-known/openid-configuration", self.discovery, methods=["GET"]),
+        ]
+
+
+def _claimed_client_id(request: _Request) -> str:
+    """The client id a request claims (Basic header or form), before it is authenticated."""
+    auth = request.headers.get("authorization", "")
+    if auth[:6].lower() == "basic ":
+        try:
+            from urllib.parse import unquote
+
+            return unquote(base64.b64decode(auth[6:].strip()).decode().partition(":")[0])
+        except (ValueError, UnicodeDecodeError):
+            return "?"
+    return request.form.get("client_id", "?")
+
+
+def _oauth_problem(status: int, body: Any, instance: str) -> dict[str, Any]:
+    """RFC 6749 section 5.2's ``error`` members inside an RFC 9457 problem document."""
+    body = dict(body) if isinstance(body, (dict, list)) else {}
+    error = str(body.get("error", "invalid_request"))
+    description = str(body.get("error_description", error))
+    return {"type": f"urn:gateway:problem:oauth-{error.replace('_', '-')}", "title": "Token request refused",
+            "status": status, "detail": description, "instance": instance,
+            "error": error, "error_description": description}
+
+

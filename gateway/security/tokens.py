@@ -1,0 +1,337 @@
+"""Bearer access tokens (RFC 9068 JWTs) in, a ``Principal`` out.
+
+Order of checks, each failure a 401 ``invalid_token``: size and shape; the header (algorithm on
+the allow-list, no key named by the token: ``jku``, ``x5u``, ``jwk``, ``x5c``); the issuer (one of
+the configured ones, read from the still-unverified payload only to pick its key set); ``typ``;
+the key, by ``kid``, from that issuer's own JWKS and nowhere else; the signature; the claims
+(``iss``, ``aud``, ``exp``, ``nbf``, ``iat``, ``sub`` with bounded leeway); and, when the token is
+certificate-bound (RFC 8705), the presented client certificate's thumbprint.
+
+Keys of an external provider are fetched by OIDC discovery or from an explicit ``jwks_uri`` and
+cached. An unknown ``kid`` refetches at most once per ``jwks_refresh_s``; while the provider is
+down, the cached keys keep serving until ``jwks_ttl_s`` has passed since the last successful
+fetch, then requests get 503: never is a token accepted unverified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+import orjson
+from joserfc import jws, jwt
+from joserfc.errors import (
+    BadSignatureError,
+    ExpiredTokenError,
+    JoseError,
+    MissingClaimError,
+)
+from joserfc.jwk import Key, KeySet
+
+from gateway.config import Config, IssuerTrust
+from gateway.errors import Unauthorized, Unavailable
+from gateway.security.tls import PeerIdentity
+
+__all__ = ["JWKSCache", "Principal", "TokenValidator", "bearer_token", "cert_thumbprint"]
+
+log = logging.getLogger("gateway.auth")
+
+MAX_TOKEN_BYTES = 8192
+FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c")
+PrincipalKind = Literal["person", "service", "certificate"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, and how strongly they authenticated."""
+
+    subject: str
+    kind: PrincipalKind
+    roles: frozenset[str]
+    issuer: str | None = None
+    client_id: str | None = None
+    amr: tuple[str, ...] = ()
+    acr: str | None = None
+    auth_time: int | None = None
+    token_id: str | None = None
+    cert_bound: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "subject": self.subject, "kind": self.kind, "roles": sorted(self.roles), "issuer": self.issuer,
+            "client_id": self.client_id, "amr": list(self.amr), "acr": self.acr, "auth_time": self.auth_time,
+            "token_id": self.token_id, "cert_bound": self.cert_bound,
+        }
+
+
+def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The token of a single ``Authorization: Bearer`` header; 401 for anything ambiguous."""
+    values = [v for n, v in headers if n == b"authorization"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise Unauthorized("more than one Authorization header", error="invalid_request")
+    scheme, _, token = values[0].decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer":
+        raise Unauthorized(f"the Authorization scheme must be Bearer, not {scheme[:16]!r}", error="invalid_request")
+    token = token.strip()
+    if not token:
+        raise Unauthorized("empty bearer token", error="invalid_request")
+    return token
+
+
+def cert_thumbprint(peer: PeerIdentity) -> str:
+    """RFC 8705 ``x5t#S256``: base64url of the certificate's SHA-256, unpadded."""
+    return base64.urlsafe_b64encode(bytes.fromhex(peer.fingerprint_sha256)).rstrip(b"=").decode()
+
+
+def _public_signing_keys(data: Any) -> KeySet:
+    """Import a JWKS keeping only public asymmetric signing keys (never ``oct``, never ``use: enc``)."""
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ValueError("not a JWK Set")
+    keys = []
+    for entry in data["keys"]:
+        if not isinstance(entry, dict) or entry.get("kty") not in ("RSA", "EC", "OKP") or entry.get("use", "sig") != "sig":
+            continue
+        public = {k: v for k, v in entry.items() if k not in ("d", "p", "q", "dp", "dq", "qi", "oth")}
+        keys.append(public)
+    return KeySet.import_key_set({"keys": keys})
+
+
+class JWKSCache:
+    """One external provider's signing keys, fetched over HTTPS (or loopback HTTP) and cached."""
+
+    def __init__(self, trust: IssuerTrust, clock: Callable[[], float] = time.monotonic) -> None:
+        self.trust = trust
+        self.clock = clock
+        self.keys: KeySet | None = None
+        self.fetched_at = -1e18
+        self.attempted_at = -1e18
+        self.jwks_uri = trust.jwks_uri
+        self.last_error = ""
+        self._lock = asyncio.Lock()
+
+    def _client(self) -> httpx.AsyncClient:
+        verify: ssl.SSLContext | bool = True
+        if self.trust.ca_file:
+            verify = ssl.create_default_context(cafile=self.trust.ca_file)
+        return httpx.AsyncClient(verify=verify, timeout=5.0, follow_redirects=False, trust_env=False)
+
+    async def _fetch(self) -> KeySet:
+        async with self._client() as http:
+            if not self.jwks_uri:
+                url = self.trust.issuer.rstrip("/") + "/.well-known/openid-configuration"
+                doc = (await http.get(url)).raise_for_status().json()
+                if doc.get("issuer") != self.trust.issuer:
+                    raise ValueError(f"discovery names issuer {doc.get('issuer')!r}, expected {self.trust.issuer!r}")
+                if not isinstance(doc.get("jwks_uri"), str):
+                    raise ValueError("discovery document has no jwks_uri")
+                self.jwks_uri = doc["jwks_uri"]
+            response = (await http.get(self.jwks_uri)).raise_for_status()
+            return _public_signing_keys(response.json())
+
+    async def refresh(self) -> bool:
+        """Fetch now (single-flight); False, with the cache untouched, when the provider fails."""
+        async with self._lock:
+            self.attempted_at = self.clock()
+            try:
+                self.keys = await self._fetch()
+            except (httpx.HTTPError, ValueError, JoseError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("cannot fetch the keys of %s: %s", self.trust.issuer, self.last_error)
+                return False
+            self.fetched_at = self.clock()
+            self.last_error = ""
+            return True
+
+    def _fresh(self) -> bool:
+        return self.keys is not None and self.clock() - self.fetched_at <= self.trust.jwks_ttl_s
+
+    def _may_retry(self) -> bool:
+        return self.clock() - self.attempted_at >= self.trust.jwks_refresh_s
+
+    async def key(self, kid: str | None, alg: str) -> Key:
+        if not self._fresh():
+            if self._may_retry() or self.keys is None and self.attempted_at < 0:
+                await self.refresh()
+            if not self._fresh():
+                raise Unavailable(f"the keys of issuer {self.trust.issuer} cannot be fetched; "
+                                  "no token of it can be verified now",
+                                  retry_after=max(1, int(self.trust.jwks_refresh_s)))
+        found = _find(self.keys, kid, alg)
+        if found is None and self._may_retry() and await self.refresh():
+            found = _find(self.keys, kid, alg)
+        if found is None:
+            raise Unauthorized(f"no key {kid!r} among the issuer's signing keys")
+        return found
+
+    def status(self) -> dict[str, Any]:
+        return {"issuer": self.trust.issuer, "keys": len(self.keys.keys) if self.keys else 0,
+                "fresh": self._fresh(), "error": self.last_error}
+
+
+class LocalKeys:
+    """The built-in issuer's public keys, read from its store (no network)."""
+
+    def __init__(self, load: Callable[[], KeySet]) -> None:
+        self.load = load
+
+    async def key(self, kid: str | None, alg: str) -> Key:
+        found = _find(self.load(), kid, alg)
+        if found is None:
+            raise Unauthorized(f"no key {kid!r} among the issuer's signing keys")
+        return found
+
+
+def _find(keys: KeySet | None, kid: str | None, alg: str) -> Key | None:
+    if keys is None:
+        return None
+    candidates = [k for k in keys.keys if (kid is None or k.kid == kid)]
+    candidates = [k for k in candidates if k.get("alg") in (None, alg)]
+    if kid is None and len(candidates) != 1:
+        return None  # without a kid the key must be unambiguous
+    return candidates[0] if candidates else None
+
+
+def _claim_path(claims: dict[str, Any], path: str) -> Any:
+    node: Any = claims
+    for part in path.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def roles_from_claims(claims: dict[str, Any], paths: tuple[str, ...]) -> frozenset[str]:
+    roles: set[str] = set()
+    for path in paths:
+        value = _claim_path(claims, path)
+        if isinstance(value, str):
+            roles.update(value.split())  # "scope" is space-separated (RFC 6749 section 3.3)
+        elif isinstance(value, list):
+            roles.update(v for v in value if isinstance(v, str))
+    return frozenset(roles)
+
+
+def _b64json(segment: bytes) -> Any:
+    return orjson.loads(base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4)))
+
+
+class TokenValidator:
+    """Validates bearer tokens against the built-in issuer and every ``[[auth.issuers]]`` entry."""
+
+    def __init__(self, config: Config, builtin_keys: Callable[[], KeySet] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.leeway = config.auth.leeway_s
+        self.clock = clock
+        self.trusts: dict[str, tuple[IssuerTrust, JWKSCache | LocalKeys]] = {}
+        if config.issuer.enabled and builtin_keys is not None:
+            builtin = IssuerTrust(issuer=config.issuer_url, audience=config.audience, roles_claims=("roles",))
+            self.trusts[builtin.issuer] = (builtin, LocalKeys(builtin_keys))
+        for trust in config.auth.issuers:
+            if not trust.audience:
+                trust = IssuerTrust(**{**trust.__dict__, "audience": config.audience})
+            self.trusts[trust.issuer] = (trust, JWKSCache(trust))
+
+    def caches(self) -> list[JWKSCache]:
+        return [source for _, source in self.trusts.values() if isinstance(source, JWKSCache)]
+
+    async def authenticate(self, token: str, peer: PeerIdentity | None) -> Principal:
+        if len(token) > MAX_TOKEN_BYTES:
+            raise Unauthorized(f"token longer than {MAX_TOKEN_BYTES} bytes")
+        raw = token.encode("ascii", "replace")
+        parts = raw.split(b".")
+        if len(parts) != 3:
+            raise Unauthorized("not a signed JWT (expected three dot-separated parts)")
+        try:
+            header, unverified = _b64json(parts[0]), _b64json(parts[1])
+        except (ValueError, orjson.JSONDecodeError):
+            raise Unauthorized("malformed token") from None
+        if not isinstance(header, dict) or not isinstance(unverified, dict):
+            raise Unauthorized("malformed token")
+        alg = header.get("alg")
+        named = [h for h in FORBIDDEN_HEADERS if h in header]
+        if named:
+            raise Unauthorized(f"tokens may not name their own keys ({', '.join(named)}); "
+                               "keys come only from the issuer's configured JWKS")
+        issuer = unverified.get("iss")
+        entry = self.trusts.get(issuer) if isinstance(issuer, str) else None
+        if entry is None:
+            raise Unauthorized("the token's issuer is not trusted")
+        trust, source = entry
+        if alg not in trust.algorithms:
+            raise Unauthorized(f"algorithm {str(alg)[:16]!r} is not accepted (allowed: {', '.join(trust.algorithms)})")
+        typ = str(header.get("typ", "")).lower().removeprefix("application/")
+        if trust.typ and typ != trust.typ:
+            raise Unauthorized(f"token type {typ or 'none'!r} is not {trust.typ!r} (RFC 9068 access token)")
+        kid = header.get("kid")
+        key = await source.key(kid if isinstance(kid, str) else None, alg)
+        claims = self._verify(raw, key, trust)
+        return self._principal(claims, trust, peer)
+
+    def _verify(self, raw: bytes, key: Key, trust: IssuerTrust) -> dict[str, Any]:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # joserfc's notice that "EdDSA" is superseded by "Ed25519"
+                obj = jws.deserialize_compact(raw, key, algorithms=list(trust.algorithms))
+        except BadSignatureError:
+            raise Unauthorized("the token's signature does not verify") from None
+        except (JoseError, ValueError) as exc:
+            raise Unauthorized(f"the token cannot be verified: {exc}") from None
+        try:
+            claims = orjson.loads(obj.payload or b"")
+        except orjson.JSONDecodeError:
+            raise Unauthorized("the token's payload is not JSON") from None
+        if not isinstance(claims, dict):
+            raise Unauthorized("the token's payload is not a JSON object")
+        registry = jwt.JWTClaimsRegistry(
+            now=lambda: int(self.clock()), leeway=self.leeway,
+            iss={"essential": True, "value": trust.issuer},
+            aud={"essential": True, "value": trust.audience},
+            sub={"essential": True}, exp={"essential": True}, iat={"essential": True},
+        )
+        try:
+            registry.validate(claims)
+        except ExpiredTokenError:
+            raise Unauthorized("the token has expired") from None
+        except MissingClaimError as exc:
+            raise Unauthorized(f"the token lacks a required claim: {exc.description}") from None
+        except JoseError as exc:
+            raise Unauthorized(f"the token's claims are not valid: {exc.description}") from None
+        return claims
+
+    def _principal(self, claims: dict[str, Any], trust: IssuerTrust, peer: PeerIdentity | None) -> Principal:
+        cnf = claims.get("cnf")
+        bound = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+        if bound is not None or trust.require_cert_binding:
+            if bound is None:
+                raise Unauthorized("this issuer's tokens must be bound to a client certificate (cnf.x5t#S256)")
+            if peer is None or cert_thumbprint(peer) != bound:
+                raise Unauthorized("the token is bound to another client certificate")
+        amr = claims.get("amr")
+        amr_values = tuple(v for v in amr if isinstance(v, str)) if isinstance(amr, list) else ()
+        auth_time = claims.get("auth_time")
+        client_id = claims.get("client_id") if isinstance(claims.get("client_id"), str) else None
+        person = auth_time is not None or bool(amr_values) or (client_id is not None and claims["sub"] != client_id)
+        acr = claims.get("acr")
+        jti = claims.get("jti")
+        return Principal(
+            subject=str(claims["sub"]),
+            kind="person" if person else "service",
+            roles=roles_from_claims(claims, trust.roles_claims),
+            issuer=trust.issuer,
+            client_id=client_id,
+            amr=amr_values,
+            acr=acr if isinstance(acr, str) else None,
+            auth_time=int(auth_time) if isinstance(auth_time, (int, float)) and not isinstance(auth_time, bool) else None,
+            token_id=jti if isinstance(jti, str) else None,
+            cert_bound=bound is not None,
+        )
