@@ -34,8 +34,15 @@ setup: $(STAMP)  ## development PKI, gateway.toml and credentials.json if missin
 run: models setup  ## start the gateway with its workers (Ctrl-C stops it)
 	$(BIN)/gateway serve --config gateway.toml
 
-test-tools:  ## system tools the test suite drives (curl)
+OIDC := tests/oidc/node_modules/.installed
+
+test-tools: $(OIDC)  ## system tools the test suite drives (curl; Node and oidc-provider for the OpenID tests)
 	@command -v curl >/dev/null || { $(APT) update -qq && $(APT) install -y -qq curl; }
+
+$(OIDC): tests/oidc/package-lock.json
+	@command -v npm >/dev/null || { $(APT) update -qq && $(APT) install -y -qq nodejs npm; }
+	cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
 
 bench-tools:  ## the load generator and compiler the benchmark needs (wrk, cc)
 	@command -v wrk >/dev/null && command -v cc >/dev/null || { $(APT) update -qq && $(APT) install -y -qq wrk gcc libc6-dev; }

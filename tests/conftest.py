@@ -145,6 +145,18 @@ name = "admin"
 roles = ["admin"]
 verbs = ["*"]
 
+[[rbac.rules]]
+name = "tenant-a"
+roles = ["tenant-a"]
+verbs = ["infer", "metadata", "list"]
+models = ["digits"]
+
+[[rbac.rules]]
+name = "tenant-b"
+roles = ["tenant-b"]
+verbs = ["infer", "metadata", "list"]
+models = ["resnetish"]
+
 [[rbac.step_up]]
 name = "admin-mfa"
 verbs = ["admin:*"]

@@ -123,8 +123,10 @@ def _write_private(path: Path, data: Any) -> None:
 class IssuerStore:
     """Signing keys, clients and users on disk, re-read when a file changes."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], recheck_s: float = 1.0) -> None:
         self.directory = Path(directory)
+        self.recheck_s = recheck_s
+        """How long a read is trusted before the file's mtime is checked again."""
         self._cache: dict[str, tuple[float, Any]] = {}
         self._checked: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -134,7 +136,7 @@ class IssuerStore:
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(name)
-            if cached is not None and now - self._checked.get(name, 0) < 1.0:
+            if cached is not None and now - self._checked.get(name, 0) < self.recheck_s:
                 return cached[1]
             self._checked[name] = now
             try:
@@ -489,7 +491,7 @@ class BuiltinIssuer:
         oauth_request = _Request(str(request.url), request.headers, form)
         status, payload, headers = await anyio.to_thread.run_sync(
             self._issue, oauth_request, cert_thumbprint(peer) if peer else None)
-        out = dict(headers or [])
+        out = {k: v for k, v in (headers or []) if k.lower() != "content-type"}
         media = "application/json"
         if status >= 400:
             payload = _oauth_problem(status, payload, str(request.url.path))

@@ -1,0 +1,162 @@
+"""The built-in issuer in process: secrets at rest, TOTP, lockout, and signing-key rotation."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from starlette.datastructures import Headers
+
+from gateway.cli import main
+from gateway.config import Config, load_config
+from gateway.devsetup import init
+from gateway.errors import Unauthorized
+from gateway.security.issuer import BuiltinIssuer, IssuerStore, _Request, totp_now
+from gateway.security.tokens import TokenValidator
+
+
+@pytest.fixture
+def setup(tmp_path: Path, models_root: Path) -> tuple[Config, dict[str, dict[str, str]]]:
+    init(tmp_path, models_root)
+    text = (tmp_path / "gateway.toml").read_text().replace("max_failed_logins = 100", "max_failed_logins = 3")
+    (tmp_path / "gateway.toml").write_text(text)
+    creds = json.loads((tmp_path / "credentials.json").read_text())["principals"]
+    return load_config(tmp_path / "gateway.toml"), creds
+
+
+def _form_request(form: dict[str, str], basic: tuple[str, str] | None = None) -> _Request:
+    headers = {}
+    if basic:
+        headers["authorization"] = "Basic " + base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode()
+    return _Request("https://localhost:8443/oauth/token", Headers(headers), form)
+
+
+def _password(issuer: BuiltinIssuer, user: dict[str, str], password: str | None = None,
+              code: str | None = None) -> tuple[int, dict[str, object]]:
+    form = {"grant_type": "password", "client_id": "gateway-cli", "username": user["username"],
+            "password": password or user["password"]}
+    if code:
+        form["totp"] = code
+    status, body, _ = issuer._issue(_form_request(form), None)
+    return status, body
+
+
+def test_secrets_are_stored_hashed_and_private(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+    config, creds = setup
+    directory = Path(config.issuer.directory)
+    for name in ("keys.json", "clients.json", "users.json"):
+        assert stat.S_IMODE(os.stat(directory / name).st_mode) == 0o600
+    stored = (directory / "clients.json").read_text() + (directory / "users.json").read_text()
+    assert creds["demo"]["client_secret"] not in stored and creds["admin"]["password"] not in stored
+    assert "scrypt$" in stored
+
+
+def test_password_alone_is_pwd_and_with_totp_is_mfa(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+    config, creds = setup
+    issuer = BuiltinIssuer(config)
+    status, weak = _password(issuer, creds["admin"])
+    assert status == 200
+    status, strong = _password(issuer, creds["admin"], code=totp_now(creds["admin"]["totp_secret"]))
+    assert status == 200
+    claims = [json.loads(base64.urlsafe_b64decode(str(t["access_token"]).split(".")[1] + "===")) for t in (weak, strong)]
+    assert claims[0]["amr"] == ["pwd"] and claims[0]["acr"] == "urn:gateway:acr:pwd"
+    assert claims[1]["amr"] == ["pwd", "otp", "mfa"] and claims[1]["acr"] == "urn:gateway:acr:mfa"
+
+
+def test_a_totp_code_works_once(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+    config, creds = setup
+    issuer = BuiltinIssuer(config)
+    code = totp_now(creds["admin"]["totp_secret"])
+    assert _password(issuer, creds["admin"], code=code)[0] == 200
+    status, body = _password(issuer, creds["admin"], code=code)
+    assert status == 400 and body["error"] == "invalid_grant"
+    assert _password(issuer, creds["admin"], code="000000" if code != "000000" else "111111")[0] == 400
+
+
+def test_consecutive_failures_lock_the_account(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+    config, creds = setup
+    issuer = BuiltinIssuer(config)
+    for _ in range(config.issuer.max_failed_logins):
+        assert _password(issuer, creds["admin"], password="wrong-password")[0] == 400
+    status, body = _password(issuer, creds["admin"])  # now even the right password is refused
+    assert status == 429 and "locked" in str(body["error_description"])
+    _, _, headers = issuer._issue(_form_request({"grant_type": "password", "client_id": "gateway-cli",
+                                                 "username": "admin", "password": "x"}), None)
+    assert int(dict(headers)["Retry-After"]) > 0
+
+
+def test_a_success_resets_the_failure_count(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+    config, creds = setup
+    issuer = BuiltinIssuer(config)
+    for _ in range(5):  # more failures in all than the limit, never that many in a row
+        assert _password(issuer, creds["admin"], password="wrong-password")[0] == 400
+        assert _password(issuer, creds["admin"])[0] == 200
+
+
+def test_client_secret_failures_lock_the_client(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+    config, creds = setup
+    issuer = BuiltinIssuer(config)
+    form = {"grant_type": "client_credentials"}
+    for _ in range(config.issuer.max_failed_logins):
+        assert issuer._issue(_form_request(form, ("demo", "wrong")), None)[0] == 401
+    status, _, _ = issuer._issue(_form_request(form, ("demo", creds["demo"]["client_secret"])), None)
+    assert status == 429
+
+
+@pytest.mark.anyio
+async def test_rotation_keeps_old_tokens_valid_until_the_old_key_is_pruned(
+        setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+    config, creds = setup
+    issuer = BuiltinIssuer(config)
+    form = {"grant_type": "client_credentials"}
+    basic = ("demo", creds["demo"]["client_secret"])
+    issuer.store.recheck_s = 0  # see the CLI's change at once (serving processes: within a second)
+    old = issuer._issue(_form_request(form, basic), None)[1]["access_token"]
+    store = IssuerStore(config.issuer.directory, recheck_s=0)
+    validator = TokenValidator(config, store.public_keys)
+    assert main(["keys", "rotate", "--config", config.source]) == 0
+    new = issuer._issue(_form_request(form, basic), None)[1]["access_token"]
+    assert old.split(".")[0] != new.split(".")[0]  # another kid
+    for token in (old, new):
+        assert (await validator.authenticate(token, None)).subject == "demo"
+    store.rotate(keep_retired_s=0)  # retire-and-prune: as if the overlap had passed
+    with pytest.raises(Unauthorized):
+        await validator.authenticate(old, None)
+
+
+@pytest.mark.anyio
+async def test_an_expired_built_in_token_is_refused(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+    config, creds = setup
+    issuer = BuiltinIssuer(config)
+    token = issuer._issue(_form_request({"grant_type": "client_credentials"}, ("demo", creds["demo"]["client_secret"])),
+                          None)[1]["access_token"]
+    later = TokenValidator(config, IssuerStore(config.issuer.directory).public_keys,
+                           clock=lambda: time.time() + config.issuer.token_ttl_s + config.auth.leeway_s + 1)
+    with pytest.raises(Unauthorized, match="expired"):
+        await later.authenticate(token, None)
+
+
+def test_cli_adds_users_and_clients(setup: tuple[Config, dict[str, dict[str, str]]],
+                                    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    config, _ = setup
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("a long enough password\n"))
+    assert main(["users", "add", "carol", "--roles", "admin,inference", "--password-stdin", "--config", config.source]) == 0
+    out = capsys.readouterr().out
+    assert "otpauth://totp/gateway:carol?" in out and "secret=" in out
+    assert main(["clients", "add", "batch-job", "--roles", "inference", "--config", config.source]) == 0
+    secret = capsys.readouterr().out.strip().splitlines()[-1]
+    store = IssuerStore(config.issuer.directory)
+    assert store.users()["carol"]["roles"] == ["admin", "inference"]
+    assert secret not in (Path(config.issuer.directory) / "clients.json").read_text()
+    assert main(["clients", "add", "batch-job", "--roles", "inference", "--config", config.source]) == 1  # exists
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["users", "add", "dave", "--roles", "admin", "--password-stdin", "--config", config.source]) == 1
+    assert main(["clients", "remove", "batch-job", "--config", config.source]) == 0
+    assert "batch-job" not in store.clients()
