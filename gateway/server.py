@@ -240,14 +240,26 @@ def _announce(config: Config) -> None:
     s = config.server
     host = "localhost" if s.host in ("127.0.0.1", "0.0.0.0", "::") else s.host
     certs = Path(config.tls.client_ca_file).parent
-    print(
-        f"\nGateway listening on https://{host}:{s.port} (mTLS {config.tls.client_auth}); "
-        f"models: {', '.join(m.name for m in config.models)}\n"
-        f"Try it:\n"
-        f"  curl --cacert {certs}/ca.pem --cert {certs}/client-demo.pem --key {certs}/client-demo.key \\\n"
-        f"       https://{host}:{s.port}/v2/health/ready\n"
-        f"  curl --cacert {certs}/ca.pem --cert {certs}/client-demo.pem --key {certs}/client-demo.key \\\n"
-        f"       -H 'content-type: application/json' https://{host}:{s.port}/v2/models/digits/infer \\\n"
-        f"       -d '{{\"inputs\":[{{\"name\":\"input\",\"datatype\":\"FP32\",\"shape\":[1,64],\"data\":[{','.join(['8'] * 64)}]}}]}}'\n",
-        flush=True,
-    )
+    base = f"https://{host}:{s.port}"
+    tls = f"--cacert {certs}/ca.pem --cert {certs}/client-demo.pem --key {certs}/client-demo.key"
+    creds = Path(config.source).parent / "credentials.json" if config.source else Path("credentials.json")
+    data = ",".join(["8"] * 64)
+    lines = [
+        f"\nGateway listening on {base} (mTLS {config.tls.client_auth}); models: {', '.join(m.name for m in config.models)}",
+        "Try it:",
+        f"  TLS='{tls}'",
+        f"  curl $TLS {base}/v2/health/ready",
+    ]
+    if config.issuer.enabled:
+        lines += [
+            "  # a token for the demo service (its secret is in credentials.json)",
+            f"  SECRET=$(python3 -c 'import json; print(json.load(open(\"{creds}\"))[\"principals\"][\"demo\"][\"client_secret\"])')",
+            f"  TOKEN=$(curl -s $TLS -u demo:$SECRET -d grant_type=client_credentials {base}/oauth/token"
+            " | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')",
+        ]
+    lines += [
+        f'  curl $TLS -H "Authorization: Bearer $TOKEN" -H \'content-type: application/json\' {base}/v2/models/digits/infer \\',
+        f"       -d '{{\"inputs\":[{{\"name\":\"input\",\"datatype\":\"FP32\",\"shape\":[1,64],\"data\":[{data}]}}]}}'",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
