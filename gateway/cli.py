@@ -82,22 +82,27 @@ def _roles(text: str) -> list[str]:
     return roles
 
 
+def _list_or_remove(store: IssuerStore, kind: str, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        table = store.users() if kind == "user" else store.clients()
+        for name, record in sorted(table.items()):
+            print(f"{name}\troles={','.join(record.get('roles', []))}\t{record.get('description', '')}".rstrip())
+        return 0
+    if not store.remove(kind, args.name):
+        print(f"gateway: no {kind} {args.name!r}", file=sys.stderr)
+        return 1
+    print(f"{kind} {args.name} removed; tokens it already holds stay valid until they expire")
+    return 0
+
+
 def _cmd_users(args: argparse.Namespace) -> int:
     import getpass
 
     from gateway.security.issuer import enrolment_uri
 
     store = _store(args)
-    if args.action == "list":
-        for name, record in sorted(store.users().items()):
-            print(f"{name}\troles={','.join(record.get('roles', []))}")
-        return 0
-    if args.action == "remove":
-        if not store.remove("user", args.name):
-            print(f"gateway: no user {args.name!r}", file=sys.stderr)
-            return 1
-        print(f"user {args.name} removed; tokens it already holds stay valid until they expire")
-        return 0
+    if args.action != "add":
+        return _list_or_remove(store, "user", args)
     if args.name in store.users() and not args.force:
         print(f"gateway: user {args.name!r} exists (--force replaces its password and TOTP)", file=sys.stderr)
         return 1
@@ -121,16 +126,8 @@ def _cmd_users(args: argparse.Namespace) -> int:
 
 def _cmd_clients(args: argparse.Namespace) -> int:
     store = _store(args)
-    if args.action == "list":
-        for name, record in sorted(store.clients().items()):
-            print(f"{name}\troles={','.join(record.get('roles', []))}\t{record.get('description', '')}")
-        return 0
-    if args.action == "remove":
-        if not store.remove("client", args.name):
-            print(f"gateway: no client {args.name!r}", file=sys.stderr)
-            return 1
-        print(f"client {args.name} removed; tokens it already holds stay valid until they expire")
-        return 0
+    if args.action != "add":
+        return _list_or_remove(store, "client", args)
     if args.name in store.clients() and not args.force:
         print(f"gateway: client {args.name!r} exists (--force issues a new secret)", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from gateway.security.issuer import IssuerStore
-from tests.conftest import Gateway, client_context, fetch_token
+from tests.conftest import Gateway, client_context, fetch_token, start_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +138,27 @@ def test_tritonclient_with_a_bearer_token_over_mtls(gateway: Gateway) -> None:
         client.get_model_metadata("resnetish", headers={"Authorization": f"Bearer {_tenant_token(gateway, 'tenant-a')}"})
     assert "404" in str(hidden.value.status())
     client.close()
+
+
+def test_certificate_roles_without_a_token_when_configured(
+        pki: Path, tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> None:
+    """auth.require_token = false: a mapped client certificate acts alone; an unmapped one does not."""
+    sections = """
+[auth.certificate_roles]
+"URI:spiffe://gateway.local/principal/demo" = ["tenant-a"]
+"""
+    gw = start_gateway(pki, tmp_path_factory.mktemp("gw-cert-roles"), models_root, auth="require_token = false",
+                       sections=sections)
+    try:
+        with gw.client("demo", token=False) as c:
+            assert c.post("/v2/models/digits/infer", json=DIGITS).status_code == 200
+            assert c.get("/v2/models/resnetish").status_code == 404  # tenant-a sees digits only
+            assert [m["name"] for m in c.get("/v2/models").json()["models"]] == ["digits"]
+            assert c.get("/admin/models").status_code == 403
+        with gw.client("admin", token=False) as c:
+            assert c.get("/v2/models").status_code == 401
+        with gw.client("demo") as c:  # with a token the certificate's roles are added to the token's
+            names = [m["name"] for m in c.get("/v2/models").json()["models"]]
+            assert names == ["digits", "resnetish"]
+    finally:
+        gw.stop()
