@@ -17,8 +17,10 @@ from starlette.responses import Response
 from gateway.config import Config, load_config
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.middleware import AuthMiddleware, ContextMiddleware, ProblemMiddleware, problem_response
+from gateway.middleware.limits import AddressLimitMiddleware, PrincipalLimitMiddleware
 from gateway.registry.manifest import load_manifests
 from gateway.security.issuer import BuiltinIssuer
+from gateway.security.ratelimit import Limiter
 from gateway.security.rbac import Policy
 from gateway.security.tokens import TokenValidator
 from gateway.security.xfcc import TrustedProxies
@@ -42,14 +44,15 @@ def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 def create_app(config: Config, runtime_dir: str, models: dict[str, ModelEntry] | None = None) -> Starlette:
-    """Build the gateway: ``problems → context → auth → router``, over one worker pool."""
+    """Build the gateway: ``problems → context → address limits → auth → principal limits → router``."""
     if models is None:
         manifests = load_manifests(Path(config.models_root), {m.name: m.version for m in config.models})
         models = {m.name: ModelEntry(manifests[m.name], m) for m in config.models}
     pool = WorkerPool(config, runtime_dir)
-    issuer = BuiltinIssuer(config) if config.issuer.enabled else None
+    limiter = Limiter(config.limits, config.issuer.max_failed_logins, config.issuer.lockout_s)
+    issuer = BuiltinIssuer(config, limiter) if config.issuer.enabled else None
     validator = TokenValidator(config, issuer.store.public_keys if issuer else None)
-    v2 = V2(config, models, pool, Policy(config.rbac))
+    v2 = V2(config, models, pool, Policy(config.rbac), limiter)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -60,6 +63,7 @@ def create_app(config: Config, runtime_dir: str, models: dict[str, ModelEntry] |
             yield
         finally:
             await pool.close()
+            await limiter.close()
 
     def gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
@@ -69,7 +73,9 @@ def create_app(config: Config, runtime_dir: str, models: dict[str, ModelEntry] |
         Middleware(ProblemMiddleware, debug=config.server.debug),
         Middleware(ContextMiddleware, trusted_proxies=TrustedProxies(config.tls.trusted_proxies),
                    timeout_s=config.server.request_timeout_s),
+        Middleware(AddressLimitMiddleware, limiter=limiter),
         Middleware(AuthMiddleware, validator=validator, auth=config.auth),
+        Middleware(PrincipalLimitMiddleware, limiter=limiter),
     ]
     handlers: dict[Any, Any] = {GatewayError: gateway_error, HTTPException: _http_exception}
     all_routes = routes(v2) + (issuer.routes() if issuer else [])

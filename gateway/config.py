@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+import limits as limits_lib
+
 __all__ = [
     "AuthConfig", "Config", "ConfigError", "IssuerConfig", "IssuerTrust", "ModelConfig", "PolicyConfig",
-    "RuleConfig", "ServerConfig", "StepUpRule", "TLSConfig", "load_config",
+    "LimitsConfig", "RuleConfig", "ServerConfig", "StepUpRule", "TLSConfig", "load_config",
 ]
 
 ClientAuth = Literal["required", "optional", "off"]
@@ -190,6 +192,31 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """``[limits]``: rate limits and query budgets, in slowapi's notation ("100/minute", "10/second;500/hour")."""
+
+    storage: str = "memory://"
+    """``memory://`` (each serving process counts alone) or ``redis://`` / ``rediss://`` (shared by replicas)."""
+    strategy: Literal["sliding-window", "moving-window", "fixed-window"] = "sliding-window"
+    per_address: str = "1200/minute"
+    """Per client address, before authentication; "" switches it off."""
+    per_principal: str = "600/minute"
+    per_principal_model: str = ""
+    global_limit: str = ""
+    """All requests of this gateway (all replicas with Redis) together."""
+    failed_auth_per_address: str = "30/minute"
+    """Refused credentials per client address; past it even good ones wait."""
+    budget_inferences: str = "100000/day"
+    """Inference requests per principal and model (the first line against model extraction)."""
+    budget_rows: str = "1000000/day"
+    """Input rows (the batch dimension) per principal and model."""
+    storage_timeout_s: float = 0.25
+    """A Redis call slower than this counts as a failure: local limits apply meanwhile."""
+    storage_retry_s: float = 5.0
+    """How often a failed Redis is tried again."""
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
@@ -199,6 +226,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     issuer: IssuerConfig = field(default_factory=IssuerConfig)
     rbac: PolicyConfig = field(default_factory=PolicyConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     @property
     def issuer_url(self) -> str:
@@ -226,6 +254,11 @@ class Config:
             out.append("server.debug = true: internal error details reach clients")
         if self.server.probe_port and self.server.probe_host not in ("127.0.0.1", "::1", "localhost"):
             out.append(f"server.probe_host = {self.server.probe_host!r}: plain-HTTP probes reachable off-host")
+        if self.limits.storage.startswith("redis://") and "@" not in self.limits.storage.split("/")[2] \
+                and not self.limits.storage.startswith("redis://127.0.0.1") and not self.limits.storage.startswith("redis://localhost"):
+            out.append("limits.storage: plain redis:// to another host (no TLS, no password); use rediss://")
+        if not self.limits.per_address and not self.limits.per_principal:
+            out.append("limits: neither per_address nor per_principal is limited")
         if not self.auth.require_token:
             out.append("auth.require_token = false: a client certificate alone can act with its certificate_roles")
         for trust in self.auth.issuers:
@@ -336,6 +369,19 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
         for verb in step.verbs:
             checks.append((any(fnmatch.fnmatchcase(v, verb) for v in VERBS),
                            f"{step.name}: verb {verb!r} matches none of {list(VERBS)}"))
+    lim = cfg.limits
+    for key in ("per_address", "per_principal", "per_principal_model", "global_limit", "failed_auth_per_address",
+                "budget_inferences", "budget_rows"):
+        text = getattr(lim, key)
+        try:
+            if text:
+                limits_lib.parse_many(text)
+        except ValueError:
+            checks.append((False, f'limits.{key}: {text!r} is not a limit such as "100/minute" or "10/second;500/hour"'))
+    checks += [
+        (lim.storage.split("://")[0] in ("memory", "redis", "rediss"), "limits.storage must be memory://, redis:// or rediss://"),
+        (0 < lim.storage_timeout_s <= 10 and lim.storage_retry_s > 0, "limits: storage_timeout_s must be 0..10, storage_retry_s positive"),
+    ]
     names = [r.name for r in p.rules] + [r.name for r in p.step_up]
     checks.append((len(names) == len(set(names)), "rbac: rule names must be unique"))
     problems.extend(msg for ok, msg in checks if not ok)
@@ -432,7 +478,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{p}: {exc}"]) from None
     _env_overrides(data, dict(os.environ if environ is None else environ))
-    for section in set(data) - {"server", "tls", "models", "auth", "issuer", "rbac"}:
+    for section in set(data) - {"server", "tls", "models", "auth", "issuer", "rbac", "limits"}:
         problems.append(f"[{section}]: unknown section")
     server = ServerConfig(**_coerce(ServerConfig, data.get("server", {}), "server", problems))
     tls = TLSConfig(**_coerce(TLSConfig, data.get("tls", {}), "tls", problems))
@@ -454,7 +500,8 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     issuer = IssuerConfig(**_coerce(IssuerConfig, data.get("issuer", {}), "issuer", problems))
     issuer = dataclasses.replace(issuer, directory=_resolve(base, issuer.directory))
     rbac = _policy(data.get("rbac", {}), problems)
-    cfg = Config(server, tls, _resolve(base, str(root)), tuple(models), str(path or ""), auth, issuer, rbac)
+    limits = LimitsConfig(**_coerce(LimitsConfig, data.get("limits", {}), "limits", problems))
+    cfg = Config(server, tls, _resolve(base, str(root)), tuple(models), str(path or ""), auth, issuer, rbac, limits)
     _check_ranges(cfg, problems)
     if not cfg.models:
         problems.append("models: no model is configured (add a [models.NAME] table)")

@@ -27,6 +27,7 @@ from gateway.errors import (
     Unavailable,
     UnsupportedEncoding,
 )
+from gateway.middleware.limits import principal_key
 from gateway.protocol.codec import (
     HEADER_LENGTH,
     DecodeLimits,
@@ -37,6 +38,7 @@ from gateway.protocol.codec import (
 )
 from gateway.registry.manifest import NAME_PATTERN, Manifest
 from gateway.registry.signature import check_inputs, check_outputs
+from gateway.security.ratelimit import Limiter
 from gateway.security.rbac import Policy
 from gateway.workers.pool import WorkerPool
 
@@ -58,11 +60,13 @@ def _json(body: Any, status: int = 200) -> Response:
 class V2:
     """The protocol's handlers over a model table and a worker pool."""
 
-    def __init__(self, config: Config, models: dict[str, ModelEntry], pool: WorkerPool, policy: Policy) -> None:
+    def __init__(self, config: Config, models: dict[str, ModelEntry], pool: WorkerPool, policy: Policy,
+                 limiter: Limiter) -> None:
         self.config = config
         self.models = models
         self.pool = pool
         self.policy = policy
+        self.limiter = limiter
         self.limits = DecodeLimits()
 
     def _model(self, request: Request, verb: str) -> ModelEntry:
@@ -86,6 +90,14 @@ class V2:
         if entry is None or (version is not None and version != entry.manifest.version):
             raise missing
         return entry
+
+    async def _count(self, request: Request, model: str, inputs: list[Tensor]) -> None:
+        """Model-level rate limit and the query budgets (inferences and input rows), after validation."""
+        key = f"{principal_key(request.scope)}|{model}"
+        rows = int(inputs[0].array.shape[0]) if inputs and inputs[0].array.ndim else 1
+        await self.limiter.hit(self.limiter.per_principal_model, key)
+        await self.limiter.hit(self.limiter.budget_inferences, key)
+        await self.limiter.hit(self.limiter.budget_rows, key, cost=max(1, rows))
 
     async def model_index(self, request: Request) -> Response:
         """``GET /v2/models``: the models this caller may use (others are not even named)."""
@@ -121,7 +133,11 @@ class V2:
     async def ready(self, request: Request) -> Response:
         if not self.pool.all_ready():
             raise Unavailable("not every model has a healthy worker yet", retry_after=1)
-        return _json({"ready": True})
+        body: dict[str, Any] = {"ready": True}
+        limits = self.limiter.status()
+        if "degraded" in limits:
+            body["degraded"] = {"limits": limits["degraded"]}  # still serving, with per-process limits
+        return _json(body)
 
     async def server_metadata(self, request: Request) -> Response:
         self.policy.authenticated(request.scope)
@@ -184,6 +200,7 @@ class V2:
         check_inputs(manifest, req.inputs)
         check_outputs(manifest, req.outputs)
         ctx = get_context(request.scope)
+        await self._count(request, manifest.name, req.inputs)
         order = [s.name for s in manifest.inputs]
         inputs = sorted(req.inputs, key=lambda t: order.index(t.name))
         outputs = await self.pool.infer(manifest.name, inputs, ctx.deadline)

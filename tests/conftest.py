@@ -164,9 +164,20 @@ amr_any = ["mfa", "otp", "hwk"]
 """
 
 
+# The suite's load tests send thousands of requests from one principal and address; the limit
+# tests start their own gateways with small limits.
+TEST_LIMITS = """
+per_address = "1000000/minute"
+per_principal = "1000000/minute"
+failed_auth_per_address = "100000/minute"
+budget_inferences = ""
+budget_rows = ""
+"""
+
+
 def write_config(
     pki: Path, tmp: Path, models_root: Path, port: int, extra: str = "", digits_workers: int = 1,
-    timeout_s: float = 20.0, digits_device: str = "auto", auth: str = "", sections: str = "",
+    timeout_s: float = 20.0, digits_device: str = "auto", auth: str = "", sections: str = "", limits: str = "",
 ) -> Path:
     """A test configuration: both demo models, the session's PKI, a private runtime directory."""
     config = tmp / "gateway.toml"
@@ -191,6 +202,9 @@ url = "https://localhost:{port}"
 directory = "{pki}/issuer"
 
 {AUTH_POLICY if 'rbac.rules' not in sections else ''}
+[limits]
+{limits or TEST_LIMITS}
+
 [models]
 root = "{models_root}"
 
@@ -210,10 +224,11 @@ intra_op_threads = 1
 
 def start_gateway(
     pki: Path, tmp: Path, models_root: Path, extra: str = "", digits_workers: int = 1, timeout_s: float = 20.0,
-    auth: str = "", sections: str = "",
+    auth: str = "", sections: str = "", limits: str = "",
 ) -> Gateway:
     port = free_port()
-    config = write_config(pki, tmp, models_root, port, extra, digits_workers, timeout_s, auth=auth, sections=sections)
+    config = write_config(pki, tmp, models_root, port, extra, digits_workers, timeout_s, auth=auth, sections=sections,
+                          limits=limits)
     log = tmp / "gateway.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:

@@ -11,7 +11,8 @@ Starlette adapter of ours):
 Tokens are RFC 9068 JWTs (``typ: at+jwt``), ES256, short-lived (``issuer.token_ttl_s``), with a
 ``jti``; requested over mTLS they are bound to the client certificate (``cnf.x5t#S256``, RFC 8705).
 After ``issuer.max_failed_logins`` consecutive failures an account (person or client) is locked
-for ``issuer.lockout_s`` (NIST SP 800-63B allows at most 100).
+for up to ``issuer.lockout_s`` (NIST SP 800-63B allows at most 100); the counters live in the
+rate limiter's storage, so replicas sharing Redis share them.
 
 The store is a private directory: ``keys.json`` (signing keys; the newest signs, retired ones stay
 published until every token they signed has expired), ``clients.json`` and ``users.json``. The
@@ -29,7 +30,7 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -37,7 +38,7 @@ from urllib.parse import parse_qsl
 import anyio.to_thread
 import orjson
 from authlib.oauth2.rfc6749 import AuthorizationServer, ClientMixin, OAuth2Payload, OAuth2Request
-from authlib.oauth2.rfc6749.errors import InvalidGrantError, OAuth2Error
+from authlib.oauth2.rfc6749.errors import InvalidGrantError
 from authlib.oauth2.rfc6749.grants import ClientCredentialsGrant, ResourceOwnerPasswordCredentialsGrant
 from authlib.oauth2.rfc9068 import JWTBearerTokenGenerator
 from cryptography.exceptions import InvalidKey
@@ -53,10 +54,11 @@ from starlette.routing import Route
 from gateway.config import ACR_MFA, ACR_PASSWORD, Config
 from gateway.context import get_context
 from gateway.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
+from gateway.security.ratelimit import Limiter
 from gateway.security.tokens import cert_thumbprint
 
 __all__ = [
-    "JWKS_PATH", "TOKEN_PATH", "AccountLocked", "BuiltinIssuer", "IssuerStore", "enrolment_uri", "hash_secret",
+    "JWKS_PATH", "TOKEN_PATH", "BuiltinIssuer", "IssuerStore", "enrolment_uri", "hash_secret",
     "new_totp_secret", "totp_now", "verify_secret",
 ]
 
@@ -298,49 +300,6 @@ class _Request(OAuth2Request):  # type: ignore[misc]
         return self._form
 
 
-class AccountLocked(OAuth2Error):  # type: ignore[misc]
-    error = "invalid_grant"
-    status_code = 429
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("too many failed attempts; the account is locked for now")
-        self.retry_after = retry_after
-
-    def get_headers(self) -> list[tuple[str, str]]:
-        return [*super().get_headers(), ("Retry-After", str(self.retry_after))]
-
-
-@dataclass
-class _Throttle:
-    """Consecutive failures per account; at the limit the account locks for ``lockout_s``."""
-
-    limit: int
-    lockout_s: float
-    failures: dict[str, int] = field(default_factory=dict)
-    locked_until: dict[str, float] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def check(self, account: str) -> None:
-        with self.lock:
-            until = self.locked_until.get(account, 0.0)
-            if until > time.monotonic():
-                raise AccountLocked(int(until - time.monotonic()) + 1)
-
-    def failed(self, account: str) -> None:
-        with self.lock:
-            count = self.failures.get(account, 0) + 1
-            self.failures[account] = count
-            if count >= self.limit:
-                self.locked_until[account] = time.monotonic() + self.lockout_s
-                self.failures[account] = 0
-                log.warning("account %r locked for %d s after %d consecutive failures",
-                            account, self.lockout_s, count)
-
-    def succeeded(self, account: str) -> None:
-        with self.lock:
-            self.failures.pop(account, None)
-
-
 _peer_thumbprint: contextvars.ContextVar[str | None] = contextvars.ContextVar("peer_thumbprint", default=None)
 
 
@@ -373,12 +332,12 @@ class _TokenGenerator(JWTBearerTokenGenerator):  # type: ignore[misc]
 
 
 class BuiltinIssuer:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, limiter: Limiter | None = None) -> None:
         self.url = config.issuer_url
         self.audience = config.audience
         self.ttl = config.issuer.token_ttl_s
         self.store = IssuerStore(config.issuer.directory)
-        self.throttle = _Throttle(config.issuer.max_failed_logins, config.issuer.lockout_s)
+        self.limiter = limiter or Limiter(config.limits, config.issuer.max_failed_logins, config.issuer.lockout_s)
         self._used_codes: dict[str, int] = {}  # last accepted TOTP step per user: no replays
         self.server = self._authorization_server()
 
@@ -404,17 +363,6 @@ class BuiltinIssuer:
             def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
                 pass
 
-            def authenticate_client(self, request: _Request, methods: list[str], endpoint: str = "token") -> Any:
-                account = f"client:{_claimed_client_id(request)}"
-                issuer.throttle.check(account)
-                try:
-                    client = super().authenticate_client(request, methods, endpoint)
-                except OAuth2Error:
-                    issuer.throttle.failed(account)
-                    raise
-                if not client.public:
-                    issuer.throttle.succeeded(account)
-                return client
 
         class ClientCredentials(ClientCredentialsGrant):  # type: ignore[misc]
             TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
@@ -432,8 +380,6 @@ class BuiltinIssuer:
         return server
 
     def login(self, username: str, password: str, code: str | None) -> _User:
-        account = f"user:{username}"
-        self.throttle.check(account)
         record = self.store.users().get(username)
         ok = verify_secret(password, record["password_hash"] if record else _DUMMY_HASH) and record is not None
         amr, acr = ["pwd"], ACR_PASSWORD
@@ -442,9 +388,7 @@ class BuiltinIssuer:
             ok = self._check_totp(username, record["totp_secret"], code)
             amr, acr = ["pwd", "otp", "mfa"], ACR_MFA
         if not ok or record is None:
-            self.throttle.failed(account)
             raise InvalidGrantError("invalid username, password or one-time code")
-        self.throttle.succeeded(account)
         return _User(username, list(record.get("roles", [])), amr, acr, int(time.time()))
 
     def _check_totp(self, username: str, secret: str, code: str) -> bool:
@@ -469,6 +413,23 @@ class BuiltinIssuer:
         _peer_thumbprint.set(thumbprint)
         return self.server.create_token_response(oauth_request)  # type: ignore[no-any-return]
 
+    async def respond(self, url: str, headers: Mapping[str, str], form: dict[str, str],
+                      thumbprint: str | None) -> tuple[int, Any, list[tuple[str, str]]]:
+        """One token request: the account's lockout first, then the grant (in a thread: scrypt is slow)."""
+        request = _Request(url, headers, form)
+        account = _claimed_account(request)
+        wait = await self.limiter.account_locked(account)
+        if wait:
+            body = {"error": "invalid_grant",
+                    "error_description": "too many failed attempts; this account is locked for now"}
+            return 429, body, [("Retry-After", str(wait))]
+        status, payload, out = await anyio.to_thread.run_sync(self._issue, request, thumbprint)
+        if status == 200:
+            await self.limiter.account_succeeded(account)
+        elif status in (400, 401):
+            await self.limiter.account_failed(account)
+        return status, payload, list(out or [])
+
     # -- Starlette endpoints --------------------------------------------------------------------
     async def token(self, request: Request) -> Response:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -488,9 +449,8 @@ class BuiltinIssuer:
         if len(form) != len(pairs):
             raise BadRequest("a parameter appears more than once (RFC 6749 section 3.2)")
         peer = get_context(request.scope).peer
-        oauth_request = _Request(str(request.url), request.headers, form)
-        status, payload, headers = await anyio.to_thread.run_sync(
-            self._issue, oauth_request, cert_thumbprint(peer) if peer else None)
+        status, payload, headers = await self.respond(str(request.url), request.headers, form,
+                                                      cert_thumbprint(peer) if peer else None)
         out = {k: v for k, v in (headers or []) if k.lower() != "content-type"}
         media = "application/json"
         if status >= 400:
@@ -527,6 +487,13 @@ class BuiltinIssuer:
             Route("/.well-known/oauth-authorization-server", self.discovery, methods=["GET"]),
             Route("/.well-known/openid-configuration", self.discovery, methods=["GET"]),
         ]
+
+
+def _claimed_account(request: _Request) -> str:
+    """Whose credentials a token request tries: the person for the password grant, else the client."""
+    if request.form.get("grant_type") == "password":
+        return f"user:{request.form.get('username', '')[:256]}"
+    return f"client:{_claimed_client_id(request)[:256]}"
 
 
 def _claimed_client_id(request: _Request) -> str:

@@ -8,6 +8,7 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.datastructures import Headers
@@ -16,7 +17,7 @@ from gateway.cli import main
 from gateway.config import Config, load_config
 from gateway.devsetup import init
 from gateway.errors import Unauthorized
-from gateway.security.issuer import BuiltinIssuer, IssuerStore, _Request, totp_now
+from gateway.security.issuer import BuiltinIssuer, IssuerStore, totp_now
 from gateway.security.tokens import TokenValidator
 
 
@@ -29,20 +30,23 @@ def setup(tmp_path: Path, models_root: Path) -> tuple[Config, dict[str, dict[str
     return load_config(tmp_path / "gateway.toml"), creds
 
 
-def _form_request(form: dict[str, str], basic: tuple[str, str] | None = None) -> _Request:
-    headers = {}
-    if basic:
-        headers["authorization"] = "Basic " + base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode()
-    return _Request("https://localhost:8443/oauth/token", Headers(headers), form)
+def _basic(client_id: str, secret: str) -> dict[str, str]:
+    return {"authorization": "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()}
 
 
-def _password(issuer: BuiltinIssuer, user: dict[str, str], password: str | None = None,
-              code: str | None = None) -> tuple[int, dict[str, object]]:
+async def _token(issuer: BuiltinIssuer, form: dict[str, str], headers: dict[str, str] | None = None,
+                 ) -> tuple[int, dict[str, Any], dict[str, str]]:
+    status, body, out = await issuer.respond("https://localhost:8443/oauth/token", Headers(headers or {}), form, None)
+    return status, body, dict(out)
+
+
+async def _password(issuer: BuiltinIssuer, user: dict[str, str], password: str | None = None,
+                    code: str | None = None) -> tuple[int, dict[str, Any]]:
     form = {"grant_type": "password", "client_id": "gateway-cli", "username": user["username"],
             "password": password or user["password"]}
     if code:
         form["totp"] = code
-    status, body, _ = issuer._issue(_form_request(form), None)
+    status, body, _ = await _token(issuer, form)
     return status, body
 
 
@@ -56,56 +60,59 @@ def test_secrets_are_stored_hashed_and_private(setup: tuple[Config, dict[str, di
     assert "scrypt$" in stored
 
 
-def test_password_alone_is_pwd_and_with_totp_is_mfa(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+@pytest.mark.anyio
+async def test_password_alone_is_pwd_and_with_totp_is_mfa(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
     config, creds = setup
     issuer = BuiltinIssuer(config)
-    status, weak = _password(issuer, creds["admin"])
+    status, weak = await _password(issuer, creds["admin"])
     assert status == 200
-    status, strong = _password(issuer, creds["admin"], code=totp_now(creds["admin"]["totp_secret"]))
+    status, strong = await _password(issuer, creds["admin"], code=totp_now(creds["admin"]["totp_secret"]))
     assert status == 200
     claims = [json.loads(base64.urlsafe_b64decode(str(t["access_token"]).split(".")[1] + "===")) for t in (weak, strong)]
     assert claims[0]["amr"] == ["pwd"] and claims[0]["acr"] == "urn:gateway:acr:pwd"
     assert claims[1]["amr"] == ["pwd", "otp", "mfa"] and claims[1]["acr"] == "urn:gateway:acr:mfa"
 
 
-def test_a_totp_code_works_once(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+@pytest.mark.anyio
+async def test_a_totp_code_works_once(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
     config, creds = setup
     issuer = BuiltinIssuer(config)
     code = totp_now(creds["admin"]["totp_secret"])
-    assert _password(issuer, creds["admin"], code=code)[0] == 200
-    status, body = _password(issuer, creds["admin"], code=code)
+    assert (await _password(issuer, creds["admin"], code=code))[0] == 200
+    status, body = await _password(issuer, creds["admin"], code=code)
     assert status == 400 and body["error"] == "invalid_grant"
-    assert _password(issuer, creds["admin"], code="000000" if code != "000000" else "111111")[0] == 400
+    assert (await _password(issuer, creds["admin"], code="000000" if code != "000000" else "111111"))[0] == 400
 
 
-def test_consecutive_failures_lock_the_account(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+@pytest.mark.anyio
+async def test_consecutive_failures_lock_the_account(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
     config, creds = setup
     issuer = BuiltinIssuer(config)
     for _ in range(config.issuer.max_failed_logins):
-        assert _password(issuer, creds["admin"], password="wrong-password")[0] == 400
-    status, body = _password(issuer, creds["admin"])  # now even the right password is refused
-    assert status == 429 and "locked" in str(body["error_description"])
-    _, _, headers = issuer._issue(_form_request({"grant_type": "password", "client_id": "gateway-cli",
-                                                 "username": "admin", "password": "x"}), None)
-    assert int(dict(headers)["Retry-After"]) > 0
+        assert (await _password(issuer, creds["admin"], password="wrong-password"))[0] == 400
+    status, body, headers = await _token(issuer, {"grant_type": "password", "client_id": "gateway-cli",
+                                                  "username": "admin", "password": creds["admin"]["password"]})
+    assert status == 429 and "locked" in str(body["error_description"])  # even the right password
+    assert int(headers["Retry-After"]) > 0
 
 
-def test_a_success_resets_the_failure_count(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+@pytest.mark.anyio
+async def test_a_success_resets_the_failure_count(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
     config, creds = setup
     issuer = BuiltinIssuer(config)
     for _ in range(5):  # more failures in all than the limit, never that many in a row
-        assert _password(issuer, creds["admin"], password="wrong-password")[0] == 400
-        assert _password(issuer, creds["admin"])[0] == 200
+        assert (await _password(issuer, creds["admin"], password="wrong-password"))[0] == 400
+        assert (await _password(issuer, creds["admin"]))[0] == 200
 
 
-def test_client_secret_failures_lock_the_client(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+@pytest.mark.anyio
+async def test_client_secret_failures_lock_the_client(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
     config, creds = setup
     issuer = BuiltinIssuer(config)
     form = {"grant_type": "client_credentials"}
     for _ in range(config.issuer.max_failed_logins):
-        assert issuer._issue(_form_request(form, ("demo", "wrong")), None)[0] == 401
-    status, _, _ = issuer._issue(_form_request(form, ("demo", creds["demo"]["client_secret"])), None)
-    assert status == 429
+        assert (await _token(issuer, form, _basic("demo", "wrong")))[0] == 401
+    assert (await _token(issuer, form, _basic("demo", creds["demo"]["client_secret"])))[0] == 429
 
 
 @pytest.mark.anyio
@@ -114,13 +121,13 @@ async def test_rotation_keeps_old_tokens_valid_until_the_old_key_is_pruned(
     config, creds = setup
     issuer = BuiltinIssuer(config)
     form = {"grant_type": "client_credentials"}
-    basic = ("demo", creds["demo"]["client_secret"])
+    basic = _basic("demo", creds["demo"]["client_secret"])
     issuer.store.recheck_s = 0  # see the CLI's change at once (serving processes: within a second)
-    old = issuer._issue(_form_request(form, basic), None)[1]["access_token"]
+    old = (await _token(issuer, form, basic))[1]["access_token"]
     store = IssuerStore(config.issuer.directory, recheck_s=0)
     validator = TokenValidator(config, store.public_keys)
     assert main(["keys", "rotate", "--config", config.source]) == 0
-    new = issuer._issue(_form_request(form, basic), None)[1]["access_token"]
+    new = (await _token(issuer, form, basic))[1]["access_token"]
     assert old.split(".")[0] != new.split(".")[0]  # another kid
     for token in (old, new):
         assert (await validator.authenticate(token, None)).subject == "demo"
@@ -133,8 +140,8 @@ async def test_rotation_keeps_old_tokens_valid_until_the_old_key_is_pruned(
 async def test_an_expired_built_in_token_is_refused(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
     config, creds = setup
     issuer = BuiltinIssuer(config)
-    token = issuer._issue(_form_request({"grant_type": "client_credentials"}, ("demo", creds["demo"]["client_secret"])),
-                          None)[1]["access_token"]
+    token = (await _token(issuer, {"grant_type": "client_credentials"},
+                          _basic("demo", creds["demo"]["client_secret"])))[1]["access_token"]
     later = TokenValidator(config, IssuerStore(config.issuer.directory).public_keys,
                            clock=lambda: time.time() + config.issuer.token_ttl_s + config.auth.leeway_s + 1)
     with pytest.raises(Unauthorized, match="expired"):

@@ -122,11 +122,18 @@ async def test_microsecond_runs_stay_on_the_loop_and_slow_runs_use_the_session_t
 
     b = Batcher(run, batchable=True, max_batch_size=4, max_queue_delay_s=0.0)
     b.start()
-    for _ in range(3):
+    loop_thread = threading.current_thread().name
+    await b.submit({"x": np.ones((1, 2), np.float32)})
+    assert where[0].startswith("session")  # unknown cost: the first run is off the loop
+    for _ in range(50):  # a busy machine can make a few fast runs look slow; the average settles
         await b.submit({"x": np.ones((1, 2), np.float32)})
-    assert where[0].startswith("session") and where[1] == where[2] == threading.current_thread().name
+        if where[-1] == loop_thread:
+            break
+    assert where[-1] == loop_thread
     delay["s"] = 0.01  # the model got slow: the moving average sends runs back to the thread
-    for _ in range(3):
+    for _ in range(20):
         await b.submit({"x": np.ones((1, 2), np.float32)})
+        if where[-1].startswith("session"):
+            break
     assert where[-1].startswith("session")
     await b.stop()

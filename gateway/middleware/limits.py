@@ -1,0 +1,77 @@
+"""Rate limiting around authentication: by address before it, by principal after it.
+
+``AddressLimitMiddleware`` sits outside authentication: it counts every request (but the health
+probes) per client address, refuses an address that has sent too many bad credentials lately
+(``failed-auth``), and counts each 401, and each refused sign-in at the token endpoint, against
+it. ``PrincipalLimitMiddleware`` sits inside authentication and counts per principal and
+globally. Model-level limits and budgets are applied by the inference handler, which knows the
+model and the number of input rows.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.context import get_context
+from gateway.errors import GatewayError
+from gateway.security.issuer import TOKEN_PATH
+from gateway.security.ratelimit import Limiter
+
+__all__ = ["AddressLimitMiddleware", "PrincipalLimitMiddleware", "principal_key"]
+
+UNCOUNTED = frozenset({"/v2/health/live", "/v2/health/ready"})
+
+
+def principal_key(scope: Scope) -> str | None:
+    principal = get_context(scope).principal
+    if principal is None:
+        return None
+    return f"{principal.issuer or principal.kind}|{principal.subject}"
+
+
+class AddressLimitMiddleware:
+    def __init__(self, app: ASGIApp, limiter: Limiter) -> None:
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNCOUNTED:
+            await self.app(scope, receive, send)
+            return
+        address = get_context(scope).client_host or "unknown"
+        await self.limiter.exceeded(self.limiter.failed_auth, address)
+        await self.limiter.hit(self.limiter.per_address, address)
+        refused = False
+
+        async def watch(message: Message) -> None:
+            nonlocal refused
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                refused = status == 401 or (scope["path"] == TOKEN_PATH and status in (400, 401))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except GatewayError as exc:
+            refused = exc.status == 401
+            raise
+        finally:
+            if refused:
+                try:
+                    await self.limiter.hit(self.limiter.failed_auth, address)
+                except GatewayError:
+                    pass  # over the limit now: the next request from this address is refused up front
+
+
+class PrincipalLimitMiddleware:
+    def __init__(self, app: ASGIApp, limiter: Limiter) -> None:
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            key = principal_key(scope)
+            if key is not None:
+                await self.limiter.hit(self.limiter.per_principal, key)
+                await self.limiter.hit(self.limiter.global_, "all")
+        await self.app(scope, receive, send)
