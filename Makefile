@@ -36,8 +36,9 @@ run: models setup  ## start the gateway with its workers (Ctrl-C stops it)
 
 OIDC := tests/oidc/node_modules/.installed
 
-test-tools: $(OIDC)  ## system tools the test suite drives (curl; Node and oidc-provider for the OpenID tests)
+test-tools: $(OIDC)  ## what the suite drives: curl, redis-server, Node and oidc-provider
 	@command -v curl >/dev/null || { $(APT) update -qq && $(APT) install -y -qq curl; }
+	@command -v redis-server >/dev/null || { $(APT) update -qq && $(APT) install -y -qq redis-server; }
 
 $(OIDC): tests/oidc/package-lock.json
 	@command -v npm >/dev/null || { $(APT) update -qq && $(APT) install -y -qq nodejs npm; }

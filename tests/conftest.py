@@ -178,6 +178,7 @@ budget_rows = ""
 def write_config(
     pki: Path, tmp: Path, models_root: Path, port: int, extra: str = "", digits_workers: int = 1,
     timeout_s: float = 20.0, digits_device: str = "auto", auth: str = "", sections: str = "", limits: str = "",
+    issuer_url: str = "",
 ) -> Path:
     """A test configuration: both demo models, the session's PKI, a private runtime directory."""
     config = tmp / "gateway.toml"
@@ -194,11 +195,11 @@ key_file = "{pki}/certs/server.key"
 client_ca_file = "{pki}/certs/ca.pem"
 
 [auth]
-audience = "https://localhost:{port}"
+audience = "{issuer_url or f'https://localhost:{port}'}"
 {auth}
 
 [issuer]
-url = "https://localhost:{port}"
+url = "{issuer_url or f'https://localhost:{port}'}"
 directory = "{pki}/issuer"
 
 {AUTH_POLICY if 'rbac.rules' not in sections else ''}
@@ -224,11 +225,11 @@ intra_op_threads = 1
 
 def start_gateway(
     pki: Path, tmp: Path, models_root: Path, extra: str = "", digits_workers: int = 1, timeout_s: float = 20.0,
-    auth: str = "", sections: str = "", limits: str = "",
+    auth: str = "", sections: str = "", limits: str = "", issuer_url: str = "",
 ) -> Gateway:
     port = free_port()
     config = write_config(pki, tmp, models_root, port, extra, digits_workers, timeout_s, auth=auth, sections=sections,
-                          limits=limits)
+                          limits=limits, issuer_url=issuer_url)
     log = tmp / "gateway.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:

@@ -1,0 +1,183 @@
+"""Rate limits, budgets and failed-authentication throttling through running gateways.
+
+Two gateway processes share one real ``redis-server``: they enforce one limit and one budget
+together; killing Redis turns no answer into a 500 and local limits keep applying; when Redis is
+back, shared limits return by themselves.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway, free_port, start_gateway
+
+pytestmark = pytest.mark.slow
+
+DIGITS = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [1.0] * 64}]}
+
+
+def rows(n: int) -> dict[str, object]:
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [n, 64], "data": [1.0] * 64 * n}]}
+
+
+class Redis:
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True).stdout.strip() == "PONG":
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is needed: `make test` installs it (apt-get install redis-server)")
+    r = Redis(tmp_path_factory.mktemp("redis"))
+    r.start()
+    yield r
+    r.kill()
+
+
+def _status(gw: Gateway, token: str, method: str = "GET", path: str = "/v2/models/digits",
+            body: dict[str, object] | None = None, principal: str = "demo") -> httpx.Response:
+    with gw.client(principal, token=False, headers={"Authorization": f"Bearer {token}"}) as c:
+        return c.request(method, path, json=body)
+
+
+def test_two_gateways_share_one_limit_and_one_budget_and_survive_redis_dying(
+        pki: Path, tmp_path_factory: pytest.TempPathFactory, models_root: Path, redis: Redis) -> None:
+    issuer_url = f"https://localhost:{free_port()}"  # one public name for both replicas, as behind a load balancer
+    limits = f"""
+storage = "redis://127.0.0.1:{redis.port}/0"
+strategy = "fixed-window"
+per_address = "100000/minute"
+per_principal = "10/minute"
+failed_auth_per_address = "100000/minute"
+budget_inferences = "6/day"
+budget_rows = ""
+storage_timeout_s = 0.25
+storage_retry_s = 1.0
+"""
+    gws = [start_gateway(pki, tmp_path_factory.mktemp(f"gw-redis-{i}"), models_root, limits=limits,
+                         issuer_url=issuer_url) for i in range(2)]
+    try:
+        token = gws[0].token("demo")
+        # Inference, alternating replicas: the budget of 6 is one budget, not 6 each.
+        answers = [_status(gws[i % 2], token, "POST", "/v2/models/digits/infer", DIGITS) for i in range(8)]
+        assert [r.status_code for r in answers] == [200] * 6 + [429, 429]
+        exhausted = answers[-1].json()
+        assert exhausted["type"].endswith("budget-exhausted") and "reset" in exhausted
+        assert int(answers[-1].headers["retry-after"]) > 3600
+        # 8 requests so far against per_principal = 10/minute, shared: 2 more, then 429.
+        more = [_status(gws[i % 2], token).status_code for i in range(4)]
+        assert more == [200, 200, 429, 429]
+        limited = _status(gws[1], token)
+        assert limited.headers["ratelimit-policy"] == '"per-principal";q=10;w=60'
+        assert limited.headers["ratelimit"].startswith('"per-principal";r=0;t=')
+        assert int(limited.headers["retry-after"]) >= 1
+        for gw in gws:
+            with gw.client(token=False) as c:
+                assert "degraded" not in c.get("/v2/health/ready").json()
+
+        redis.kill()
+        # Redis is gone: no 500, limits still enforced, per process now (10 on this replica alone).
+        local = [_status(gws[0], token).status_code for _ in range(12)]
+        assert local == [200] * 10 + [429, 429]
+        other = [_status(gws[1], token).status_code for _ in range(3)]
+        assert other == [200] * 3
+        with gws[0].client(token=False) as c:
+            ready = c.get("/v2/health/ready")
+        assert ready.status_code == 200 and "using local limits" in ready.json()["degraded"]["limits"]
+        assert "rate-limit storage unreachable" in gws[0].log.read_text()
+
+        redis.start()  # an empty Redis on the same port
+        time.sleep(1.2)  # storage_retry_s
+        back = [_status(gws[i % 2], token).status_code for i in range(14)]
+        assert back == [200] * 10 + [429] * 4  # one shared window again, not 10 per replica
+        for gw in gws:
+            with gw.client(token=False) as c:
+                assert "degraded" not in c.get("/v2/health/ready").json()
+        assert "shared limits apply again" in gws[0].log.read_text()
+    finally:
+        for gw in gws:
+            gw.stop()
+        if redis.proc is None:
+            redis.start()
+
+
+def test_model_limits_budgets_and_failed_authentication(
+        pki: Path, tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> None:
+    limits = """
+strategy = "fixed-window"
+per_address = "100000/minute"
+per_principal = "100000/minute"
+per_principal_model = "3/minute"
+failed_auth_per_address = "5/minute"
+budget_inferences = ""
+budget_rows = "10/day"
+"""
+    gw = start_gateway(pki, tmp_path_factory.mktemp("gw-limits"), models_root, limits=limits)
+    try:
+        demo, admin = gw.token("demo"), gw.token("admin")
+        infer = [_status(gw, demo, "POST", "/v2/models/digits/infer", DIGITS).status_code for _ in range(4)]
+        assert infer == [200, 200, 200, 429]  # per principal and model
+        assert _status(gw, demo, "POST", "/v2/models/resnetish/infer",
+                       {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 224, 224],
+                                    "data": [0.0] * 150528}]}).status_code == 200  # another model counts apart
+        # Rows: 4 + 4 fit in 10; 4 more do not.
+        budget = [_status(gw, admin, "POST", "/v2/models/digits/infer", rows(4), "admin") for _ in range(3)]
+        assert [r.status_code for r in budget] == [200, 200, 429]
+        assert budget[-1].json()["policy"] == "budget-rows" and budget[-1].json()["error"]
+        # Refused credentials from one address: five, then even a good token waits.
+        bad = [_status(gw, "garbage").status_code for _ in range(5)]
+        assert bad == [401] * 5
+        blocked = _status(gw, demo)
+        assert blocked.status_code == 429 and blocked.json()["policy"] == "failed-auth"
+        with gw.client(token=False) as c:
+            assert c.get("/v2/health/ready").status_code == 200  # probes are never limited
+    finally:
+        gw.stop()
+
+
+def test_per_address_limit_applies_before_authentication(
+        pki: Path, tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> None:
+    limits = """
+strategy = "fixed-window"
+per_address = "6/minute"
+failed_auth_per_address = "100000/minute"
+"""
+    gw = start_gateway(pki, tmp_path_factory.mktemp("gw-address"), models_root, limits=limits)
+    try:
+        token = gw.token("demo")  # the token request is the first of six
+        statuses = [_status(gw, token).status_code for _ in range(5)]
+        with gw.client(token=False) as c:
+            anonymous = c.get("/v2/models")
+        assert statuses == [200] * 5
+        assert anonymous.status_code == 429 and anonymous.json()["policy"] == "per-address"
+        with gw.client(token=False) as c:
+            assert all(c.get("/v2/health/live").status_code == 200 for _ in range(10))
+    finally:
+        gw.stop()
