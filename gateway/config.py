@@ -56,6 +56,10 @@ class ServerConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     """Largest accepted request body (413 above it, checked while streaming)."""
     keepalive_timeout_s: float = 5.0
+    header_timeout_s: float = 10.0
+    """The request line and headers must arrive within this (408 and close otherwise: Slowloris)."""
+    body_timeout_s: float = 30.0
+    """The whole body must arrive within this after the headers."""
     limit_concurrency: int = 2048
     """Connections plus in-flight requests per process before 503."""
     backlog: int = 2048
@@ -320,6 +324,8 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
         (1 <= s.processes <= 64, "server.processes must be 1..64"),
         (s.request_timeout_s > 0, "server.request_timeout_s must be positive"),
         (s.max_body_bytes >= 1024, "server.max_body_bytes must be at least 1024"),
+        (0 < s.header_timeout_s <= 300 and 0 < s.body_timeout_s <= 3600,
+         "server.header_timeout_s must be 0..300 and server.body_timeout_s 0..3600"),
     ]
     for m in cfg.models:
         where = f"models.{m.name}"

@@ -48,12 +48,47 @@ def _raw_problem(status: int, reason: bytes, type_: str, title: str, detail: str
 
 
 class TLSHttpToolsProtocol(BufferedBodyProtocol):
-    """httptools protocol that exposes the verified client certificate and bounds headers."""
+    """httptools protocol that exposes the verified client certificate and bounds headers and time.
+
+    Slow clients are cut off: the request line and headers must arrive within
+    ``server.header_timeout_s`` of the connection opening (or of the request starting, on a
+    kept-alive connection), and the body within ``server.body_timeout_s`` of the headers; else the
+    answer is 408 (if nothing was answered yet) and the connection is closed. uvicorn has no such
+    timers (only the idle keep-alive one), so a Slowloris client could hold a connection forever.
+    """
 
     _tls_extension: Any = None
+    _timer: asyncio.TimerHandle | None = None
+    header_timeout_s = 10.0
+    body_timeout_s = 30.0
+
+    def _arm(self, seconds: float, what: str) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._too_slow, what, seconds)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _too_slow(self, what: str, seconds: float) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or not self.cycle.response_started:
+            self.transport.write(_raw_problem(
+                408, b"Request Timeout", "request-timeout", "Request timeout",
+                f"the request {what} did not arrive within {seconds:g} s"))
+        log.info("closed a connection from %s: request %s slower than %g s", self.client, what, seconds)
+        self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        gateway_config = getattr(self.config, "gateway_config", None)
+        if gateway_config is not None:
+            self.header_timeout_s = gateway_config.server.header_timeout_s
+            self.body_timeout_s = gateway_config.server.body_timeout_s
+        self._arm(self.header_timeout_s, "headers")
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is None:
             return
@@ -65,8 +100,21 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
             "cipher": (ssl_object.cipher() or ("",))[0],
         }
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_headers_complete(self) -> None:
+        self._arm(self.body_timeout_s, "body")
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._arm(self.header_timeout_s, "headers")
         self._header_bytes = 0
         if self._tls_extension is not None:
             self.scope["extensions"] = {"tls": self._tls_extension}
