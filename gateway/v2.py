@@ -197,12 +197,10 @@ class V2:
         manifest = entry.manifest
         body = await self._body(request)
         req = decode_infer_request(body, self._header_length(request), self.limits)
-        check_inputs(manifest, req.inputs)
+        inputs = check_inputs(manifest, req.inputs)
         check_outputs(manifest, req.outputs)
         ctx = get_context(request.scope)
-        await self._count(request, manifest.name, req.inputs)
-        order = [s.name for s in manifest.inputs]
-        inputs = sorted(req.inputs, key=lambda t: order.index(t.name))
+        await self._count(request, manifest.name, inputs)
         outputs = await self.pool.infer(manifest.name, inputs, ctx.deadline)
         selected = _select(outputs, req.outputs, req.binary_output)
         payload, header_length = encode_infer_response(

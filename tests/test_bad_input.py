@@ -25,6 +25,13 @@ def _binary(header_length: str, data: bytes = b"\x00" * 256) -> tuple[bytes, dic
                            "Content-Type": "application/octet-stream"}
 
 
+def _bytes_binary(raw: bytes) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    return header + raw, {"Inference-Header-Content-Length": str(len(header)),
+                          "Content-Type": "application/octet-stream"}
+
+
 BIN_OK, _ = _binary("0")
 HEADER_LEN = str(len(BIN_OK) - 256)
 
@@ -62,6 +69,20 @@ CASES = [
     ("get-on-infer", "GET", INFER, b"", {}, 405),
     ("unknown-route", "GET", "/admin", b"", {}, 404),
     ("too-large", "POST", INFER, b"{" + b" " * (9 * 1024 * 1024) + b"}", {}, 413),
+    ("json-nesting-bomb", "POST", INFER, b'{"inputs":' + b"[" * 5000 + b"]" * 5000 + b"}", {}, 400),
+    ("data-nested-deeper-than-shape", "POST", INFER, _body(data=[[[[8.0]]]] * 64), {}, 400),
+    ("too-many-elements", "POST", INFER, _body(shape=[1, 70_000_000]), {}, 400),
+    ("too-many-tensors", "POST", INFER, json.dumps({"inputs": [{**GOOD, "name": f"i{i}"} for i in range(65)]}).encode(), {}, 400),
+    ("unknown-request-parameter", "POST", INFER, json.dumps({"inputs": [GOOD], "parameters": {"priority": 1}}).encode(), {}, 400),
+    ("unknown-input-parameter", "POST", INFER, _body(parameters={"shared_memory_region": "x"}), {}, 400),
+    ("unknown-output-parameter", "POST", INFER, json.dumps({"inputs": [GOOD], "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}]}).encode(), {}, 400),
+    ("parameter-of-wrong-type", "POST", INFER, json.dumps({"inputs": [GOOD], "parameters": {"binary_data_output": "yes"}}).encode(), {}, 400),
+    ("unknown-top-level-field", "POST", INFER, json.dumps({"inputs": [GOOD], "sequence_id": 7}).encode(), {}, 400),
+    ("overlong-request-id", "POST", INFER, json.dumps({"inputs": [GOOD], "id": "x" * 300}).encode(), {}, 400),
+    ("bytes-to-a-numeric-model", "POST", INFER, _body(datatype="BYTES", data=["a"] * 64), {}, 422),
+    ("bytes-element-overruns", "POST", INFER, *_bytes_binary(b"\xff\xff\x00\x00abc"), 400),
+    ("bad-charset-version", "GET", "/v2/models/digits/versions/1%0d%0a", b"", {}, 404),
+    ("dot-version", "GET", "/v2/models/digits/versions/%2e%2e", b"", {}, 404),
 ]
 
 

@@ -146,7 +146,7 @@ def _from_binary(raw: memoryview, datatype: str, count: int, where: str, limits:
     return np.frombuffer(raw, dtype=dtype)
 
 
-def _from_json(data: Any, datatype: str, count: int, where: str) -> np.ndarray:
+def _from_json(data: Any, datatype: str, shape: tuple[int, ...], count: int, where: str) -> np.ndarray:
     if not isinstance(data, list):
         raise BadRequest(f"{where}.data must be a list", field=where)
     try:
@@ -157,6 +157,9 @@ def _from_json(data: Any, datatype: str, count: int, where: str) -> np.ndarray:
         raise BadRequest(
             f"{where}.data has {array.size} elements but its shape needs {count}", field=where
         )
+    if array.ndim > 1 and array.shape != shape:  # flat, or nested exactly as the shape says
+        raise BadRequest(f"{where}.data is nested as {list(array.shape)}, not as its shape {list(shape)}",
+                         field=where)
     if array.size and array.dtype.kind not in JSON_KINDS[datatype]:
         raise BadRequest(f"{where}.data holds {array.dtype.kind!r}-kind values, not {datatype}", field=where)
     array = array.reshape(-1)
@@ -168,6 +171,27 @@ def _from_json(data: Any, datatype: str, count: int, where: str) -> np.ndarray:
         if array.min() < info.min or array.max() > info.max:
             raise BadRequest(f"{where}.data has values outside {datatype}'s range", field=where)
     return array.astype(dtype, copy=False)
+
+
+# What a request may carry in ``parameters``; anything else is refused by name, not ignored.
+REQUEST_PARAMETERS = frozenset({"binary_data_output"})
+INPUT_PARAMETERS = frozenset({"binary_data_size"})
+OUTPUT_PARAMETERS = frozenset({"binary_data"})
+
+
+def _parameters(params: Any, allowed: frozenset[str], where: str) -> dict[str, Any]:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"{where} must be an object", field=where)
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise BadRequest(f"{where}: parameter {unknown[0][:64]!r} is not accepted "
+                         f"(accepted: {', '.join(sorted(allowed))})", field=where)
+    for name in ("binary_data_output", "binary_data"):
+        if name in params and not isinstance(params[name], bool):
+            raise BadRequest(f"{where}.{name} must be true or false", field=where)
+    return params
 
 
 def _tensors(
@@ -188,10 +212,7 @@ def _tensors(
         if datatype not in DATATYPES:
             raise BadRequest(f"{where}.datatype {str(datatype)[:32]!r} is not a known datatype", field=where)
         shape, count = _shape(item, where, limits)
-        params = item.get("parameters")
-        params = {} if params is None else params
-        if not isinstance(params, dict):
-            raise BadRequest(f"{where}.parameters must be an object", field=where)
+        params = _parameters(item.get("parameters"), INPUT_PARAMETERS, f"{where}.parameters")
         size = params.get("binary_data_size")
         if size is not None:
             if type(size) is not int or size < 0 or offset + size > len(raw):
@@ -199,7 +220,7 @@ def _tensors(
             array = _from_binary(raw[offset : offset + size], datatype, count, where, limits)
             offset += size
         elif "data" in item:
-            array = _from_json(item["data"], datatype, count, where)
+            array = _from_json(item["data"], datatype, shape, count, where)
         else:
             raise BadRequest(f"{where} has neither data nor binary_data_size", field=where)
         tensors.append(Tensor(name, array.reshape(shape)))
@@ -220,8 +241,8 @@ def _requested_outputs(items: Any) -> list[RequestedOutput]:
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadRequest(f"outputs[{i}] must be an object with a name", field=f"outputs[{i}]")
-        params = item.get("parameters") or {}
-        binary = params.get("binary_data") if isinstance(params, dict) else None
+        params = _parameters(item.get("parameters"), OUTPUT_PARAMETERS, f"outputs[{i}].parameters")
+        binary = params.get("binary_data")
         out.append(RequestedOutput(item["name"], None if binary is None else bool(binary)))
     return out
 
@@ -231,13 +252,13 @@ def decode_infer_request(
 ) -> InferRequest:
     """Decode an inference request in JSON or with the binary tensor extension."""
     doc, raw = _split(body, header_length)
-    params = doc.get("parameters")
-    params = {} if params is None else params
-    if not isinstance(params, dict):
-        raise BadRequest("'parameters' must be an object", field="parameters")
+    params = _parameters(doc.get("parameters"), REQUEST_PARAMETERS, "parameters")
     request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise BadRequest("'id' must be a string", field="id")
+    if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 256):
+        raise BadRequest("'id' must be a string of at most 256 characters", field="id")
+    unknown = sorted(set(doc) - {"id", "inputs", "outputs", "parameters"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0][:64]!r} in the inference request", field=unknown[0][:64])
     return InferRequest(
         inputs=_tensors(doc.get("inputs"), raw, "inputs", limits),
         outputs=_requested_outputs(doc.get("outputs")),

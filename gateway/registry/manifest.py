@@ -33,6 +33,10 @@ class TensorSpec:
     shape: tuple[int, ...]
     min: float | None = None
     max: float | None = None
+    clip: bool = False
+    """Out-of-domain values are clipped into it (domain ``"policy": "clip"``) instead of refused."""
+    text: bool = True
+    """BYTES elements must be UTF-8 (``"encoding": "binary"`` lifts it)."""
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
@@ -80,7 +84,13 @@ def _spec(raw: Any, where: str) -> TensorSpec:
     lo, hi = domain.get("min"), domain.get("max")
     if lo is not None and hi is not None and lo > hi:
         raise ManifestError(f"{where}.domain has min > max")
-    return TensorSpec(name, datatype, tuple(shape), lo, hi)
+    policy = domain.get("policy", "reject")
+    if policy not in ("reject", "clip"):
+        raise ManifestError(f"{where}.domain.policy must be 'reject' or 'clip'")
+    encoding = raw.get("encoding", "utf-8")
+    if encoding not in ("utf-8", "binary"):
+        raise ManifestError(f"{where}.encoding must be 'utf-8' or 'binary'")
+    return TensorSpec(name, datatype, tuple(shape), lo, hi, policy == "clip", encoding == "utf-8")
 
 
 def load_manifest(directory: Path) -> Manifest:

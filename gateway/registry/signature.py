@@ -1,7 +1,8 @@
 """Checks of decoded tensors against a model's declared signature (its manifest).
 
 Runs in the gateway before a worker sees a byte: datatype, rank, each fixed dimension, a shared
-batch dimension, NaN and Inf, and the declared value domain. Failures are ``InvalidInput`` (422)
+batch dimension, NaN and Inf, the declared value domain (refused, or clipped where the manifest's
+``domain.policy`` is ``"clip"``), and UTF-8 for text BYTES. Failures are ``InvalidInput`` (422)
 naming the offending input.
 """
 
@@ -16,7 +17,7 @@ from gateway.registry.manifest import Manifest, TensorSpec
 __all__ = ["check_inputs", "check_outputs"]
 
 
-def _check_one(tensor: Tensor, spec: TensorSpec) -> None:
+def _check_one(tensor: Tensor, spec: TensorSpec) -> Tensor:
     where = f"inputs[{spec.name!r}]"
     array = tensor.array
     if tensor.datatype != spec.datatype:
@@ -28,6 +29,14 @@ def _check_one(tensor: Tensor, spec: TensorSpec) -> None:
             f"{where}: shape {list(array.shape)} does not match the model's {list(spec.shape)}",
             field=where,
         )
+    if array.dtype == object:
+        if spec.text:
+            for i, element in enumerate(array.reshape(-1)):
+                try:
+                    element.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidInput(f"{where}: element {i} is not valid UTF-8", field=where) from None
+        return tensor
     if array.dtype.kind == "f" and array.size:
         # min/max are NaN if any element is, and propagate infinities: one pass each.
         lo, hi = float(array.min()), float(array.max())
@@ -36,32 +45,38 @@ def _check_one(tensor: Tensor, spec: TensorSpec) -> None:
     elif array.size and array.dtype.kind in "iu":
         lo, hi = float(array.min()), float(array.max())
     else:
-        return
+        return tensor
     if (spec.min is not None and lo < spec.min) or (spec.max is not None and hi > spec.max):
+        if spec.clip:
+            return Tensor(tensor.name, np.clip(array, spec.min, spec.max).astype(array.dtype, copy=False))
         raise InvalidInput(
             f"{where}: values span [{lo:g}, {hi:g}], outside the model's domain "
             f"[{spec.min}, {spec.max}]",
             field=where,
         )
+    return tensor
 
 
-def check_inputs(manifest: Manifest, inputs: list[Tensor]) -> None:
+def check_inputs(manifest: Manifest, inputs: list[Tensor]) -> list[Tensor]:
+    """The inputs in the model's order, checked (and clipped where its domain policy says so)."""
     given = {t.name: t for t in inputs}
     unknown = sorted(set(given) - {s.name for s in manifest.inputs})
     if unknown:
         raise InvalidInput(f"unknown input {unknown[0]!r} for model {manifest.name}", field="inputs")
     batch: set[int] = set()
+    checked = []
     for spec in manifest.inputs:
         tensor = given.get(spec.name)
         if tensor is None:
             raise InvalidInput(f"missing input {spec.name!r}", field=f"inputs[{spec.name!r}]")
-        _check_one(tensor, spec)
+        checked.append(_check_one(tensor, spec))
         if spec.shape and spec.shape[0] == -1:
             batch.add(tensor.array.shape[0])
     if len(batch) > 1:
         raise InvalidInput(f"inputs disagree on the batch size: {sorted(batch)}", field="inputs")
     if batch == {0}:
         raise InvalidInput("the batch is empty", field="inputs")
+    return checked
 
 
 def check_outputs(manifest: Manifest, outputs: list[RequestedOutput]) -> None:

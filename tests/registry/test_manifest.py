@@ -81,3 +81,25 @@ def test_signature_accepts_any_batch_and_checks_names(tmp_path: Path) -> None:
         check_inputs(m, [Tensor("x", np.zeros((1, 2), np.float32)), Tensor("z", np.zeros(1, np.float32))])
     with pytest.raises(InvalidInput, match="unknown output"):
         check_outputs(m, [RequestedOutput("nope")])
+
+
+def test_domain_clip_policy_and_utf8_bytes() -> None:
+    from gateway.registry.manifest import Manifest, TensorSpec
+
+    def manifest(*specs: TensorSpec) -> Manifest:
+        return Manifest("m", "1", Path("."), specs, (), "0" * 64)
+
+    clip = manifest(TensorSpec("x", "FP32", (-1, 2), 0.0, 1.0, clip=True))
+    out = check_inputs(clip, [Tensor("x", np.array([[-5.0, 0.5]], np.float32))])
+    assert out[0].array.tolist() == [[0.0, 0.5]] and out[0].array.dtype == np.float32
+    reject = manifest(TensorSpec("x", "FP32", (-1, 2), 0.0, 1.0))
+    with pytest.raises(InvalidInput, match="outside the model's domain"):
+        check_inputs(reject, [Tensor("x", np.array([[-5.0, 0.5]], np.float32))])
+    with pytest.raises(InvalidInput, match="NaN"):  # clipping never launders NaN
+        check_inputs(clip, [Tensor("x", np.array([[np.nan, 0.5]], np.float32))])
+    text = manifest(TensorSpec("s", "BYTES", (-1,)))
+    assert check_inputs(text, [Tensor("s", np.array([b"caf\xc3\xa9"], dtype=object))])
+    with pytest.raises(InvalidInput, match="element 1 is not valid UTF-8"):
+        check_inputs(text, [Tensor("s", np.array([b"ok", b"\xff\xfe"], dtype=object))])
+    binary = manifest(TensorSpec("s", "BYTES", (-1,), text=False))
+    assert check_inputs(binary, [Tensor("s", np.array([b"\xff\xfe"], dtype=object))])
