@@ -8,16 +8,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from gateway.config import Config, load_config
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.middleware import AuthMiddleware, ContextMiddleware, ProblemMiddleware, problem_response
 from gateway.middleware.limits import AddressLimitMiddleware, PrincipalLimitMiddleware
+from gateway.openapi import openapi_document
 from gateway.registry.manifest import load_manifests
 from gateway.security.issuer import BuiltinIssuer
 from gateway.security.ratelimit import Limiter
@@ -78,7 +81,12 @@ def create_app(config: Config, runtime_dir: str, models: dict[str, ModelEntry] |
         Middleware(PrincipalLimitMiddleware, limiter=limiter),
     ]
     handlers: dict[Any, Any] = {GatewayError: gateway_error, HTTPException: _http_exception}
-    all_routes = routes(v2) + (issuer.routes() if issuer else [])
+    document = orjson.dumps(openapi_document())
+
+    async def openapi(request: Request) -> Response:
+        return Response(document, media_type="application/json")
+
+    all_routes = [*routes(v2), *(issuer.routes() if issuer else []), Route("/openapi.json", openapi, methods=["GET"])]
     app = Starlette(routes=all_routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.pool = pool
     app.state.validator = validator

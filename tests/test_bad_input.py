@@ -39,6 +39,9 @@ CASES = [
     # id, method, path, body, headers, status
     ("wrong-dtype", "POST", INFER, _body(datatype="INT64", data=[8] * 64), {}, 422),
     ("unknown-dtype", "POST", INFER, _body(datatype="FP128"), {}, 400),
+    ("dtype-is-an-object", "POST", INFER, _body(datatype={"a": 1}), {}, 400),
+    ("name-is-a-list", "POST", INFER, _body(name=["input"]), {}, 400),
+    ("shape-is-a-string", "POST", INFER, _body(shape="1,64"), {}, 400),
     ("wrong-rank", "POST", INFER, _body(shape=[64]), {}, 422),
     ("wrong-dim", "POST", INFER, _body(shape=[1, 65], data=[8.0] * 65), {}, 422),
     ("negative-dim", "POST", INFER, _body(shape=[-1, 64]), {}, 400),

@@ -19,7 +19,7 @@ __all__ = ["PUBLIC_PATHS", "AuthMiddleware", "certificate_roles"]
 
 PUBLIC_PATHS = frozenset({
     "/v2/health/live", "/v2/health/ready", "/oauth/token", "/oauth/jwks",
-    "/.well-known/openid-configuration", "/.well-known/oauth-authorization-server",
+    "/.well-known/openid-configuration", "/.well-known/oauth-authorization-server", "/openapi.json",
 })
 
 

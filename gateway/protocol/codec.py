@@ -209,7 +209,7 @@ def _tensors(
             raise BadRequest(f"{where}.name must be a unique non-empty string", field=where)
         names.add(name)
         where = f"{key}[{name!r}]"[:200]
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise BadRequest(f"{where}.datatype {str(datatype)[:32]!r} is not a known datatype", field=where)
         shape, count = _shape(item, where, limits)
         params = _parameters(item.get("parameters"), INPUT_PARAMETERS, f"{where}.parameters")

@@ -76,7 +76,7 @@ def _spec(raw: Any, where: str) -> TensorSpec:
     name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
     if not isinstance(name, str) or not name:
         raise ManifestError(f"{where}.name must be a non-empty string")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise ManifestError(f"{where}.datatype {datatype!r} is not a known datatype")
     if not isinstance(shape, list) or not all(type(d) is int and d >= -1 for d in shape):
         raise ManifestError(f"{where}.shape must be a list of integers >= -1")
