@@ -46,6 +46,22 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = os.getenv("BENCH_CTYPE")
 local hl = os.getenv("BENCH_HEADER_LENGTH")
 if hl ~= "" then wrk.headers["Inference-Header-Content-Length"] = hl end
+wrk.headers["Authorization"] = os.getenv("BENCH_AUTH")
+"""
+# Every policy of [limits] is evaluated but none can trip: what the limiter costs, not what it refuses.
+HUGE = "1000000000/minute"
+LIMITS = {
+    "none": {"per_address": "", "per_principal": "", "per_principal_model": "", "global_limit": "",
+             "budget_inferences": "", "budget_rows": ""},
+    "memory": {"storage": "memory://", "per_address": HUGE, "per_principal": HUGE, "per_principal_model": HUGE,
+               "global_limit": HUGE, "budget_inferences": "1000000000/day", "budget_rows": "1000000000/day"},
+}
+LIMITS["redis"] = {**LIMITS["memory"], "storage": "redis://127.0.0.1:{redis_port}/0"}
+POLICY = """
+[[rbac.rules]]
+name = "bench"
+roles = ["inference"]
+verbs = ["infer", "metadata"]
 """
 
 
@@ -128,10 +144,10 @@ def _descendants(pid: int) -> dict[int, str]:
 
 
 def wrk(url: str, model: str, clients: int, seconds: float, body: tuple[Path, str, str], certs: Path,
-        shim: Path, pids: dict[int, str]) -> dict[str, object]:
+        shim: Path, pids: dict[int, str], token: str) -> dict[str, object]:
     env = {**os.environ, "LD_PRELOAD": str(shim), "WRK_CLIENT_CERT": str(certs / "client-demo.pem"),
            "WRK_CLIENT_KEY": str(certs / "client-demo.key"), "BENCH_BODY": str(body[0]),
-           "BENCH_CTYPE": body[1], "BENCH_HEADER_LENGTH": body[2]}
+           "BENCH_CTYPE": body[1], "BENCH_HEADER_LENGTH": body[2], "BENCH_AUTH": f"Bearer {token}"}
     script = body[0].with_suffix(".lua")
     script.write_text(LUA)
     threads = min(clients, 2)
@@ -157,12 +173,18 @@ def wrk(url: str, model: str, clients: int, seconds: float, body: tuple[Path, st
             "cpu_percent": cpu, "raw": out}
 
 
-def start_gateway(tmp: Path, processes: int, device: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_gateway(tmp: Path, processes: int, device: str, limits: dict[str, str] | None = None,
+                  ) -> tuple[subprocess.Popen[bytes], int, str]:
+    """A gateway with the bench's models and limits; returns it, its port and a token for "demo"."""
     init(tmp, ROOT / "models", port=0)
     port = int(os.environ.get("BENCH_PORT", "18443"))
+    limits = LIMITS["none"] if limits is None else limits
     lines = [f"[server]\nport = {port}\nprocesses = {processes}\nlog_level = \"warning\"\n",
              f'[tls]\ncert_file = "{tmp}/certs/server.pem"\nkey_file = "{tmp}/certs/server.key"\n'
-             f'client_ca_file = "{tmp}/certs/ca.pem"\n', f'[models]\nroot = "{ROOT / "models"}"\n']
+             f'client_ca_file = "{tmp}/certs/ca.pem"\n',
+             f'[issuer]\nurl = "https://localhost:{port}"\n[auth]\naudience = "https://localhost:{port}"\n', POLICY,
+             "[limits]\n" + "".join(f'{k} = "{v}"\n' for k, v in limits.items()),
+             f'[models]\nroot = "{ROOT / "models"}"\n']
     for model, spec in MODELS.items():
         lines.append(f"[models.{model}]\ndevice = \"{device}\"\nintra_op_threads = {spec['threads']}\n"
                      f"max_batch_size = {spec['batch']}\nmax_queue_delay_ms = 1.0\n")
@@ -182,7 +204,10 @@ def start_gateway(tmp: Path, processes: int, device: str) -> tuple[subprocess.Po
             raise SystemExit(f"gateway exited: {(tmp / 'gateway.log').read_text()[-2000:]}")
         try:
             if httpx.get(f"https://localhost:{port}/v2/health/ready", verify=ctx).status_code == 200:
-                return proc, port
+                demo = json.loads((tmp / "credentials.json").read_text())["principals"]["demo"]
+                token = httpx.post(f"https://localhost:{port}/oauth/token", data={"grant_type": "client_credentials"},
+                                   auth=(demo["client_id"], demo["client_secret"]), verify=ctx).json()["access_token"]
+                return proc, port, str(token)
         except httpx.TransportError:
             time.sleep(0.3)
     proc.kill()
@@ -214,16 +239,16 @@ def main() -> int:
         for clients in CLIENTS:
             print(f"floor   {model:10s} clients={clients:2d} ...", flush=True)
             rows.append({"path": "floor", "model": model, "clients": clients, **floor(model, clients, args.seconds, args.device)})
-    proc, port = start_gateway(tmp, args.processes, args.device)
+    proc, port, token = start_gateway(tmp, args.processes, args.device)
     try:
         pids = _descendants(proc.pid)
         for model in args.models:
             for clients in CLIENTS:
                 print(f"gateway {model:10s} clients={clients:2d} ...", flush=True)
-                wrk(f"https://127.0.0.1:{port}", model, clients, 2, bodies[model], tmp / "certs", shim, pids)  # warm-up
+                wrk(f"https://127.0.0.1:{port}", model, clients, 2, bodies[model], tmp / "certs", shim, pids, token)
                 rows.append({"path": "gateway", "model": model, "clients": clients,
                              **wrk(f"https://127.0.0.1:{port}", model, clients, args.seconds, bodies[model],
-                                   tmp / "certs", shim, pids)})
+                                   tmp / "certs", shim, pids, token)})
     finally:
         proc.terminate()
         proc.wait(30)

@@ -132,6 +132,7 @@ class IssuerStore:
         self._cache: dict[str, tuple[float, Any]] = {}
         self._checked: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._public: tuple[Any, KeySet] | None = None
 
     def _read(self, name: str, default: Any) -> Any:
         path = self.directory / name
@@ -181,7 +182,14 @@ class IssuerStore:
         return KeySet.import_key_set({"keys": [current[-1]["jwk"]]})
 
     def public_keys(self) -> KeySet:
-        return KeySet.import_key_set({"keys": [k["jwk"] for k in self.signing_keys()]})
+        """The public halves, imported once per change of ``keys.json`` (this runs on every request)."""
+        raw = self._read("keys.json", {"keys": []})
+        cached = self._public
+        if cached is None or cached[0] is not raw:
+            public = [{k: v for k, v in entry["jwk"].items() if k != "d"} for entry in raw["keys"]]
+            cached = (raw, KeySet.import_key_set({"keys": public}))
+            self._public = cached
+        return cached[1]
 
     def jwks(self) -> dict[str, Any]:
         return dict(self.public_keys().as_dict(private=False))
