@@ -9,8 +9,8 @@ certificate-bound (RFC 8705), the presented client certificate's thumbprint.
 
 A token whose signature verified is remembered for ``VERIFIED_TTL_S`` (as Envoy's jwt_authn
 caches verified tokens): a signature check costs about 80 µs, most of a request's budget on a
-small model. Its claims (expiry above all) and binding are checked on every request regardless,
-and an external issuer whose keys went stale gets no benefit of the doubt.
+small model. The memory holds only while the issuer's key set is the same object (a rotation, a
+refetch or stale keys end it); claims (expiry above all) and binding are checked every time.
 
 Keys of an external provider are fetched by OIDC discovery or from an explicit ``jwks_uri`` and
 cached. An unknown ``kid`` refetches at most once per ``jwks_refresh_s``; while the provider is
@@ -181,6 +181,10 @@ class JWKSCache:
             raise Unauthorized(f"no key {kid!r} among the issuer's signing keys")
         return found
 
+    def current(self) -> KeySet | None:
+        """The key set now trusted (None while stale): a new fetch is a new object."""
+        return self.keys if self.fresh() else None
+
     def status(self) -> dict[str, Any]:
         return {"issuer": self.trust.issuer, "keys": len(self.keys.keys) if self.keys else 0,
                 "fresh": self.fresh(), "error": self.last_error}
@@ -191,6 +195,9 @@ class LocalKeys:
 
     def __init__(self, load: Callable[[], KeySet]) -> None:
         self.load = load
+
+    def current(self) -> KeySet:
+        return self.load()
 
     async def key(self, kid: str | None, alg: str) -> Key:
         found = _find(self.load(), kid, alg)
@@ -240,7 +247,7 @@ class TokenValidator:
                  clock: Callable[[], float] = time.time) -> None:
         self.leeway = config.auth.leeway_s
         self.clock = clock
-        self._verified: dict[str, tuple[dict[str, Any], float]] = {}
+        self._verified: dict[str, tuple[dict[str, Any], float, KeySet | None]] = {}
         self.trusts: dict[str, tuple[IssuerTrust, JWKSCache | LocalKeys]] = {}
         if config.issuer.enabled and builtin_keys is not None:
             builtin = IssuerTrust(issuer=config.issuer_url, audience=config.audience, roles_claims=("roles",))
@@ -283,16 +290,15 @@ class TokenValidator:
             raise Unauthorized(f"token type {typ or 'none'!r} is not {trust.typ!r} (RFC 9068 access token)")
         cached = self._verified.get(token)
         now = time.monotonic()
-        if cached is not None and now - cached[1] < VERIFIED_TTL_S and (
-                not isinstance(source, JWKSCache) or source.fresh()):
-            claims = cached[0]  # this exact token's signature verified moments ago; claims checked again below
+        if cached is not None and now - cached[1] < VERIFIED_TTL_S and cached[2] is source.current():
+            claims = cached[0]  # verified moments ago against the same key set; claims checked again below
         else:
             kid = header.get("kid")
             key = await source.key(kid if isinstance(kid, str) else None, alg)
             claims = self._verify_signature(raw, key, trust)
             if len(self._verified) >= VERIFIED_MAX:
                 self._verified.clear()
-            self._verified[token] = (claims, now)
+            self._verified[token] = (claims, now, source.current())
         self._check_claims(claims, trust)
         return self._principal(claims, trust, peer)
 

@@ -76,9 +76,11 @@ async def test_slowloris_headers_are_cut_off_and_probes_keep_answering(slow_gate
     attack = asyncio.gather(*(_trickle(slow_gateway, ctx, head, drip) for _ in range(SLOW_CLIENTS)))
     probes = await _probe_while(slow_gateway, ctx, attack)
     results = await attack
-    for elapsed, received in results:
-        assert elapsed < HEADER_TIMEOUT_S + 3, elapsed  # closed by the gateway, not by the drip ending
-        assert received.startswith(b"HTTP/1.1 408") and b"application/problem+json" in received
+    slow = [round(e, 2) for e, _ in results if e >= HEADER_TIMEOUT_S + 5]
+    assert not slow, f"connections held past the header timeout: {slow}"  # closed by the gateway, not the drip
+    answers = [r[:40] for _, r in results if not r.startswith(b"HTTP/1.1 408")]
+    assert not answers, f"expected 408 on every slow connection, got {answers[:5]}"
+    assert all(b"application/problem+json" in r for _, r in results)
     assert probes and max(probes) < 5  # answered throughout (a liveness bound, not a benchmark)
 
 
