@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import limits as limits_lib
 
 __all__ = [
-    "AuthConfig", "Config", "ConfigError", "IssuerConfig", "IssuerTrust", "ModelConfig", "PolicyConfig",
+    "AuditConfig", "AuthConfig", "Config", "ConfigError", "IssuerConfig", "IssuerTrust", "ModelConfig", "PolicyConfig",
     "LimitsConfig", "RuleConfig", "ServerConfig", "StepUpRule", "TLSConfig", "load_config",
 ]
 
@@ -30,7 +30,7 @@ TLSVersion = Literal["1.3", "1.2"]
 Device = Literal["auto", "cuda", "cpu"]
 ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 """The only JWS algorithms a token may use: no ``none``, no HMAC (a public key is no secret)."""
-VERBS = ("infer", "metadata", "list", "explain", "admin:models", "admin:audit", "admin:incident")
+VERBS = ("infer", "metadata", "list", "explain", "metrics", "admin:models", "admin:audit", "admin:incident")
 """What a role can be granted; patterns such as ``admin:*`` or ``*`` expand to these."""
 ACR_PASSWORD = "urn:gateway:acr:pwd"
 ACR_MFA = "urn:gateway:acr:mfa"
@@ -221,6 +221,27 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """``[audit]``: the tamper-evident record of every request."""
+
+    enabled: bool = True
+    directory: str = "audit"
+    """One subdirectory per serving process (stream) of JSON-lines files."""
+    signing_key: str = "keys/audit-signing.key"
+    """Ed25519 private key for checkpoints (``gateway init`` makes it); keep it apart from the log."""
+    public_key: str = "keys/audit-signing.pub"
+    """What ``gateway audit verify`` checks checkpoints against."""
+    checkpoint_every: int = 1000
+    checkpoint_interval_s: float = 60.0
+    max_file_bytes: int = 64 * 1024 * 1024
+    rotate_interval_s: float = 86400.0
+    flush_window_ms: float = 2.0
+    """Records arriving within this window share one write and one fsync."""
+    fail_closed: bool = True
+    """Answer 503 rather than serve a request that cannot be recorded; false is reported."""
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
@@ -231,6 +252,7 @@ class Config:
     issuer: IssuerConfig = field(default_factory=IssuerConfig)
     rbac: PolicyConfig = field(default_factory=PolicyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     @property
     def issuer_url(self) -> str:
@@ -263,6 +285,10 @@ class Config:
             out.append("limits.storage: plain redis:// to another host (no TLS, no password); use rediss://")
         if not self.limits.per_address and not self.limits.per_principal:
             out.append("limits: neither per_address nor per_principal is limited")
+        if not self.audit.enabled:
+            out.append("audit.enabled = false: requests are not recorded")
+        elif not self.audit.fail_closed:
+            out.append("audit.fail_closed = false: requests are served even when they cannot be recorded")
         if not self.auth.require_token:
             out.append("auth.require_token = false: a client certificate alone can act with its certificate_roles")
         for trust in self.auth.issuers:
@@ -388,6 +414,13 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
         (lim.storage.split("://")[0] in ("memory", "redis", "rediss"), "limits.storage must be memory://, redis:// or rediss://"),
         (0 < lim.storage_timeout_s <= 10 and lim.storage_retry_s > 0, "limits: storage_timeout_s must be 0..10, storage_retry_s positive"),
     ]
+    a_ = cfg.audit
+    checks += [
+        (a_.checkpoint_every >= 1 and a_.checkpoint_interval_s > 0, "audit: checkpoint_every and checkpoint_interval_s must be positive"),
+        (a_.max_file_bytes >= 4096 and a_.rotate_interval_s > 0, "audit: max_file_bytes must be >= 4096, rotate_interval_s positive"),
+        (0 <= a_.flush_window_ms <= 1000, "audit.flush_window_ms must be 0..1000"),
+        (not a_.enabled or Path(a_.signing_key).is_file(), f"audit.signing_key: {a_.signing_key} does not exist (run `gateway init`)"),
+    ]
     names = [r.name for r in p.rules] + [r.name for r in p.step_up]
     checks.append((len(names) == len(set(names)), "rbac: rule names must be unique"))
     problems.extend(msg for ok, msg in checks if not ok)
@@ -484,7 +517,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{p}: {exc}"]) from None
     _env_overrides(data, dict(os.environ if environ is None else environ))
-    for section in set(data) - {"server", "tls", "models", "auth", "issuer", "rbac", "limits"}:
+    for section in set(data) - {"server", "tls", "models", "auth", "issuer", "rbac", "limits", "audit"}:
         problems.append(f"[{section}]: unknown section")
     server = ServerConfig(**_coerce(ServerConfig, data.get("server", {}), "server", problems))
     tls = TLSConfig(**_coerce(TLSConfig, data.get("tls", {}), "tls", problems))
@@ -507,7 +540,11 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     issuer = dataclasses.replace(issuer, directory=_resolve(base, issuer.directory))
     rbac = _policy(data.get("rbac", {}), problems)
     limits = LimitsConfig(**_coerce(LimitsConfig, data.get("limits", {}), "limits", problems))
-    cfg = Config(server, tls, _resolve(base, str(root)), tuple(models), str(path or ""), auth, issuer, rbac, limits)
+    audit = AuditConfig(**_coerce(AuditConfig, data.get("audit", {}), "audit", problems))
+    audit = dataclasses.replace(audit, directory=_resolve(base, audit.directory),
+                                signing_key=_resolve(base, audit.signing_key), public_key=_resolve(base, audit.public_key))
+    cfg = Config(server, tls, _resolve(base, str(root)), tuple(models), str(path or ""), auth, issuer, rbac, limits,
+                 audit)
     _check_ranges(cfg, problems)
     if not cfg.models:
         problems.append("models: no model is configured (add a [models.NAME] table)")

@@ -1,6 +1,6 @@
 """``gateway init``: a working development setup in one directory.
 
-Writes ``certs/`` (the development PKI), ``issuer/`` (the built-in issuer's signing key, a demo
+Writes ``certs/`` (the development PKI), ``keys/`` (the audit log's signing key), ``issuer/`` (the built-in issuer's signing key, a demo
 service client and a demo admin person with TOTP), ``gateway.toml`` (a commented configuration)
 and ``credentials.json`` (each demo principal's certificate paths and token credentials: the
 client side of what the server stores only hashed). Existing secrets and
@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.security.issuer import TOKEN_PATH, IssuerStore, enrolment_uri
 from gateway.security.pki import Issued, issue_certificate, load_ca, make_ca, write_key, write_pem
@@ -99,6 +102,23 @@ verbs = ["admin:*"]
 amr_any = ["mfa", "otp", "hwk"]
 max_age_s = 43200
 
+[[rbac.rules]]
+name = "monitoring"
+roles = ["monitoring"]
+verbs = ["metrics"]
+
+[audit]
+enabled = true
+directory = "audit"                      # one subdirectory (chain) per serving process
+signing_key = "keys/audit-signing.key"   # Ed25519, signs checkpoints; keep it apart from the log
+public_key = "keys/audit-signing.pub"    # for `gateway audit verify`
+checkpoint_every = 1000                  # records between signed checkpoints
+checkpoint_interval_s = 60.0             # ... or seconds, whichever comes first
+max_file_bytes = 67108864                # rotate at 64 MiB ...
+rotate_interval_s = 86400.0              # ... or daily; the chain continues across files
+flush_window_ms = 2.0                    # records within this window share one write + fsync
+fail_closed = true                       # 503 rather than serve what cannot be recorded
+
 [models]
 root = "{models_root}"      # <root>/<name>/<version>/{{model.onnx,manifest.json}}
 
@@ -119,6 +139,23 @@ max_batch_size = 16
 max_queue_delay_ms = 2.0
 intra_op_threads = 2
 """
+
+
+def _audit_keys(keys: Path, force: bool, report: InitReport) -> None:
+    """The Ed25519 key that signs audit checkpoints, and its public half for verifiers."""
+    private, public = keys / "audit-signing.key", keys / "audit-signing.pub"
+    if private.exists() and public.exists() and not force:
+        report.kept.append(str(private))
+        return
+    keys.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    report.created += [str(private), str(public)]
 
 
 def _previous_credentials(path: Path) -> dict[str, Any]:
@@ -204,6 +241,7 @@ def init(directory: Path, models_root: Path, port: int = 8443, force: bool = Fal
         root = os.path.relpath(models_root.resolve(), directory.resolve())
         config.write_text(CONFIG_TEMPLATE.format(port=port, models_root=root))
         report.created.append(str(config))
+    _audit_keys(directory / "keys", force, report)
     cred_path = directory / "credentials.json"
     previous = _previous_credentials(cred_path)
     _issuer_setup(directory / "issuer", principals, previous, force, report)

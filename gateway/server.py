@@ -27,7 +27,7 @@ from gateway.config import Config, load_config
 from gateway.errors import problem_body
 from gateway.httpserver import BufferedBodyProtocol
 from gateway.registry.manifest import load_manifests
-from gateway.security.tls import build_server_context, identity_from_der
+from gateway.security.tls import HANDSHAKES, build_server_context, identity_from_der
 
 __all__ = ["GatewayUvicornConfig", "TLSHttpToolsProtocol", "serve"]
 
@@ -84,6 +84,7 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        HANDSHAKES["completed"] += 1
         gateway_config = getattr(self.config, "gateway_config", None)
         if gateway_config is not None:
             self.header_timeout_s = gateway_config.server.header_timeout_s
@@ -239,10 +240,11 @@ def reuse_port_socket(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def _serving_process(ucfg: GatewayUvicornConfig, parent_pid: int) -> None:
+def _serving_process(ucfg: GatewayUvicornConfig, parent_pid: int, index: int) -> None:
     from gateway.workers.isolation import die_with_parent
 
     die_with_parent(parent_pid)
+    os.environ["GATEWAY_PROCESS_INDEX"] = str(index)  # names this process's audit chain
     sock = reuse_port_socket(ucfg.host, ucfg.port, ucfg.backlog)
     uvicorn.Server(ucfg).run(sockets=[sock])
 
@@ -256,20 +258,21 @@ class ServingProcesses:
         self.count = count
         self.context = multiprocessing.get_context("spawn")
 
-    def _start(self) -> multiprocessing.process.BaseProcess:
-        proc = self.context.Process(target=_serving_process, args=(self.ucfg, os.getpid()), name="gateway-serve")
+    def _start(self, index: int) -> multiprocessing.process.BaseProcess:
+        proc = self.context.Process(target=_serving_process, args=(self.ucfg, os.getpid(), index),
+                                    name=f"gateway-serve-{index}")
         proc.start()
         return proc
 
     def run(self) -> None:
-        procs = [self._start() for _ in range(self.count)]
+        procs = [self._start(i) for i in range(self.count)]
         try:
             while True:
                 time.sleep(1.0)
                 for i, proc in enumerate(procs):
                     if not proc.is_alive():
                         log.warning("serving process %s exited (%s); restarting it", proc.pid, proc.exitcode)
-                        procs[i] = self._start()
+                        procs[i] = self._start(i)
         finally:
             for proc in procs:
                 if proc.is_alive():

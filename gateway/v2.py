@@ -8,9 +8,11 @@ send only well-formed binary tensors to a worker.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -201,8 +203,11 @@ class V2:
         check_outputs(manifest, req.outputs)
         ctx = get_context(request.scope)
         await self._count(request, manifest.name, inputs)
-        outputs = await self.pool.infer(manifest.name, inputs, ctx.deadline)
+        ctx.extra["version"] = manifest.version
+        ctx.extra["inputs"] = [tensor_digest(t) for t in inputs]
+        outputs = await self.pool.infer(manifest.name, inputs, ctx.deadline, ctx.extra)
         selected = _select(outputs, req.outputs, req.binary_output)
+        ctx.extra["outputs"] = [tensor_digest(t) for t, _ in selected]
         payload, header_length = encode_infer_response(
             manifest.name, manifest.version, [t for t, _ in selected],
             {t.name for t, binary in selected if binary}, req.id,
@@ -211,6 +216,24 @@ class V2:
             return Response(payload, media_type="application/json")
         return Response(payload, media_type="application/octet-stream",
                         headers={"Inference-Header-Content-Length": str(header_length)})
+
+
+def tensor_digest(tensor: Tensor) -> dict[str, Any]:
+    """What the audit record keeps of a tensor: its description, size and SHA-256, never its data."""
+    array = tensor.array
+    h = hashlib.sha256()
+    if array.dtype == object:  # BYTES: length-prefixed elements, as the binary extension sends them
+        size = 0
+        for element in array.reshape(-1):
+            h.update(len(element).to_bytes(4, "little"))
+            h.update(element)
+            size += 4 + len(element)
+    else:
+        data = np.ascontiguousarray(array)
+        h.update(data.data.cast("B"))
+        size = data.nbytes
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(array.shape), "bytes": size,
+            "sha256": h.hexdigest()}
 
 
 def _select(

@@ -178,7 +178,7 @@ budget_rows = ""
 def write_config(
     pki: Path, tmp: Path, models_root: Path, port: int, extra: str = "", digits_workers: int = 1,
     timeout_s: float = 20.0, digits_device: str = "auto", auth: str = "", sections: str = "", limits: str = "",
-    issuer_url: str = "",
+    issuer_url: str = "", audit: str = "",
 ) -> Path:
     """A test configuration: both demo models, the session's PKI, a private runtime directory."""
     config = tmp / "gateway.toml"
@@ -206,6 +206,13 @@ directory = "{pki}/issuer"
 [limits]
 {limits or TEST_LIMITS}
 
+[audit]
+directory = "{tmp}/audit"
+signing_key = "{pki}/keys/audit-signing.key"
+public_key = "{pki}/keys/audit-signing.pub"
+flush_window_ms = 1.0
+{audit}
+
 [models]
 root = "{models_root}"
 
@@ -225,11 +232,11 @@ intra_op_threads = 1
 
 def start_gateway(
     pki: Path, tmp: Path, models_root: Path, extra: str = "", digits_workers: int = 1, timeout_s: float = 20.0,
-    auth: str = "", sections: str = "", limits: str = "", issuer_url: str = "",
+    auth: str = "", sections: str = "", limits: str = "", issuer_url: str = "", audit: str = "",
 ) -> Gateway:
     port = free_port()
     config = write_config(pki, tmp, models_root, port, extra, digits_workers, timeout_s, auth=auth, sections=sections,
-                          limits=limits, issuer_url=issuer_url)
+                          limits=limits, issuer_url=issuer_url, audit=audit)
     log = tmp / "gateway.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:

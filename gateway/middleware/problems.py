@@ -30,6 +30,8 @@ def problem_response(exc: GatewayError, scope: Scope, debug: bool = False) -> Re
         exc = type(exc)("internal error; quote the request id when reporting it")
     body = exc.to_problem(path, getattr(ctx, "request_id", None), path.startswith("/v2"))
     headers = dict(exc.headers)
+    if ctx is not None:  # refusals raised before the context middleware's own send still carry the id
+        headers["X-Request-Id"] = ctx.request_id
     if exc.status == 405 and "allow" in exc.extensions:
         headers["Allow"] = str(exc.extensions["allow"])
     return Response(orjson.dumps(body), status_code=exc.status, headers=headers,

@@ -19,7 +19,7 @@ from cryptography import x509
 
 from gateway.config import TLSConfig
 
-__all__ = ["PeerIdentity", "build_server_context", "identity_from_der"]
+__all__ = ["HANDSHAKES", "PeerIdentity", "build_server_context", "identity_from_der"]
 
 # TLS 1.2 suites allowed when it is switched on: ECDHE + AEAD only (no CBC, no RSA kex, no DHE).
 TLS12_CIPHERS = (
@@ -28,6 +28,15 @@ TLS12_CIPHERS = (
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
 _VERIFY = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "off": ssl.CERT_NONE}
+
+
+HANDSHAKES = {"started": 0, "completed": 0}
+"""Per process: ClientHellos seen, and handshakes that reached the HTTP protocol. The difference
+(less the few in flight) is the handshakes that failed, which never reach the application."""
+
+
+def _count_hello(ssl_object: object, server_name: str | None, context: ssl.SSLContext) -> None:
+    HANDSHAKES["started"] += 1
 
 
 def build_server_context(tls: TLSConfig) -> ssl.SSLContext:
@@ -39,6 +48,7 @@ def build_server_context(tls: TLSConfig) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_SINGLE_ECDH_USE
     ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE  # Mozilla: let the client choose
     ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    ctx.sni_callback = _count_hello
     ctx.verify_mode = _VERIFY[tls.client_auth]
     if tls.client_auth != "off":
         ctx.load_verify_locations(cafile=tls.client_ca_file)

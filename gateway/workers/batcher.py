@@ -23,7 +23,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -48,10 +48,13 @@ class _Item:
 class BatchStats:
     batches: int = 0
     requests: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)
+    """Batches by the number of requests joined in them."""
 
     def record(self, requests: int) -> None:
         self.batches += 1
         self.requests += requests
+        self.sizes[requests] = self.sizes.get(requests, 0) + 1
 
 
 class Batcher:

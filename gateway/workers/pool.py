@@ -94,6 +94,10 @@ class WorkerPool:
             if down:
                 await asyncio.gather(*(w.probe() for w in down))
 
+    async def refresh(self) -> None:
+        """Probe every worker now (fresh queue depth and batch statistics for metrics)."""
+        await asyncio.gather(*(w.probe() for ws in self.workers.values() for w in ws))
+
     # views ---------------------------------------------------------------------------------
     def ready(self, model: str) -> bool:
         return any(w.healthy for w in self.workers.get(model, ()))
@@ -114,11 +118,15 @@ class WorkerPool:
             raise Unavailable(f"model {model!r} is at capacity; retry shortly", retry_after=1)
         return best
 
-    async def infer(self, model: str, inputs: list[Tensor], deadline: float | None = None) -> list[Tensor]:
+    async def infer(self, model: str, inputs: list[Tensor], deadline: float | None = None,
+                    trace: dict[str, Any] | None = None) -> list[Tensor]:
+        """Run ``inputs`` on the least-loaded healthy worker; ``trace["worker"]`` names the one used."""
         body, header_length = encode_tensor_parts("inputs", inputs)
         refused: WorkerClient | None = None
         for _ in range(2):  # a refused connection reached no worker: safe to try another, once
             worker = self._pick(model, exclude=refused)
+            if trace is not None:
+                trace["worker"] = f"{worker.model}-{worker.index}"
             try:
                 return await self._send(worker, body, header_length, deadline)
             except WorkerConnectError:

@@ -1,0 +1,193 @@
+"""The audit log's format, signatures and offline verification.
+
+A log is one or more *streams* (one per serving process: ``p0``, ``p1``...), each a directory of
+JSON-lines files ``<stream>-<first seq, 12 digits>.jsonl``. Every line is one record in canonical
+JSON (sorted keys, no spaces, UTF-8) with
+
+* ``seq``: 1, 2, 3... within the stream, across files;
+* ``prev``: the SHA-256 (hex) of the previous record's line (``GENESIS`` for the first);
+* ``kind``: ``start``, ``request``, ``tls``, ``recovery`` or ``checkpoint``.
+
+A checkpoint also carries ``key_id`` and ``sig``: an Ed25519 signature over the canonical JSON of
+the record without ``sig``. Because it holds ``seq`` and ``prev``, it vouches for every record
+before it. Changing, removing, reordering or splicing a record breaks a link or a sequence
+number; a forged checkpoint fails its signature. Cutting the end off a log leaves it without its
+closing checkpoint, which ``verify`` refuses unless told the log was cut short by a crash.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+__all__ = [
+    "GENESIS", "AuditKey", "VerifyReport", "canonical", "digest", "load_private_key", "load_public_key",
+    "stream_files", "verify_paths",
+]
+
+GENESIS = "0" * 64
+FILE_PATTERN = re.compile(r"^(?P<stream>[A-Za-z0-9_-]+)-(?P<seq>\d{12})\.jsonl$")
+
+
+def canonical(record: dict[str, Any]) -> bytes:
+    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+
+
+def digest(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class AuditKey:
+    private: Ed25519PrivateKey
+
+    @property
+    def public(self) -> Ed25519PublicKey:
+        return self.private.public_key()
+
+    def sign(self, record: dict[str, Any]) -> dict[str, Any]:
+        unsigned = {**record, "key_id": key_id(self.public)}
+        unsigned.pop("sig", None)
+        return {**unsigned, "sig": base64.b64encode(self.private.sign(canonical(unsigned))).decode()}
+
+
+def load_private_key(path: str | Path) -> AuditKey:
+    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an Ed25519 private key")
+    return AuditKey(key)
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    key = serialization.load_pem_public_key(Path(path).read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path}: not an Ed25519 public key")
+    return key
+
+
+def stream_files(paths: Iterable[str | Path]) -> dict[str, list[Path]]:
+    """Log files by stream, each stream's files in sequence order; directories are searched."""
+    found: dict[str, list[tuple[int, Path]]] = {}
+    for given in paths:
+        p = Path(given)
+        candidates = sorted(p.rglob("*.jsonl")) if p.is_dir() else [p]
+        for f in candidates:
+            m = FILE_PATTERN.match(f.name)
+            if m:
+                found.setdefault(m["stream"], []).append((int(m["seq"]), f))
+    return {s: [f for _, f in sorted(files)] for s, files in sorted(found.items())}
+
+
+@dataclass
+class VerifyReport:
+    records: int = 0
+    checkpoints: int = 0
+    streams: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_paths(paths: Iterable[str | Path], public: Ed25519PublicKey, allow_unsealed: bool = False) -> VerifyReport:
+    """Check every stream found under ``paths``; stops each stream at its first problem."""
+    report = VerifyReport()
+    expected_key = key_id(public)
+    streams = stream_files(paths)
+    if not streams:
+        report.problems.append("no audit log files (<stream>-<seq>.jsonl) found")
+    for stream, files in streams.items():
+        report.streams.append(stream)
+        _verify_stream(stream, files, public, expected_key, allow_unsealed, report)
+    return report
+
+
+def _verify_stream(stream: str, files: list[Path], public: Ed25519PublicKey, expected_key: str,
+                   allow_unsealed: bool, report: VerifyReport) -> None:
+    prev, seq, last_kind, last_checkpoint = GENESIS, 0, "", 0
+    for n, path in enumerate(files):
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        torn = lines.pop()  # b"" when the file ends with a newline
+        first_seq = int(FILE_PATTERN.match(path.name)["seq"])  # type: ignore[index]
+        if lines and first_seq != seq + 1:
+            report.problems.append(f"{path.name}: named for record {first_seq}, but record {seq + 1} is next "
+                                   "(a file is missing or out of place)")
+            return
+        for i, line in enumerate(lines, 1):
+            where = f"{path.name}:{i}"
+            try:
+                record = orjson.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError
+            except ValueError:
+                report.problems.append(f"{where}: record {seq + 1} is not a JSON object (edited or corrupted)")
+                return
+            if canonical(record) != line:
+                report.problems.append(f"{where}: record {record.get('seq')} is not in canonical form (edited)")
+                return
+            if record.get("seq") != seq + 1:
+                report.problems.append(f"{where}: record {record.get('seq')} where {seq + 1} belongs "
+                                       "(records removed, inserted or reordered)")
+                return
+            if record.get("prev") != prev:
+                report.problems.append(f"{where}: record {seq + 1} does not link to record {seq} "
+                                       f"(record {seq} was altered, or this one comes from another log)")
+                return
+            if record.get("stream") != stream:
+                report.problems.append(f"{where}: record {seq + 1} belongs to stream {record.get('stream')!r}, "
+                                       f"not {stream!r} (spliced from another log)")
+                return
+            if record.get("kind") == "checkpoint":
+                problem = _check_signature(record, public, expected_key)
+                if problem:
+                    report.problems.append(f"{where}: checkpoint {seq + 1} {problem}")
+                    return
+                report.checkpoints += 1
+                last_checkpoint = seq + 1
+            prev, seq, last_kind = digest(line), seq + 1, str(record.get("kind"))
+            report.records += 1
+        if torn:
+            where = f"{path.name}:{len(lines) + 1}"
+            if n != len(files) - 1 or not allow_unsealed:
+                report.problems.append(f"{where}: a torn, incomplete record after record {seq} "
+                                       "(a crash mid-write, or the file was cut)")
+                return
+            report.notes.append(f"{stream}: {where}: torn last record after {seq} (crash mid-write)")
+    if seq and last_kind != "checkpoint":
+        unsealed = seq - last_checkpoint
+        message = (f"{stream}: the last {unsealed} record(s), {last_checkpoint + 1}..{seq}, follow the last "
+                   "checkpoint (the log was cut short, or the gateway stopped without closing it)")
+        (report.notes if allow_unsealed else report.problems).append(message)
+
+
+def _check_signature(record: dict[str, Any], public: Ed25519PublicKey, expected_key: str) -> str | None:
+    if record.get("key_id") != expected_key:
+        return f"is signed by key {record.get('key_id')!r}, not {expected_key!r}"
+    try:
+        signature = base64.b64decode(str(record.get("sig", "")), validate=True)
+    except ValueError:
+        return "has a malformed signature"
+    unsigned = {k: v for k, v in record.items() if k != "sig"}
+    try:
+        public.verify(signature, canonical(unsigned))
+    except InvalidSignature:
+        return "has a signature that does not verify (forged or altered)"
+    return None

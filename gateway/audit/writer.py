@@ -1,0 +1,294 @@
+"""The audit writer: one hash-chained stream per serving process, group-committed and fsynced.
+
+``append`` returns once the record is on disk (written and fsynced together with whatever else
+arrived within ``audit.flush_window_ms``), so a response that reached its client always has its
+record, even after ``kill -9`` of the gateway. Checkpoints (signed) are added every
+``checkpoint_every`` records or ``checkpoint_interval_s``, at rotation, at start-up and at
+shutdown; files rotate by size or age and the chain continues across them.
+
+On start-up the stream's last file is read back: a torn last line (a crash mid-write, before any
+response depended on it) is cut off and described in a ``recovery`` record, and the chain
+continues from the last complete record. A write that fails (disk full, the directory gone or
+unwritable) fails the requests waiting on it with ``AuditUnavailable`` (503); the writer tries
+again a second later and carries on when it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+
+from gateway import __version__
+from gateway.audit.chain import FILE_PATTERN, GENESIS, AuditKey, canonical, digest
+from gateway.config import AuditConfig
+from gateway.errors import Unavailable
+
+__all__ = ["AuditUnavailable", "AuditWriter", "utc_now"]
+
+log = logging.getLogger("gateway.audit")
+RETRY_S = 1.0
+
+
+class AuditUnavailable(Unavailable):
+    type = "audit-unavailable"
+    title = "Audit log unavailable"
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class _Pending:
+    record: dict[str, Any]
+    future: asyncio.Future[None] | None = None
+
+
+@dataclass
+class _State:
+    seq: int = 0
+    prev: str = GENESIS
+    since_checkpoint: int = 0
+    last_kind: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+class AuditWriter:
+    def __init__(self, config: AuditConfig, stream: str, key: AuditKey) -> None:
+        self.config = config
+        self.stream = stream
+        self.key = key
+        self.directory = Path(config.directory) / stream
+        self.state = _State()
+        self.path: Path | None = None
+        self.fd = -1
+        self.size = 0
+        self.inode = 0
+        self.opened_at = 0.0
+        self.last_checkpoint_at = time.monotonic()
+        self.failed: str | None = None
+        self.retry_at = 0.0
+        self._lock_fd = -1
+        self._pending: list[_Pending] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._write_lock = asyncio.Lock()
+        self._ticker: asyncio.Task[None] | None = None
+        self.written = 0
+
+    # -- start-up ---------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Take the stream (one process per stream), recover its state, and open the newest file."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"audit stream {self.directory} is in use by another gateway process") from None
+        files = sorted(f for f in self.directory.iterdir() if FILE_PATTERN.match(f.name))
+        torn = b""
+        for path in reversed(files):
+            data = path.read_bytes()
+            cut = data.rfind(b"\n") + 1
+            if cut < len(data) and path == files[-1]:
+                torn = data[cut:]
+                with open(path, "r+b") as f:  # the torn tail never got an answer out: cut it off
+                    f.truncate(cut)
+            lines = data[:cut].splitlines()
+            if lines:
+                last = orjson_loads(lines[-1])
+                self.state = _State(seq=int(last["seq"]), prev=digest(lines[-1]), last_kind=str(last.get("kind")))
+                break
+        self._open_file(files[-1] if files else None)
+        start: list[dict[str, Any]] = [{"kind": "start", "pid": os.getpid(), "version": __version__}]
+        if torn:
+            start.append({"kind": "recovery", "torn_bytes": len(torn), "torn_sha256": hashlib.sha256(torn).hexdigest(),
+                          "detail": "a record torn by a crash was cut off; the chain continues from the last whole one"})
+            log.warning("audit stream %s: cut off a torn last record (%d bytes) left by a crash", self.stream, len(torn))
+        if self.state.seq and self.state.last_kind != "checkpoint":
+            start.append({"kind": "note", "detail": f"records after the last checkpoint, up to {self.state.seq}, "
+                          "were found unsealed (the gateway stopped without closing the log)"})
+        lines = [self._seal(r) for r in start]
+        lines.append(self._seal(self._checkpoint("start")))
+        self._write(b"".join(lines))
+        self._commit(lines)
+
+    def _open_file(self, path: Path | None) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        if path is None:
+            path = self.directory / f"{self.stream}-{self.state.seq + 1:012d}.jsonl"
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        st = os.fstat(self.fd)
+        self.path, self.size, self.inode, self.opened_at = path, st.st_size, st.st_ino, time.monotonic()
+
+    async def start_ticker(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.config.checkpoint_interval_s))
+            if self.state.since_checkpoint and time.monotonic() - self.last_checkpoint_at >= self.config.checkpoint_interval_s:
+                with contextlib.suppress(AuditUnavailable):
+                    await self.append(self._checkpoint("interval"))
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        with contextlib.suppress(AuditUnavailable):
+            await self.append(self._checkpoint("shutdown"))
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+
+    # -- appending ----------------------------------------------------------------------------------
+    def _checkpoint(self, reason: str) -> dict[str, Any]:
+        return {"kind": "checkpoint", "reason": reason}
+
+    def _seal(self, record: dict[str, Any], state: _State | None = None) -> bytes:
+        """Number, link and (for checkpoints) sign one record against ``state``, advancing it."""
+        s = state or self.state
+        full = {**record, "seq": s.seq + 1, "prev": s.prev, "stream": self.stream}
+        full.setdefault("time", utc_now())
+        if full["kind"] == "checkpoint":
+            full = self.key.sign(full)
+        line = canonical(full)
+        s.seq, s.prev, s.last_kind = s.seq + 1, digest(line), str(full["kind"])
+        s.since_checkpoint = 0 if full["kind"] == "checkpoint" else s.since_checkpoint + 1
+        return line + b"\n"
+
+    def _commit(self, lines: list[bytes]) -> None:
+        if any(b'"kind":"checkpoint"' in line for line in lines):
+            self.last_checkpoint_at = time.monotonic()
+        self.written += len(lines)
+
+    async def append(self, record: dict[str, Any]) -> None:
+        """Durably append one record; raises ``AuditUnavailable`` when it cannot be written."""
+        if self.failed is not None and time.monotonic() < self.retry_at:
+            raise AuditUnavailable(f"the audit log cannot be written ({self.failed}); nothing is served unrecorded",
+                                   retry_after=int(RETRY_S) + 1)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(record, future))
+        if len(self._pending) >= 256:
+            self._schedule(0.0)
+        elif self._flush_handle is None:
+            self._schedule(self.config.flush_window_ms / 1000)
+        await future
+
+    def _schedule(self, delay: float) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._flush_handle = loop.call_later(delay, lambda: loop.create_task(self._flush()))
+
+    async def _flush(self) -> None:
+        async with self._write_lock:
+            self._flush_handle = None
+            batch, self._pending = self._pending, []
+            if not batch:
+                return
+            state = _State(self.state.seq, self.state.prev, self.state.since_checkpoint, self.state.last_kind)
+            lines: list[bytes] = []
+            rotate = self._rotation_due()
+            if rotate:
+                lines.append(self._seal(self._checkpoint("rotation"), state))
+            head, body = lines, []
+            for p in batch:
+                body.append(self._seal(p.record, state))
+            if state.since_checkpoint >= self.config.checkpoint_every:
+                body.append(self._seal(self._checkpoint("count"), state))
+            try:
+                await anyio.to_thread.run_sync(self._write_batch, b"".join(head), b"".join(body), state.seq, rotate)
+            except OSError as exc:
+                self.failed = f"{type(exc).__name__}: {exc.strerror or exc}"
+                self.retry_at = time.monotonic() + RETRY_S
+                log.error("audit log %s cannot be written: %s", self.path, self.failed)
+                error = AuditUnavailable(f"the audit log cannot be written ({self.failed}); "
+                                         "nothing is served unrecorded", retry_after=int(RETRY_S) + 1)
+                for p in batch:
+                    if p.future is not None and not p.future.done():
+                        p.future.set_exception(error)
+                return
+            if self.failed is not None:
+                log.warning("audit log %s is writable again", self.path)
+                self.failed = None
+            self.state = state
+            self._commit(head + body)
+            for p in batch:
+                if p.future is not None and not p.future.done():
+                    p.future.set_result(None)
+
+    def _rotation_due(self) -> bool:
+        return self.size >= self.config.max_file_bytes or (
+            time.monotonic() - self.opened_at >= self.config.rotate_interval_s and self.size > 0)
+
+    def _write_batch(self, head: bytes, body: bytes, last_seq: int, rotate: bool) -> None:
+        """In a thread: check the target, write, fsync; on failure leave the file as it was."""
+        self._check_target()
+        if head:
+            self._write(head)
+        if rotate:
+            first = last_seq - body.count(b"\n") + 1
+            self._open_file(self.directory / f"{self.stream}-{first:012d}.jsonl")
+            with contextlib.suppress(OSError):
+                dir_fd = os.open(self.directory, os.O_RDONLY)
+                os.fsync(dir_fd)
+                os.close(dir_fd)
+        self._write(body)
+
+    def _check_target(self) -> None:
+        """The open file must still be the one in the directory, and the directory writable."""
+        assert self.path is not None
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            self._reopen_if_possible()
+            raise OSError(exc.errno, f"the audit file {self.path} is gone") from None
+        if st.st_ino != self.inode:
+            raise OSError(0, f"the audit file {self.path} was replaced")
+        if not os.access(self.directory, os.W_OK):
+            raise PermissionError(13, f"the audit directory {self.directory} is not writable")
+
+    def _reopen_if_possible(self) -> None:
+        """After the file vanished: continue in a new file (the chain state is in memory)."""
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._open_file(self.directory / f"{self.stream}-{self.state.seq + 1:012d}.jsonl")
+        except OSError:
+            pass
+
+    def _write(self, data: bytes) -> None:
+        if not data:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            os.fsync(self.fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)  # no half record left behind
+            raise
+        self.size += len(data)
+
+
+def orjson_loads(line: bytes) -> dict[str, Any]:
+    import orjson
+
+    value = orjson.loads(line)
+    if not isinstance(value, dict):
+        raise ValueError("not a record")
+    return value

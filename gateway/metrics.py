@@ -1,0 +1,76 @@
+"""Prometheus metrics at ``/metrics`` (verb ``metrics``): requests, latency, workers, providers.
+
+Request counters and latency are observed by the audit middleware, which sees every request's
+final outcome. Worker figures (queue depth, batch sizes) are read from the workers' health at
+scrape time. Each serving process keeps its own registry: with ``server.processes > 1`` a scrape
+sees the process that answered it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class _WorkerCollector(Collector):
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("gateway_worker_queue_depth", "Requests queued or running in a worker",
+                                  labels=["model", "worker"])
+        inflight = GaugeMetricFamily("gateway_worker_inflight", "Requests this process has sent to a worker "
+                                     "and not yet had back", labels=["model", "worker"])
+        healthy = GaugeMetricFamily("gateway_worker_healthy", "1 when the worker is in rotation",
+                                    labels=["model", "worker"])
+        providers = GaugeMetricFamily("gateway_model_execution_provider", "Active ONNX Runtime execution "
+                                      "providers per model (1 = active)", labels=["model", "provider"])
+        batches = HistogramMetricFamily("gateway_batch_size", "Requests joined per session.run",
+                                        labels=["model", "worker"])
+        for model, workers in self.pool.workers.items():
+            for w in workers:
+                labels = [model, str(w.index)]
+                depth.add_metric(labels, float(w.info.get("queue_depth", 0)))
+                inflight.add_metric(labels, float(w.inflight))
+                healthy.add_metric(labels, 1.0 if w.healthy else 0.0)
+                sizes = {int(k): int(v) for k, v in (w.info.get("batch_sizes") or {}).items()}
+                cumulative = []
+                for bound in BATCH_BUCKETS:
+                    cumulative.append((str(bound), float(sum(v for k, v in sizes.items() if k <= bound))))
+                cumulative.append(("+Inf", float(sum(sizes.values()))))
+                batches.add_metric(labels, cumulative, sum_value=float(sum(k * v for k, v in sizes.items())))
+            for provider in self.pool.providers(model):
+                providers.add_metric([model, provider], 1.0)
+        yield from (depth, inflight, healthy, batches, providers)
+
+
+class Metrics:
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("gateway_requests", "Requests by route, model, outcome and status",
+                                ["route", "model", "outcome", "status"], registry=self.registry)
+        self.latency = Histogram("gateway_request_duration_seconds", "Time from request to response",
+                                 ["route", "model"], registry=self.registry,
+                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.audit_records = Counter("gateway_audit_records", "Audit records written", registry=self.registry)
+        self.tls_failures = Counter("gateway_tls_handshake_failures", "TLS handshakes that did not complete",
+                                    registry=self.registry)
+        self.registry.register(_WorkerCollector(pool))
+
+    def observe(self, route: str, model: str, outcome: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, model, outcome, str(status)).inc()
+        self.latency.labels(route, model).observe(seconds)
+
+    async def render(self) -> bytes:
+        await self.pool.refresh()  # fresh queue depths and batch statistics
+        return bytes(generate_latest(self.registry))
