@@ -174,7 +174,7 @@ def wrk(url: str, model: str, clients: int, seconds: float, body: tuple[Path, st
 
 
 def start_gateway(tmp: Path, processes: int, device: str, limits: dict[str, str] | None = None,
-                  ) -> tuple[subprocess.Popen[bytes], int, str]:
+                  extra: str = "") -> tuple[subprocess.Popen[bytes], int, str]:
     """A gateway with the bench's models and limits; returns it, its port and a token for "demo"."""
     init(tmp, ROOT / "models", port=0)
     port = int(os.environ.get("BENCH_PORT", "18443"))
@@ -184,7 +184,7 @@ def start_gateway(tmp: Path, processes: int, device: str, limits: dict[str, str]
              f'client_ca_file = "{tmp}/certs/ca.pem"\n',
              f'[issuer]\nurl = "https://localhost:{port}"\n[auth]\naudience = "https://localhost:{port}"\n', POLICY,
              "[limits]\n" + "".join(f'{k} = "{v}"\n' for k, v in limits.items()),
-             f'[models]\nroot = "{ROOT / "models"}"\n']
+             extra, f'[models]\nroot = "{ROOT / "models"}"\n']
     for model, spec in MODELS.items():
         lines.append(f"[models.{model}]\ndevice = \"{device}\"\nintra_op_threads = {spec['threads']}\n"
                      f"max_batch_size = {spec['batch']}\nmax_queue_delay_ms = 1.0\n")

@@ -1,0 +1,196 @@
+"""The audit chain offline: every way of tampering is caught and named; crashes are told apart."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.audit.chain import AuditKey, canonical, digest, stream_files, verify_paths
+from gateway.audit.writer import AuditWriter
+from gateway.cli import main
+from gateway.config import AuditConfig
+
+KEY = AuditKey(Ed25519PrivateKey.generate())
+
+
+async def write_log(directory: Path, records: int = 40, stream: str = "p0", key: AuditKey = KEY,
+                    close: bool = True) -> AuditWriter:
+    config = AuditConfig(directory=str(directory), checkpoint_every=7, max_file_bytes=4096, flush_window_ms=0.5)
+    writer = AuditWriter(config, stream, key)
+    writer.open()
+    for i in range(records):
+        await writer.append({"kind": "request", "request_id": f"r{i}", "status": 200, "outcome": "allow",
+                             "path": "/v2/models/digits/infer"})
+    if close:
+        await writer.close()
+    return writer
+
+
+def lines_of(directory: Path) -> list[tuple[Path, int]]:
+    """(file, line index) for every record, in order."""
+    out = []
+    for f in stream_files([directory])["p0"]:
+        out += [(f, i) for i in range(len(f.read_bytes().splitlines()))]
+    return out
+
+
+def rewrite(path: Path, change: Callable[[list[bytes]], list[bytes]]) -> None:
+    lines = path.read_bytes().splitlines()
+    path.write_bytes(b"".join(line + b"\n" for line in change(lines)))
+
+
+def record_at(path: Path, i: int) -> dict[str, object]:
+    return dict(json.loads(path.read_bytes().splitlines()[i]))
+
+
+@pytest.mark.anyio
+async def test_an_untouched_log_verifies(tmp_path: Path) -> None:
+    await write_log(tmp_path)
+    report = verify_paths([tmp_path], KEY.public)
+    assert report.ok, report.problems
+    assert len(stream_files([tmp_path])["p0"]) > 1  # it rotated, and the chain continued across files
+    assert report.records == sum(1 for _ in lines_of(tmp_path)) and report.checkpoints >= 6
+
+
+def _request_line(directory: Path, n: int) -> tuple[Path, int]:
+    """The n-th request record (not a checkpoint)."""
+    found = [(f, i) for f, i in lines_of(directory) if record_at(f, i)["kind"] == "request"]
+    return found[n]
+
+
+def _edit(d: Path) -> str:
+    f, i = _request_line(d, 10)
+    rewrite(f, lambda ls: [canonical({**json.loads(x), "status": 403}) if k == i else x for k, x in enumerate(ls)])
+    return f"record {record_at(f, i)['seq']}"
+
+
+def _delete(d: Path) -> str:
+    f, i = _request_line(d, 12)
+    seq = record_at(f, i)["seq"]
+    rewrite(f, lambda ls: [x for k, x in enumerate(ls) if k != i])
+    return f"where {seq} belongs"
+
+
+def _reorder(d: Path) -> str:
+    f, i = _request_line(d, 3)
+    seq = record_at(f, i)["seq"]
+    rewrite(f, lambda ls: ls[:i] + [ls[i + 1], ls[i]] + ls[i + 2:])
+    return f"where {seq} belongs"
+
+
+def _truncate_a_middle_file(d: Path) -> str:
+    first = stream_files([d])["p0"][0]
+    rewrite(first, lambda ls: ls[:-3])
+    return "is next"
+
+
+def _truncate_the_end(d: Path) -> str:
+    last = stream_files([d])["p0"][-1]
+    rewrite(last, lambda ls: ls[:-2])  # the closing checkpoint and one record gone
+    return "follow the last checkpoint"
+
+
+def _forge_checkpoint(d: Path) -> str:
+    f, i = next((f, i) for f, i in lines_of(d) if record_at(f, i)["kind"] == "checkpoint" and i > 3)
+    forger = AuditKey(Ed25519PrivateKey.generate())
+
+    def forge(ls: list[bytes]) -> list[bytes]:
+        record = json.loads(ls[i])
+        record["reason"] = "forged"
+        signed = forger.sign(record)
+        signed["key_id"] = record["key_id"]  # claim to be the real key
+        return [canonical(signed) if k == i else x for k, x in enumerate(ls)]
+
+    rewrite(f, forge)
+    return f"checkpoint {record_at(f, i)['seq']} has a signature that does not verify"
+
+
+def _drop_checkpoint(d: Path) -> str:
+    f, i = next((f, i) for f, i in lines_of(d) if record_at(f, i)["kind"] == "checkpoint" and i > 3)
+    seq = record_at(f, i)["seq"]
+    rewrite(f, lambda ls: [x for k, x in enumerate(ls) if k != i])
+    return f"where {seq} belongs"
+
+
+def _splice(d: Path) -> str:
+    other = d.parent / "other-log"
+    import asyncio
+
+    asyncio.run(write_log(other, records=40))
+    f, i = _request_line(d, 20)
+    g, j = _request_line(other, 20)
+    donor = g.read_bytes().splitlines()[j]
+    rewrite(f, lambda ls: [donor if k == i else x for k, x in enumerate(ls)])
+    return "does not link"
+
+
+TAMPERING = [("edit a field", _edit), ("delete a record", _delete), ("reorder two", _reorder),
+             ("truncate a rotated file", _truncate_a_middle_file), ("truncate the end", _truncate_the_end),
+             ("forge a checkpoint", _forge_checkpoint), ("drop a checkpoint", _drop_checkpoint),
+             ("splice from another log", _splice)]
+
+
+@pytest.mark.parametrize("tamper", [t[1] for t in TAMPERING], ids=[t[0] for t in TAMPERING])
+def test_tampering_is_caught_and_named(tmp_path: Path, tamper: Callable[[Path], str],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+
+    log = tmp_path / "log"
+    asyncio.run(write_log(log))
+    expected = tamper(log)
+    report = verify_paths([log], KEY.public)
+    assert not report.ok
+    assert expected in report.problems[0], report.problems
+    # The command says the same and exits non-zero.
+    public = tmp_path / "audit.pub"
+    from cryptography.hazmat.primitives import serialization
+
+    public.write_bytes(KEY.public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    assert main(["audit", "verify", str(log), "--public-key", str(public)]) == 1
+    assert expected in capsys.readouterr().out
+
+
+@pytest.mark.anyio
+async def test_a_crash_leaves_a_torn_tail_that_restart_cuts_and_records(tmp_path: Path) -> None:
+    writer = await write_log(tmp_path, records=10, close=False)  # no closing checkpoint: as after kill -9
+    last = stream_files([tmp_path])["p0"][-1]
+    with open(last, "ab") as f:
+        f.write(b'{"kind":"request","prev":"')  # a record torn mid-write
+    os.close(writer.fd)  # what the kernel does when the process dies
+    os.close(writer._lock_fd)
+    strict = verify_paths([tmp_path], KEY.public)
+    assert not strict.ok and "torn" in strict.problems[0]
+    lenient = verify_paths([tmp_path], KEY.public, allow_unsealed=True)
+    assert lenient.ok and any("torn" in n for n in lenient.notes)
+    restarted = AuditWriter(writer.config, "p0", KEY)
+    restarted.open()
+    await restarted.append({"kind": "request", "request_id": "after", "status": 200})
+    await restarted.close()
+    report = verify_paths([tmp_path], KEY.public)
+    assert report.ok, report.problems
+    kinds = [json.loads(x)["kind"] for f in stream_files([tmp_path])["p0"] for x in f.read_bytes().splitlines()]
+    assert "recovery" in kinds and "note" in kinds  # the cut and the unsealed tail are on the record
+
+
+@pytest.mark.anyio
+async def test_a_second_writer_on_the_same_stream_is_refused(tmp_path: Path) -> None:
+    first = await write_log(tmp_path, records=1, close=False)
+    with pytest.raises(RuntimeError, match="in use by another gateway process"):
+        AuditWriter(first.config, "p0", KEY).open()
+    await first.close()
+
+
+def test_records_link_by_the_hash_of_the_whole_line(tmp_path: Path) -> None:
+    import asyncio
+
+    asyncio.run(write_log(tmp_path, records=3))
+    lines = stream_files([tmp_path])["p0"][0].read_bytes().splitlines()
+    for before, after in zip(lines, lines[1:]):
+        assert json.loads(after)["prev"] == digest(before)
+    shutil.rmtree(tmp_path)
