@@ -248,6 +248,43 @@ def _follow(path: Path | None, keep: Any) -> int:
             return 0
 
 
+def _cmd_infer(args: argparse.Namespace) -> int:
+    """``gateway infer MODEL --input x.npy|x.json``: one inference through the SDK."""
+    import json as jsonlib
+
+    import numpy as np
+
+    from gateway.client import Client, ClientError, RetryPolicy
+
+    path = Path(args.input)
+    if path.suffix == ".npy":
+        inputs: dict[str, np.ndarray] | np.ndarray = np.load(path, allow_pickle=False)
+    elif path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            inputs = {name: npz[name] for name in npz.files}
+    else:
+        def array(value: object) -> np.ndarray:  # JSON numbers with a fraction are taken as FP32
+            a = np.asarray(value)
+            return a.astype(np.float32) if a.dtype.kind == "f" else a
+
+        doc = jsonlib.loads(path.read_text())
+        inputs = {k: array(v) for k, v in doc.items()} if isinstance(doc, dict) else array(doc)
+    try:
+        with Client.from_credentials(args.credentials, args.principal,
+                                     retry=RetryPolicy(deadline_s=args.deadline)) as client:
+            outputs = client.infer(args.model, inputs, version=args.version, binary=not args.json)
+    except ClientError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    if args.output:
+        np.savez(args.output, **outputs)  # type: ignore[arg-type]
+        print(f"wrote {', '.join(outputs)} to {args.output}")
+    else:
+        print(jsonlib.dumps({name: {"shape": list(a.shape), "dtype": str(a.dtype), "data": a.tolist()}
+                             for name, a in outputs.items()}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="Secure model-serving gateway.")
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
@@ -309,6 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outcome", default="", choices=["", "allow", "deny", "throttled", "rejected", "error"])
     p.add_argument("--kind", default="", help="request, checkpoint, tls, start, recovery")
     p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("infer", help="run one inference through the SDK")
+    p.add_argument("model")
+    p.add_argument("--input", required=True, help=".npy (one input), .npz (named inputs) or .json (array or {name: array})")
+    p.add_argument("--version", default=None)
+    p.add_argument("--credentials", default="credentials.json", help="written by `gateway init`")
+    p.add_argument("--principal", default="demo")
+    p.add_argument("--output", default="", help="save the outputs to this .npz instead of printing them")
+    p.add_argument("--json", action="store_true", help="send JSON tensors instead of binary ones")
+    p.add_argument("--deadline", type=float, default=30.0, help="seconds for the call, retries included")
+    p.set_defaults(func=_cmd_infer)
 
     p = sub.add_parser("policy", help="explain an access decision")
     p.add_argument("action", choices=["explain"])

@@ -93,6 +93,9 @@ RULES = [
     ("workers", ("gateway.security", "gateway.audit")),
     ("security", ("gateway.workers",)),
     ("protocol", ("gateway.app", "starlette", "uvicorn")),
+    ("client", ("gateway.app", "gateway.workers", "gateway.security", "gateway.audit", "gateway.v2", "starlette",
+                "uvicorn", "onnxruntime")),
+    ("audit", ("gateway.workers",)),
 ]
 
 

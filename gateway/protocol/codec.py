@@ -331,6 +331,36 @@ def encode_infer_response(
     return b"".join(parts), header_length
 
 
+def encode_infer_request(
+    inputs: list[Tensor],
+    outputs: list[RequestedOutput] | None = None,
+    binary: bool = True,
+    parameters: dict[str, Any] | None = None,
+    request_id: str | None = None,
+) -> tuple[bytes, int | None]:
+    """A client's inference request: binary tensors by default, JSON with ``binary=False``."""
+    top: dict[str, Any] = {}
+    if request_id is not None:
+        top["id"] = request_id
+    params = dict(parameters or {})
+    if binary:
+        params.setdefault("binary_data_output", True)
+    if params:
+        top["parameters"] = params
+    if outputs:
+        top["outputs"] = [{"name": o.name, **({"parameters": {"binary_data": o.binary}} if o.binary is not None else {})}
+                          for o in outputs]
+    parts, header_length = _encode("inputs", inputs, {t.name for t in inputs} if binary else set(), top)
+    return b"".join(parts), header_length
+
+
+def decode_infer_response(body: bytes, header_length: int | None,
+                          limits: DecodeLimits = DecodeLimits()) -> tuple[dict[str, Any], list[Tensor]]:
+    """A response's JSON document (model name, version, id) and its output tensors."""
+    doc, raw = _split(body, header_length)
+    return doc, _tensors(doc.get("outputs"), raw, "outputs", limits)
+
+
 def encode_tensor_parts(key: str, tensors: list[Tensor]) -> tuple[list[Chunk], int]:
     """All-binary message between the gateway and a worker (``key`` is inputs or outputs), as
     parts to write in sequence: a JSON header padded to 8 bytes, then views of the tensors."""

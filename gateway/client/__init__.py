@@ -1,0 +1,35 @@
+"""The gateway's Python SDK: tokens, mTLS, retries and typed errors over the Open Inference Protocol.
+
+    import numpy as np
+    from gateway.client import Client
+
+    with Client.from_credentials("credentials.json", principal="demo") as client:
+        out = client.infer("digits", np.full((1, 64), 8, np.float32))
+        print(out["probabilities"].argmax())
+
+Imports neither the server (Starlette, uvicorn) nor onnxruntime: only httpx, authlib, numpy and
+the protocol codec.
+"""
+
+from gateway.client.auth import CallableToken, ClientCredentials, StaticToken, TokenSource
+from gateway.client.core import AsyncClient, Client, RetryPolicy, ssl_context
+from gateway.client.errors import (
+    AuthenticationError,
+    BudgetExhausted,
+    ClientError,
+    ConnectionFailed,
+    Forbidden,
+    GatewayError,
+    InvalidInput,
+    NotFound,
+    RateLimited,
+    StepUpRequired,
+    Timeout,
+    Unavailable,
+)
+
+__all__ = [
+    "AsyncClient", "AuthenticationError", "BudgetExhausted", "CallableToken", "Client", "ClientCredentials",
+    "ClientError", "ConnectionFailed", "Forbidden", "GatewayError", "InvalidInput", "NotFound", "RateLimited",
+    "RetryPolicy", "StaticToken", "StepUpRequired", "Timeout", "TokenSource", "Unavailable", "ssl_context",
+]
