@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -285,6 +286,47 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    """``check``, ``encrypt`` and ``rewrap`` a model version folder (``<root>/<name>/<version>``)."""
+    from gateway.registry.admission import AdmissionError, admit
+    from gateway.registry.loading import load_model_bytes
+    from gateway.registry.manifest import ManifestError, load_manifest
+    from gateway.registry.sealing import SEALED_NAME, SealError, key_provider, rewrap, seal
+
+    supply = _load(args).supply
+    folder = Path(args.folder)
+    try:
+        manifest = load_manifest(folder)
+        if args.action == "check":
+            data = load_model_bytes(manifest, supply)
+            report = admit(data, supply, None if (folder / SEALED_NAME).exists() else folder)
+            print(f"{manifest.name}/{manifest.version}: admitted ({report.nodes} nodes, opset {report.opset}, "
+                  f"{report.initializer_bytes} bytes of initializers, domains {list(report.domains)})")
+            return 0
+        if args.action == "encrypt":
+            plaintext = manifest.read_verified()
+            admit(plaintext, supply, None)
+            sealed = seal(plaintext, manifest.name, manifest.version, key_provider(supply))
+            tmp = folder / (SEALED_NAME + ".tmp")
+            tmp.write_bytes(sealed)
+            os.replace(tmp, folder / SEALED_NAME)
+            if not args.keep_plaintext:
+                manifest.onnx_path.unlink()
+            print(f"sealed {folder / SEALED_NAME}" + ("" if args.keep_plaintext else f"; removed {manifest.onnx_path}"))
+            return 0
+        old = key_provider(supply)
+        new = key_provider(supply, kek_file=args.new_kek_file)
+        path = folder / SEALED_NAME
+        tmp = folder / (SEALED_NAME + ".tmp")
+        tmp.write_bytes(rewrap(path.read_bytes(), old, new))
+        os.replace(tmp, path)
+        print(f"rewrapped {path} from key {old.kek_id()} to {new.kek_id()} (the model itself was not re-encrypted)")
+        return 0
+    except (ManifestError, SealError, AdmissionError, OSError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="Secure model-serving gateway.")
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
@@ -347,6 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="", help="request, checkpoint, tls, start, recovery")
     p.set_defaults(func=_cmd_audit)
 
+    p = sub.add_parser("models", help="check, encrypt or rewrap a model version folder")
+    p.add_argument("action", choices=["check", "encrypt", "rewrap"])
+    p.add_argument("folder", help="<models root>/<name>/<version>")
+    p.add_argument("--config", default="gateway.toml")
+    p.add_argument("--keep-plaintext", action="store_true", help="encrypt: do not remove model.onnx afterwards")
+    p.add_argument("--new-kek-file", default="", help="rewrap: the new key-encryption key")
+    p.set_defaults(func=_cmd_models)
+
     p = sub.add_parser("infer", help="run one inference through the SDK")
     p.add_argument("model")
     p.add_argument("--input", required=True, help=".npy (one input), .npz (named inputs) or .json (array or {name: array})")
@@ -380,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.command} {args.action} needs a name")
     if args.command in ("users", "clients") and args.action == "add" and not args.roles:
         parser.error(f"{args.command} add needs --roles")
+    if args.command == "models" and args.action == "rewrap" and not args.new_kek_file:
+        parser.error("models rewrap needs --new-kek-file")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from gateway.config import ConfigError
 

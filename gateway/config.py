@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import limits as limits_lib
 
 __all__ = [
-    "AuditConfig", "AuthConfig", "Config", "ConfigError", "IssuerConfig", "IssuerTrust", "ModelConfig", "PolicyConfig",
+    "AuditConfig", "AuthConfig", "Config", "SupplyConfig", "ConfigError", "IssuerConfig", "IssuerTrust", "ModelConfig", "PolicyConfig",
     "LimitsConfig", "RuleConfig", "ServerConfig", "StepUpRule", "TLSConfig", "load_config",
 ]
 
@@ -242,6 +242,26 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class SupplyConfig:
+    """``[supply]``: what a model file must be before it is served (admission, encryption at rest)."""
+
+    kek_file: str = ""
+    """Key-encryption key for sealed models: a file holding 32 random bytes (base64 or raw)."""
+    kek_env: str = "GATEWAY_MODEL_KEK"
+    """...or this environment variable (base64), when kek_file is empty."""
+    kek_provider: str = ""
+    """``module:Class`` of another key provider (a KMS, Vault): called with this section, it must offer
+    ``kek_id()``, ``wrap(key)`` and ``unwrap(wrapped)``."""
+    max_model_bytes: int = 4 * 1024**3
+    max_nodes: int = 200_000
+    max_initializer_bytes: int = 2 * 1024**3
+    allowed_domains: tuple[str, ...] = ("", "ai.onnx", "ai.onnx.ml")
+    """Operator domains a model may use; custom domains (native custom operators) are refused."""
+    opset_min: int = 7
+    opset_max: int = 25
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
@@ -253,6 +273,7 @@ class Config:
     rbac: PolicyConfig = field(default_factory=PolicyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    supply: SupplyConfig = field(default_factory=SupplyConfig)
 
     @property
     def issuer_url(self) -> str:
@@ -517,7 +538,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{p}: {exc}"]) from None
     _env_overrides(data, dict(os.environ if environ is None else environ))
-    for section in set(data) - {"server", "tls", "models", "auth", "issuer", "rbac", "limits", "audit"}:
+    for section in set(data) - {"server", "tls", "models", "auth", "issuer", "rbac", "limits", "audit", "supply"}:
         problems.append(f"[{section}]: unknown section")
     server = ServerConfig(**_coerce(ServerConfig, data.get("server", {}), "server", problems))
     tls = TLSConfig(**_coerce(TLSConfig, data.get("tls", {}), "tls", problems))
@@ -543,8 +564,10 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     audit = AuditConfig(**_coerce(AuditConfig, data.get("audit", {}), "audit", problems))
     audit = dataclasses.replace(audit, directory=_resolve(base, audit.directory),
                                 signing_key=_resolve(base, audit.signing_key), public_key=_resolve(base, audit.public_key))
+    supply = SupplyConfig(**_coerce(SupplyConfig, data.get("supply", {}), "supply", problems))
+    supply = dataclasses.replace(supply, kek_file=_resolve(base, supply.kek_file))
     cfg = Config(server, tls, _resolve(base, str(root)), tuple(models), str(path or ""), auth, issuer, rbac, limits,
-                 audit)
+                 audit, supply)
     _check_ranges(cfg, problems)
     if not cfg.models:
         problems.append("models: no model is configured (add a [models.NAME] table)")

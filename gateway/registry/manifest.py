@@ -58,9 +58,10 @@ class Manifest:
     def onnx_path(self) -> Path:
         return self.path / "model.onnx"
 
-    def read_verified(self) -> bytes:
-        """The ONNX file's bytes, refused unless they match the manifest's SHA-256."""
-        data = self.onnx_path.read_bytes()
+    def read_verified(self, plaintext: bytes | None = None) -> bytes:
+        """The ONNX file's bytes (or ``plaintext`` unsealed elsewhere), refused unless they match
+        the manifest's SHA-256."""
+        data = self.onnx_path.read_bytes() if plaintext is None else plaintext
         digest = hashlib.sha256(data).hexdigest()
         if digest != self.sha256:
             raise ManifestError(

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.config import Config, ModelConfig
+from gateway.registry.loading import load_model_bytes
 from gateway.registry.manifest import Manifest
 from gateway.workers.transport import fetch_health
 
@@ -85,7 +86,7 @@ class Supervisor:
             entry = pwd.getpwnam(self.user)
             os.chown(self.runtime_dir, entry.pw_uid, entry.pw_gid)
         for name, manifest in self.manifests.items():
-            self._models[name] = manifest.read_verified()
+            self._models[name] = load_model_bytes(manifest, self.config.supply)
         for w in self.workers:
             self._spawn(w)
         self._thread = threading.Thread(target=self._monitor, name="supervisor", daemon=True)

@@ -1,0 +1,122 @@
+"""Admission: checks an ONNX file must pass before any ONNX Runtime session sees it.
+
+The model is parsed with the ``onnx`` package (never onnxruntime) and refused, with the reason,
+when it:
+
+* is larger than ``max_model_bytes`` or is not a valid ONNX protobuf;
+* refers to external data outside its own folder: an absolute path, ``..`` anywhere, or a
+  symbolic link that leaves the folder (CVE-2022-25882, CVE-2024-27318, CVE-2024-5187), or to
+  external data at all when the model is served from memory (encrypted models);
+* uses an operator domain outside ``allowed_domains`` (custom operators run native code);
+* has more than ``max_nodes`` nodes or an initializer larger than ``max_initializer_bytes``;
+* declares a default-domain opset outside ``opset_min``..``opset_max``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+
+from gateway.config import SupplyConfig
+
+__all__ = ["AdmissionError", "AdmissionReport", "admit"]
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+class AdmissionError(ValueError):
+    """A model file refused before reaching ONNX Runtime; the message says why."""
+
+
+@dataclass(frozen=True)
+class AdmissionReport:
+    nodes: int
+    initializer_bytes: int
+    opset: int
+    domains: tuple[str, ...]
+
+
+def _external_location(tensor: onnx.TensorProto) -> str | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    entries = {str(e.key): str(e.value) for e in tensor.external_data}
+    return entries.get("location", "")
+
+
+def _confined(location: str, folder: Path | None) -> str | None:
+    """Why ``location`` may not be used, or None when it stays inside ``folder``."""
+    if folder is None:
+        return "external data cannot be used by a model served from memory"
+    if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
+        return f"external data path {location!r} is absolute or empty"
+    parts = Path(location).parts
+    if ".." in parts or any(".." in p.split("\\") for p in parts):
+        return f"external data path {location!r} climbs out of the model's folder"
+    target = folder / location
+    if target.is_symlink() or any(parent.is_symlink() for parent in target.parents if parent != folder.parent):
+        resolved = target.resolve()
+        if folder.resolve() not in resolved.parents:
+            return f"external data {location!r} is a symbolic link out of the model's folder"
+    return None
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 8
+    return count * itemsize
+
+
+def admit(data: bytes, config: SupplyConfig, folder: Path | None = None) -> AdmissionReport:
+    """Refuse ``data`` (an ONNX model) with ``AdmissionError`` unless it passes every check."""
+    if len(data) > config.max_model_bytes:
+        raise AdmissionError(f"the model is {len(data)} bytes, more than max_model_bytes ({config.max_model_bytes})")
+    try:
+        model = onnx.load_model_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise AdmissionError(f"not a valid ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not model.HasField("graph"):
+        raise AdmissionError("not a valid ONNX model (no graph)")
+    graphs = [model.graph]
+    nodes, domains = 0, set()
+    initializer_bytes = 0
+    while graphs:  # subgraphs (If, Loop, Scan) count too
+        graph = graphs.pop()
+        for tensor in graph.initializer:
+            location = _external_location(tensor)
+            if location is not None:
+                why = _confined(location, folder)
+                if why:
+                    raise AdmissionError(f"initializer {tensor.name!r}: {why}")
+            size = _tensor_bytes(tensor)
+            if size > config.max_initializer_bytes:
+                raise AdmissionError(f"initializer {tensor.name!r} has {size} bytes, more than "
+                                     f"max_initializer_bytes ({config.max_initializer_bytes})")
+            initializer_bytes += size
+        for node in graph.node:
+            nodes += 1
+            domains.add(node.domain)
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    graphs.append(attribute.g)
+                graphs.extend(attribute.graphs)
+                if attribute.HasField("t") and _external_location(attribute.t) is not None:
+                    raise AdmissionError(f"node {node.name!r}: attribute tensors may not use external data")
+    if nodes > config.max_nodes:
+        raise AdmissionError(f"the graph has {nodes} nodes, more than max_nodes ({config.max_nodes})")
+    allowed = set(config.allowed_domains) | set(DEFAULT_DOMAINS)
+    foreign = sorted(d for d in domains | {o.domain for o in model.opset_import} if d not in allowed)
+    if foreign:
+        raise AdmissionError(f"operator domain {foreign[0]!r} is not allowed (custom operators run native code); "
+                             f"allowed: {sorted(allowed)}")
+    opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
+    if not config.opset_min <= opset <= config.opset_max:
+        raise AdmissionError(f"opset {opset} is outside the supported {config.opset_min}..{config.opset_max}")
+    return AdmissionReport(nodes, initializer_bytes, opset, tuple(sorted(domains)))

@@ -1,0 +1,32 @@
+"""From a model's folder to the bytes a worker may load: unseal, verify the digest, admit."""
+
+from __future__ import annotations
+
+from gateway.config import SupplyConfig
+from gateway.registry.admission import AdmissionError, admit
+from gateway.registry.manifest import Manifest, ManifestError
+from gateway.registry.sealing import SEALED_NAME, SealError, key_provider, unseal
+
+__all__ = ["load_model_bytes"]
+
+
+def load_model_bytes(manifest: Manifest, supply: SupplyConfig) -> bytes:
+    """The verified, admitted model bytes, in memory; ``ManifestError`` with the reason otherwise."""
+    sealed = manifest.path / SEALED_NAME
+    where = f"{manifest.name}/{manifest.version}"
+    try:
+        if sealed.exists():
+            plaintext = unseal(sealed.read_bytes(), manifest.name, manifest.version, key_provider(supply))
+            data = manifest.read_verified(plaintext)
+            folder = None  # served from memory: no external data
+        else:
+            data = manifest.read_verified()
+            folder = manifest.path
+        admit(data, supply, folder)
+    except SealError as exc:
+        raise ManifestError(f"{where}: cannot unseal: {exc}") from None
+    except AdmissionError as exc:
+        raise ManifestError(f"{where}: refused at admission: {exc}") from None
+    except FileNotFoundError:
+        raise ManifestError(f"{where}: neither model.onnx nor {SEALED_NAME} exists") from None
+    return data

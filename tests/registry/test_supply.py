@@ -1,0 +1,183 @@
+"""Model supply chain: admission of hostile ONNX files, and encryption at rest."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from gateway.cli import main
+from gateway.config import SupplyConfig
+from gateway.registry.admission import AdmissionError, admit
+from gateway.registry.loading import load_model_bytes
+from gateway.registry.manifest import ManifestError, load_manifest
+from gateway.registry.sealing import SEALED_NAME, LocalKey, SealError, rewrap, seal, unseal
+from tests.conftest import onnx_reference, start_gateway
+
+SUPPLY = SupplyConfig(max_initializer_bytes=1024 * 1024)
+
+
+def _model(initializer: TensorProto | None = None, domain: str = "", op: str = "Relu",
+           opset: int = 17) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node(op, ["x"], ["y"], domain=domain)]
+    inits = [initializer] if initializer is not None else []
+    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=inits), opset_imports=imports)
+
+
+def _external(location: str) -> TensorProto:
+    t = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    t.ClearField("float_data")
+    t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    return t
+
+
+def _symlink_case(folder: Path) -> bytes:
+    outside = folder.parent / "secret.bin"
+    outside.write_bytes(b"\0" * 16)
+    (folder / "weights.bin").symlink_to(outside)
+    return _model(_external("weights.bin")).SerializeToString()
+
+
+HOSTILE: list[tuple[str, Callable[[Path], bytes], str]] = [
+    ("external data ../x", lambda f: _model(_external("../x.bin")).SerializeToString(), "climbs out"),
+    ("absolute path", lambda f: _model(_external("/etc/passwd")).SerializeToString(), "absolute"),
+    ("nested escape", lambda f: _model(_external("sub/../../x.bin")).SerializeToString(), "climbs out"),
+    ("symlink out of the folder", _symlink_case, "symbolic link"),
+    ("custom op domain", lambda f: _model(domain="com.evil", op="Backdoor").SerializeToString(),
+     "operator domain 'com.evil'"),
+    ("oversized initializer", lambda f: _model(helper.make_tensor(
+        "w", TensorProto.FLOAT, [512, 1024], np.zeros(512 * 1024, np.float32).tobytes(), raw=True)).SerializeToString(),
+     "max_initializer_bytes"),
+    ("truncated protobuf", lambda f: _model().SerializeToString()[:-7], "not a valid ONNX model"),
+    ("not a protobuf", lambda f: b"\xff" * 100, "not a valid ONNX model"),
+    ("opset from the future", lambda f: _model(opset=99).SerializeToString(), "opset 99"),
+]
+
+
+@pytest.mark.parametrize("make,reason", [(h[1], h[2]) for h in HOSTILE], ids=[h[0] for h in HOSTILE])
+def test_hostile_models_are_refused_with_a_reason(tmp_path: Path, make: Callable[[Path], bytes], reason: str) -> None:
+    folder = tmp_path / "m" / "1"
+    folder.mkdir(parents=True)
+    data = make(folder)
+    with pytest.raises(AdmissionError, match=reason):
+        admit(data, SUPPLY, folder)
+
+
+def test_a_model_in_memory_may_not_use_external_data_at_all(tmp_path: Path) -> None:
+    with pytest.raises(AdmissionError, match="served from memory"):
+        admit(_model(_external("weights.bin")).SerializeToString(), SUPPLY, None)
+
+
+def test_the_demo_models_are_admitted(models_root: Path) -> None:
+    for name in ("digits", "resnetish"):
+        report = admit((models_root / name / "1" / "model.onnx").read_bytes(), SupplyConfig(), models_root / name / "1")
+        assert report.nodes > 0 and report.domains and set(report.domains) <= {"", "ai.onnx"}
+
+
+def test_a_gateway_refuses_to_start_a_hostile_model(models_root: Path, tmp_path: Path, pki: Path) -> None:
+    root = _copy_models(models_root, tmp_path / "models")
+    hostile = _model(domain="com.evil", op="Backdoor").SerializeToString()
+    _replace_model(root / "digits" / "1", hostile)
+    from tests.conftest import free_port, write_config
+
+    config = write_config(pki, tmp_path, root, free_port())
+    result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "digits/1: refused at admission: operator domain 'com.evil'" in result.stderr
+
+
+def _copy_models(src: Path, dst: Path) -> Path:
+    for name in ("digits", "resnetish"):
+        shutil.copytree(src / name, dst / name)
+    return dst
+
+
+def _replace_model(folder: Path, data: bytes) -> None:
+    import hashlib
+
+    (folder / "model.onnx").write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["onnx"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+# -- encryption at rest -------------------------------------------------------------------------
+
+def test_seal_unseal_rewrap() -> None:
+    old, new = LocalKey(os.urandom(32)), LocalKey(os.urandom(32))
+    sealed = seal(b"model bytes", "digits", "1", old)
+    assert b"model bytes" not in sealed
+    assert unseal(sealed, "digits", "1", old) == b"model bytes"
+    with pytest.raises(SealError, match="not"):
+        unseal(sealed, "digits", "1", new)  # wrong key
+    with pytest.raises(SealError, match="not digits/2"):
+        unseal(sealed, "digits", "2", old)  # passed off as another version
+    rewrapped = rewrap(sealed, old, new)
+    ciphertext = len(b"model bytes") + 16  # plus the GCM tag
+    assert rewrapped[-ciphertext:] == sealed[-ciphertext:]  # same ciphertext: only the wrapped key changed
+    assert unseal(rewrapped, "digits", "1", new) == b"model bytes"
+    tampered = bytearray(sealed)
+    tampered[-1] ^= 1
+    with pytest.raises(SealError, match="does not authenticate"):
+        unseal(bytes(tampered), "digits", "1", old)
+
+
+@pytest.mark.slow
+def test_an_encrypted_model_serves_what_its_plaintext_does_and_leaves_no_plaintext_on_disk(
+        models_root: Path, tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _copy_models(models_root, tmp_path / "models")
+    plaintext = (root / "digits" / "1" / "model.onnx").read_bytes()
+    kek = tmp_path / "kek.b64"
+    kek.write_bytes(base64.b64encode(os.urandom(32)))
+    from tests.conftest import free_port, write_config
+
+    cli = tmp_path / "cli"
+    cli.mkdir()
+    gateway_toml = write_config(pki, cli, root, free_port(), sections=f'[supply]\nkek_file = "{kek}"\n')
+    assert main(["models", "encrypt", str(root / "digits" / "1"), "--config", str(gateway_toml)]) == 0
+    assert not (root / "digits" / "1" / "model.onnx").exists() and (root / "digits" / "1" / SEALED_NAME).exists()
+    assert main(["models", "check", str(root / "digits" / "1"), "--config", str(gateway_toml)]) == 0
+    # Rotate the KEK, then serve with the new one only.
+    new_kek = tmp_path / "kek2.b64"
+    new_kek.write_bytes(base64.b64encode(os.urandom(32)))
+    assert main(["models", "rewrap", str(root / "digits" / "1"), "--new-kek-file", str(new_kek),
+                 "--config", str(gateway_toml)]) == 0
+    with pytest.raises(ManifestError, match="cannot unseal"):
+        load_model_bytes(load_manifest(root / "digits" / "1"), SupplyConfig(kek_file=str(kek)))
+    gw_tmp = tmp_path / "gw"
+    gw_tmp.mkdir()
+    gw = start_gateway(pki, gw_tmp, root, sections=f'[supply]\nkek_file = "{new_kek}"\n')
+    try:
+        x = np.random.default_rng(5).uniform(0, 16, (3, 64)).astype(np.float32)
+        with gw.client() as c:
+            r = c.post("/v2/models/digits/infer", json={"inputs": [{"name": "input", "datatype": "FP32",
+                                                                    "shape": [3, 64], "data": x.ravel().tolist()}]})
+        assert r.status_code == 200, r.text
+        got = np.array(r.json()["outputs"][0]["data"], np.float32).reshape(3, 10)
+        np.testing.assert_allclose(got, onnx_reference(models_root, "digits", x), rtol=1e-5, atol=1e-6)
+        # No plaintext copy anywhere a worker or the gateway could have written it.
+        needle = plaintext[len(plaintext) // 2: len(plaintext) // 2 + 64]
+        for place in (tmp_path, Path("/dev/shm"), Path("/var/tmp")):
+            for path in place.rglob("*"):
+                if path.is_file() and not path.is_symlink():
+                    try:
+                        assert needle not in path.read_bytes(), f"plaintext model bytes found in {path}"
+                    except PermissionError:
+                        continue
+    finally:
+        gw.stop()
