@@ -286,12 +286,25 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resign(folder: Path, signing_key: str) -> None:
+    """The folder's files changed: sign it again when this machine holds the signing key."""
+    from gateway.registry.signing import sign_model
+
+    if Path(signing_key).is_file():
+        sign_model(folder, Path(signing_key))
+        print(f"re-signed {folder} with {signing_key}")
+    else:
+        print(f"note: {folder} changed and its signature no longer matches; sign it with `gateway models sign`")
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
-    """``check``, ``encrypt`` and ``rewrap`` a model version folder (``<root>/<name>/<version>``)."""
+    """``sign``, ``verify``, ``check``, ``encrypt`` and ``rewrap`` a model version folder
+    (``<root>/<name>/<version>``)."""
     from gateway.registry.admission import AdmissionError, admit
     from gateway.registry.loading import load_model_bytes
     from gateway.registry.manifest import ManifestError, load_manifest
     from gateway.registry.sealing import SEALED_NAME, SealError, key_provider, rewrap, seal
+    from gateway.registry.signing import SignatureError, sign_model, verify_model
 
     supply = _load(args).supply
     folder = Path(args.folder)
@@ -303,6 +316,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
             print(f"{manifest.name}/{manifest.version}: admitted ({report.nodes} nodes, opset {report.opset}, "
                   f"{report.initializer_bytes} bytes of initializers, domains {list(report.domains)})")
             return 0
+        if args.action == "sign":
+            signature = sign_model(folder, Path(args.key or supply.signing_key))
+            print(f"signed {folder} -> {signature}")
+            return 0
+        if args.action == "verify":
+            keys = [Path(k) for k in (args.trusted_key or supply.trusted_keys)]
+            key = verify_model(folder, keys)
+            print(f"{manifest.name}/{manifest.version}: signature verified with {key}")
+            return 0
         if args.action == "encrypt":
             plaintext = manifest.read_verified()
             admit(plaintext, supply, None)
@@ -313,6 +335,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
             if not args.keep_plaintext:
                 manifest.onnx_path.unlink()
             print(f"sealed {folder / SEALED_NAME}" + ("" if args.keep_plaintext else f"; removed {manifest.onnx_path}"))
+            _resign(folder, supply.signing_key)
             return 0
         old = key_provider(supply)
         new = key_provider(supply, kek_file=args.new_kek_file)
@@ -321,8 +344,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
         tmp.write_bytes(rewrap(path.read_bytes(), old, new))
         os.replace(tmp, path)
         print(f"rewrapped {path} from key {old.kek_id()} to {new.kek_id()} (the model itself was not re-encrypted)")
+        _resign(folder, supply.signing_key)
         return 0
-    except (ManifestError, SealError, AdmissionError, OSError) as exc:
+    except (ManifestError, SealError, AdmissionError, SignatureError, OSError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
 
@@ -389,12 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="", help="request, checkpoint, tls, start, recovery")
     p.set_defaults(func=_cmd_audit)
 
-    p = sub.add_parser("models", help="check, encrypt or rewrap a model version folder")
-    p.add_argument("action", choices=["check", "encrypt", "rewrap"])
+    p = sub.add_parser("models", help="sign, verify, check, encrypt or rewrap a model version folder")
+    p.add_argument("action", choices=["sign", "verify", "check", "encrypt", "rewrap"])
     p.add_argument("folder", help="<models root>/<name>/<version>")
     p.add_argument("--config", default="gateway.toml")
     p.add_argument("--keep-plaintext", action="store_true", help="encrypt: do not remove model.onnx afterwards")
     p.add_argument("--new-kek-file", default="", help="rewrap: the new key-encryption key")
+    p.add_argument("--key", default="", help="sign: the EC private key (default: supply.signing_key)")
+    p.add_argument("--trusted-key", action="append", default=[], help="verify: a public key (repeatable; "
+                   "default: supply.trusted_keys)")
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("infer", help="run one inference through the SDK")

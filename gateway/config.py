@@ -245,6 +245,12 @@ class AuditConfig:
 class SupplyConfig:
     """``[supply]``: what a model file must be before it is served (admission, encryption at rest)."""
 
+    require_signature: bool = True
+    """Refuse a model version unless ``model.sig`` verifies under one of ``trusted_keys``; false is reported."""
+    trusted_keys: tuple[str, ...] = ("keys/model-signing.pub",)
+    """EC public keys (PEM) whose model signatures are accepted."""
+    signing_key: str = "keys/model-signing.key"
+    """The EC private key ``gateway models sign`` uses by default (``gateway init`` makes one)."""
     kek_file: str = ""
     """Key-encryption key for sealed models: a file holding 32 random bytes (base64 or raw)."""
     kek_env: str = "GATEWAY_MODEL_KEK"
@@ -306,6 +312,8 @@ class Config:
             out.append("limits.storage: plain redis:// to another host (no TLS, no password); use rediss://")
         if not self.limits.per_address and not self.limits.per_principal:
             out.append("limits: neither per_address nor per_principal is limited")
+        if not self.supply.require_signature:
+            out.append("supply.require_signature = false: unsigned models are served")
         if not self.audit.enabled:
             out.append("audit.enabled = false: requests are not recorded")
         elif not self.audit.fail_closed:
@@ -435,6 +443,8 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
         (lim.storage.split("://")[0] in ("memory", "redis", "rediss"), "limits.storage must be memory://, redis:// or rediss://"),
         (0 < lim.storage_timeout_s <= 10 and lim.storage_retry_s > 0, "limits: storage_timeout_s must be 0..10, storage_retry_s positive"),
     ]
+    for key in cfg.supply.trusted_keys if cfg.supply.require_signature else ():
+        checks.append((Path(key).is_file(), f"supply.trusted_keys: {key} does not exist (run `gateway init`)"))
     a_ = cfg.audit
     checks += [
         (a_.checkpoint_every >= 1 and a_.checkpoint_interval_s > 0, "audit: checkpoint_every and checkpoint_interval_s must be positive"),
@@ -565,7 +575,9 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     audit = dataclasses.replace(audit, directory=_resolve(base, audit.directory),
                                 signing_key=_resolve(base, audit.signing_key), public_key=_resolve(base, audit.public_key))
     supply = SupplyConfig(**_coerce(SupplyConfig, data.get("supply", {}), "supply", problems))
-    supply = dataclasses.replace(supply, kek_file=_resolve(base, supply.kek_file))
+    supply = dataclasses.replace(supply, kek_file=_resolve(base, supply.kek_file),
+                                 signing_key=_resolve(base, supply.signing_key),
+                                 trusted_keys=tuple(_resolve(base, k) for k in supply.trusted_keys))
     cfg = Config(server, tls, _resolve(base, str(root)), tuple(models), str(path or ""), auth, issuer, rbac, limits,
                  audit, supply)
     _check_ranges(cfg, problems)

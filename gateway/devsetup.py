@@ -1,6 +1,7 @@
 """``gateway init``: a working development setup in one directory.
 
-Writes ``certs/`` (the development PKI), ``keys/`` (the audit log's signing key), ``issuer/`` (the built-in issuer's signing key, a demo
+Writes ``certs/`` (the development PKI), ``keys/`` (the audit log's and the models' signing
+keys; unsigned models in the repository are signed), ``issuer/`` (the built-in issuer's signing key, a demo
 service client and a demo admin person with TOTP), ``gateway.toml`` (a commented configuration)
 and ``credentials.json`` (each demo principal's certificate paths and token credentials: the
 client side of what the server stores only hashed). Existing secrets and
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway.registry.signing import SIGNATURE_NAME, sign_model
 from gateway.security.issuer import TOKEN_PATH, IssuerStore, enrolment_uri
 from gateway.security.pki import Issued, issue_certificate, load_ca, make_ca, write_key, write_pem
 
@@ -158,6 +161,27 @@ def _audit_keys(keys: Path, force: bool, report: InitReport) -> None:
     report.created += [str(private), str(public)]
 
 
+def _model_signing(keys: Path, models_root: Path, force: bool, report: InitReport) -> None:
+    """An EC P-256 model-signing key, and signatures for the repository's models that have none."""
+    private, public = keys / "model-signing.key", keys / "model-signing.pub"
+    if not (private.exists() and public.exists()) or force:
+        keys.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
+        report.created += [str(private), str(public)]
+    else:
+        report.kept.append(str(private))
+    for folder in sorted(models_root.glob("*/*")) if models_root.is_dir() else []:
+        if (folder / "manifest.json").exists() and not (folder / SIGNATURE_NAME).exists():
+            sign_model(folder, private)
+            report.created.append(f"{folder / SIGNATURE_NAME} (signed with {private.name})")
+
+
 def _previous_credentials(path: Path) -> dict[str, Any]:
     try:
         return dict(json.loads(path.read_text()).get("principals", {}))
@@ -242,6 +266,7 @@ def init(directory: Path, models_root: Path, port: int = 8443, force: bool = Fal
         config.write_text(CONFIG_TEMPLATE.format(port=port, models_root=root))
         report.created.append(str(config))
     _audit_keys(directory / "keys", force, report)
+    _model_signing(directory / "keys", models_root, force, report)
     cred_path = directory / "credentials.json"
     previous = _previous_credentials(cred_path)
     _issuer_setup(directory / "issuer", principals, previous, force, report)

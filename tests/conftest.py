@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -33,11 +34,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def models_root() -> Path:
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session copy of the demo models (the session's keys sign it; the repository stays as it is)."""
     missing = [m for m in ("digits", "resnetish") if not (MODELS / m / "1" / "model.onnx").exists()]
     if missing:
         subprocess.run([sys.executable, str(MODELS / "build.py")], check=True)
-    return MODELS
+    root = tmp_path_factory.mktemp("models")
+    for name in ("digits", "resnetish"):
+        shutil.copytree(MODELS / name, root / name, ignore=shutil.ignore_patterns("model.sig"))
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -178,7 +183,7 @@ budget_rows = ""
 def write_config(
     pki: Path, tmp: Path, models_root: Path, port: int, extra: str = "", digits_workers: int = 1,
     timeout_s: float = 20.0, digits_device: str = "auto", auth: str = "", sections: str = "", limits: str = "",
-    issuer_url: str = "", audit: str = "",
+    issuer_url: str = "", audit: str = "", supply: str = "",
 ) -> Path:
     """A test configuration: both demo models, the session's PKI, a private runtime directory."""
     config = tmp / "gateway.toml"
@@ -206,6 +211,11 @@ directory = "{pki}/issuer"
 [limits]
 {limits or TEST_LIMITS}
 
+[supply]
+trusted_keys = ["{pki}/keys/model-signing.pub"]
+signing_key = "{pki}/keys/model-signing.key"
+{supply}
+
 [audit]
 directory = "{tmp}/audit"
 signing_key = "{pki}/keys/audit-signing.key"
@@ -232,11 +242,11 @@ intra_op_threads = 1
 
 def start_gateway(
     pki: Path, tmp: Path, models_root: Path, extra: str = "", digits_workers: int = 1, timeout_s: float = 20.0,
-    auth: str = "", sections: str = "", limits: str = "", issuer_url: str = "", audit: str = "",
+    auth: str = "", sections: str = "", limits: str = "", issuer_url: str = "", audit: str = "", supply: str = "",
 ) -> Gateway:
     port = free_port()
     config = write_config(pki, tmp, models_root, port, extra, digits_workers, timeout_s, auth=auth, sections=sections,
-                          limits=limits, issuer_url=issuer_url, audit=audit)
+                          limits=limits, issuer_url=issuer_url, audit=audit, supply=supply)
     log = tmp / "gateway.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:

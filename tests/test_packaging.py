@@ -142,6 +142,9 @@ def test_serve_refuses_a_model_file_that_does_not_match_its_manifest(pki: Path, 
     shutil.copytree(models_root / "digits", repo / "digits")
     shutil.copytree(models_root / "resnetish", repo / "resnetish", ignore=shutil.ignore_patterns("model.onnx"))
     (repo / "resnetish" / "1" / "model.onnx").write_bytes(b"not the model the manifest describes")
+    from gateway.registry.signing import sign_model
+
+    sign_model(repo / "resnetish" / "1", pki / "keys" / "model-signing.key")  # signed: the digest must still match
     config = write_config(pki, tmp_path, repo, port=1)
     out = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
                          capture_output=True, text=True, timeout=60)

@@ -1,11 +1,15 @@
-"""From a model's folder to the bytes a worker may load: unseal, verify the digest, admit."""
+"""From a model's folder to the bytes a worker may load: verify the signature, unseal, check the
+digest, admit."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from gateway.config import SupplyConfig
 from gateway.registry.admission import AdmissionError, admit
 from gateway.registry.manifest import Manifest, ManifestError
 from gateway.registry.sealing import SEALED_NAME, SealError, key_provider, unseal
+from gateway.registry.signing import SignatureError, verify_model
 
 __all__ = ["load_model_bytes"]
 
@@ -15,6 +19,8 @@ def load_model_bytes(manifest: Manifest, supply: SupplyConfig) -> bytes:
     sealed = manifest.path / SEALED_NAME
     where = f"{manifest.name}/{manifest.version}"
     try:
+        if supply.require_signature:
+            verify_model(manifest.path, [Path(k) for k in supply.trusted_keys])
         if sealed.exists():
             plaintext = unseal(sealed.read_bytes(), manifest.name, manifest.version, key_provider(supply))
             data = manifest.read_verified(plaintext)
@@ -23,6 +29,8 @@ def load_model_bytes(manifest: Manifest, supply: SupplyConfig) -> bytes:
             data = manifest.read_verified()
             folder = manifest.path
         admit(data, supply, folder)
+    except SignatureError as exc:
+        raise ManifestError(f"{where}: refused: {exc}") from None
     except SealError as exc:
         raise ManifestError(f"{where}: cannot unseal: {exc}") from None
     except AdmissionError as exc:

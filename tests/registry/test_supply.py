@@ -22,6 +22,7 @@ from gateway.registry.admission import AdmissionError, admit
 from gateway.registry.loading import load_model_bytes
 from gateway.registry.manifest import ManifestError, load_manifest
 from gateway.registry.sealing import SEALED_NAME, LocalKey, SealError, rewrap, seal, unseal
+from gateway.registry.signing import sign_model
 from tests.conftest import onnx_reference, start_gateway
 
 SUPPLY = SupplyConfig(max_initializer_bytes=1024 * 1024)
@@ -92,6 +93,7 @@ def test_a_gateway_refuses_to_start_a_hostile_model(models_root: Path, tmp_path:
     root = _copy_models(models_root, tmp_path / "models")
     hostile = _model(domain="com.evil", op="Backdoor").SerializeToString()
     _replace_model(root / "digits" / "1", hostile)
+    sign_model(root / "digits" / "1", pki / "keys" / "model-signing.key")  # signed, yet hostile
     from tests.conftest import free_port, write_config
 
     config = write_config(pki, tmp_path, root, free_port())
@@ -148,9 +150,11 @@ def test_an_encrypted_model_serves_what_its_plaintext_does_and_leaves_no_plainte
 
     cli = tmp_path / "cli"
     cli.mkdir()
-    gateway_toml = write_config(pki, cli, root, free_port(), sections=f'[supply]\nkek_file = "{kek}"\n')
+    gateway_toml = write_config(pki, cli, root, free_port(), supply=f'kek_file = "{kek}"')
     assert main(["models", "encrypt", str(root / "digits" / "1"), "--config", str(gateway_toml)]) == 0
     assert not (root / "digits" / "1" / "model.onnx").exists() and (root / "digits" / "1" / SEALED_NAME).exists()
+    # The folder changed; the command signed it again with the configured key.
+    assert main(["models", "verify", str(root / "digits" / "1"), "--config", str(gateway_toml)]) == 0
     assert main(["models", "check", str(root / "digits" / "1"), "--config", str(gateway_toml)]) == 0
     # Rotate the KEK, then serve with the new one only.
     new_kek = tmp_path / "kek2.b64"
@@ -158,10 +162,10 @@ def test_an_encrypted_model_serves_what_its_plaintext_does_and_leaves_no_plainte
     assert main(["models", "rewrap", str(root / "digits" / "1"), "--new-kek-file", str(new_kek),
                  "--config", str(gateway_toml)]) == 0
     with pytest.raises(ManifestError, match="cannot unseal"):
-        load_model_bytes(load_manifest(root / "digits" / "1"), SupplyConfig(kek_file=str(kek)))
+        load_model_bytes(load_manifest(root / "digits" / "1"), SupplyConfig(kek_file=str(kek), require_signature=False))
     gw_tmp = tmp_path / "gw"
     gw_tmp.mkdir()
-    gw = start_gateway(pki, gw_tmp, root, sections=f'[supply]\nkek_file = "{new_kek}"\n')
+    gw = start_gateway(pki, gw_tmp, root, supply=f'kek_file = "{new_kek}"')
     try:
         x = np.random.default_rng(5).uniform(0, 16, (3, 64)).astype(np.float32)
         with gw.client() as c:
@@ -181,3 +185,46 @@ def test_an_encrypted_model_serves_what_its_plaintext_does_and_leaves_no_plainte
                         continue
     finally:
         gw.stop()
+
+
+# -- signatures -----------------------------------------------------------------------------------
+
+def _signing_cases() -> list[tuple[str, Callable[[Path, Path], None], str]]:
+    def tamper(folder: Path, pki: Path) -> None:
+        data = bytearray((folder / "model.onnx").read_bytes())
+        data[len(data) // 2] ^= 1
+        (folder / "model.onnx").write_bytes(bytes(data))
+
+    def extra(folder: Path, pki: Path) -> None:
+        (folder / "notes.txt").write_text("an extra file")
+
+    def wrong_key(folder: Path, pki: Path) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        other = folder.parent.parent.parent / "other.key"
+        other.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        sign_model(folder, other)
+
+    def unsigned(folder: Path, pki: Path) -> None:
+        (folder / "model.sig").unlink()
+
+    return [("one byte tampered", tamper, "does not match the files"), ("an extra file", extra, "notes.txt"),
+            ("signed by another key", wrong_key, "not trusted"), ("unsigned", unsigned, "unsigned")]
+
+
+@pytest.mark.parametrize("change,reason", [(c[1], c[2]) for c in _signing_cases()], ids=[c[0] for c in _signing_cases()])
+def test_a_gateway_refuses_a_model_whose_signature_fails(models_root: Path, tmp_path: Path, pki: Path,
+                                                         change: Callable[[Path, Path], None], reason: str) -> None:
+    from tests.conftest import free_port, write_config
+
+    root = _copy_models(models_root, tmp_path / "models")
+    folder = root / "digits" / "1"
+    config = write_config(pki, tmp_path, root, free_port())
+    assert main(["models", "verify", str(folder), "--config", str(config)]) == 0  # the copy verifies as it is
+    change(folder, pki)
+    assert main(["models", "verify", str(folder), "--config", str(config)]) == 1
+    result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "digits/1: refused:" in result.stderr and reason in result.stderr, result.stderr
