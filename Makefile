@@ -28,8 +28,8 @@ install: $(STAMP)  ## create the virtual environment and install the locked depe
 models: $(STAMP)  ## build the demo models into models/ if missing
 	$(BIN)/python models/build.py
 
-setup: $(STAMP)  ## development PKI, gateway.toml and credentials.json if missing
-	@[ -f gateway.toml ] && [ -f certs/ca.key ] || $(BIN)/gateway init --dir .
+setup: $(STAMP)  ## development PKI, keys, gateway.toml and credentials.json if missing; signs unsigned models
+	@$(BIN)/gateway init --dir . | grep -v '^kept' || true
 
 run: models setup  ## start the gateway with its workers (Ctrl-C stops it)
 	$(BIN)/gateway serve --config gateway.toml

@@ -79,6 +79,20 @@ def test_security_advisory_version_floors(dist: str, floor: tuple[int, ...]) -> 
     assert _version(dist) >= floor
 
 
+def test_python_multipart_floor_where_it_is_installed() -> None:
+    """Starlette parses forms with python-multipart only when it is installed; it is not, and if a
+    dependency ever brings it, the advisory floor (>= 0.0.27) holds."""
+    from importlib.metadata import PackageNotFoundError
+
+    lock = (ROOT / "requirements.lock").read_text().lower()
+    try:
+        installed = _version("python-multipart")
+    except PackageNotFoundError:
+        assert "\npython-multipart==" not in lock
+        return
+    assert installed >= (0, 0, 27)
+
+
 def _imports(path: Path) -> set[str]:
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
