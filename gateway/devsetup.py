@@ -27,7 +27,7 @@ from gateway.registry.signing import SIGNATURE_NAME, sign_model
 from gateway.security.issuer import TOKEN_PATH, IssuerStore, enrolment_uri
 from gateway.security.pki import Issued, issue_certificate, load_ca, make_ca, write_key, write_pem
 
-__all__ = ["DEMO_PRINCIPALS", "InitReport", "init"]
+__all__ = ["DEMO_PRINCIPALS", "InitReport", "init", "model_signing"]
 
 # name -> what it stands for. "demo" is a service (client credentials, role inference); "admin"
 # is a person (password + TOTP, role admin).
@@ -144,35 +144,34 @@ intra_op_threads = 2
 """
 
 
-def _audit_keys(keys: Path, force: bool, report: InitReport) -> None:
-    """The Ed25519 key that signs audit checkpoints, and its public half for verifiers."""
-    private, public = keys / "audit-signing.key", keys / "audit-signing.pub"
-    if private.exists() and public.exists() and not force:
-        report.kept.append(str(private))
-        return
-    keys.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
+def _write_key_pair(private: Path, public: Path, key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey) -> None:
+    """A private key (PEM, 0600, in a 0700 folder) and its public half beside it."""
+    private.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()))
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _audit_keys(keys: Path, force: bool, report: InitReport) -> None:
+    """The Ed25519 key that signs audit checkpoints, and its public half for verifiers."""
+    private, public = keys / "audit-signing.key", keys / "audit-signing.pub"
+    if private.exists() and public.exists() and not force:
+        report.kept.append(str(private))
+        return
+    _write_key_pair(private, public, Ed25519PrivateKey.generate())
     report.created += [str(private), str(public)]
 
 
-def _model_signing(keys: Path, models_root: Path, force: bool, report: InitReport) -> None:
-    """An EC P-256 model-signing key, and signatures for the repository's models that have none."""
+def model_signing(keys: Path, models_root: Path, force: bool = False, report: InitReport | None = None) -> None:
+    """An EC P-256 model-signing key (kept if there is one), and signatures for the repository's
+    models that have none."""
+    report = report if report is not None else InitReport()
     private, public = keys / "model-signing.key", keys / "model-signing.pub"
     if not (private.exists() and public.exists()) or force:
-        keys.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key = ec.generate_private_key(ec.SECP256R1())
-        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
+        _write_key_pair(private, public, ec.generate_private_key(ec.SECP256R1()))
         report.created += [str(private), str(public)]
     else:
         report.kept.append(str(private))
@@ -233,6 +232,7 @@ def _pair(certs: Path, stem: str, make: Callable[[], Issued], force: bool, repor
 
 def init(directory: Path, models_root: Path, port: int = 8443, force: bool = False) -> InitReport:
     report = InitReport()
+    reissue = force
     directory.mkdir(parents=True, exist_ok=True)
     certs = directory / "certs"
     certs.mkdir(mode=0o700, exist_ok=True)
@@ -245,14 +245,14 @@ def init(directory: Path, models_root: Path, port: int = 8443, force: bool = Fal
         write_key(certs / "ca.key", ca.key)
         write_pem(certs / "ca.pem", ca.cert)
         report.created += [str(certs / "ca.pem"), str(certs / "ca.key")]
-        force = True  # a new CA invalidates every certificate it did not issue
+        reissue = True  # a new CA invalidates every certificate it did not issue
     _pair(certs, "server", lambda: issue_certificate(
-        ca, "localhost", server=True, dns=("localhost",), ips=("127.0.0.1", "::1")), force, report)
+        ca, "localhost", server=True, dns=("localhost",), ips=("127.0.0.1", "::1")), reissue, report)
     principals = {}
     for name, what in DEMO_PRINCIPALS.items():
         _pair(certs, f"client-{name}", partial(
             issue_certificate, ca, name, server=False, uris=(f"spiffe://gateway.local/principal/{name}",)),
-            force, report)
+            reissue, report)
         principals[name] = {
             "description": what,
             "cert": str((certs / f"client-{name}.pem").resolve()),
@@ -266,7 +266,7 @@ def init(directory: Path, models_root: Path, port: int = 8443, force: bool = Fal
         config.write_text(CONFIG_TEMPLATE.format(port=port, models_root=root))
         report.created.append(str(config))
     _audit_keys(directory / "keys", force, report)
-    _model_signing(directory / "keys", models_root, force, report)
+    model_signing(directory / "keys", models_root, force, report)
     cred_path = directory / "credentials.json"
     previous = _previous_credentials(cred_path)
     _issuer_setup(directory / "issuer", principals, previous, force, report)

@@ -62,15 +62,18 @@ class InvalidInput(GatewayError):
         return str(value) if value is not None else None
 
 
-class RateLimited(GatewayError):
-    """429: a rate limit; ``retry_after`` says when to try again."""
-
+class _RetryAfter(GatewayError):
     @property
     def retry_after(self) -> float:
+        """Seconds the gateway asked the caller to wait (``Retry-After``)."""
         try:
             return float(self.headers.get("retry-after", "1"))
         except ValueError:
             return 1.0
+
+
+class RateLimited(_RetryAfter):
+    """429: a rate limit; ``retry_after`` says when to try again."""
 
     @property
     def policy(self) -> str | None:
@@ -87,15 +90,8 @@ class BudgetExhausted(RateLimited):
         return str(value) if value is not None else None
 
 
-class Unavailable(GatewayError):
+class Unavailable(_RetryAfter):
     """503: no healthy worker, the audit log cannot be written, a dependency is down."""
-
-    @property
-    def retry_after(self) -> float:
-        try:
-            return float(self.headers.get("retry-after", "1"))
-        except ValueError:
-            return 1.0
 
 
 class Timeout(ClientError):

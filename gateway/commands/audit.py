@@ -1,0 +1,107 @@
+"""``gateway audit verify | tail | export``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.commands import load
+
+__all__ = ["add_parsers"]
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from gateway.audit.chain import load_public_key, verify_paths
+
+    if args.action == "verify":
+        key_path = args.public_key or load(args).audit.public_key
+        report = verify_paths(args.paths, load_public_key(key_path), allow_unsealed=args.allow_unsealed)
+        for note in report.notes:
+            print(f"note: {note}")
+        for problem in report.problems:
+            print(f"FAIL: {problem}")
+        verdict = "verified" if report.ok else "NOT verified"
+        print(f"{verdict}: {report.records} records, {report.checkpoints} signed checkpoints, "
+              f"streams {', '.join(report.streams) or '-'}")
+        return 0 if report.ok else 1
+    return _audit_read(args)
+
+
+def _audit_read(args: argparse.Namespace) -> int:
+    """``tail`` and ``export``: records as JSON lines, filtered; ``tail -f`` follows new ones."""
+    import orjson
+
+    from gateway.audit.chain import stream_files
+
+    paths = args.paths or [load(args).audit.directory]
+    files = [f for fs in stream_files(paths).values() for f in fs]
+
+    def keep(record: dict[str, object]) -> bool:
+        when = str(record.get("time", ""))
+        principal = record.get("principal")
+        subject = principal.get("subject") if isinstance(principal, dict) else None
+        return ((not args.since or when >= args.since) and (not args.until or when < args.until)
+                and (not args.principal or subject == args.principal)
+                and (not args.model or record.get("model") == args.model)
+                and (not args.outcome or record.get("outcome") == args.outcome)
+                and (not args.kind or record.get("kind") == args.kind))
+
+    records: list[bytes] = []
+    for f in files:
+        for line in f.read_bytes().splitlines():
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # a torn last line
+            if keep(record):
+                records.append(line)
+    if args.action == "tail":
+        records = records[-args.lines:]
+    sys.stdout.write("".join(r.decode() + "\n" for r in records))
+    sys.stdout.flush()
+    if args.action == "tail" and args.follow:
+        return _follow(files[-1] if files else None, keep)
+    return 0
+
+
+def _follow(path: Path | None, keep: Any) -> int:
+    import orjson
+
+    if path is None:
+        return 0
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        try:
+            while True:
+                line = f.readline()
+                if not line.endswith(b"\n"):
+                    f.seek(-len(line), 1)
+                    time.sleep(0.5)
+                    continue
+                record = orjson.loads(line)
+                if keep(record):
+                    print(line.decode().rstrip(), flush=True)
+        except KeyboardInterrupt:
+            return 0
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("audit", help="verify, tail or export the audit log")
+    p.add_argument("action", choices=["verify", "tail", "export"])
+    p.add_argument("paths", nargs="*", help="log files or directories (default: audit.directory of --config)")
+    p.add_argument("--config", default="gateway.toml")
+    p.add_argument("--public-key", default="", help="verify: the checkpoint key (default: audit.public_key)")
+    p.add_argument("--allow-unsealed", action="store_true",
+                   help="verify: accept records after the last checkpoint (a log cut short by a crash)")
+    p.add_argument("-n", "--lines", type=int, default=20, help="tail: how many records")
+    p.add_argument("-f", "--follow", action="store_true", help="tail: keep printing new records")
+    p.add_argument("--since", default="", help="ISO time, e.g. 2026-11-26T09:00")
+    p.add_argument("--until", default="")
+    p.add_argument("--principal", default="", help="subject")
+    p.add_argument("--model", default="")
+    p.add_argument("--outcome", default="", choices=["", "allow", "deny", "throttled", "rejected", "error"])
+    p.add_argument("--kind", default="", help="request, checkpoint, tls, start, recovery")
+    p.set_defaults(func=_cmd_audit)

@@ -1,0 +1,139 @@
+"""``gateway models sign | verify | check | encrypt | rewrap`` and ``gateway infer``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.commands import load
+
+__all__ = ["add_parsers"]
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    """``gateway infer MODEL --input x.npy|x.json``: one inference through the SDK."""
+    import json as jsonlib
+
+    import numpy as np
+
+    from gateway.client import Client, ClientError, RetryPolicy
+
+    path = Path(args.input)
+    if path.suffix == ".npy":
+        inputs: dict[str, np.ndarray] | np.ndarray = np.load(path, allow_pickle=False)
+    elif path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            inputs = {name: npz[name] for name in npz.files}
+    else:
+        def array(value: object) -> np.ndarray:  # JSON numbers with a fraction are taken as FP32
+            a = np.asarray(value)
+            return a.astype(np.float32) if a.dtype.kind == "f" else a
+
+        doc = jsonlib.loads(path.read_text())
+        inputs = {k: array(v) for k, v in doc.items()} if isinstance(doc, dict) else array(doc)
+    try:
+        with Client.from_credentials(args.credentials, args.principal,
+                                     retry=RetryPolicy(deadline_s=args.deadline)) as client:
+            outputs = client.infer(args.model, inputs, version=args.version, binary=not args.json)
+    except ClientError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    if args.output:
+        np.savez(args.output, **outputs)  # type: ignore[arg-type]
+        print(f"wrote {', '.join(outputs)} to {args.output}")
+    else:
+        print(jsonlib.dumps({name: {"shape": list(a.shape), "dtype": str(a.dtype), "data": a.tolist()}
+                             for name, a in outputs.items()}))
+    return 0
+
+
+def _resign(folder: Path, signing_key: str) -> None:
+    """The folder's files changed: sign it again when this machine holds the signing key."""
+    from gateway.registry.signing import sign_model
+
+    if Path(signing_key).is_file():
+        sign_model(folder, Path(signing_key))
+        print(f"re-signed {folder} with {signing_key}")
+    else:
+        print(f"note: {folder} changed and its signature no longer matches; sign it with `gateway models sign`")
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    """``sign``, ``verify``, ``check``, ``encrypt`` and ``rewrap`` a model version folder
+    (``<root>/<name>/<version>``)."""
+    from gateway.registry.admission import AdmissionError, admit
+    from gateway.registry.loading import load_model_bytes
+    from gateway.registry.manifest import ManifestError, load_manifest
+    from gateway.registry.sealing import SEALED_NAME, SealError, key_provider, rewrap, seal
+    from gateway.registry.signing import SignatureError, sign_model, verify_model
+
+    supply = load(args).supply
+    folder = Path(args.folder)
+    try:
+        manifest = load_manifest(folder)
+        if args.action == "check":
+            data = load_model_bytes(manifest, supply)
+            report = admit(data, supply, None if (folder / SEALED_NAME).exists() else folder)
+            print(f"{manifest.name}/{manifest.version}: admitted ({report.nodes} nodes, opset {report.opset}, "
+                  f"{report.initializer_bytes} bytes of initializers, domains {list(report.domains)})")
+            return 0
+        if args.action == "sign":
+            signature = sign_model(folder, Path(args.key or supply.signing_key))
+            print(f"signed {folder} -> {signature}")
+            return 0
+        if args.action == "verify":
+            keys = [Path(k) for k in (args.trusted_key or supply.trusted_keys)]
+            key = verify_model(folder, keys)
+            print(f"{manifest.name}/{manifest.version}: signature verified with {key}")
+            return 0
+        if args.action == "encrypt":
+            plaintext = manifest.read_verified()
+            admit(plaintext, supply, None)
+            sealed = seal(plaintext, manifest.name, manifest.version, key_provider(supply))
+            tmp = folder / (SEALED_NAME + ".tmp")
+            tmp.write_bytes(sealed)
+            os.replace(tmp, folder / SEALED_NAME)
+            if not args.keep_plaintext:
+                manifest.onnx_path.unlink()
+            print(f"sealed {folder / SEALED_NAME}" + ("" if args.keep_plaintext else f"; removed {manifest.onnx_path}"))
+            _resign(folder, supply.signing_key)
+            return 0
+        old = key_provider(supply)
+        new = key_provider(supply, kek_file=args.new_kek_file)
+        path = folder / SEALED_NAME
+        tmp = folder / (SEALED_NAME + ".tmp")
+        tmp.write_bytes(rewrap(path.read_bytes(), old, new))
+        os.replace(tmp, path)
+        print(f"rewrapped {path} from key {old.kek_id()} to {new.kek_id()} (the model itself was not re-encrypted)")
+        _resign(folder, supply.signing_key)
+        return 0
+    except (ManifestError, SealError, AdmissionError, SignatureError, OSError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("models", help="sign, verify, check, encrypt or rewrap a model version folder")
+    p.add_argument("action", choices=["sign", "verify", "check", "encrypt", "rewrap"])
+    p.add_argument("folder", help="<models root>/<name>/<version>")
+    p.add_argument("--config", default="gateway.toml")
+    p.add_argument("--keep-plaintext", action="store_true", help="encrypt: do not remove model.onnx afterwards")
+    p.add_argument("--new-kek-file", default="", help="rewrap: the new key-encryption key")
+    p.add_argument("--key", default="", help="sign: the EC private key (default: supply.signing_key)")
+    p.add_argument("--trusted-key", action="append", default=[], help="verify: a public key (repeatable; "
+                   "default: supply.trusted_keys)")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("infer", help="run one inference through the SDK")
+    p.add_argument("model")
+    p.add_argument("--input", required=True, help=".npy (one input), .npz (named inputs) or .json (array or {name: array})")
+    p.add_argument("--version", default=None)
+    p.add_argument("--credentials", default="credentials.json", help="written by `gateway init`")
+    p.add_argument("--principal", default="demo")
+    p.add_argument("--output", default="", help="save the outputs to this .npz instead of printing them")
+    p.add_argument("--json", action="store_true", help="send JSON tensors instead of binary ones")
+    p.add_argument("--deadline", type=float, default=30.0, help="seconds for the call, retries included")
+    p.set_defaults(func=_cmd_infer)
