@@ -177,3 +177,47 @@ async def test_kill_9_under_load_loses_no_record_of_an_answered_request(
     sealed = verify_paths([tmp / "audit"], public)
     assert sealed.ok, sealed.problems  # the chain continued from the last complete record, and was closed
     assert sealed.records > seq_before
+
+
+def test_failed_tls_handshakes_are_counted_as_connection_events(gateway: Gateway) -> None:
+    import socket
+    import ssl
+
+    from tests.conftest import client_context
+
+    def failed_total() -> int:
+        return sum(int(r.get("failed_handshakes", 0)) for r in records(gateway) if r.get("kind") == "tls")
+
+    before = failed_total()
+    for _ in range(3):  # no client certificate: the handshake fails and never reaches the application
+        ctx = client_context(gateway.pki, principal=None)
+        try:
+            with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                tls.recv(100)
+        except (ssl.SSLError, OSError):
+            pass
+    deadline = time.monotonic() + 15
+    while failed_total() < before + 3:
+        assert time.monotonic() < deadline, "the failed handshakes were not recorded"
+        time.sleep(0.5)
+    with gateway.client("admin") as c:
+        assert "gateway_tls_handshake_failures_total" in c.get("/metrics").text
+
+
+def test_audit_export_and_tail_filter_records(gateway: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    with gateway.client() as c:
+        c.post(INFER, json={"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [1.0] * 64}]})
+    audit_dir = str(gateway.config.parent / "audit")
+    assert main(["audit", "export", audit_dir, "--config", str(gateway.config), "--principal", "demo",
+                 "--model", "digits", "--outcome", "allow"]) == 0
+    exported = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert exported and all(r["principal"]["subject"] == "demo" and r["model"] == "digits" and r["outcome"] == "allow"
+                            for r in exported)
+    assert main(["audit", "tail", audit_dir, "-n", "3", "--config", str(gateway.config)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert main(["audit", "verify", audit_dir, "--allow-unsealed", "--config", str(gateway.config)]) == 0
+    assert "verified" in capsys.readouterr().out
