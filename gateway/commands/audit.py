@@ -18,7 +18,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     if args.action == "verify":
         key_path = args.public_key or load(args).audit.public_key
-        report = verify_paths(args.paths, load_public_key(key_path), allow_unsealed=args.allow_unsealed)
+        paths = args.paths or [load(args).audit.directory]
+        report = verify_paths(paths, load_public_key(key_path), allow_unsealed=args.allow_unsealed)
         for note in report.notes:
             print(f"note: {note}")
         for problem in report.problems:

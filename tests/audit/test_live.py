@@ -221,3 +221,11 @@ def test_audit_export_and_tail_filter_records(gateway: Gateway, capsys: pytest.C
     assert len(capsys.readouterr().out.splitlines()) == 3
     assert main(["audit", "verify", audit_dir, "--allow-unsealed", "--config", str(gateway.config)]) == 0
     assert "verified" in capsys.readouterr().out
+
+
+def test_audit_verify_defaults_to_the_configured_directory(gateway: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    assert main(["audit", "verify", "--allow-unsealed", "--config", str(gateway.config)]) == 0
+    out = capsys.readouterr().out
+    assert "verified" in out and "streams p0" in out

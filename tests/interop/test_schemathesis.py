@@ -36,7 +36,7 @@ def test_schemathesis_finds_no_server_errors_and_no_schema_violations(
              "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--mode", "all",
              "--max-examples", "30", "--seed", "20261126", "--no-color",
              "--report", "junit", "--report-dir", str(tmp / "report")],
-            capture_output=True, text=True, timeout=600,
+            capture_output=True, text=True, timeout=600, cwd=tmp,  # its cache stays out of the checkout
         )
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
         assert "Traceback" not in gw.log.read_text()  # nothing unhandled on the server side either
