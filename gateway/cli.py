@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.command} add needs --roles")
     if args.command == "models" and args.action == "rewrap" and not args.new_kek_file:
         parser.error("models rewrap needs --new-kek-file")
+    if args.command == "models" and args.action != "reload" and not args.folder:
+        parser.error(f"models {args.action} needs a model version folder")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from gateway.config import ConfigError
 

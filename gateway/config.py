@@ -68,6 +68,8 @@ class ServerConfig:
     probe_port: int = 0
     """Plain-HTTP listener serving only /v2/health/live and /ready for probes; 0 disables it."""
     probe_host: str = "127.0.0.1"
+    pid_file: str = "gateway.pid"
+    """Where ``gateway serve`` writes its process id (``gateway models reload`` signals it)."""
     worker_user: str = "nobody"
     """When the gateway runs as root, workers drop to this user; "" keeps them as root (reported)."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -551,6 +553,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     for section in set(data) - {"server", "tls", "models", "auth", "issuer", "rbac", "limits", "audit", "supply"}:
         problems.append(f"[{section}]: unknown section")
     server = ServerConfig(**_coerce(ServerConfig, data.get("server", {}), "server", problems))
+    server = dataclasses.replace(server, pid_file=_resolve(base, server.pid_file))
     tls = TLSConfig(**_coerce(TLSConfig, data.get("tls", {}), "tls", problems))
     tls = dataclasses.replace(
         tls,

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import uvicorn
 from gateway.config import Config, load_config
 from gateway.errors import problem_body
 from gateway.httpserver import BufferedBodyProtocol
-from gateway.registry.manifest import load_manifests
+from gateway.registry.manifest import ManifestError, load_manifests
 from gateway.security.tls import HANDSHAKES, build_server_context, identity_from_der
 
 __all__ = ["GatewayUvicornConfig", "TLSHttpToolsProtocol", "serve"]
@@ -196,10 +197,20 @@ def serve(config_path: str) -> int:
     # uvicorn re-raises the signal that stopped it once it has shut down; with the default
     # SIGTERM disposition that would end the process before the workers are stopped.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    supervisor.start()
+    events = ModelEvents(config)
+    try:
+        supervisor.start()
+    except ManifestError as exc:
+        events.write([{"event": "refuse", "reason": str(exc)}])
+        events.close()
+        raise
+    events.write(supervisor.events)
     try:
         supervisor.wait_ready()
         log.info("workers ready: %s", supervisor.pids())
+        Path(config.server.pid_file).write_text(f"{os.getpid()}\n")
+        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
+            target=_reload, args=(supervisor, config_path, events), name="reload", daemon=True).start())
         ucfg = _uvicorn_config(config)
         _announce(config)
         if config.server.processes > 1:
@@ -210,7 +221,55 @@ def serve(config_path: str) -> int:
             uvloop.run(_serve_single(ucfg, config))
     finally:
         supervisor.stop()
+        events.close()
+        Path(config.server.pid_file).unlink(missing_ok=True)
     return 0
+
+
+class ModelEvents:
+    """The supervisor's audit stream: every model load, refusal, quarantine and swap."""
+
+    def __init__(self, config: Config) -> None:
+        self.writer = None
+        if config.audit.enabled:
+            from gateway.audit.chain import load_private_key
+            from gateway.audit.writer import AuditWriter
+
+            self.writer = AuditWriter(config.audit, "supervisor", load_private_key(config.audit.signing_key))
+            self.writer.open()
+        self._lock = threading.Lock()
+
+    def write(self, events: list[dict[str, object]]) -> None:
+        if self.writer is None:
+            return
+        with self._lock:
+            for event in events:
+                try:
+                    self.writer.append_now({"kind": "model", **event})
+                except OSError as exc:
+                    log.error("cannot record a model event in the audit log: %s (%s)", exc, event)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close_now()
+
+
+def _reload(supervisor: Any, config_path: str, events: ModelEvents) -> None:
+    """SIGHUP (``gateway models reload``): swap in changed model versions, keep the rest serving."""
+    log.info("reload requested")
+    try:
+        config = load_config(config_path)
+    except Exception as exc:
+        log.error("reload refused: the configuration does not load: %s", exc)
+        events.write([{"event": "refuse", "reason": f"configuration: {exc}"[:1000]}])
+        return
+    try:
+        done = supervisor.reload(config)
+    except Exception:
+        log.exception("reload failed")
+        return
+    events.write(done)
+    log.info("reload finished: %s", ", ".join(f"{e['model']}/{e['version']} {e['event']}" for e in done) or "nothing changed")
 
 
 async def _serve_single(ucfg: GatewayUvicornConfig, config: Config) -> None:

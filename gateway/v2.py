@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ from gateway.protocol.codec import (
     decode_infer_request,
     encode_infer_response,
 )
-from gateway.registry.manifest import NAME_PATTERN, Manifest
+from gateway.registry.manifest import NAME_PATTERN, Manifest, load_manifest
 from gateway.registry.signature import check_inputs, check_outputs
 from gateway.security.ratelimit import Limiter
 from gateway.security.rbac import Policy
@@ -69,7 +70,14 @@ class V2:
         self.pool = pool
         self.policy = policy
         self.limiter = limiter
+        pool.on_swap.append(self._swapped)
         self.limits = DecodeLimits()
+
+    def _swapped(self, name: str, manifest_folder: str) -> None:
+        """The supervisor swapped in another version of ``name``: describe it from its manifest."""
+        entry = self.models.get(name)
+        if entry is not None:
+            self.models[name] = ModelEntry(load_manifest(Path(manifest_folder)), entry.config)
 
     def _model(self, request: Request, verb: str) -> ModelEntry:
         """Authenticate, authorize ``verb`` on the named model, and find it.

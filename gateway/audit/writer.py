@@ -153,6 +153,26 @@ class AuditWriter:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
 
+    def append_now(self, record: dict[str, Any]) -> None:
+        """Write one record at once, without an event loop (the supervisor's model events)."""
+        state = _State(self.state.seq, self.state.prev, self.state.since_checkpoint, self.state.last_kind)
+        lines = [self._seal(record, state)]
+        if record.get("kind") != "checkpoint":
+            lines.append(self._seal(self._checkpoint("event"), state))  # rare events: seal each at once
+        self._check_target()
+        self._write(b"".join(lines))
+        self.state = state
+        self._commit(lines)
+
+    def close_now(self) -> None:
+        """``close`` without an event loop."""
+        with contextlib.suppress(OSError):
+            self.append_now(self._checkpoint("shutdown"))
+        for fd in (self.fd, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self._lock_fd = -1
+
     # -- appending ----------------------------------------------------------------------------------
     def _checkpoint(self, reason: str) -> dict[str, Any]:
         return {"kind": "checkpoint", "reason": reason}

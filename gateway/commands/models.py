@@ -61,6 +61,21 @@ def _resign(folder: Path, signing_key: str) -> None:
         print(f"note: {folder} changed and its signature no longer matches; sign it with `gateway models sign`")
 
 
+def _reload(pid_file: str) -> int:
+    """Ask the running gateway to swap in changed model versions (it verifies and admits them first)."""
+    import signal
+
+    try:
+        pid = int(Path(pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"gateway: no running gateway found through {pid_file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"reload requested from gateway {pid}: changed versions are verified, admitted and swapped in "
+          "once healthy; refusals keep the serving version (see its log and the audit stream 'supervisor')")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     """``sign``, ``verify``, ``check``, ``encrypt`` and ``rewrap`` a model version folder
     (``<root>/<name>/<version>``)."""
@@ -70,7 +85,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from gateway.registry.sealing import SEALED_NAME, SealError, key_provider, rewrap, seal
     from gateway.registry.signing import SignatureError, sign_model, verify_model
 
-    supply = load(args).supply
+    config = load(args)
+    supply = config.supply
+    if args.action == "reload":
+        return _reload(config.server.pid_file)
     folder = Path(args.folder)
     try:
         manifest = load_manifest(folder)
@@ -116,9 +134,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("models", help="sign, verify, check, encrypt or rewrap a model version folder")
-    p.add_argument("action", choices=["sign", "verify", "check", "encrypt", "rewrap"])
-    p.add_argument("folder", help="<models root>/<name>/<version>")
+    p = sub.add_parser("models", help="sign, verify, check, encrypt or rewrap a model version folder; reload")
+    p.add_argument("action", choices=["sign", "verify", "check", "encrypt", "rewrap", "reload"])
+    p.add_argument("folder", nargs="?", default="", help="<models root>/<name>/<version> (not for reload)")
     p.add_argument("--config", default="gateway.toml")
     p.add_argument("--keep-plaintext", action="store_true", help="encrypt: do not remove model.onnx afterwards")
     p.add_argument("--new-kek-file", default="", help="rewrap: the new key-encryption key")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import orjson
 from gateway.config import Config, ModelConfig
 from gateway.errors import GatewayError, GatewayTimeout, InvalidInput, Unavailable
 from gateway.protocol.codec import HEADER_LENGTH, Chunk, Tensor, decode_tensor_message, encode_tensor_parts
-from gateway.workers.supervisor import socket_path
+from gateway.workers.supervisor import ROUTES, socket_path
 from gateway.workers.transport import (
     UnixHTTPClient,
     WorkerConnectError,
@@ -68,17 +69,22 @@ class WorkerPool:
 
     def __init__(self, config: Config, runtime_dir: str | Path) -> None:
         self.config = config
+        self.routes_path = Path(runtime_dir) / ROUTES
         self.workers: dict[str, list[WorkerClient]] = {
-            m.name: [self._client(m, i, runtime_dir) for i in range(m.workers)] for m in config.models
+            m.name: [self._client(m, i, socket_path(runtime_dir, m.name, i)) for i in range(m.workers)]
+            for m in config.models
         }
+        self.generations: dict[str, int] = {m.name: 0 for m in config.models}
+        self.on_swap: list[Callable[[str, str], None]] = []
+        """Called with (model, manifest folder) when the supervisor swapped in another version."""
+        self._routes_mtime = 0
         self._task: asyncio.Task[None] | None = None
 
-    def _client(self, m: ModelConfig, index: int, runtime_dir: str | Path) -> WorkerClient:
-        return WorkerClient(
-            m.name, index, socket_path(runtime_dir, m.name, index), m.max_inflight
-        )
+    def _client(self, m: ModelConfig, index: int, socket: Path) -> WorkerClient:
+        return WorkerClient(m.name, index, socket, m.max_inflight)
 
     async def start(self) -> None:
+        await self._follow_routes()
         await asyncio.gather(*(w.probe() for ws in self.workers.values() for w in ws))
         self._task = asyncio.get_running_loop().create_task(self._probe_loop())
 
@@ -90,9 +96,41 @@ class WorkerPool:
     async def _probe_loop(self) -> None:
         while True:
             await asyncio.sleep(self.probe_interval_s)
+            await self._follow_routes()
             down = [w for ws in self.workers.values() for w in ws if not w.healthy]
             if down:
                 await asyncio.gather(*(w.probe() for w in down))
+
+    async def _follow_routes(self) -> None:
+        """Swap to the workers the supervisor's routes name, once they answer; old clients drain."""
+        try:
+            mtime = self.routes_path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime == self._routes_mtime:
+            return
+        try:
+            routes = orjson.loads(self.routes_path.read_bytes())["models"]
+        except (OSError, ValueError, KeyError):
+            return  # mid-replace or unreadable: next round
+        self._routes_mtime = mtime
+        for name, route in routes.items():
+            m = self.config.model(name)
+            if m is None or route["generation"] == self.generations.get(name):
+                continue
+            fresh = [self._client(m, i, Path(sock)) for i, sock in enumerate(route["sockets"])]
+            await asyncio.gather(*(w.probe() for w in fresh))
+            old, self.workers[name] = self.workers[name], fresh
+            self.generations[name] = route["generation"]
+            log.info("model %s now served by version %s (generation %d)", name, route["version"], route["generation"])
+            for callback in self.on_swap:
+                callback(name, route["manifest"])
+            asyncio.get_running_loop().create_task(self._close_later(old))
+
+    async def _close_later(self, clients: list[WorkerClient]) -> None:
+        """Requests already on the old workers finish before their connections are closed."""
+        await asyncio.sleep(self.config.server.request_timeout_s + 1.0)
+        await asyncio.gather(*(w.client.aclose() for w in clients))
 
     async def refresh(self) -> None:
         """Probe every worker now (fresh queue depth and batch statistics for metrics)."""

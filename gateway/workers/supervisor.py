@@ -1,7 +1,10 @@
 """Starts, watches and restarts the worker processes (the shape of uvicorn's multiprocess supervisor).
 
 Per configured model it keeps ``workers`` processes alive, each on its own Unix socket inside a
-private (0700) runtime directory. Every worker gets a scrubbed environment (no gateway secrets),
+private (0700) runtime directory. ``reload`` (SIGHUP, ``gateway models reload``) swaps in a changed
+model version: verified and admitted first, started on new sockets, published in ``routes.json``
+for the serving processes once healthy, the old workers retired after the request deadline; a
+refused version, or one whose workers die at load (quarantined), leaves the serving one in place. Every worker gets a scrubbed environment (no gateway secrets),
 the verified model bytes on its standard input, and, when the gateway runs as root, an
 unprivileged user. A monitor thread pings each worker's ``/health``; a worker that exited or
 stopped answering is killed and restarted with exponential backoff while the others keep serving.
@@ -9,6 +12,7 @@ stopped answering is killed and restarted with exponential backoff while the oth
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pwd
@@ -26,7 +30,7 @@ from gateway.registry.loading import load_model_bytes
 from gateway.registry.manifest import Manifest
 from gateway.workers.transport import fetch_health
 
-__all__ = ["Supervisor", "WorkerStartError", "socket_path"]
+__all__ = ["ROUTES", "Supervisor", "WorkerStartError", "socket_path"]
 
 log = logging.getLogger("gateway.supervisor")
 
@@ -38,8 +42,15 @@ class WorkerStartError(RuntimeError):
     """A worker failed in a way a restart will not fix (bad device, model that does not load)."""
 
 
-def socket_path(runtime_dir: str | Path, model: str, index: int) -> Path:
-    return Path(runtime_dir) / f"{model}-{index}.sock"
+def socket_path(runtime_dir: str | Path, model: str, index: int, generation: int = 0) -> Path:
+    """A worker's socket; a reloaded model's workers get a new generation (and new sockets)."""
+    stem = f"{model}-{index}" if generation == 0 else f"{model}-g{generation}-{index}"
+    return Path(runtime_dir) / f"{stem}.sock"
+
+
+ROUTES = "routes.json"
+"""In the runtime directory: which sockets serve which model version now (read by the serving
+processes, written atomically by the supervisor at start-up and at every swap)."""
 
 
 @dataclass
@@ -47,6 +58,7 @@ class _Worker:
     model: ModelConfig
     index: int
     socket: Path
+    generation: int = 0
     proc: subprocess.Popen[bytes] | None = None
     failures: int = 0
     next_start: float = 0.0
@@ -74,9 +86,13 @@ class Supervisor:
             for m in config.models
             for i in range(m.workers)
         ]
-        self._models: dict[str, bytes] = {}
+        self._models: dict[tuple[str, int], bytes] = {}
+        self.generation: dict[str, int] = {m.name: 0 for m in config.models}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # guards self.workers against the monitor while a reload swaps
+        self.events: list[dict[str, object]] = []  # loads, refusals and swaps, for the audit log
+        self.quarantined: set[tuple[str, str]] = set()  # (model, sha256) whose workers died at load
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -86,24 +102,111 @@ class Supervisor:
             entry = pwd.getpwnam(self.user)
             os.chown(self.runtime_dir, entry.pw_uid, entry.pw_gid)
         for name, manifest in self.manifests.items():
-            self._models[name] = load_model_bytes(manifest, self.config.supply)
+            self._models[(name, 0)] = load_model_bytes(manifest, self.config.supply)
+            self._event("load", manifest, 0)
         for w in self.workers:
             self._spawn(w)
         self._thread = threading.Thread(target=self._monitor, name="supervisor", daemon=True)
         self._thread.start()
 
-    def wait_ready(self, timeout_s: float | None = None) -> None:
+    def wait_ready(self, timeout_s: float | None = None, workers: list[_Worker] | None = None) -> None:
         """Block until every worker answered its health check; raise on a permanent failure."""
+        group = self.workers if workers is None else workers
         deadline = time.monotonic() + (timeout_s or self.start_timeout_s)
         while time.monotonic() < deadline:
-            fatal = [w for w in self.workers if w.last_error.startswith("permanent") and not w.ready]
+            fatal = [w for w in group if w.last_error.startswith("permanent") and not w.ready]
             if fatal:
                 raise WorkerStartError("; ".join(f"{w.model.name}-{w.index}: {w.last_error}" for w in fatal))
-            if all(w.ready for w in self.workers):
+            if all(w.ready for w in group):
+                if workers is None:
+                    self.publish_routes()
                 return
             time.sleep(0.1)
-        pending = [f"{w.model.name}-{w.index}" for w in self.workers if not w.ready]
+        pending = [f"{w.model.name}-{w.index}" for w in group if not w.ready]
         raise WorkerStartError(f"workers not ready after {timeout_s or self.start_timeout_s:.0f}s: {pending}")
+
+    # reload ----------------------------------------------------------------------------------
+    def _event(self, kind: str, manifest: Manifest, generation: int, reason: str = "") -> None:
+        event: dict[str, object] = {"event": kind, "model": manifest.name, "version": manifest.version,
+                                    "sha256": manifest.sha256, "generation": generation}
+        if reason:
+            event["reason"] = reason
+        self.events.append(event)
+        (log.warning if kind in ("refuse", "quarantine") else log.info)(
+            "model %s/%s: %s%s", manifest.name, manifest.version, kind, f" ({reason})" if reason else "")
+
+    def publish_routes(self) -> None:
+        """Write which sockets serve which model version, atomically."""
+        with self._lock:
+            models = {}
+            for m in self.config.models:
+                gen = self.generation[m.name]
+                manifest = self.manifests[m.name]
+                models[m.name] = {
+                    "version": manifest.version, "generation": gen, "sha256": manifest.sha256,
+                    "manifest": str(manifest.path),
+                    "sockets": [str(w.socket) for w in self.workers if w.model.name == m.name and w.generation == gen],
+                }
+        tmp = self.runtime_dir / f".{ROUTES}.tmp"
+        tmp.write_text(json.dumps({"models": models}, indent=1))
+        os.replace(tmp, self.runtime_dir / ROUTES)
+
+    def reload(self, config: Config) -> list[dict[str, object]]:
+        """Swap in every configured model version that changed, each only once it is verified,
+        admitted and its new workers are healthy; a refused or failing version leaves the serving
+        one in place. Returns the events of this reload."""
+        from gateway.registry.manifest import ManifestError, load_manifest
+
+        first = len(self.events)
+        for m in config.models:
+            current = self.manifests.get(m.name)
+            if current is None:
+                continue  # adding models needs a restart: the serving processes' policies name them
+            try:
+                manifest = load_manifest(Path(config.models_root) / m.name / m.version)
+                if manifest.version == current.version and manifest.sha256 == current.sha256:
+                    continue
+                if (m.name, manifest.sha256) in self.quarantined:
+                    raise ManifestError(f"{m.name}/{manifest.version} is quarantined (its worker died at load); "
+                                        "change the model to try again")
+                data = load_model_bytes(manifest, config.supply)
+            except ManifestError as exc:
+                self._event("refuse", _placeholder(m, current), self.generation[m.name], str(exc))
+                continue
+            gen = self.generation[m.name] + 1
+            self._models[(m.name, gen)] = data
+            self._event("load", manifest, gen)
+            fresh = [_Worker(m, i, socket_path(self.runtime_dir, m.name, i, gen), gen) for i in range(m.workers)]
+            with self._lock:
+                self.workers.extend(fresh)
+            try:
+                self.wait_ready(workers=fresh)
+            except WorkerStartError as exc:
+                self._retire(fresh)
+                self.quarantined.add((m.name, manifest.sha256))
+                self._event("quarantine", manifest, gen, str(exc)[:500])
+                continue
+            old = [w for w in self.workers if w.model.name == m.name and w.generation != gen]
+            with self._lock:
+                self.manifests[m.name], self.generation[m.name] = manifest, gen
+            self.publish_routes()
+            self._event("swap", manifest, gen)
+            # In-flight requests on the old workers finish; then they go.
+            threading.Timer(self.config.server.request_timeout_s + 2.0, self._retire, [old]).start()
+        return self.events[first:]
+
+    def _retire(self, workers: list[_Worker]) -> None:
+        with self._lock:
+            self.workers = [w for w in self.workers if w not in workers]
+        for w in workers:
+            if w.proc and w.proc.poll() is None:
+                w.proc.terminate()
+                try:
+                    w.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    w.proc.kill()
+            w.socket.unlink(missing_ok=True)
+            self._models.pop((w.model.name, w.generation), None)
 
     def stop(self) -> None:
         self._stop.set()
@@ -156,7 +259,7 @@ class Supervisor:
 
     def _spawn(self, w: _Worker) -> None:
         w.socket.unlink(missing_ok=True)
-        w.stderr_path = self.runtime_dir / f"{w.model.name}-{w.index}.log"
+        w.stderr_path = w.socket.with_suffix(".log")
         with open(w.stderr_path, "wb") as err:
             w.proc = subprocess.Popen(
                 self._command(w), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
@@ -164,7 +267,7 @@ class Supervisor:
             )
         assert w.proc.stdin is not None
         try:
-            w.proc.stdin.write(self._models[w.model.name])
+            w.proc.stdin.write(self._models[(w.model.name, w.generation)])
             w.proc.stdin.close()
         except BrokenPipeError:
             pass
@@ -209,9 +312,18 @@ class Supervisor:
     def _monitor(self) -> None:
         while not self._stop.is_set():
             now = time.monotonic()
-            for w in self.workers:
+            with self._lock:
+                workers = list(self.workers)
+            for w in workers:
                 try:
                     self._check(w, now)
                 except Exception:  # the monitor must outlive any one worker's trouble
                     log.exception("supervising worker %s-%d", w.model.name, w.index)
             self._stop.wait(self.ping_interval_s)
+
+
+def _placeholder(m: ModelConfig, current: Manifest) -> Manifest:
+    """What a refusal record names when the new version's manifest itself could not be read."""
+    from dataclasses import replace
+
+    return replace(current, version=m.version, sha256="")

@@ -1,0 +1,147 @@
+"""Hot reload: a new version swapped in under load with no failed request; a bad one refused."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from gateway.audit.chain import load_public_key, stream_files, verify_paths
+from gateway.cli import main
+from gateway.registry.signing import sign_model
+from tests.conftest import Gateway, onnx_reference, start_gateway
+
+pytestmark = pytest.mark.slow
+
+X = np.random.default_rng(9).uniform(0, 16, (4, 64)).astype(np.float32)
+
+
+def _new_version(root: Path, pki: Path, version: str, signed: bool = True) -> Path:
+    """digits with its last initializer shifted: same signature, different answers."""
+    src, dst = root / "digits" / "1", root / "digits" / version
+    dst.mkdir()
+    model = onnx.load(str(src / "model.onnx"))
+    last = model.graph.initializer[-1]
+    weights = numpy_helper.to_array(last)
+    shift = np.linspace(0, 2, weights.size, dtype=np.float32).reshape(weights.shape)  # not uniform: softmax sees it
+    last.CopyFrom(numpy_helper.from_array(weights + shift, last.name))
+    data = model.SerializeToString()
+    (dst / "model.onnx").write_bytes(data)
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["version"] = version
+    manifest["onnx"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    if signed:
+        sign_model(dst, pki / "keys" / "model-signing.key")
+    return dst
+
+
+def _infer(gw: Gateway) -> tuple[int, np.ndarray | None, str | None]:
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [4, 64], "data": X.ravel().tolist()}]}
+    with gw.client() as c:
+        r = c.post("/v2/models/digits/infer", json=body)
+    if r.status_code != 200:
+        return r.status_code, None, None
+    doc = r.json()
+    return 200, np.array(doc["outputs"][0]["data"], np.float32).reshape(4, 10), doc["model_version"]
+
+
+def _set_version(config: Path, version: str) -> None:
+    text = config.read_text()
+    marker = "[models.digits]\n"
+    head, tail = text.split(marker)
+    tail = "\n".join(line for line in tail.split("\n") if not line.startswith("version ="))
+    config.write_text(head + marker + f'version = "{version}"\n' + tail)
+
+
+@pytest.mark.anyio
+async def test_reload_under_load_swaps_versions_without_a_failed_request_and_refuses_a_bad_one(
+        models_root: Path, pki: Path, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    for name in ("digits", "resnetish"):
+        shutil.copytree(models_root / name, root / name)
+    v2 = _new_version(root, pki, "2")
+    _new_version(root, pki, "3", signed=False)
+    gw = start_gateway(pki, tmp_path, root)
+    try:
+        status, before, version = _infer(gw)
+        assert status == 200 and version == "1"
+        np.testing.assert_allclose(before, onnx_reference(root, "digits", X), rtol=1e-5, atol=1e-6)
+
+        statuses: list[int] = []
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [4, 64], "data": X.ravel().tolist()}]}
+            async with gw.async_client() as c:
+                while not stop.is_set():
+                    statuses.append((await c.post("/v2/models/digits/infer", json=body)).status_code)
+
+        tasks = [asyncio.get_running_loop().create_task(load()) for _ in range(8)]
+        await asyncio.sleep(1.0)
+        _set_version(gw.config, "2")
+        assert main(["models", "reload", "--config", str(gw.config)]) == 0
+        deadline = time.monotonic() + 60
+        while _infer(gw)[2] != "2":
+            assert time.monotonic() < deadline, "version 2 was not swapped in"
+            await asyncio.sleep(0.3)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+        status, after, version = _infer(gw)
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(v2 / "model.onnx"), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(after, session.run(None, {"input": X})[0], rtol=1e-5, atol=1e-6)
+        assert not np.allclose(after, before)
+        with gw.client() as c:
+            assert c.get("/v2/models/digits").json()["versions"] == ["2"]
+
+        # Version 3 is unsigned: refused, and version 2 keeps serving.
+        _set_version(gw.config, "3")
+        assert main(["models", "reload", "--config", str(gw.config)]) == 0
+        deadline = time.monotonic() + 20
+        while "digits/3: refused" not in gw.log.read_text():
+            assert time.monotonic() < deadline, "the refusal was not logged"
+            await asyncio.sleep(0.2)
+        status, still, version = _infer(gw)
+        assert status == 200 and version == "2"
+        np.testing.assert_allclose(still, after, rtol=1e-6)
+        # Version 4 is signed and admitted, but ONNX Runtime cannot load it: its worker dies at
+        # load, the version is quarantined, and version 2 keeps serving.
+        v4 = root / "digits" / "4"
+        shutil.copytree(v2, v4)
+        model = onnx.load(str(v4 / "model.onnx"))
+        model.graph.node[0].op_type = "NoSuchOperator"
+        data = model.SerializeToString()
+        (v4 / "model.onnx").write_bytes(data)
+        manifest = json.loads((v4 / "manifest.json").read_text())
+        manifest.update(version="4", onnx={**manifest["onnx"], "sha256": hashlib.sha256(data).hexdigest()})
+        (v4 / "manifest.json").write_text(json.dumps(manifest))
+        (v4 / "model.sig").unlink()
+        sign_model(v4, pki / "keys" / "model-signing.key")
+        _set_version(gw.config, "4")
+        assert main(["models", "reload", "--config", str(gw.config)]) == 0
+        deadline = time.monotonic() + 30
+        while "digits/4: quarantine" not in gw.log.read_text():
+            assert time.monotonic() < deadline, "the failing version was not quarantined"
+            await asyncio.sleep(0.2)
+        assert _infer(gw)[2] == "2"
+    finally:
+        gw.stop()
+    events = [json.loads(line) for f in stream_files([tmp_path / "audit"])["supervisor"]
+              for line in f.read_bytes().splitlines()]
+    model_events = [e for e in events if e.get("kind") == "model"]
+    assert any(e["event"] == "swap" and e["version"] == "2" for e in model_events)
+    assert any(e["event"] == "refuse" and e["version"] == "3" and "unsigned" in str(e["reason"]) for e in model_events)
+    assert any(e["event"] == "quarantine" and e["version"] == "4" for e in model_events)
+    assert verify_paths([tmp_path / "audit"], load_public_key(pki / "keys" / "audit-signing.pub")).ok
