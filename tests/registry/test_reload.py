@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,49 @@ def _new_version(root: Path, pki: Path, version: str, signed: bool = True) -> Pa
     if signed:
         sign_model(dst, pki / "keys" / "model-signing.key")
     return dst
+
+
+def _tamper(root: Path, pki: Path, version: str) -> Path:
+    folder = _new_version(root, pki, version)
+    data = bytearray((folder / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 1
+    (folder / "model.onnx").write_bytes(bytes(data))
+    return folder
+
+
+def _extra_file(root: Path, pki: Path, version: str) -> Path:
+    folder = _new_version(root, pki, version)
+    (folder / "notes.txt").write_text("not signed")
+    return folder
+
+
+def _other_signer(root: Path, pki: Path, version: str) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder = _new_version(root, pki, version, signed=False)
+    key = root / f"other-{version}.key"
+    key.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    sign_model(folder, key)
+    return folder
+
+
+def _hostile(make: Callable[[Path], bytes]) -> Callable[[Path, Path, str], Path]:
+    """A version folder holding a hostile model, correctly described and signed: admission must refuse it."""
+    def build(root: Path, pki: Path, version: str) -> Path:
+        folder = _new_version(root, pki, version, signed=False)
+        data = make(folder)
+        (folder / "model.onnx").write_bytes(data)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["onnx"]["sha256"] = hashlib.sha256(data).hexdigest()
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        try:
+            sign_model(folder, pki / "keys" / "model-signing.key")
+        except ValueError:
+            pass  # model-signing will not sign a folder with a symbolic link: refused as unsigned
+        return folder
+    return build
 
 
 def _infer(gw: Gateway) -> tuple[int, np.ndarray | None, str | None]:
@@ -136,6 +180,23 @@ async def test_reload_under_load_swaps_versions_without_a_failed_request_and_ref
             assert time.monotonic() < deadline, "the failing version was not quarantined"
             await asyncio.sleep(0.2)
         assert _infer(gw)[2] == "2"
+        # Every signature failure and every hostile file of the admission table, through the
+        # running gateway: each refused with its reason while version 2 answers.
+        from tests.registry.test_supply import HOSTILE
+
+        cases = [("tampered", _tamper), ("extra file", _extra_file), ("other signer", _other_signer)]
+        cases += [(name, _hostile(make)) for name, make, _ in HOSTILE]
+        for n, (what, make_version) in enumerate(cases, start=10):
+            folder = make_version(root, pki, str(n))
+            _set_version(gw.config, str(n))
+            assert main(["models", "reload", "--config", str(gw.config)]) == 0
+            deadline = time.monotonic() + 30
+            # Refused by the checks, or (the oversized initializer, under the default 2 GiB limit)
+            # admitted and then quarantined when ONNX Runtime could not load it: never served.
+            while not any(f"digits/{n}: {end}" in gw.log.read_text() for end in ("refuse", "quarantine")):
+                assert time.monotonic() < deadline, f"{what} ({folder}) was neither refused nor quarantined"
+                await asyncio.sleep(0.1)
+            assert _infer(gw)[2] == "2", what
     finally:
         gw.stop()
     events = [json.loads(line) for f in stream_files([tmp_path / "audit"])["supervisor"]
