@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -27,7 +26,7 @@ from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.middleware import AuthMiddleware, ContextMiddleware, ProblemMiddleware, problem_response
 from gateway.middleware.limits import AddressLimitMiddleware, PrincipalLimitMiddleware
 from gateway.openapi import openapi_document
-from gateway.registry.manifest import load_manifests
+from gateway.registry.manifest import load_units
 from gateway.security.issuer import BuiltinIssuer
 from gateway.security.ratelimit import Limiter
 from gateway.security.rbac import Policy
@@ -58,8 +57,8 @@ def _http_exception(request: Request, exc: Exception) -> Response:
 def create_app(config: Config, runtime_dir: str, models: dict[str, ModelEntry] | None = None) -> Starlette:
     """Build the gateway: ``audit → problems → context → address limits → auth → principal limits → router``."""
     if models is None:
-        manifests = load_manifests(Path(config.models_root), {m.name: m.version for m in config.models})
-        models = {m.name: ModelEntry(manifests[m.name], m) for m in config.models}
+        manifests = load_units(config)
+        models = {m.name: ModelEntry(manifests[m.name], m) for m in config.units()}
     pool = WorkerPool(config, runtime_dir)
     limiter = Limiter(config.limits, config.issuer.max_failed_logins, config.issuer.lockout_s)
     issuer = BuiltinIssuer(config, limiter) if config.issuer.enabled else None
@@ -102,7 +101,7 @@ def create_app(config: Config, runtime_dir: str, models: dict[str, ModelEntry] |
 
     middleware = [
         Middleware(AuditMiddleware, writer=writer, metrics=metrics, fail_closed=config.audit.fail_closed,
-                   known_models=frozenset(models)),
+                   known_models=frozenset(m.name for m in config.models)),
         Middleware(ProblemMiddleware, debug=config.server.debug),
         Middleware(ContextMiddleware, trusted_proxies=TrustedProxies(config.tls.trusted_proxies),
                    timeout_s=config.server.request_timeout_s),

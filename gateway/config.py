@@ -13,6 +13,7 @@ import fnmatch
 import ipaddress
 import os
 import pwd
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 """The only JWS algorithms a token may use: no ``none``, no HMAC (a public key is no secret)."""
 VERBS = ("infer", "metadata", "list", "explain", "metrics", "admin:models", "admin:audit", "admin:incident")
 """What a role can be granted; patterns such as ``admin:*`` or ``*`` expand to these."""
+UNIT_SEPARATOR = "@"
+"""Joins a model's name and version into the key of a served unit (never valid in a model name)."""
 ACR_PASSWORD = "urn:gateway:acr:pwd"
 ACR_MFA = "urn:gateway:acr:mfa"
 
@@ -94,6 +97,9 @@ class TLSConfig:
 class ModelConfig:
     name: str
     version: str = "1"
+    """The default version: what ``/v2/models/{name}`` serves."""
+    versions: tuple[str, ...] = ()
+    """Other versions served beside it, each with its own workers (``/versions/{v}``)."""
     workers: int = 1
     device: Device = "auto"
     """"cuda" fails loudly when the CUDA execution provider is not active."""
@@ -328,7 +334,19 @@ class Config:
         return out
 
     def model(self, name: str) -> ModelConfig | None:
-        return next((m for m in self.models if m.name == name), None)
+        """The model configuration of a model name or of a served unit's key (``name@version``)."""
+        base = name.split(UNIT_SEPARATOR, 1)[0]
+        return next((m for m in self.models if m.name == base), None)
+
+    def units(self) -> list[ModelConfig]:
+        """Every served (model, version): the default under the model's name, the others under
+        ``name@version``; each is a ``ModelConfig`` whose ``name`` is that key."""
+        out = []
+        for m in self.models:
+            out.append(m)
+            out += [dataclasses.replace(m, name=f"{m.name}{UNIT_SEPARATOR}{v}", version=v, versions=())
+                    for v in dict.fromkeys(m.versions) if v != m.version]
+        return out
 
 
 def _coerce(cls: type, raw: dict[str, Any], where: str, problems: list[str]) -> Any:
@@ -373,6 +391,9 @@ def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> None:
         node[path[-1]] = value
 
 
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
 def _check_ranges(cfg: Config, problems: list[str]) -> None:
     s = cfg.server
     checks = [
@@ -386,6 +407,8 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
     ]
     for m in cfg.models:
         where = f"models.{m.name}"
+        for v in (m.version, *m.versions):
+            checks.append((bool(_VERSION.match(v)) and ".." not in v, f"{where}: version {v!r} is not a valid identifier"))
         checks += [
             (1 <= m.workers <= 64, f"{where}.workers must be 1..64"),
             (1 <= m.max_batch_size <= 4096, f"{where}.max_batch_size must be 1..4096"),

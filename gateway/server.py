@@ -27,7 +27,7 @@ import uvicorn
 from gateway.config import Config, load_config
 from gateway.errors import problem_body
 from gateway.httpserver import BufferedBodyProtocol
-from gateway.registry.manifest import ManifestError, load_manifests
+from gateway.registry.manifest import ManifestError, load_units
 from gateway.security.tls import HANDSHAKES, build_server_context, identity_from_der
 
 __all__ = ["GatewayUvicornConfig", "TLSHttpToolsProtocol", "serve"]
@@ -187,7 +187,7 @@ def serve(config_path: str) -> int:
     from gateway.workers.supervisor import Supervisor
 
     config = load_config(config_path)
-    manifests = load_manifests(Path(config.models_root), {m.name: m.version for m in config.models})
+    manifests = load_units(config)
     runtime_dir = Path(config.server.runtime_dir or tempfile.mkdtemp(prefix="gateway-"))
     supervisor = Supervisor(config, manifests, runtime_dir)
     os.environ["GATEWAY_CONFIG"] = str(Path(config_path).resolve())

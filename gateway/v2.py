@@ -73,11 +73,22 @@ class V2:
         pool.on_swap.append(self._swapped)
         self.limits = DecodeLimits()
 
-    def _swapped(self, name: str, manifest_folder: str) -> None:
-        """The supervisor swapped in another version of ``name``: describe it from its manifest."""
-        entry = self.models.get(name)
-        if entry is not None:
-            self.models[name] = ModelEntry(load_manifest(Path(manifest_folder)), entry.config)
+    def _swapped(self, unit: str, manifest_folder: str | None) -> None:
+        """The supervisor swapped in, added or (None) removed a served version: follow it."""
+        base = self.config.model(unit)
+        if manifest_folder is None:
+            self.models.pop(unit, None)
+        elif base is not None:
+            manifest = load_manifest(Path(manifest_folder))
+            self.models[unit] = ModelEntry(manifest, dataclasses.replace(base, name=unit, version=manifest.version))
+
+    def _names(self) -> list[str]:
+        return sorted(k for k in self.models if "@" not in k)
+
+    def _versions(self, name: str) -> list[str]:
+        """The versions served for ``name``, the default first."""
+        others = sorted(e.manifest.version for k, e in self.models.items() if k.startswith(f"{name}@"))
+        return [self.models[name].manifest.version, *others] if name in self.models else others
 
     def _model(self, request: Request, verb: str) -> ModelEntry:
         """Authenticate, authorize ``verb`` on the named model, and find it.
@@ -97,7 +108,9 @@ class V2:
         except NotFound:
             raise missing from None
         entry = self.models.get(name)
-        if entry is None or (version is not None and version != entry.manifest.version):
+        if entry is not None and version is not None and version != entry.manifest.version:
+            entry = self.models.get(f"{name}@{version}")  # another version served beside the default
+        if entry is None:
             raise missing
         return entry
 
@@ -112,29 +125,31 @@ class V2:
     async def model_index(self, request: Request) -> Response:
         """``GET /v2/models``: the models this caller may use (others are not even named)."""
         principal = self.policy.authorize(request.scope, "list")
-        names = self.policy.visible_models(principal, sorted(self.models))
+        names = self.policy.visible_models(principal, self._names())
         return _json({"models": [
-            {"name": n, "versions": [self.models[n].manifest.version], "platform": PLATFORM,
-             "ready": self.pool.ready(n)} for n in names
+            {"name": n, "versions": self._versions(n), "platform": PLATFORM, "ready": self.pool.ready(n)}
+            for n in names
         ]})
 
     async def repository_index(self, request: Request) -> Response:
         """``POST /v2/repository/index`` (Triton's repository extension, as ``tritonclient`` calls it)."""
         principal = self.policy.authorize(request.scope, "list")
-        names = self.policy.visible_models(principal, sorted(self.models))
+        names = self.policy.visible_models(principal, self._names())
         return _json([
-            {"name": n, "version": self.models[n].manifest.version,
-             "state": "READY" if self.pool.ready(n) else "UNAVAILABLE"} for n in names
+            {"name": n, "version": e.manifest.version, "state": "READY" if self.pool.ready(k) else "UNAVAILABLE"}
+            for n in names for k, e in sorted(self.models.items()) if k == n or k.startswith(f"{n}@")
         ])
 
     async def admin_models(self, request: Request) -> Response:
         """``GET /admin/models``: the operator's view, with configuration and execution providers."""
         principal = self.policy.authorize(request.scope, "admin:models")
-        names = [n for n in sorted(self.models) if self.policy.decide(principal, "admin:models", n).allowed]
+        units = [k for k in sorted(self.models)
+                 if self.policy.decide(principal, "admin:models", k.split("@", 1)[0]).allowed]
         return Response(orjson.dumps({"models": [
-            {"name": n, "version": self.models[n].manifest.version, "sha256": self.models[n].manifest.sha256,
-             "ready": self.pool.ready(n), "execution_providers": self.pool.providers(n),
-             "config": dataclasses.asdict(self.models[n].config)} for n in names
+            {"name": k.split("@", 1)[0], "version": self.models[k].manifest.version,
+             "default": "@" not in k, "sha256": self.models[k].manifest.sha256,
+             "ready": self.pool.ready(k), "execution_providers": self.pool.providers(k),
+             "config": dataclasses.asdict(self.models[k].config)} for k in units
         ]}), media_type="application/json")
 
     async def live(self, request: Request) -> Response:
@@ -154,22 +169,25 @@ class V2:
         return _json({"name": "gateway", "version": __version__, "extensions": ["binary_tensor_data"]})
 
     async def model_metadata(self, request: Request) -> Response:
-        m = self._model(request, "metadata").manifest
+        entry = self._model(request, "metadata")
+        m = entry.manifest
+        versioned = "version" in request.path_params
         return _json({
             "name": m.name,
-            "versions": [m.version],
+            "versions": [m.version] if versioned else self._versions(m.name),
             "platform": PLATFORM,
             "inputs": [s.metadata() for s in m.inputs],
             "outputs": [s.metadata() for s in m.outputs],
-            "parameters": {"execution_providers": self.pool.providers(m.name)},
+            "parameters": {"execution_providers": self.pool.providers(entry.config.name)},
         })
 
     async def model_ready(self, request: Request) -> Response:
-        m = self._model(request, "metadata").manifest
-        if not self.pool.ready(m.name):
-            raise Unavailable(f"model {m.name!r} has no healthy worker", retry_after=1)
+        entry = self._model(request, "metadata")
+        m, unit = entry.manifest, entry.config.name
+        if not self.pool.ready(unit):
+            raise Unavailable(f"model {m.name!r} version {m.version!r} has no healthy worker", retry_after=1)
         return _json({"name": m.name, "ready": True,
-                      "parameters": {"execution_providers": self.pool.providers(m.name)}})
+                      "parameters": {"execution_providers": self.pool.providers(unit)}})
 
     async def _body(self, request: Request) -> bytes:
         limit = self.config.server.max_body_bytes
@@ -213,7 +231,7 @@ class V2:
         await self._count(request, manifest.name, inputs)
         ctx.extra["version"] = manifest.version
         ctx.extra["inputs"] = [tensor_digest(t) for t in inputs]
-        outputs = await self.pool.infer(manifest.name, inputs, ctx.deadline, ctx.extra)
+        outputs = await self.pool.infer(entry.config.name, inputs, ctx.deadline, ctx.extra)
         selected = _select(outputs, req.outputs, req.binary_output)
         ctx.extra["outputs"] = [tensor_digest(t) for t, _ in selected]
         payload, header_length = encode_infer_response(

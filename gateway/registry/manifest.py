@@ -12,11 +12,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.protocol.datatypes import DATATYPES
 
 __all__ = ["NAME_PATTERN", "Manifest", "ManifestError", "TensorSpec", "load_manifest", "load_manifests"]
+
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 # Model names and versions: a strict charset, no path separators, no leading dot.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -137,3 +140,10 @@ def load_manifest(directory: Path) -> Manifest:
 def load_manifests(root: Path, versions: dict[str, str]) -> dict[str, Manifest]:
     """The manifest of each model's chosen version in the repository at ``root``."""
     return {name: load_manifest(root / name / version) for name, version in versions.items()}
+
+
+def load_units(config: Config) -> dict[str, Manifest]:
+    """The manifest of every served unit: each model's default version under its name, the other
+    versions it serves under ``name@version``."""
+    root = Path(config.models_root)
+    return {m.name: load_manifest(root / m.name.split("@", 1)[0] / m.version) for m in config.units()}

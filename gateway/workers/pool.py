@@ -70,13 +70,15 @@ class WorkerPool:
     def __init__(self, config: Config, runtime_dir: str | Path) -> None:
         self.config = config
         self.routes_path = Path(runtime_dir) / ROUTES
+        # Keyed by served unit: a model's name for its default version, ``name@version`` for others.
         self.workers: dict[str, list[WorkerClient]] = {
             m.name: [self._client(m, i, socket_path(runtime_dir, m.name, i)) for i in range(m.workers)]
-            for m in config.models
+            for m in config.units()
         }
-        self.generations: dict[str, int] = {m.name: 0 for m in config.models}
-        self.on_swap: list[Callable[[str, str], None]] = []
-        """Called with (model, manifest folder) when the supervisor swapped in another version."""
+        self.generations: dict[str, int] = {m.name: 0 for m in config.units()}
+        self.on_swap: list[Callable[[str, str | None], None]] = []
+        """Called with (unit, manifest folder) when the supervisor swapped in, added (or, with
+        None, removed) a model version."""
         self._routes_mtime = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -120,11 +122,17 @@ class WorkerPool:
                 continue
             fresh = [self._client(m, i, Path(sock)) for i, sock in enumerate(route["sockets"])]
             await asyncio.gather(*(w.probe() for w in fresh))
-            old, self.workers[name] = self.workers[name], fresh
+            old, self.workers[name] = self.workers.get(name, []), fresh
             self.generations[name] = route["generation"]
             log.info("model %s now served by version %s (generation %d)", name, route["version"], route["generation"])
             for callback in self.on_swap:
                 callback(name, route["manifest"])
+            asyncio.get_running_loop().create_task(self._close_later(old))
+        for name in [n for n in self.workers if n not in routes]:  # a version no longer served
+            old = self.workers.pop(name)
+            self.generations.pop(name, None)
+            for callback in self.on_swap:
+                callback(name, None)
             asyncio.get_running_loop().create_task(self._close_later(old))
 
     async def _close_later(self, clients: list[WorkerClient]) -> None:

@@ -83,11 +83,11 @@ class Supervisor:
         self.user = (config.server.worker_user or None) if os.geteuid() == 0 else None
         self.workers = [
             _Worker(m, i, socket_path(runtime_dir, m.name, i))
-            for m in config.models
+            for m in config.units()
             for i in range(m.workers)
         ]
         self._models: dict[tuple[str, int], bytes] = {}
-        self.generation: dict[str, int] = {m.name: 0 for m in config.models}
+        self.generation: dict[str, int] = {m.name: 0 for m in config.units()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards self.workers against the monitor while a reload swaps
@@ -139,13 +139,12 @@ class Supervisor:
         """Write which sockets serve which model version, atomically."""
         with self._lock:
             models = {}
-            for m in self.config.models:
-                gen = self.generation[m.name]
-                manifest = self.manifests[m.name]
-                models[m.name] = {
+            for key, manifest in self.manifests.items():
+                gen = self.generation[key]
+                models[key] = {
                     "version": manifest.version, "generation": gen, "sha256": manifest.sha256,
                     "manifest": str(manifest.path),
-                    "sockets": [str(w.socket) for w in self.workers if w.model.name == m.name and w.generation == gen],
+                    "sockets": [str(w.socket) for w in self.workers if w.model.name == key and w.generation == gen],
                 }
         tmp = self.runtime_dir / f".{ROUTES}.tmp"
         tmp.write_text(json.dumps({"models": models}, indent=1))
@@ -158,22 +157,25 @@ class Supervisor:
         from gateway.registry.manifest import ManifestError, load_manifest
 
         first = len(self.events)
-        for m in config.models:
+        units = config.units()
+        known = {m.name.split("@", 1)[0] for m in self.config.models}
+        for m in units:
+            base = m.name.split("@", 1)[0]
+            if base not in known:
+                continue  # a new model needs a restart: the serving processes' policies and limits name them
             current = self.manifests.get(m.name)
-            if current is None:
-                continue  # adding models needs a restart: the serving processes' policies name them
             try:
-                manifest = load_manifest(Path(config.models_root) / m.name / m.version)
-                if manifest.version == current.version and manifest.sha256 == current.sha256:
+                manifest = load_manifest(Path(config.models_root) / base / m.version)
+                if current is not None and manifest.version == current.version and manifest.sha256 == current.sha256:
                     continue
                 if (m.name, manifest.sha256) in self.quarantined:
                     raise ManifestError(f"{m.name}/{manifest.version} is quarantined (its worker died at load); "
                                         "change the model to try again")
                 data = load_model_bytes(manifest, config.supply)
             except ManifestError as exc:
-                self._event("refuse", _placeholder(m, current), self.generation[m.name], str(exc))
+                self._event("refuse", _placeholder(m, current), self.generation.get(m.name, 0), str(exc))
                 continue
-            gen = self.generation[m.name] + 1
+            gen = self.generation.get(m.name, -1) + 1
             self._models[(m.name, gen)] = data
             self._event("load", manifest, gen)
             fresh = [_Worker(m, i, socket_path(self.runtime_dir, m.name, i, gen), gen) for i in range(m.workers)]
@@ -190,9 +192,18 @@ class Supervisor:
             with self._lock:
                 self.manifests[m.name], self.generation[m.name] = manifest, gen
             self.publish_routes()
-            self._event("swap", manifest, gen)
+            self._event("swap" if current is not None else "add", manifest, gen)
             # In-flight requests on the old workers finish; then they go.
             threading.Timer(self.config.server.request_timeout_s + 2.0, self._retire, [old]).start()
+        wanted = {m.name for m in units}
+        for key in [k for k in self.manifests if k not in wanted and "@" in k]:  # an extra version dropped
+            manifest = self.manifests[key]
+            gone = [w for w in self.workers if w.model.name == key]
+            with self._lock:
+                del self.manifests[key], self.generation[key]
+            self.publish_routes()
+            self._event("remove", manifest, 0)
+            threading.Timer(self.config.server.request_timeout_s + 2.0, self._retire, [gone]).start()
         return self.events[first:]
 
     def _retire(self, workers: list[_Worker]) -> None:
@@ -322,8 +333,10 @@ class Supervisor:
             self._stop.wait(self.ping_interval_s)
 
 
-def _placeholder(m: ModelConfig, current: Manifest) -> Manifest:
+def _placeholder(m: ModelConfig, current: Manifest | None) -> Manifest:
     """What a refusal record names when the new version's manifest itself could not be read."""
     from dataclasses import replace
 
+    if current is None:
+        return Manifest(m.name.split("@", 1)[0], m.version, Path("."), (), (), "")
     return replace(current, version=m.version, sha256="")

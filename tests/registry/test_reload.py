@@ -206,3 +206,66 @@ async def test_reload_under_load_swaps_versions_without_a_failed_request_and_ref
     assert any(e["event"] == "refuse" and e["version"] == "3" and "unsigned" in str(e["reason"]) for e in model_events)
     assert any(e["event"] == "quarantine" and e["version"] == "4" for e in model_events)
     assert verify_paths([tmp_path / "audit"], load_public_key(pki / "keys" / "audit-signing.pub")).ok
+
+
+def _set_versions(config: Path, default: str, others: list[str]) -> None:
+    _set_version(config, default)
+    text = config.read_text()
+    marker = "[models.digits]\n"
+    head, tail = text.split(marker)
+    tail = "\n".join(line for line in tail.split("\n") if not line.startswith("versions ="))
+    config.write_text(head + marker + f"versions = {json.dumps(others)}\n" + tail)
+
+
+def _infer_version(gw: Gateway, version: str | None) -> tuple[int, np.ndarray | None, str | None]:
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [4, 64], "data": X.ravel().tolist()}]}
+    path = "/v2/models/digits" + (f"/versions/{version}" if version else "") + "/infer"
+    with gw.client() as c:
+        r = c.post(path, json=body)
+    if r.status_code != 200:
+        return r.status_code, None, None
+    doc = r.json()
+    return 200, np.array(doc["outputs"][0]["data"], np.float32).reshape(4, 10), doc["model_version"]
+
+
+def test_several_versions_side_by_side_and_their_reload(models_root: Path, pki: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    root = tmp_path / "models"
+    for name in ("digits", "resnetish"):
+        shutil.copytree(models_root / name, root / name)
+    v2 = _new_version(root, pki, "2")
+    config = tmp_path / "gateway.toml"
+    gw = start_gateway(pki, tmp_path, root)  # version 1 only, then configured for both below
+    try:
+        _set_versions(gw.config, "2", ["1"])
+        assert main(["models", "reload", "--config", str(gw.config)]) == 0
+        deadline = time.monotonic() + 60
+        while _infer_version(gw, "1")[2] != "1" or _infer_version(gw, None)[2] != "2":
+            assert time.monotonic() < deadline, "both versions were not served"
+            time.sleep(0.3)
+        reference = {v: ort.InferenceSession(str(root / "digits" / v / "model.onnx"),
+                                             providers=["CPUExecutionProvider"]).run(None, {"input": X})[0]
+                     for v in ("1", "2")}
+        for asked, served in ((None, "2"), ("2", "2"), ("1", "1")):
+            status, out, version = _infer_version(gw, asked)
+            assert status == 200 and version == served
+            np.testing.assert_allclose(out, reference[served], rtol=1e-5, atol=1e-6)
+        assert _infer_version(gw, "3")[0] == 404
+        with gw.client() as c:
+            assert c.get("/v2/models/digits").json()["versions"] == ["2", "1"]
+            assert c.get("/v2/models/digits/versions/1").json()["versions"] == ["1"]
+            assert c.get("/v2/models/digits/versions/1/ready").status_code == 200
+            listed = {(m["name"], m["version"]) for m in c.post("/v2/repository/index").json()}
+            assert {("digits", "1"), ("digits", "2")} <= listed
+        # Version 1 no longer wanted: it goes; the default stays.
+        _set_versions(gw.config, "2", [])
+        assert main(["models", "reload", "--config", str(gw.config)]) == 0
+        deadline = time.monotonic() + 30
+        while _infer_version(gw, "1")[0] != 404:
+            assert time.monotonic() < deadline, "version 1 was not removed"
+            time.sleep(0.3)
+        assert _infer_version(gw, None)[2] == "2"
+    finally:
+        gw.stop()
+    assert config.exists() and v2.exists()
