@@ -94,6 +94,7 @@ class _Base:
         self.auth = _auth_from(token)
         self.ssl_context = ssl_context if ssl_context is not None else ssl.create_default_context()
         self.retry = retry or RetryPolicy()
+        self._input_names: dict[tuple[str, str | None], str] = {}
 
     @classmethod
     def _credentials(cls, path: str | Path, principal: str) -> dict[str, Any]:
@@ -233,7 +234,10 @@ class Client(_Base):
         """Run ``model`` on ``inputs`` (``{name: array}``, or one array, whose name is looked up if not
         given); returns ``{output name: array}``. Binary tensors by default, JSON with ``binary=False``."""
         if isinstance(inputs, np.ndarray) and input_name is None:
-            input_name = self.model_metadata(model, version)["inputs"][0]["name"]
+            key = (model, version)
+            if key not in self._input_names:  # one metadata call per model, not per inference
+                self._input_names[key] = self.model_metadata(model, version)["inputs"][0]["name"]
+            input_name = self._input_names[key]
         path, body, headers = self._request_body(model, inputs, outputs, version, parameters, binary, input_name)
         return self._outputs(self.request("POST", path, content=body, headers=headers))
 
@@ -323,7 +327,10 @@ class AsyncClient(_Base):
                     version: str | None = None, parameters: dict[str, Any] | None = None, binary: bool = True,
                     input_name: str | None = None) -> dict[str, np.ndarray]:
         if isinstance(inputs, np.ndarray) and input_name is None:
-            input_name = (await self.model_metadata(model, version))["inputs"][0]["name"]
+            key = (model, version)
+            if key not in self._input_names:
+                self._input_names[key] = (await self.model_metadata(model, version))["inputs"][0]["name"]
+            input_name = self._input_names[key]
         path, body, headers = self._request_body(model, inputs, outputs, version, parameters, binary, input_name)
         return self._outputs(await self.request("POST", path, content=body, headers=headers))
 
