@@ -394,7 +394,10 @@ def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> None:
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def _check_ranges(cfg: Config, problems: list[str]) -> None:
+Check = tuple[bool, str]
+
+
+def _server_checks(cfg: Config) -> list[Check]:
     s = cfg.server
     checks = [
         (1 <= s.port <= 65535, "server.port must be 1..65535"),
@@ -404,6 +407,8 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
         (s.max_body_bytes >= 1024, "server.max_body_bytes must be at least 1024"),
         (0 < s.header_timeout_s <= 300 and 0 < s.body_timeout_s <= 3600,
          "server.header_timeout_s must be 0..300 and server.body_timeout_s 0..3600"),
+        (not (s.probe_port and s.processes > 1),
+         "server.probe_port needs server.processes = 1 (probes are not served per process yet)"),
     ]
     for m in cfg.models:
         where = f"models.{m.name}"
@@ -418,16 +423,19 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
             (m.batch_buckets in ("auto", "off") or all(p.strip().isdigit() and int(p) > 0 for p in m.batch_buckets.split(",")),
              f'{where}.batch_buckets must be "auto", "off" or comma-separated sizes'),
         ]
-    checks.append((not (s.probe_port and s.processes > 1),
-                   "server.probe_port needs server.processes = 1 (probes are not served per process yet)"))
+    return checks
+
+
+def _identity_checks(cfg: Config) -> list[Check]:
     a, iss = cfg.auth, cfg.issuer
-    checks += [
+    checks = [
         (0 <= a.leeway_s <= 300, "auth.leeway_s must be 0..300"),
         (60 <= iss.token_ttl_s <= 86400, "issuer.token_ttl_s must be 60..86400"),
         (1 <= iss.max_failed_logins <= 100, "issuer.max_failed_logins must be 1..100 (NIST SP 800-63B)"),
         (iss.lockout_s >= 1, "issuer.lockout_s must be positive"),
         (bool(iss.enabled or a.issuers or not a.require_token),
          "no token issuer: enable [issuer] or add [[auth.issuers]]"),
+        (_safe_url(cfg.issuer_url), "issuer.url must be https://"),
     ]
     for t in a.issuers:
         where = f"auth.issuers[{t.issuer}]"
@@ -439,8 +447,12 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
             (t.jwks_ttl_s > 0 and t.jwks_refresh_s > 0, f"{where}: jwks_ttl_s and jwks_refresh_s must be positive"),
             (not t.ca_file or Path(t.ca_file).is_file(), f"{where}.ca_file: {t.ca_file} does not exist"),
         ]
-    checks.append((_safe_url(cfg.issuer_url), "issuer.url must be https://"))
+    return checks
+
+
+def _policy_checks(cfg: Config) -> list[Check]:
     p = cfg.rbac
+    checks: list[Check] = []
     for rule in p.rules:
         for verb in rule.verbs:
             checks.append((any(fnmatch.fnmatchcase(v, verb) for v in VERBS),
@@ -455,7 +467,14 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
         for verb in step.verbs:
             checks.append((any(fnmatch.fnmatchcase(v, verb) for v in VERBS),
                            f"{step.name}: verb {verb!r} matches none of {list(VERBS)}"))
+    names = [r.name for r in p.rules] + [r.name for r in p.step_up]
+    checks.append((len(names) == len(set(names)), "rbac: rule names must be unique"))
+    return checks
+
+
+def _limit_checks(cfg: Config) -> list[Check]:
     lim = cfg.limits
+    checks: list[Check] = []
     for key in ("per_address", "per_principal", "per_principal_model", "global_limit", "failed_auth_per_address",
                 "budget_inferences", "budget_rows"):
         text = getattr(lim, key)
@@ -464,27 +483,33 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
                 limits_lib.parse_many(text)
         except ValueError:
             checks.append((False, f'limits.{key}: {text!r} is not a limit such as "100/minute" or "10/second;500/hour"'))
-    checks += [
+    return checks + [
         (lim.storage.split("://")[0] in ("memory", "redis", "rediss"), "limits.storage must be memory://, redis:// or rediss://"),
         (0 < lim.storage_timeout_s <= 10 and lim.storage_retry_s > 0, "limits: storage_timeout_s must be 0..10, storage_retry_s positive"),
     ]
-    for key in cfg.supply.trusted_keys if cfg.supply.require_signature else ():
-        checks.append((Path(key).is_file(), f"supply.trusted_keys: {key} does not exist (run `gateway init`)"))
-    a_ = cfg.audit
-    checks += [
-        (a_.checkpoint_every >= 1 and a_.checkpoint_interval_s > 0, "audit: checkpoint_every and checkpoint_interval_s must be positive"),
-        (a_.max_file_bytes >= 4096 and a_.rotate_interval_s > 0, "audit: max_file_bytes must be >= 4096, rotate_interval_s positive"),
-        (0 <= a_.flush_window_ms <= 1000, "audit.flush_window_ms must be 0..1000"),
-        (not a_.enabled or Path(a_.signing_key).is_file(), f"audit.signing_key: {a_.signing_key} does not exist (run `gateway init`)"),
+
+
+def _key_checks(cfg: Config) -> list[Check]:
+    """The audit log's and the models' keys, and the audit settings."""
+    a = cfg.audit
+    checks = [(Path(key).is_file(), f"supply.trusted_keys: {key} does not exist (run `gateway init`)")
+              for key in (cfg.supply.trusted_keys if cfg.supply.require_signature else ())]
+    return checks + [
+        (a.checkpoint_every >= 1 and a.checkpoint_interval_s > 0, "audit: checkpoint_every and checkpoint_interval_s must be positive"),
+        (a.max_file_bytes >= 4096 and a.rotate_interval_s > 0, "audit: max_file_bytes must be >= 4096, rotate_interval_s positive"),
+        (0 <= a.flush_window_ms <= 1000, "audit.flush_window_ms must be 0..1000"),
+        (not a.enabled or Path(a.signing_key).is_file(), f"audit.signing_key: {a.signing_key} does not exist (run `gateway init`)"),
     ]
-    names = [r.name for r in p.rules] + [r.name for r in p.step_up]
-    checks.append((len(names) == len(set(names)), "rbac: rule names must be unique"))
-    problems.extend(msg for ok, msg in checks if not ok)
-    if s.worker_user:
+
+
+def _check_ranges(cfg: Config, problems: list[str]) -> None:
+    for area in (_server_checks, _identity_checks, _policy_checks, _limit_checks, _key_checks):
+        problems.extend(msg for ok, msg in area(cfg) if not ok)
+    if cfg.server.worker_user:
         try:
-            pwd.getpwnam(s.worker_user)
+            pwd.getpwnam(cfg.server.worker_user)
         except KeyError:
-            problems.append(f"server.worker_user: no user named {s.worker_user!r} on this system")
+            problems.append(f"server.worker_user: no user named {cfg.server.worker_user!r} on this system")
     for proxy in cfg.tls.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)
