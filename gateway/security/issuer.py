@@ -14,24 +14,17 @@ After ``issuer.max_failed_logins`` consecutive failures an account (person or cl
 for up to ``issuer.lockout_s`` (NIST SP 800-63B allows at most 100); the counters live in the
 rate limiter's storage, so replicas sharing Redis share them.
 
-The store is a private directory: ``keys.json`` (signing keys; the newest signs, retired ones stay
-published until every token they signed has expired), ``clients.json`` and ``users.json``. The
-``gateway`` commands edit it; serving processes pick changes up within a second.
+The store (signing keys, clients, people) is ``gateway.security.accounts``.
 """
 
 from __future__ import annotations
 
 import base64
 import contextvars
-import json
 import logging
-import os
-import secrets
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -41,12 +34,8 @@ from authlib.oauth2.rfc6749 import AuthorizationServer, ClientMixin, OAuth2Paylo
 from authlib.oauth2.rfc6749.errors import InvalidGrantError
 from authlib.oauth2.rfc6749.grants import ClientCredentialsGrant, ResourceOwnerPasswordCredentialsGrant
 from authlib.oauth2.rfc9068 import JWTBearerTokenGenerator
-from cryptography.exceptions import InvalidKey
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from cryptography.hazmat.primitives.twofactor import InvalidToken as InvalidTOTP
-from cryptography.hazmat.primitives.twofactor.totp import TOTP
-from joserfc.jwk import ECKey, KeySet
+from joserfc.jwk import KeySet
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -54,6 +43,17 @@ from starlette.routing import Route
 from gateway.config import ACR_MFA, ACR_PASSWORD, Config
 from gateway.context import get_context
 from gateway.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
+from gateway.security.accounts import (
+    TOTP_STEP,
+    UNKNOWN_ACCOUNT_HASH,
+    IssuerStore,
+    enrolment_uri,
+    hash_secret,
+    new_totp_secret,
+    totp,
+    totp_now,
+    verify_secret,
+)
 from gateway.security.ratelimit import Limiter
 from gateway.security.tokens import cert_thumbprint
 
@@ -69,170 +69,6 @@ JWKS_PATH = "/oauth/jwks"
 CLI_CLIENT = "gateway-cli"
 """The public client people sign in through (no secret: it stands for whatever program they use)."""
 MAX_FORM_BYTES = 16 * 1024
-TOTP_STEP = 30
-
-# scrypt (RFC 7914) at 16 MiB, about 50 ms: a secret costs an attacker that much per guess.
-_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
-
-
-def hash_secret(secret: str) -> str:
-    salt = os.urandom(16)
-    digest = Scrypt(salt=salt, length=32, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P).derive(secret.encode())
-    b64 = base64.b64encode
-    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
-
-
-def verify_secret(secret: str, stored: str) -> bool:
-    try:
-        kind, n, r, p, salt, digest = stored.split("$")
-        if kind != "scrypt":
-            return False
-        Scrypt(salt=base64.b64decode(salt), length=32, n=int(n), r=int(r), p=int(p)).verify(
-            secret.encode(), base64.b64decode(digest))
-        return True
-    except (ValueError, InvalidKey):
-        return False
-
-
-_DUMMY_HASH = hash_secret(secrets.token_urlsafe(16))  # unknown accounts cost the same time as known ones
-
-
-def _totp(secret_b32: str) -> TOTP:
-    return TOTP(base64.b32decode(secret_b32), 6, hashes.SHA1(), TOTP_STEP, enforce_key_length=True)
-
-
-def new_totp_secret() -> str:
-    return base64.b32encode(os.urandom(20)).decode()
-
-
-def totp_now(secret_b32: str, at: float | None = None) -> str:
-    """The current one-time code (what an authenticator app would show)."""
-    return _totp(secret_b32).generate(int(time.time() if at is None else at)).decode()
-
-
-def _write_private(path: Path, data: Any) -> None:
-    """Atomically replace a 0600 JSON file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class IssuerStore:
-    """Signing keys, clients and users on disk, re-read when a file changes."""
-
-    def __init__(self, directory: str | os.PathLike[str], recheck_s: float = 1.0) -> None:
-        self.directory = Path(directory)
-        self.recheck_s = recheck_s
-        """How long a read is trusted before the file's mtime is checked again."""
-        self._cache: dict[str, tuple[float, Any]] = {}
-        self._checked: dict[str, float] = {}
-        self._lock = threading.Lock()
-        self._public: tuple[Any, KeySet] | None = None
-
-    def _read(self, name: str, default: Any) -> Any:
-        path = self.directory / name
-        now = time.monotonic()
-        with self._lock:
-            cached = self._cache.get(name)
-            if cached is not None and now - self._checked.get(name, 0) < self.recheck_s:
-                return cached[1]
-            self._checked[name] = now
-            try:
-                mtime = path.stat().st_mtime_ns
-            except FileNotFoundError:
-                return default
-            if cached is None or cached[0] != mtime:
-                cached = (mtime, json.loads(path.read_text()))
-                self._cache[name] = cached
-            return cached[1]
-
-    def _write(self, name: str, data: Any) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write_private(self.directory / name, data)
-        with self._lock:
-            self._cache.pop(name, None)
-
-    # -- signing keys ---------------------------------------------------------------------------
-    def signing_keys(self) -> list[dict[str, Any]]:
-        return list(self._read("keys.json", {"keys": []})["keys"])
-
-    def rotate(self, keep_retired_s: float) -> str:
-        """A new current key; the previous ones stay published for ``keep_retired_s``."""
-        now = time.time()
-        keys = []
-        for k in self.signing_keys():
-            retired = k.get("retired_at") or now
-            if now - retired <= keep_retired_s:
-                keys.append({**k, "retired_at": retired})
-        key = ECKey.generate_key("P-256", {"alg": "ES256", "use": "sig"}, private=True)
-        key.ensure_kid()
-        keys.append({"jwk": key.as_dict(private=True), "created_at": now, "retired_at": None})
-        self._write("keys.json", {"keys": keys})
-        return str(key.kid)
-
-    def current_key(self) -> KeySet:
-        current = [k for k in self.signing_keys() if not k.get("retired_at")]
-        if not current:
-            raise RuntimeError(f"no signing key in {self.directory} (run `gateway keys rotate`)")
-        return KeySet.import_key_set({"keys": [current[-1]["jwk"]]})
-
-    def public_keys(self) -> KeySet:
-        """The public halves, imported once per change of ``keys.json`` (this runs on every request)."""
-        raw = self._read("keys.json", {"keys": []})
-        cached = self._public
-        if cached is None or cached[0] is not raw:
-            public = [{k: v for k, v in entry["jwk"].items() if k != "d"} for entry in raw["keys"]]
-            cached = (raw, KeySet.import_key_set({"keys": public}))
-            self._public = cached
-        return cached[1]
-
-    def jwks(self) -> dict[str, Any]:
-        return dict(self.public_keys().as_dict(private=False))
-
-    # -- clients and users ----------------------------------------------------------------------
-    def clients(self) -> dict[str, Any]:
-        return dict(self._read("clients.json", {}))
-
-    def users(self) -> dict[str, Any]:
-        return dict(self._read("users.json", {}))
-
-    def add_client(self, client_id: str, roles: list[str], description: str = "") -> str:
-        """Register a client_credentials client; returns its secret, which is stored only hashed."""
-        secret = secrets.token_urlsafe(32)
-        clients = self.clients()
-        clients[client_id] = {"secret_hash": hash_secret(secret), "roles": sorted(roles),
-                              "grants": ["client_credentials"], "description": description,
-                              "created_at": int(time.time())}
-        self._write("clients.json", clients)
-        return secret
-
-    def add_user(self, username: str, password: str, roles: list[str]) -> str:
-        """Register a person with a password and TOTP; returns the TOTP secret (base32)."""
-        totp_secret = new_totp_secret()
-        users = self.users()
-        users[username] = {"password_hash": hash_secret(password), "totp_secret": totp_secret,
-                           "roles": sorted(roles), "created_at": int(time.time())}
-        self._write("users.json", users)
-        return totp_secret
-
-    def remove(self, kind: str, name: str) -> bool:
-        table = self.clients() if kind == "client" else self.users()
-        if name not in table:
-            return False
-        del table[name]
-        self._write("clients.json" if kind == "client" else "users.json", table)
-        return True
-
-
-def enrolment_uri(totp_secret: str, username: str, issuer_name: str) -> str:
-    return _totp(totp_secret).get_provisioning_uri(username, issuer_name)
-
-
 # -- authlib adapters -----------------------------------------------------------------------------
 
 @dataclass
@@ -266,7 +102,7 @@ class _Client(ClientMixin):  # type: ignore[misc]
         return False
 
     def check_client_secret(self, client_secret: str) -> bool:
-        return not self.public and verify_secret(client_secret, self.record.get("secret_hash", _DUMMY_HASH))
+        return not self.public and verify_secret(client_secret, self.record.get("secret_hash", UNKNOWN_ACCOUNT_HASH))
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
         if self.public:
@@ -389,7 +225,7 @@ class BuiltinIssuer:
 
     def login(self, username: str, password: str, code: str | None) -> _User:
         record = self.store.users().get(username)
-        ok = verify_secret(password, record["password_hash"] if record else _DUMMY_HASH) and record is not None
+        ok = verify_secret(password, record["password_hash"] if record else UNKNOWN_ACCOUNT_HASH) and record is not None
         amr, acr = ["pwd"], ACR_PASSWORD
         if ok and code:
             assert record is not None
@@ -403,11 +239,11 @@ class BuiltinIssuer:
         if not (code.isdigit() and len(code) == 6):
             return False
         now = int(time.time())
-        totp = _totp(secret)
+        generator = totp(secret)
         for offset in (0, -TOTP_STEP, TOTP_STEP):  # one step of clock drift either way
             at = now + offset
             try:
-                totp.verify(code.encode(), at)
+                generator.verify(code.encode(), at)
             except InvalidTOTP:
                 continue
             step = at // TOTP_STEP
