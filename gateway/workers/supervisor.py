@@ -91,6 +91,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards self.workers against the monitor while a reload swaps
+        self._reloading = threading.Lock()
         self.events: list[dict[str, object]] = []  # loads, refusals and swaps, for the audit log
         self.quarantined: set[tuple[str, str]] = set()  # (model, sha256) whose workers died at load
 
@@ -154,6 +155,10 @@ class Supervisor:
         """Swap in every configured model version that changed, each only once it is verified,
         admitted and its new workers are healthy; a refused or failing version leaves the serving
         one in place. Returns the events of this reload."""
+        with self._reloading:  # one reload at a time: a second SIGHUP waits for the first
+            return self._reload(config)
+
+    def _reload(self, config: Config) -> list[dict[str, object]]:
         from gateway.registry.manifest import ManifestError, load_manifest
 
         first = len(self.events)
