@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.client.errors import AuthenticationError
+
 __all__ = ["ClientCredentials", "StaticToken", "TokenSource"]
 
 
@@ -77,14 +79,23 @@ class ClientCredentials(TokenSource):
             return self._token
 
     def _fetch(self) -> None:
+        import authlib.deprecate  # noqa: F401 - it installs an "always" filter of its own; ours must come after
+
         with warnings.catch_warnings():
             # authlib 1.9 would rather run on the "httpx2" fork and says so once; httpx is what we ship.
             warnings.filterwarnings("ignore", message="The httpx module is deprecated", category=DeprecationWarning)
             from authlib.integrations.httpx_client import OAuth2Client
 
+        from authlib.integrations.base_client import OAuthError
+
         with OAuth2Client(self.client_id, self.client_secret, token_endpoint_auth_method="client_secret_basic",
                           verify=self.ssl_context if self.ssl_context is not None else True, timeout=30) as oauth:
-            issued: dict[str, Any] = oauth.fetch_token(self.token_url, grant_type="client_credentials")
+            try:
+                issued: dict[str, Any] = oauth.fetch_token(self.token_url, grant_type="client_credentials")
+            except OAuthError as exc:  # the token endpoint refused: say so as the gateway's errors do
+                raise AuthenticationError(401, {"type": f"urn:gateway:problem:oauth-{exc.error}",
+                                                "title": "Token request refused",
+                                                "detail": exc.description or exc.error}) from None
         self.fetches += 1
         self._token = str(issued["access_token"])
         self._expires_at = self.clock() + float(issued.get("expires_in", 300))

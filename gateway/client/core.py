@@ -183,8 +183,8 @@ class Client(_Base):
             remaining = self.retry.deadline_s - (time.monotonic() - started)
             if remaining <= 0:
                 raise Timeout(f"{method} {path}: no answer within {self.retry.deadline_s} s")
-            token = self.auth.token() if (authenticated and self.auth) else None
             try:
+                token = self.auth.token() if (authenticated and self.auth) else None  # may fetch one
                 response = self._http.request(method, path, content=content, json=json_body,
                                               headers={**self._headers(token), **(headers or {})}, timeout=remaining)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent: safe to try again
@@ -278,8 +278,8 @@ class AsyncClient(_Base):
             remaining = self.retry.deadline_s - (time.monotonic() - started)
             if remaining <= 0:
                 raise Timeout(f"{method} {path}: no answer within {self.retry.deadline_s} s")
-            token = await self._token() if authenticated else None
             try:
+                token = await self._token() if authenticated else None
                 response = await self._http.request(method, path, content=content, json=json_body,
                                                     headers={**self._headers(token), **(headers or {})},
                                                     timeout=remaining)

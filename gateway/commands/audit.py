@@ -50,7 +50,7 @@ def _audit_read(args: argparse.Namespace) -> int:
                 and (not args.outcome or record.get("outcome") == args.outcome)
                 and (not args.kind or record.get("kind") == args.kind))
 
-    records: list[bytes] = []
+    found: list[tuple[str, bytes]] = []
     for f in files:
         for line in f.read_bytes().splitlines():
             try:
@@ -58,7 +58,8 @@ def _audit_read(args: argparse.Namespace) -> int:
             except orjson.JSONDecodeError:
                 continue  # a torn last line
             if keep(record):
-                records.append(line)
+                found.append((str(record.get("time", "")), line))
+    records = [line for _, line in sorted(found, key=lambda item: item[0])]  # every stream, in time order
     if args.action == "tail":
         records = records[-args.lines:]
     sys.stdout.write("".join(r.decode() + "\n" for r in records))

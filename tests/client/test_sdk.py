@@ -220,3 +220,19 @@ def test_importing_the_sdk_pulls_in_no_server_and_no_onnxruntime() -> None:
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_token_endpoint_failures_are_typed_too(gateway: Gateway, creds: Path) -> None:
+    from tests.conftest import free_port
+
+    demo = json.loads(creds.read_text())["principals"]["demo"]
+    ctx = ssl_context(gateway.pki / "certs" / "ca.pem", demo["cert"], demo["key"])
+    wrong = ClientCredentials(f"{gateway.url}/oauth/token", demo["client_id"], "not-the-secret", ctx)
+    with Client(gateway.url, wrong, ssl_context=ctx) as client, pytest.raises(AuthenticationError) as refused:
+        client.infer("digits", {"input": np.ones((1, 64), np.float32)})
+    assert "invalid_client" in refused.value.type
+    nowhere = f"https://127.0.0.1:{free_port()}"
+    unreachable = ClientCredentials(f"{nowhere}/oauth/token", demo["client_id"], demo["client_secret"], ctx)
+    with Client(nowhere, unreachable, ssl_context=ctx, retry=RetryPolicy(deadline_s=1.0)) as client, \
+            pytest.raises(Timeout):  # retried like any connection that was never made, within the deadline
+        client.infer("digits", {"input": np.ones((1, 64), np.float32)})
