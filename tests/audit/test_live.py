@@ -229,3 +229,24 @@ def test_audit_verify_defaults_to_the_configured_directory(gateway: Gateway, cap
     assert main(["audit", "verify", "--allow-unsealed", "--config", str(gateway.config)]) == 0
     out = capsys.readouterr().out
     assert "verified" in out and "streams p0" in out
+
+
+def test_fail_closed_off_serves_unrecorded_and_is_reported(
+        pki: Path, tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> None:
+    from gateway.config import load_config
+
+    tmp = tmp_path_factory.mktemp("gw-audit-open")
+    gw = start_gateway(pki, tmp, models_root, audit="fail_closed = false")
+    stream = tmp / "audit" / "p0"
+    try:
+        assert any("fail_closed = false" in w for w in load_config(gw.config).insecure_settings())
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [1.0] * 64}]}
+        with gw.client() as c:
+            stream.rename(tmp / "audit" / "p0.away")
+            stream.write_text("not a directory")
+            assert c.post(INFER, json=body).status_code == 200  # served, by explicit choice, unrecorded
+            stream.unlink()
+            (tmp / "audit" / "p0.away").rename(stream)
+    finally:
+        gw.stop()
+    assert "could not be recorded" in gw.log.read_text() or "cannot be written" in gw.log.read_text()

@@ -228,3 +228,35 @@ def test_a_gateway_refuses_a_model_whose_signature_fails(models_root: Path, tmp_
     result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "digits/1: refused:" in result.stderr and reason in result.stderr, result.stderr
+
+
+class XorKey:
+    """A stand-in for a KMS: any class with kek_id, wrap and unwrap can hold the KEK."""
+
+    def __init__(self, config: SupplyConfig) -> None:
+        self.key = LocalKey(bytes(range(32)))
+
+    def kek_id(self) -> str:
+        return "xor-" + self.key.kek_id()
+
+    def wrap(self, data_key: bytes) -> bytes:
+        return self.key.wrap(data_key)
+
+    def unwrap(self, wrapped: bytes) -> bytes:
+        return self.key.unwrap(wrapped)
+
+
+def test_the_kek_can_come_from_the_environment_or_a_provider(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.registry.sealing import key_provider
+
+    monkeypatch.setenv("GATEWAY_MODEL_KEK", base64.b64encode(bytes(32)).decode())
+    from_env = key_provider(SupplyConfig())
+    assert unseal(seal(b"m", "a", "1", from_env), "a", "1", key_provider(SupplyConfig())) == b"m"
+    provider = key_provider(SupplyConfig(kek_provider="tests.registry.test_supply:XorKey"))
+    sealed = seal(b"weights", "a", "1", provider)
+    assert unseal(sealed, "a", "1", provider) == b"weights" and provider.kek_id().startswith("xor-")
+    with pytest.raises(SealError, match="sealed under key"):
+        unseal(sealed, "a", "1", from_env)
+    monkeypatch.delenv("GATEWAY_MODEL_KEK")
+    with pytest.raises(SealError, match="no key-encryption key"):
+        key_provider(SupplyConfig())

@@ -181,3 +181,20 @@ failed_auth_per_address = "100000/minute"
             assert all(c.get("/v2/health/live").status_code == 200 for _ in range(10))
     finally:
         gw.stop()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("strategy", ["sliding-window", "moving-window", "fixed-window"])
+async def test_every_strategy_enforces_its_limit(strategy: str) -> None:
+    from gateway.config import LimitsConfig
+    from gateway.security.ratelimit import Limiter, RateLimited
+
+    limiter = Limiter(LimitsConfig(strategy=strategy, per_principal="4/minute"))  # type: ignore[arg-type]
+    allowed = 0
+    for _ in range(6):
+        try:
+            await limiter.hit(limiter.per_principal, "p")
+            allowed += 1
+        except RateLimited as exc:
+            assert int(exc.headers["Retry-After"]) >= 1
+    assert allowed == 4
