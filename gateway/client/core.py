@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 
 from gateway.client.auth import CallableToken, ClientCredentials, StaticToken, TokenSource
-from gateway.client.errors import ClientError, ConnectionFailed, RateLimited, Timeout, Unavailable, from_response
+from gateway.client.errors import ConnectionFailed, RateLimited, Timeout, Unavailable, from_response
 from gateway.protocol.codec import RequestedOutput, Tensor, decode_infer_response, encode_infer_request
 
 __all__ = ["AsyncClient", "Client", "RetryPolicy", "ssl_context"]
@@ -126,29 +126,57 @@ class _Base:
         _, tensors = decode_infer_response(response.content, int(length) if length else None)
         return {t.name: t.array for t in tensors}
 
-    def _decide(self, response: httpx.Response, attempt: int, started: float, refreshed: bool,
-                ) -> tuple[str, float, ClientError | None]:
-        """What to do with an answer: ("done"|"raise"|"retry"|"refresh", wait seconds, error)."""
-        if response.status_code < 400:
-            return "done", 0.0, None
-        error = from_response(response.status_code, _problem(response), {k.lower(): v for k, v in response.headers.items()})
-        challenge = response.headers.get("www-authenticate", "")
-        if (response.status_code == 401 and 'error="invalid_token"' in challenge and not refreshed
-                and self.auth is not None and self.auth.refreshable):
-            return "refresh", 0.0, error
-        if isinstance(error, RateLimited | Unavailable) and attempt + 1 < self.retry.max_attempts:
-            wait = max(error.retry_after, self.retry.backoff(attempt))
-            if time.monotonic() - started + wait < self.retry.deadline_s:
-                return "retry", wait, error
-        return "raise", 0.0, error
+    def _attempts(self, method: str, path: str) -> _Attempts:
+        return _Attempts(self, f"{method} {path}")
 
-    def _connect_retry(self, exc: Exception, attempt: int, started: float) -> float:
-        wait = self.retry.backoff(attempt)
-        if time.monotonic() - started + wait >= self.retry.deadline_s:
-            raise Timeout(f"no connection to {self.url} within {self.retry.deadline_s} s: {exc}") from exc
-        if attempt + 1 >= self.retry.max_attempts:
-            raise ConnectionFailed(f"cannot connect to {self.url} after {attempt + 1} attempts: {exc}") from exc
+
+class _Attempts:
+    """One call's retry state, shared by the sync and async loops: they only sleep and send."""
+
+    def __init__(self, client: _Base, what: str) -> None:
+        self.client, self.what = client, what
+        self.retry = client.retry
+        self.started, self.attempt, self.refreshed = time.monotonic(), 0, False
+
+    def remaining(self) -> float:
+        left = self.retry.deadline_s - (time.monotonic() - self.started)
+        if left <= 0:
+            raise Timeout(f"{self.what}: no answer within {self.retry.deadline_s} s")
+        return left
+
+    def timed_out(self) -> Timeout:
+        return Timeout(f"{self.what}: no answer within {self.retry.deadline_s} s")
+
+    def unmade_connection(self, exc: Exception) -> float:
+        """Seconds to wait before trying a connection that was never made again (nothing was sent)."""
+        wait = self.retry.backoff(self.attempt)
+        url = self.client.url
+        if time.monotonic() - self.started + wait >= self.retry.deadline_s:
+            raise Timeout(f"no connection to {url} within {self.retry.deadline_s} s: {exc}") from exc
+        if self.attempt + 1 >= self.retry.max_attempts:
+            raise ConnectionFailed(f"cannot connect to {url} after {self.attempt + 1} attempts: {exc}") from exc
+        self.attempt += 1
         return wait
+
+    def answered(self, response: httpx.Response) -> float | None:
+        """None when the answer is the caller's; else the seconds to wait before trying again.
+        Raises the typed error when the answer must not be retried."""
+        if response.status_code < 400:
+            return None
+        error = from_response(response.status_code, _problem(response),
+                              {k.lower(): v for k, v in response.headers.items()})
+        auth = self.client.auth
+        if (response.status_code == 401 and 'error="invalid_token"' in response.headers.get("www-authenticate", "")
+                and not self.refreshed and auth is not None and auth.refreshable):
+            auth.invalidate()  # one new token, at once
+            self.refreshed = True
+            return 0.0
+        if isinstance(error, RateLimited | Unavailable) and self.attempt + 1 < self.retry.max_attempts:
+            wait = max(error.retry_after, self.retry.backoff(self.attempt))
+            if time.monotonic() - self.started + wait < self.retry.deadline_s:
+                self.attempt += 1
+                return wait
+        raise error
 
 
 class Client(_Base):
@@ -178,35 +206,22 @@ class Client(_Base):
     def request(self, method: str, path: str, *, content: bytes | None = None, json_body: Any = None,
                 headers: dict[str, str] | None = None, authenticated: bool = True) -> httpx.Response:
         """One call with this client's token, retries and deadline; raises the typed errors."""
-        started, attempt, refreshed = time.monotonic(), 0, False
+        attempts = self._attempts(method, path)
         while True:
-            remaining = self.retry.deadline_s - (time.monotonic() - started)
-            if remaining <= 0:
-                raise Timeout(f"{method} {path}: no answer within {self.retry.deadline_s} s")
+            remaining = attempts.remaining()
             try:
                 token = self.auth.token() if (authenticated and self.auth) else None  # may fetch one
                 response = self._http.request(method, path, content=content, json=json_body,
                                               headers={**self._headers(token), **(headers or {})}, timeout=remaining)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent: safe to try again
-                time.sleep(self._connect_retry(exc, attempt, started))
-                attempt += 1
+                time.sleep(attempts.unmade_connection(exc))
                 continue
             except httpx.TimeoutException as exc:
-                raise Timeout(f"{method} {path}: no answer within {self.retry.deadline_s} s") from exc
-            action, wait, error = self._decide(response, attempt, started, refreshed)
-            if action == "done":
+                raise attempts.timed_out() from exc
+            wait = attempts.answered(response)
+            if wait is None:
                 return response
-            if action == "refresh":
-                assert self.auth is not None
-                self.auth.invalidate()
-                refreshed = True
-                continue
-            if action == "retry":
-                time.sleep(wait)
-                attempt += 1
-                continue
-            assert error is not None
-            raise error
+            time.sleep(wait)
 
     # -- the protocol ---------------------------------------------------------------------------
     def live(self) -> bool:
@@ -273,36 +288,23 @@ class AsyncClient(_Base):
 
     async def request(self, method: str, path: str, *, content: bytes | None = None, json_body: Any = None,
                       headers: dict[str, str] | None = None, authenticated: bool = True) -> httpx.Response:
-        started, attempt, refreshed = time.monotonic(), 0, False
+        attempts = self._attempts(method, path)
         while True:
-            remaining = self.retry.deadline_s - (time.monotonic() - started)
-            if remaining <= 0:
-                raise Timeout(f"{method} {path}: no answer within {self.retry.deadline_s} s")
+            remaining = attempts.remaining()
             try:
                 token = await self._token() if authenticated else None
                 response = await self._http.request(method, path, content=content, json=json_body,
                                                     headers={**self._headers(token), **(headers or {})},
                                                     timeout=remaining)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                await asyncio.sleep(self._connect_retry(exc, attempt, started))
-                attempt += 1
+                await asyncio.sleep(attempts.unmade_connection(exc))
                 continue
             except httpx.TimeoutException as exc:
-                raise Timeout(f"{method} {path}: no answer within {self.retry.deadline_s} s") from exc
-            action, wait, error = self._decide(response, attempt, started, refreshed)
-            if action == "done":
+                raise attempts.timed_out() from exc
+            wait = attempts.answered(response)
+            if wait is None:
                 return response
-            if action == "refresh":
-                assert self.auth is not None
-                self.auth.invalidate()
-                refreshed = True
-                continue
-            if action == "retry":
-                await asyncio.sleep(wait)
-                attempt += 1
-                continue
-            assert error is not None
-            raise error
+            await asyncio.sleep(wait)
 
     async def live(self) -> bool:
         return bool((await self.request("GET", "/v2/health/live", authenticated=False)).json().get("live"))

@@ -9,6 +9,7 @@ it; serving processes pick changes up within a second.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import secrets
@@ -23,8 +24,8 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from cryptography.hazmat.primitives.twofactor.totp import TOTP
 from joserfc.jwk import ECKey, KeySet
 
-__all__ = ["TOTP_STEP", "UNKNOWN_ACCOUNT_HASH", "IssuerStore", "enrolment_uri", "hash_secret", "new_totp_secret", "totp", "totp_now",
-           "verify_secret"]
+__all__ = ["TOTP_STEP", "IssuerStore", "enrolment_uri", "hash_secret", "new_totp_secret", "totp", "totp_now",
+           "unknown_account_hash", "verify_secret"]
 
 TOTP_STEP = 30
 
@@ -51,7 +52,11 @@ def verify_secret(secret: str, stored: str) -> bool:
         return False
 
 
-UNKNOWN_ACCOUNT_HASH = hash_secret(secrets.token_urlsafe(16))  # unknown accounts cost the same time as known ones
+@functools.cache
+def unknown_account_hash() -> str:
+    """Checked against for accounts that do not exist, so they cost the same time as those that do
+    (made on first use: scrypt is not start-up work)."""
+    return hash_secret(secrets.token_urlsafe(16))
 
 
 def totp(secret_b32: str) -> TOTP:

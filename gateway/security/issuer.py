@@ -45,13 +45,13 @@ from gateway.context import get_context
 from gateway.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
 from gateway.security.accounts import (
     TOTP_STEP,
-    UNKNOWN_ACCOUNT_HASH,
     IssuerStore,
     enrolment_uri,
     hash_secret,
     new_totp_secret,
     totp,
     totp_now,
+    unknown_account_hash,
     verify_secret,
 )
 from gateway.security.ratelimit import Limiter
@@ -102,7 +102,7 @@ class _Client(ClientMixin):  # type: ignore[misc]
         return False
 
     def check_client_secret(self, client_secret: str) -> bool:
-        return not self.public and verify_secret(client_secret, self.record.get("secret_hash", UNKNOWN_ACCOUNT_HASH))
+        return not self.public and verify_secret(client_secret, self.record.get("secret_hash") or unknown_account_hash())
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
         if self.public:
@@ -225,7 +225,7 @@ class BuiltinIssuer:
 
     def login(self, username: str, password: str, code: str | None) -> _User:
         record = self.store.users().get(username)
-        ok = verify_secret(password, record["password_hash"] if record else UNKNOWN_ACCOUNT_HASH) and record is not None
+        ok = verify_secret(password, record["password_hash"] if record else unknown_account_hash()) and record is not None
         amr, acr = ["pwd"], ACR_PASSWORD
         if ok and code:
             assert record is not None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import shutil
 import time
@@ -19,10 +18,15 @@ from gateway.audit.chain import load_public_key, stream_files, verify_paths
 from gateway.cli import main
 from gateway.registry.signing import sign_model
 from tests.conftest import Gateway, onnx_reference, start_gateway
+from tests.registry.test_supply import HOSTILE, _replace_model
 
 pytestmark = pytest.mark.slow
 
 X = np.random.default_rng(9).uniform(0, 16, (4, 64)).astype(np.float32)
+
+
+def _sign(folder: Path, pki: Path) -> None:
+    sign_model(folder, pki / "keys" / "model-signing.key")
 
 
 def _new_version(root: Path, pki: Path, version: str, signed: bool = True) -> Path:
@@ -34,14 +38,11 @@ def _new_version(root: Path, pki: Path, version: str, signed: bool = True) -> Pa
     weights = numpy_helper.to_array(last)
     shift = np.linspace(0, 2, weights.size, dtype=np.float32).reshape(weights.shape)  # not uniform: softmax sees it
     last.CopyFrom(numpy_helper.from_array(weights + shift, last.name))
-    data = model.SerializeToString()
-    (dst / "model.onnx").write_bytes(data)
     manifest = json.loads((src / "manifest.json").read_text())
-    manifest["version"] = version
-    manifest["onnx"]["sha256"] = hashlib.sha256(data).hexdigest()
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    (dst / "manifest.json").write_text(json.dumps({**manifest, "version": version}))
+    _replace_model(dst, model.SerializeToString())
     if signed:
-        sign_model(dst, pki / "keys" / "model-signing.key")
+        _sign(dst, pki)
     return dst
 
 
@@ -75,23 +76,32 @@ def _hostile(make: Callable[[Path], bytes]) -> Callable[[Path, Path, str], Path]
     """A version folder holding a hostile model, correctly described and signed: admission must refuse it."""
     def build(root: Path, pki: Path, version: str) -> Path:
         folder = _new_version(root, pki, version, signed=False)
-        data = make(folder)
-        (folder / "model.onnx").write_bytes(data)
-        manifest = json.loads((folder / "manifest.json").read_text())
-        manifest["onnx"]["sha256"] = hashlib.sha256(data).hexdigest()
-        (folder / "manifest.json").write_text(json.dumps(manifest))
+        _replace_model(folder, make(folder))
         try:
-            sign_model(folder, pki / "keys" / "model-signing.key")
+            _sign(folder, pki)
         except ValueError:
             pass  # model-signing will not sign a folder with a symbolic link: refused as unsigned
         return folder
     return build
 
 
-def _infer(gw: Gateway) -> tuple[int, np.ndarray | None, str | None]:
+async def _until(check: Callable[[], bool], what: str, timeout_s: float = 30, every_s: float = 0.2) -> None:
+    """Wait, without blocking the event loop, until ``check()`` holds; fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(every_s)
+
+
+def _logged(gw: Gateway, *texts: str) -> Callable[[], bool]:
+    return lambda: any(t in gw.log.read_text() for t in texts)
+
+
+def _infer(gw: Gateway, version: str | None = None) -> tuple[int, np.ndarray | None, str | None]:
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [4, 64], "data": X.ravel().tolist()}]}
+    path = "/v2/models/digits" + (f"/versions/{version}" if version else "") + "/infer"
     with gw.client() as c:
-        r = c.post("/v2/models/digits/infer", json=body)
+        r = c.post(path, json=body)
     if r.status_code != 200:
         return r.status_code, None, None
     doc = r.json()
@@ -133,10 +143,7 @@ async def test_reload_under_load_swaps_versions_without_a_failed_request_and_ref
         await asyncio.sleep(1.0)
         _set_version(gw.config, "2")
         assert main(["models", "reload", "--config", str(gw.config)]) == 0
-        deadline = time.monotonic() + 60
-        while _infer(gw)[2] != "2":
-            assert time.monotonic() < deadline, "version 2 was not swapped in"
-            await asyncio.sleep(0.3)
+        await _until(lambda: _infer(gw)[2] == "2", "version 2 was not swapped in", 60, 0.3)
         await asyncio.sleep(1.0)
         stop.set()
         await asyncio.gather(*tasks)
@@ -153,49 +160,33 @@ async def test_reload_under_load_swaps_versions_without_a_failed_request_and_ref
         # Version 3 is unsigned: refused, and version 2 keeps serving.
         _set_version(gw.config, "3")
         assert main(["models", "reload", "--config", str(gw.config)]) == 0
-        deadline = time.monotonic() + 20
-        while "digits/3: refused" not in gw.log.read_text():
-            assert time.monotonic() < deadline, "the refusal was not logged"
-            await asyncio.sleep(0.2)
+        await _until(_logged(gw, "digits/3: refused"), "the refusal was not logged", 20)
         status, still, version = _infer(gw)
         assert status == 200 and version == "2"
         np.testing.assert_allclose(still, after, rtol=1e-6)
         # Version 4 is signed and admitted, but ONNX Runtime cannot load it: its worker dies at
         # load, the version is quarantined, and version 2 keeps serving.
-        v4 = root / "digits" / "4"
-        shutil.copytree(v2, v4)
+        v4 = _new_version(root, pki, "4", signed=False)
         model = onnx.load(str(v4 / "model.onnx"))
         model.graph.node[0].op_type = "NoSuchOperator"
-        data = model.SerializeToString()
-        (v4 / "model.onnx").write_bytes(data)
-        manifest = json.loads((v4 / "manifest.json").read_text())
-        manifest.update(version="4", onnx={**manifest["onnx"], "sha256": hashlib.sha256(data).hexdigest()})
-        (v4 / "manifest.json").write_text(json.dumps(manifest))
-        (v4 / "model.sig").unlink()
-        sign_model(v4, pki / "keys" / "model-signing.key")
+        _replace_model(v4, model.SerializeToString())
+        _sign(v4, pki)
         _set_version(gw.config, "4")
         assert main(["models", "reload", "--config", str(gw.config)]) == 0
-        deadline = time.monotonic() + 30
-        while "digits/4: quarantine" not in gw.log.read_text():
-            assert time.monotonic() < deadline, "the failing version was not quarantined"
-            await asyncio.sleep(0.2)
+        await _until(_logged(gw, "digits/4: quarantine"), "the failing version was not quarantined")
         assert _infer(gw)[2] == "2"
         # Every signature failure and every hostile file of the admission table, through the
         # running gateway: each refused with its reason while version 2 answers.
-        from tests.registry.test_supply import HOSTILE
-
         cases = [("tampered", _tamper), ("extra file", _extra_file), ("other signer", _other_signer)]
         cases += [(name, _hostile(make)) for name, make, _ in HOSTILE]
         for n, (what, make_version) in enumerate(cases, start=10):
             folder = make_version(root, pki, str(n))
             _set_version(gw.config, str(n))
             assert main(["models", "reload", "--config", str(gw.config)]) == 0
-            deadline = time.monotonic() + 30
             # Refused by the checks, or (the oversized initializer, under the default 2 GiB limit)
             # admitted and then quarantined when ONNX Runtime could not load it: never served.
-            while not any(f"digits/{n}: {end}" in gw.log.read_text() for end in ("refuse", "quarantine")):
-                assert time.monotonic() < deadline, f"{what} ({folder}) was neither refused nor quarantined"
-                await asyncio.sleep(0.1)
+            await _until(_logged(gw, f"digits/{n}: refuse", f"digits/{n}: quarantine"),
+                         f"{what} ({folder}) was neither refused nor quarantined", every_s=0.1)
             assert _infer(gw)[2] == "2", what
     finally:
         gw.stop()
@@ -217,18 +208,8 @@ def _set_versions(config: Path, default: str, others: list[str]) -> None:
     config.write_text(head + marker + f"versions = {json.dumps(others)}\n" + tail)
 
 
-def _infer_version(gw: Gateway, version: str | None) -> tuple[int, np.ndarray | None, str | None]:
-    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [4, 64], "data": X.ravel().tolist()}]}
-    path = "/v2/models/digits" + (f"/versions/{version}" if version else "") + "/infer"
-    with gw.client() as c:
-        r = c.post(path, json=body)
-    if r.status_code != 200:
-        return r.status_code, None, None
-    doc = r.json()
-    return 200, np.array(doc["outputs"][0]["data"], np.float32).reshape(4, 10), doc["model_version"]
-
-
-def test_several_versions_side_by_side_and_their_reload(models_root: Path, pki: Path, tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_several_versions_side_by_side_and_their_reload(models_root: Path, pki: Path, tmp_path: Path) -> None:
     import onnxruntime as ort
 
     root = tmp_path / "models"
@@ -240,18 +221,16 @@ def test_several_versions_side_by_side_and_their_reload(models_root: Path, pki: 
     try:
         _set_versions(gw.config, "2", ["1"])
         assert main(["models", "reload", "--config", str(gw.config)]) == 0
-        deadline = time.monotonic() + 60
-        while _infer_version(gw, "1")[2] != "1" or _infer_version(gw, None)[2] != "2":
-            assert time.monotonic() < deadline, "both versions were not served"
-            time.sleep(0.3)
+        await _until(lambda: _infer(gw, "1")[2] == "1" and _infer(gw)[2] == "2",
+                     "both versions were not served", 60, 0.3)
         reference = {v: ort.InferenceSession(str(root / "digits" / v / "model.onnx"),
                                              providers=["CPUExecutionProvider"]).run(None, {"input": X})[0]
                      for v in ("1", "2")}
         for asked, served in ((None, "2"), ("2", "2"), ("1", "1")):
-            status, out, version = _infer_version(gw, asked)
+            status, out, version = _infer(gw, asked)
             assert status == 200 and version == served
             np.testing.assert_allclose(out, reference[served], rtol=1e-5, atol=1e-6)
-        assert _infer_version(gw, "3")[0] == 404
+        assert _infer(gw, "3")[0] == 404
         with gw.client() as c:
             assert c.get("/v2/models/digits").json()["versions"] == ["2", "1"]
             assert c.get("/v2/models/digits/versions/1").json()["versions"] == ["1"]
@@ -261,11 +240,8 @@ def test_several_versions_side_by_side_and_their_reload(models_root: Path, pki: 
         # Version 1 no longer wanted: it goes; the default stays.
         _set_versions(gw.config, "2", [])
         assert main(["models", "reload", "--config", str(gw.config)]) == 0
-        deadline = time.monotonic() + 30
-        while _infer_version(gw, "1")[0] != 404:
-            assert time.monotonic() < deadline, "version 1 was not removed"
-            time.sleep(0.3)
-        assert _infer_version(gw, None)[2] == "2"
+        await _until(lambda: _infer(gw, "1")[0] == 404, "version 1 was not removed", 30, 0.3)
+        assert _infer(gw)[2] == "2"
     finally:
         gw.stop()
     assert config.exists() and v2.exists()
