@@ -2,7 +2,7 @@
 
 Starts one real ``digits`` worker and sends it the same binary request, sequentially and from 16
 concurrent tasks, through (a) httpx's ``AsyncClient`` over its Unix-socket transport and (b)
-``gateway.workers.transport.UnixHTTPClient``; prints requests/s and the ratio between them, all in
+``gateway.workers.transport.UnixSocketTransport``; prints requests/s and the ratio between them, all in
 one run. This is the measurement behind the choice of (b) for the request path.
 
     python bench/transport.py [--requests 3000]
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,17 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gateway.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
-from gateway.workers.transport import UnixHTTPClient, fetch_health  # noqa: E402
+from gateway.workers.transport import UnixSocketTransport, fetch_health  # noqa: E402
 
 HEADER = "inference-header-content-length"
 
 
 def start_worker(sock: Path) -> subprocess.Popen[bytes]:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))  # as the supervisor does: bound here, listened on by the worker
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.workers.worker", "--socket", str(sock), "--name", "digits",
+        [sys.executable, "-m", "gateway.workers.worker", "--listen-fd", str(listener.fileno()), "--name", "digits",
          "--device", "cpu", "--max-batch-size", "64"],
-        stdin=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}, pass_fds=(listener.fileno(),),
     )
+    listener.close()
     assert proc.stdin is not None
     proc.stdin.write((ROOT / "models/digits/1/model.onnx").read_bytes())
     proc.stdin.close()
@@ -68,7 +72,7 @@ async def measure(sock: Path, total: int) -> None:
     headers = {HEADER: str(n)}
     hx = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(sock)), base_url="http://worker",
                            limits=httpx.Limits(max_connections=64))
-    own = UnixHTTPClient(str(sock))
+    own = UnixSocketTransport(str(sock))
 
     async def via_httpx() -> None:
         (await hx.post("/infer", content=body, headers=headers)).raise_for_status()
@@ -81,7 +85,7 @@ async def measure(sock: Path, total: int) -> None:
         a = await rate(via_httpx, total, concurrency)
         b = await rate(via_own, total, concurrency)
         print(f"{'httpx':12s} {concurrency:11d} {a:9.0f}")
-        print(f"{'UnixHTTP':12s} {concurrency:11d} {b:9.0f}   ({b / a:.1f}x httpx)")
+        print(f"{'own':12s} {concurrency:11d} {b:9.0f}   ({b / a:.1f}x httpx)")
     await hx.aclose()
     await own.aclose()
 

@@ -1,4 +1,9 @@
-"""The application factory: the middleware stack, outer to inner, in one function."""
+"""The application factory: the middleware list and the model-aware stage list, side by side.
+
+Middleware handles what needs no model (outer → inner: audit, problems, context, address limits,
+authentication, principal limits); the stages, what needs the model, the decision or the tensors.
+The routes come from the route table (``gateway.routes``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
@@ -15,30 +20,62 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from gateway.audit.chain import load_private_key
 from gateway.audit.middleware import AuditMiddleware
 from gateway.audit.writer import AuditUnavailable, AuditWriter
+from gateway.catalog import ModelTable
 from gateway.config import Config, load_config
+from gateway.endpoints import V2, IssuerEndpoints, OpsEndpoints
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
-from gateway.metrics import CONTENT_TYPE, Metrics
-from gateway.middleware import AuthMiddleware, ContextMiddleware, ProblemMiddleware, problem_response
+from gateway.metrics import Metrics
+from gateway.middleware import AuthMiddleware, ContextMiddleware, ProblemMiddleware, ProblemResponse
 from gateway.middleware.limits import AddressLimitMiddleware, PrincipalLimitMiddleware
 from gateway.openapi import openapi_document
-from gateway.registry.manifest import load_units
+from gateway.registry.manifest import Manifest, load_units
+from gateway.routes import ROUTES, starlette_routes
 from gateway.security.issuer import BuiltinIssuer
 from gateway.security.ratelimit import Limiter
 from gateway.security.rbac import Policy
 from gateway.security.tls import HANDSHAKES
 from gateway.security.tokens import TokenValidator
 from gateway.security.xfcc import TrustedProxies
-from gateway.v2 import V2, ModelEntry, routes
+from gateway.stages import (
+    CheckSignature,
+    Decode,
+    Decoder,
+    Encode,
+    Infer,
+    InFlightBytes,
+    ModelLimits,
+    ReadBody,
+    Resolve,
+    Stage,
+)
+from gateway.units import Unit
 from gateway.workers.pool import WorkerPool
 
-__all__ = ["app_from_environment", "create_app"]
+__all__ = ["app_from_environment", "create_app", "infer_stages"]
 
 log = logging.getLogger("gateway.app")
+
+
+def infer_stages(
+    config: Config, models: ModelTable, policy: Policy, limiter: Limiter, pool: WorkerPool, decoder: Decoder,
+    in_flight: InFlightBytes, guards: Sequence[Stage] = (), output_policies: Sequence[Stage] = (),
+) -> list[Stage]:
+    """The model-aware path of an inference, in order. A new stage is one class and one line here."""
+    return [
+        Resolve(models, policy, "infer"),
+        ReadBody(config.server.max_body_bytes, in_flight),
+        Decode(decoder),
+        CheckSignature(),
+        *guards,  # the AI-specific monitors (adversarial inputs, anomalies, extraction)
+        ModelLimits(limiter),
+        Infer(pool),
+        *output_policies,  # what a role may see of the outputs (top-k, rounding, label-only)
+        Encode(),
+    ]
 
 
 def _http_exception(request: Request, exc: Exception) -> Response:
@@ -51,91 +88,98 @@ def _http_exception(request: Request, exc: Exception) -> Response:
         error = NotFound("no such route or model")
     else:
         error = GatewayError(exc.detail)
-    return problem_response(error, request.scope)
+    return ProblemResponse(error, request.scope)
 
 
-def create_app(config: Config, runtime_dir: str, models: dict[str, ModelEntry] | None = None) -> Starlette:
-    """Build the gateway: ``audit → problems → context → address limits → auth → principal limits → router``."""
-    if models is None:
-        manifests = load_units(config)
-        models = {m.name: ModelEntry(manifests[m.name], m) for m in config.units()}
-    pool = WorkerPool(config, runtime_dir)
+def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest] | None = None,
+               pool: WorkerPool | None = None, guards: Sequence[Stage] = (),
+               output_policies: Sequence[Stage] = ()) -> Starlette:
+    """The gateway's ASGI application; ``pool`` (a ``WorkerPool.of`` in-memory transports, say)
+    replaces the pool that follows the supervisor's workers."""
+    models = ModelTable(config, load_units(config) if manifests is None else manifests)
+    pool = pool or WorkerPool(config, runtime_dir)
+    pool.on_swap.append(models.swapped)
     limiter = Limiter(config.limits, config.issuer.max_failed_logins, config.issuer.lockout_s)
     issuer = BuiltinIssuer(config, limiter) if config.issuer.enabled else None
     validator = TokenValidator(config, issuer.store.public_keys if issuer else None)
     policy = Policy(config.rbac)
-    v2 = V2(config, models, pool, policy, limiter)
+    decoder = Decoder(config.server)
+    in_flight = InFlightBytes(config.server.max_inflight_body_bytes, config.server.max_inflight_body_bytes_per_principal)
+    stages = infer_stages(config, models, policy, limiter, pool, decoder, in_flight, guards, output_policies)
     metrics = Metrics(pool)
     writer = None
     if config.audit.enabled:
         stream = f"p{os.environ.get('GATEWAY_PROCESS_INDEX', '0')}"
         writer = AuditWriter(config.audit, stream, load_private_key(config.audit.signing_key))
 
+    owners: dict[str, object] = {"v2": V2(models, pool, policy, limiter, stages)}
+    if issuer is not None:
+        owners["issuer"] = IssuerEndpoints(issuer)
+    served = [spec for spec in ROUTES if spec.owner in owners or spec.owner == "ops"]
+    owners["ops"] = OpsEndpoints(orjson.dumps(openapi_document(served)), metrics, policy)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        watcher = None
         if writer is not None:
             writer.open()
             await writer.start_ticker()
-            watcher = asyncio.get_running_loop().create_task(_watch_handshakes(writer, metrics))
+        watcher = asyncio.get_running_loop().create_task(_watch_handshakes(writer, metrics))
         await pool.start()
+        warming = asyncio.get_running_loop().create_task(decoder.warm())
         for cache in validator.caches():  # warm the external providers' keys; failures are retried lazily
             await cache.refresh()
         try:
             yield
         finally:
+            warming.cancel()
+            decoder.close()
             await pool.close()
             await limiter.close()
-            if watcher is not None:
-                watcher.cancel()
+            watcher.cancel()
             if writer is not None:
                 await writer.close()
 
-    async def metrics_endpoint(request: Request) -> Response:
-        policy.authorize(request.scope, "metrics")
-        return Response(await metrics.render(), media_type=CONTENT_TYPE)
-
     def gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
-        return problem_response(exc, request.scope, config.server.debug)
+        return ProblemResponse(exc, request.scope, config.server.debug)
 
     middleware = [
         Middleware(AuditMiddleware, writer=writer, metrics=metrics, fail_closed=config.audit.fail_closed,
                    known_models=frozenset(m.name for m in config.models)),
         Middleware(ProblemMiddleware, debug=config.server.debug),
-        Middleware(ContextMiddleware, trusted_proxies=TrustedProxies(config.tls.trusted_proxies),
+        Middleware(ContextMiddleware, trusted_proxies=TrustedProxies(config.tls.trusted_proxies, config.tls.xfcc_hops),
                    timeout_s=config.server.request_timeout_s),
         Middleware(AddressLimitMiddleware, limiter=limiter),
         Middleware(AuthMiddleware, validator=validator, auth=config.auth),
         Middleware(PrincipalLimitMiddleware, limiter=limiter),
     ]
     handlers: dict[Any, Any] = {GatewayError: gateway_error, HTTPException: _http_exception}
-    document = orjson.dumps(openapi_document())
-
-    async def openapi(request: Request) -> Response:
-        return Response(document, media_type="application/json")
-
-    all_routes = [*routes(v2), *(issuer.routes() if issuer else []), Route("/openapi.json", openapi, methods=["GET"]),
-                  Route("/metrics", metrics_endpoint, methods=["GET"])]
-    app = Starlette(routes=all_routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+    app = Starlette(routes=starlette_routes(served, owners), middleware=middleware, exception_handlers=handlers,
+                    lifespan=lifespan)
+    app.router.redirect_slashes = False  # its redirects are built from the Host header
     app.state.pool = pool
     app.state.validator = validator
     return app
 
 
-async def _watch_handshakes(writer: AuditWriter, metrics: Metrics, every_s: float = 5.0) -> None:
-    """Failed TLS handshakes never reach the application: count them and record them as events."""
-    seen = 0
+async def _watch_handshakes(writer: AuditWriter | None, metrics: Metrics, every_s: float = 5.0) -> None:
+    """TLS connections that failed their handshake, or were refused one, never reach the application:
+    every ``every_s`` with any, one ``tls`` record of their counts by client address and reason, a
+    metric, and one log line (however many there were)."""
     while True:
         await asyncio.sleep(every_s)
-        gap = HANDSHAKES["started"] - HANDSHAKES["completed"]
-        if gap > seen:
-            failed, seen = gap - seen, gap
-            metrics.tls_failures.inc(failed)
-            log.warning("%d TLS handshake(s) failed in the last %g s (no or an untrusted client certificate, "
-                        "or an unsupported protocol)", failed, every_s)
+        failures = HANDSHAKES.collect()
+        if not failures:
+            continue
+        total = sum(n for reasons in failures.values() for n in reasons.values())
+        metrics.tls_failures.inc(total)
+        worst = sorted(failures.items(), key=lambda item: -sum(item[1].values()))[:3]
+        log.warning("%d TLS connection(s) failed or were refused in the last %g s; most from %s", total, every_s,
+                    "; ".join(f"{address} {reasons}" for address, reasons in worst))
+        if writer is not None:
             with contextlib.suppress(AuditUnavailable):
-                await writer.append({"kind": "tls", "failed_handshakes": failed, "window_s": every_s})
+                await writer.append({"kind": "tls", "failed_handshakes": total, "window_s": every_s,
+                                     "by_address": failures})
 
 
 def app_from_environment() -> Starlette:

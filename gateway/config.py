@@ -21,6 +21,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import limits as limits_lib
 
+from gateway.units import Unit
+
 __all__ = [
     "AuditConfig", "AuthConfig", "Config", "SupplyConfig", "ConfigError", "IssuerConfig", "IssuerTrust", "ModelConfig", "PolicyConfig",
     "LimitsConfig", "RuleConfig", "ServerConfig", "StepUpRule", "TLSConfig", "load_config",
@@ -33,8 +35,6 @@ ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 """The only JWS algorithms a token may use: no ``none``, no HMAC (a public key is no secret)."""
 VERBS = ("infer", "metadata", "list", "explain", "metrics", "admin:models", "admin:audit", "admin:incident")
 """What a role can be granted; patterns such as ``admin:*`` or ``*`` expand to these."""
-UNIT_SEPARATOR = "@"
-"""Joins a model's name and version into the key of a served unit (never valid in a model name)."""
 ACR_PASSWORD = "urn:gateway:acr:pwd"
 ACR_MFA = "urn:gateway:acr:mfa"
 
@@ -58,11 +58,30 @@ class ServerConfig:
     """Per-request deadline for the worker round trip; past it the answer is 504."""
     max_body_bytes: int = 32 * 1024 * 1024
     """Largest accepted request body (413 above it, checked while streaming)."""
+    max_inflight_body_bytes: int = 512 * 1024 * 1024
+    """Request-body bytes one serving process holds at once, all requests together (503 above it)."""
+    max_inflight_body_bytes_per_principal: int = 96 * 1024 * 1024
+    """... and for one principal (429 above it): slow large uploads cannot pile up."""
+    decode_processes: int = 0
+    """Processes that decode bodies over 64 KiB, per serving process; 0 means half the CPUs (1 to 4)."""
+    decode_memory_mb: int = 4096
+    """Address space each decoder process may use; a body that needs more to decode is refused (413)."""
     keepalive_timeout_s: float = 5.0
+    handshake_timeout_s: float = 5.0
+    """A connection must complete its TLS handshake within this, or it is closed."""
     header_timeout_s: float = 10.0
     """The request line and headers must arrive within this (408 and close otherwise: Slowloris)."""
     body_timeout_s: float = 30.0
     """The whole body must arrive within this after the headers."""
+    write_timeout_s: float = 30.0
+    """A client that reads none of its answers for this long (writes stalled) is disconnected."""
+    max_connections: int = 10_000
+    """Client connections per serving process, established and in their handshake (Envoy's edge
+    default); lowered at start-up to what the file-descriptor limit allows."""
+    max_pending_handshakes: int = 1024
+    """Connections in their TLS handshake at once per serving process; more are closed at once."""
+    max_pending_handshakes_per_address: int = 256
+    """... and from one client address."""
     limit_concurrency: int = 2048
     """Connections plus in-flight requests per process before 503."""
     backlog: int = 2048
@@ -74,7 +93,11 @@ class ServerConfig:
     pid_file: str = "gateway.pid"
     """Where ``gateway serve`` writes its process id (``gateway models reload`` signals it)."""
     worker_user: str = "nobody"
-    """When the gateway runs as root, workers drop to this user; "" keeps them as root (reported)."""
+    """When the gateway runs as root, workers drop to this user's group; "" keeps them as root (reported)."""
+    worker_uid_base: int = 61184
+    """When the gateway runs as root, each worker gets a user id of its own from this one up (systemd's
+    range for dynamic users), so that no worker can signal or trace another; 0 gives every worker
+    ``worker_user``'s id (reported)."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     debug: bool = False
     """Show internal error details to clients. Never in production."""
@@ -91,6 +114,9 @@ class TLSConfig:
     """TLS 1.3 only by default; "1.2" also admits TLS 1.2 with ECDHE and AEAD ciphers."""
     trusted_proxies: tuple[str, ...] = ()
     """Addresses or networks whose X-Forwarded-Client-Cert header is honoured."""
+    xfcc_hops: int = 1
+    """Trusted proxies that each append to X-Forwarded-Client-Cert: the client's element is this many
+    from the end (1: the one the nearest proxy added; right for proxies that set the header too)."""
 
 
 @dataclass(frozen=True)
@@ -311,6 +337,8 @@ class Config:
             out.append(f"tls.trusted_proxies = {list(self.tls.trusted_proxies)}: X-Forwarded-Client-Cert is trusted from them")
         if not self.server.worker_user and os.geteuid() == 0:
             out.append('server.worker_user = "": workers run as root')
+        elif self.server.worker_uid_base == 0 and os.geteuid() == 0:
+            out.append("server.worker_uid_base = 0: all workers share one user id and can signal each other")
         if self.server.debug:
             out.append("server.debug = true: internal error details reach clients")
         if self.server.probe_port and self.server.probe_host not in ("127.0.0.1", "::1", "localhost"):
@@ -334,17 +362,14 @@ class Config:
         return out
 
     def model(self, name: str) -> ModelConfig | None:
-        """The model configuration of a model name or of a served unit's key (``name@version``)."""
-        base = name.split(UNIT_SEPARATOR, 1)[0]
-        return next((m for m in self.models if m.name == base), None)
+        return next((m for m in self.models if m.name == name), None)
 
-    def units(self) -> list[ModelConfig]:
-        """Every served (model, version): the default under the model's name, the others under
-        ``name@version``; each is a ``ModelConfig`` whose ``name`` is that key."""
+    def units(self) -> list[tuple[Unit, ModelConfig]]:
+        """Every served unit with its settings; a pinned unit's ``version`` is its own."""
         out = []
         for m in self.models:
-            out.append(m)
-            out += [dataclasses.replace(m, name=f"{m.name}{UNIT_SEPARATOR}{v}", version=v, versions=())
+            out.append((Unit(m.name), m))
+            out += [(Unit(m.name, v), dataclasses.replace(m, version=v, versions=()))
                     for v in dict.fromkeys(m.versions) if v != m.version]
         return out
 
@@ -391,7 +416,8 @@ def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> None:
         node[path[-1]] = value
 
 
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""Model names and versions (``fullmatch``, so no trailing newline slips through ``$``)."""
 
 
 Check = tuple[bool, str]
@@ -405,15 +431,25 @@ def _server_checks(cfg: Config) -> list[Check]:
         (1 <= s.processes <= 64, "server.processes must be 1..64"),
         (s.request_timeout_s > 0, "server.request_timeout_s must be positive"),
         (s.max_body_bytes >= 1024, "server.max_body_bytes must be at least 1024"),
+        (s.max_inflight_body_bytes >= s.max_inflight_body_bytes_per_principal >= s.max_body_bytes,
+         "server: max_inflight_body_bytes >= max_inflight_body_bytes_per_principal >= max_body_bytes"),
+        (0 <= s.decode_processes <= 64 and s.decode_memory_mb >= 256,
+         "server.decode_processes must be 0..64 and server.decode_memory_mb at least 256"),
         (0 < s.header_timeout_s <= 300 and 0 < s.body_timeout_s <= 3600,
          "server.header_timeout_s must be 0..300 and server.body_timeout_s 0..3600"),
+        (0 < s.handshake_timeout_s <= 60 and 0 < s.write_timeout_s <= 3600,
+         "server.handshake_timeout_s must be 0..60 and server.write_timeout_s 0..3600"),
+        (1 <= s.max_pending_handshakes_per_address <= s.max_pending_handshakes <= s.max_connections,
+         "server: 1 <= max_pending_handshakes_per_address <= max_pending_handshakes <= max_connections"),
         (not (s.probe_port and s.processes > 1),
          "server.probe_port needs server.processes = 1 (probes are not served per process yet)"),
     ]
     for m in cfg.models:
         where = f"models.{m.name}"
+        checks.append((bool(_IDENTIFIER.fullmatch(m.name)) and ".." not in m.name,
+                       f"{where}: the name is not a valid identifier ([A-Za-z0-9][A-Za-z0-9_.-]*)"))
         for v in (m.version, *m.versions):
-            checks.append((bool(_VERSION.match(v)) and ".." not in v, f"{where}: version {v!r} is not a valid identifier"))
+            checks.append((bool(_IDENTIFIER.fullmatch(v)) and ".." not in v, f"{where}: version {v!r} is not a valid identifier"))
         checks += [
             (1 <= m.workers <= 64, f"{where}.workers must be 1..64"),
             (1 <= m.max_batch_size <= 4096, f"{where}.max_batch_size must be 1..4096"),
@@ -505,11 +541,15 @@ def _key_checks(cfg: Config) -> list[Check]:
 def _check_ranges(cfg: Config, problems: list[str]) -> None:
     for area in (_server_checks, _identity_checks, _policy_checks, _limit_checks, _key_checks):
         problems.extend(msg for ok, msg in area(cfg) if not ok)
+    if cfg.server.worker_uid_base and not 1000 <= cfg.server.worker_uid_base <= 2**31 - 1 - 4096:
+        problems.append("server.worker_uid_base must be 0 or a user id of 1000 or more")
     if cfg.server.worker_user:
         try:
             pwd.getpwnam(cfg.server.worker_user)
         except KeyError:
             problems.append(f"server.worker_user: no user named {cfg.server.worker_user!r} on this system")
+    if not 1 <= cfg.tls.xfcc_hops <= 8:
+        problems.append("tls.xfcc_hops must be 1..8")
     for proxy in cfg.tls.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)

@@ -1,4 +1,11 @@
-"""Per-request state: one typed object under one namespaced scope key."""
+"""Per-request state: one typed object under one namespaced scope key.
+
+The context middleware opens it; each layer and stage writes only its own fields (see
+``docs/architecture.md``): authentication the principal, authorization the decision, the
+model-aware stages the model, version, worker, tensor digests and findings, and whatever refused
+the request the error. The audit layer reads it to write the request's record; nothing re-parses
+a response to learn what happened.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +13,83 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gateway.security.tls import PeerIdentity
+from gateway.security.types import Decision, PeerIdentity, Principal
 
 if TYPE_CHECKING:
-    from gateway.security.rbac import Decision
-    from gateway.security.tokens import Principal
+    from gateway.errors import GatewayError
+    from gateway.routes import RouteSpec
 
-__all__ = ["SCOPE_KEY", "RequestContext", "get_context"]
+__all__ = ["REFUSAL_KEY", "SCOPE_KEY", "Finding", "RequestContext", "TensorDigest", "get_context"]
 
 SCOPE_KEY = "gateway.context"
+REFUSAL_KEY = "gateway.refusal"
+"""Set by the HTTP protocol on a request it refuses below the application (malformed, too slow,
+over the concurrency limit): the error travels through the stack so that it is rendered and
+recorded like any other refusal."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorDigest:
+    """What the audit record keeps of a tensor: its description, size and SHA-256, never its data."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    bytes: int
+    sha256: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape), "bytes": self.bytes,
+                "sha256": self.sha256}
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """What a guard or output stage noticed about a request, whether or not it refused it."""
+
+    stage: str
+    kind: str
+    detail: str
+    action: str = "record"
+    """``record`` (noted only), ``flag``, ``throttle`` or ``refuse``."""
+    technique: str | None = None
+    """MITRE ATLAS technique id, where one applies."""
+    score: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"stage": self.stage, "kind": self.kind, "detail": self.detail, "action": self.action}
+        if self.technique:
+            out["technique"] = self.technique
+        if self.score is not None:
+            out["score"] = self.score
+        return out
 
 
 @dataclass(slots=True)
 class RequestContext:
     request_id: str
+    """Minted by the gateway for every request, never taken from the client."""
     started: float
     deadline: float
     client_host: str | None
     peer: PeerIdentity | None
-    model: str | None = None
+    correlation_id: str | None = None
+    """The client's own ``X-Request-Id``, when it sent a well-formed one (kept apart from ours)."""
+    route: RouteSpec | None = None
     principal: Principal | None = None
     """Set by the authentication middleware; None when the request carried no credentials."""
     decision: Decision | None = None
-    """The access decision, with the rule behind it, once a handler has asked for one."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    """The access decision, with the rule behind it, once one was asked for."""
+    model: str | None = None
+    """The model the request named (recorded only when it is a configured one)."""
+    version: str | None = None
+    """The model version that served (or was to serve) the request."""
+    worker: str | None = None
+    inputs: list[TensorDigest] = field(default_factory=list)
+    outputs: list[TensorDigest] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    error: GatewayError | None = None
+    """The refusal or failure the request was answered with."""
 
 
 def get_context(scope: MutableMapping[str, Any]) -> RequestContext:

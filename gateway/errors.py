@@ -11,20 +11,24 @@ Every refusal the gateway makes is one of these, so every client sees one shape:
     ├── NotFound                     404  unknown model or route (also: a model you may not see)
     ├── MethodNotAllowed             405
     ├── PayloadTooLarge              413
+    ├── RequestTimeout               408  the request line, headers or body arrived too slowly
     ├── HeadersTooLarge              431
     ├── ClientClosedRequest          499  the client went away mid-request (nginx's convention)
     ├── InvalidInput                 422  well-formed but not what the model's signature accepts
     ├── TooManyRequests              429  throttled (Retry-After)
+    ├── OAuthError                   4xx  the built-in issuer's refusals (RFC 6749 section 5.2 ``error``)
     ├── Unavailable                  503  no healthy worker, worker died mid-request (Retry-After)
+    │   └── Overloaded               503  too many connections or requests in flight on this process
     └── GatewayTimeout               504  the per-request deadline passed
 
 On ``/v2`` routes the body also carries ``"error"`` (the Open Inference Protocol's error field,
-which ``tritonclient`` reads to surface the message).
+which ``tritonclient`` reads to surface the message). ``render_problem`` is the one renderer: the
+middleware, the issuer and the answers made below the application all use it.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 __all__ = [
     "BadRequest",
@@ -35,14 +39,19 @@ __all__ = [
     "InvalidInput",
     "MethodNotAllowed",
     "NotFound",
+    "OAuthError",
+    "Overloaded",
     "PayloadTooLarge",
+    "RequestTimeout",
     "Unavailable",
     "Forbidden",
     "StepUpRequired",
     "TooManyRequests",
     "Unauthorized",
     "UnsupportedEncoding",
+    "header_safe",
     "problem_body",
+    "render_problem",
 ]
 
 PROBLEM_BASE = "urn:gateway:problem:"
@@ -51,9 +60,9 @@ PROBLEM_BASE = "urn:gateway:problem:"
 class GatewayError(Exception):
     """Base of every error the gateway answers with; renders itself as problem+json."""
 
-    status: ClassVar[int] = 500
-    type: ClassVar[str] = "internal"
-    title: ClassVar[str] = "Internal error"
+    status: int = 500
+    type: str = "internal"
+    title: str = "Internal error"
 
     def __init__(
         self,
@@ -67,11 +76,22 @@ class GatewayError(Exception):
         self.extensions = extensions
         super().__init__(self.detail)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors cross process boundaries (a decoder process raises them): keep every attribute.
+        return _restore, (type(self), self.detail, dict(self.__dict__))
+
     def to_problem(self, instance: str, request_id: str | None, oip: bool) -> dict[str, Any]:
         return problem_body(
             self.status, self.type, self.title, self.detail, instance, request_id, oip,
             self.extensions,
         )
+
+
+def _restore(cls: type[GatewayError], detail: str, state: dict[str, Any]) -> GatewayError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, detail)
+    error.__dict__.update(state)
+    return error
 
 
 def problem_body(
@@ -100,6 +120,33 @@ def problem_body(
     return body
 
 
+def header_safe(value: str) -> str:
+    """A header value made of visible ASCII only: client-controlled text (a token's ``kid``, a
+    model name) may reach a header, and anything else cannot be encoded or could split it."""
+    return "".join(c if " " <= c <= "~" else "?" for c in value)
+
+
+def render_problem(exc: GatewayError, instance: str, request_id: str | None, oip: bool,
+                   debug: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and body of the problem document answering ``exc``.
+
+    An internal error's detail (a 500 of no more specific kind) is replaced unless ``debug``.
+    """
+    import orjson
+
+    detail_error = exc
+    if exc.status >= 500 and type(exc).status == 500 and not debug:
+        detail_error = type(exc)("internal error; quote the request id when reporting it")
+    body = orjson.dumps(detail_error.to_problem(instance, request_id, oip))
+    headers = [(b"content-type", b"application/problem+json"), (b"content-length", b"%d" % len(body))]
+    headers += [(k.lower().encode(), header_safe(v).encode()) for k, v in exc.headers.items()]
+    if request_id:
+        headers.append((b"x-request-id", header_safe(request_id).encode()))
+    if exc.status == 405 and "allow" in exc.extensions:
+        headers.append((b"allow", header_safe(str(exc.extensions["allow"])).encode()))
+    return exc.status, headers, body
+
+
 class BadRequest(GatewayError):
     status = 400
     type = "bad-request"
@@ -113,9 +160,8 @@ class UnsupportedEncoding(BadRequest):
 
 
 def _quote(value: str) -> str:
-    """An RFC 9110 quoted-string: no control characters, quotes and backslashes escaped."""
-    cleaned = "".join(c for c in value if c >= " " and c != "\x7f")
-    return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """An RFC 9110 quoted-string of visible ASCII, quotes and backslashes escaped."""
+    return '"' + header_safe(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def bearer_challenge(error: str | None, description: str | None = None, **params: str) -> str:
@@ -197,6 +243,12 @@ class PayloadTooLarge(GatewayError):
     title = "Request body too large"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "request-timeout"
+    title = "Request timeout"
+
+
 class HeadersTooLarge(GatewayError):
     status = 431
     type = "headers-too-large"
@@ -222,6 +274,25 @@ class Unavailable(GatewayError):
 
     def __init__(self, detail: str | None = None, *, retry_after: int = 1, **extensions: Any) -> None:
         super().__init__(detail, headers={"Retry-After": str(retry_after)}, **extensions)
+
+
+class Overloaded(Unavailable):
+    type = "overloaded"
+    title = "Too many requests in flight"
+
+
+class OAuthError(GatewayError):
+    """A refusal of the built-in issuer's token endpoint: RFC 6749 section 5.2's ``error`` and
+    ``error_description`` members inside the problem document."""
+
+    title = "Token request refused"
+
+    def __init__(self, status: int, error: str, description: str | None = None, *,
+                 headers: dict[str, str] | None = None) -> None:
+        description = description or error
+        super().__init__(description, headers=headers, error=error, error_description=description)
+        self.status = status
+        self.type = "oauth-" + error.replace("_", "-")
 
 
 class GatewayTimeout(GatewayError):

@@ -1,17 +1,19 @@
 """The gateway's own OpenAPI 3.1 document, served at ``/openapi.json``.
 
-Written out rather than derived from the routes: it states what each route accepts and every
-status it can answer (each refusal a problem document), and the test suite holds the running
-gateway to it with schemathesis.
+Derived from the route table (``gateway.routes``): each entry's ``Operation`` states what the route
+accepts and every status it can answer (each refusal a problem document). The test suite holds the
+running gateway to it with schemathesis, and checks that every served route is documented.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from gateway import __version__
 from gateway.protocol.datatypes import DATATYPES
 from gateway.registry.manifest import NAME_PATTERN
+from gateway.routes import RouteSpec
 
 __all__ = ["openapi_document"]
 
@@ -38,7 +40,7 @@ def _ok(schema: dict[str, Any], media: str = "application/json") -> dict[str, An
 
 def _name_param(name: str, example: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "example": example,
-            "schema": {"type": "string", "pattern": NAME_PATTERN.pattern}}
+            "schema": {"type": "string", "pattern": f"^{NAME_PATTERN.pattern}$"}}
 
 
 def _tensor(data_required: bool) -> dict[str, Any]:
@@ -60,64 +62,36 @@ def _tensor(data_required: bool) -> dict[str, Any]:
     return schema
 
 
-def openapi_document() -> dict[str, Any]:
-    model = {"parameters": [_name_param("name", "digits")]}
-    versioned = {"parameters": [_name_param("name", "digits"), _name_param("version", "1")]}
-    infer_body = {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}},
-    }
+def _operation(spec: RouteSpec) -> dict[str, Any]:
+    doc = spec.doc
+    out: dict[str, Any] = {"summary": doc.summary, "responses": {**_ok(doc.ok, doc.media), **_problems(*doc.problems)}}
+    if doc.request_body is not None:
+        out["requestBody"] = doc.request_body
+    if spec.public:
+        out["security"] = []
+    return out
 
-    def op(summary: str, ok: dict[str, Any], *codes: int, public: bool = False, **extra: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {"summary": summary, "responses": {**ok, **_problems(*codes)}, **extra}
-        if public:
-            out["security"] = []
-        return out
 
-    meta = op("Model metadata (verb: metadata)", _ok({"$ref": "#/components/schemas/ModelMetadata"}), 404)
-    ready = op("Model readiness (verb: metadata)", _ok({"type": "object", "required": ["name", "ready"]}), 404)
-    infer = op("Inference (verb: infer)", _ok({"$ref": "#/components/schemas/InferResponse"}), 404, 422, 499, 504,
-               requestBody=infer_body)
+def _parameters(spec: RouteSpec) -> list[dict[str, Any]]:
+    names = [part[1:].split(":")[0].rstrip("}") for part in spec.path.split("/") if part.startswith("{")]
+    return [_name_param(n, "digits" if n == "name" else "1") for n in names]
+
+
+def openapi_document(specs: Iterable[RouteSpec]) -> dict[str, Any]:
+    """The document for the routes being served (the table's entries whose owner is present)."""
+    paths: dict[str, Any] = {}
+    for spec in specs:
+        entry = paths.setdefault(spec.document_path, {})
+        if params := _parameters(spec):
+            entry["parameters"] = params
+        for method in spec.methods:
+            entry[method.lower()] = _operation(spec)
     return {
         "openapi": "3.1.0",
         "info": {"title": "Secure model-serving gateway", "version": __version__,
                  "description": "Open Inference Protocol v2 (REST) behind mTLS, bearer tokens and RBAC."},
         "security": [{"bearer": []}],
-        "paths": {
-            "/v2/health/live": {"get": op("Liveness", _ok({"type": "object", "required": ["live"]}), public=True)},
-            "/v2/health/ready": {"get": op("Readiness", _ok({"type": "object", "required": ["ready"]}), public=True)},
-            "/v2": {"get": op("Server metadata", _ok({"type": "object", "required": ["name", "version", "extensions"]}))},
-            "/v2/models": {"get": op("Models this caller may use (verb: list)", _ok({
-                "type": "object", "required": ["models"],
-                "properties": {"models": {"type": "array", "items": {"type": "object", "required": ["name"]}}}}))},
-            "/v2/repository/index": {"post": op("Repository index, tritonclient's shape (verb: list)", _ok(
-                {"type": "array", "items": {"type": "object", "required": ["name", "state"]}}))},
-            "/v2/models/{name}": {**model, "get": meta},
-            "/v2/models/{name}/versions/{version}": {**versioned, "get": meta},
-            "/v2/models/{name}/ready": {**model, "get": ready},
-            "/v2/models/{name}/versions/{version}/ready": {**versioned, "get": ready},
-            "/v2/models/{name}/infer": {**model, "post": infer},
-            "/v2/models/{name}/versions/{version}/infer": {**versioned, "post": infer},
-            "/admin/models": {"get": op("Operator view of the models (verb: admin:models)", _ok(
-                {"type": "object", "required": ["models"]}))},
-            "/oauth/token": {"post": op(
-                "Built-in issuer: token endpoint", _ok({"$ref": "#/components/schemas/Token"}), public=True,
-                requestBody={"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
-                    "type": "object", "required": ["grant_type"],
-                    "properties": {"grant_type": {"type": "string", "enum": ["client_credentials", "password"]},
-                                   "client_id": {"type": "string"}, "client_secret": {"type": "string"},
-                                   "username": {"type": "string"}, "password": {"type": "string"},
-                                   "totp": {"type": "string"}},
-                    # Extension parameters are ignored; each may appear once (RFC 6749 section 3.2).
-                    "additionalProperties": {"type": "string"}}}}})},
-            "/oauth/jwks": {"get": op("Built-in issuer: public keys", _ok({"type": "object", "required": ["keys"]},
-                                                                           "application/jwk-set+json"), public=True)},
-            "/.well-known/openid-configuration": {"get": op(
-                "Built-in issuer: metadata", _ok({"type": "object", "required": ["issuer", "jwks_uri"]}), public=True)},
-            "/.well-known/oauth-authorization-server": {"get": op(
-                "Built-in issuer: metadata (RFC 8414)", _ok({"type": "object", "required": ["issuer"]}), public=True)},
-            "/openapi.json": {"get": op("This document", _ok({"type": "object"}), public=True)},
-        },
+        "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
             "schemas": {

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from gateway.config import load_config
+from gateway.routes import LIVENESS_PATH, READINESS_PATH
 from gateway.workers.pool import WorkerPool
 
 __all__ = ["ProbeApp", "probe_app_from_environment"]
@@ -34,9 +35,9 @@ class ProbeApp:
         if scope["type"] != "http":
             return
         path = scope["path"]
-        if path == "/v2/health/live":
+        if path == LIVENESS_PATH:
             status, body = 200, b'{"live":true}'
-        elif path == "/v2/health/ready":
+        elif path == READINESS_PATH:
             ok = self.pool.all_ready()
             status, body = (200, b'{"ready":true}') if ok else (503, b'{"ready":false}')
         else:

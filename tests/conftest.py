@@ -128,10 +128,13 @@ class Gateway:
                 return Path(line.split("=", 1)[1].strip().strip('"'))
         raise AssertionError("no runtime_dir")
 
+    def routes(self) -> dict[str, Any]:
+        """The supervisor's routes.json: which workers (socket, pid, uid) serve which unit."""
+        return dict(json.loads((self.runtime_dir() / "routes.json").read_text())["models"])
+
     def worker_pids(self, model: str) -> list[int]:
-        out = subprocess.run(["pgrep", "-f", f"gateway.workers.worker --socket {self.runtime_dir()}/{model}-"],
-                             capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split()]
+        """The live worker processes of a unit, as the supervisor last published them."""
+        return [int(w["pid"]) for w in self.routes()[model]["workers"] if Path(f"/proc/{w['pid']}").exists()]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -103,12 +103,15 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+WEB = ("starlette", "uvicorn", "gateway.app", "gateway.context", "gateway.middleware", "gateway.endpoints",
+       "gateway.stages", "gateway.server", "gateway.access")
 RULES = [
     ("workers", ("gateway.security", "gateway.audit")),
-    ("security", ("gateway.workers",)),
+    # access decisions are plain functions over plain values: no web framework, no request context
+    ("security", ("gateway.workers", *WEB)),
     ("protocol", ("gateway.app", "starlette", "uvicorn")),
-    ("client", ("gateway.app", "gateway.workers", "gateway.security", "gateway.audit", "gateway.v2", "starlette",
-                "uvicorn", "onnxruntime")),
+    ("client", ("gateway.app", "gateway.workers", "gateway.security", "gateway.audit", "gateway.endpoints",
+                "gateway.stages", "starlette", "uvicorn", "onnxruntime")),
     ("audit", ("gateway.workers",)),
 ]
 
@@ -120,6 +123,12 @@ def test_dependency_rules(package: str, forbidden: tuple[str, ...]) -> None:
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
     errors = _imports(PACKAGE / "errors.py")
     assert not {n for n in errors if n.startswith(("gateway.app", "starlette"))}
+
+
+def test_the_request_context_imports_only_plain_values() -> None:
+    """No cycle between the context and the policy: the context knows the security *types* only."""
+    imported = {n for n in _imports(PACKAGE / "context.py") if n.startswith("gateway.")}
+    assert imported <= {"gateway.security.types", "gateway.errors", "gateway.routes"}, imported
 
 
 def test_worker_process_imports_no_server_side_security() -> None:

@@ -101,7 +101,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 def _cmd_policy(args: argparse.Namespace) -> int:
     from gateway.security.rbac import Policy
-    from gateway.security.tokens import Principal
+    from gateway.security.types import Principal
 
     config = load(args)
     principal = Principal(

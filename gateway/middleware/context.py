@@ -3,6 +3,12 @@
 The identity comes from the verified client certificate that ``gateway.server`` put into
 ``scope["extensions"]["tls"]``, or, only when the TCP peer is a configured trusted proxy, from
 ``X-Forwarded-Client-Cert``. From anyone else that header is removed before the app sees it.
+
+The request id is always the gateway's own: a client's ``X-Request-Id`` is kept as the request's
+correlation id (when well-formed), never reused as ours, so two records never share an id.
+
+A request the HTTP protocol refused below the application (``REFUSAL_KEY``) is raised here, once
+its context exists, so that it is rendered and recorded like any other refusal.
 """
 
 from __future__ import annotations
@@ -14,14 +20,14 @@ import time
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.context import SCOPE_KEY, RequestContext
+from gateway.context import REFUSAL_KEY, SCOPE_KEY, RequestContext
 from gateway.security.xfcc import TrustedProxies, parse_xfcc
 
 __all__ = ["ContextMiddleware"]
 
 XFCC = b"x-forwarded-client-cert"
 REQUEST_ID = b"x-request-id"
-_VALID_ID = re.compile(rb"^[A-Za-z0-9._:-]{8,128}$")
+_VALID_ID = re.compile(rb"[A-Za-z0-9._:-]{8,128}")
 
 
 class ContextMiddleware:
@@ -38,21 +44,24 @@ class ContextMiddleware:
         host = client[0] if client else None
         tls = scope.get("extensions", {}).get("tls") or {}
         peer = tls.get("client_identity")
-        request_id = None
+        correlation = None
         xfcc = None
         for name, value in scope["headers"]:
-            if name == REQUEST_ID and _VALID_ID.match(value):
-                request_id = value.decode()
+            if name == REQUEST_ID and _VALID_ID.fullmatch(value):
+                correlation = value.decode()
             elif name == XFCC:
                 xfcc = value
         if xfcc is not None:
             if self.trusted.trusts(host):
-                peer = parse_xfcc(xfcc.decode("latin-1")) or peer
+                peer = parse_xfcc(xfcc.decode("latin-1"), self.trusted.hops) or peer
             else:
                 scope["headers"] = [(n, v) for n, v in scope["headers"] if n != XFCC]
-        request_id = request_id or os.urandom(16).hex()
+        request_id = os.urandom(16).hex()
         now = time.monotonic()
-        scope[SCOPE_KEY] = RequestContext(request_id, now, now + self.timeout_s, host, peer)
+        scope[SCOPE_KEY] = RequestContext(request_id, now, now + self.timeout_s, host, peer, correlation)
+        refusal = scope.get(REFUSAL_KEY)
+        if refusal is not None:
+            raise refusal
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -14,19 +14,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.context import get_context
 from gateway.errors import GatewayError
+from gateway.routes import PROBE_PATHS
 from gateway.security.issuer import TOKEN_PATH
 from gateway.security.ratelimit import Limiter
 
-__all__ = ["AddressLimitMiddleware", "PrincipalLimitMiddleware", "principal_key"]
-
-UNCOUNTED = frozenset({"/v2/health/live", "/v2/health/ready"})
-
-
-def principal_key(scope: Scope) -> str | None:
-    principal = get_context(scope).principal
-    if principal is None:
-        return None
-    return f"{principal.issuer or principal.kind}|{principal.subject}"
+__all__ = ["AddressLimitMiddleware", "PrincipalLimitMiddleware"]
 
 
 class AddressLimitMiddleware:
@@ -35,7 +27,7 @@ class AddressLimitMiddleware:
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNCOUNTED:
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
             await self.app(scope, receive, send)
             return
         address = get_context(scope).client_host or "unknown"
@@ -70,8 +62,8 @@ class PrincipalLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            key = principal_key(scope)
-            if key is not None:
-                await self.limiter.hit(self.limiter.per_principal, key)
+            principal = get_context(scope).principal
+            if principal is not None:
+                await self.limiter.hit(self.limiter.per_principal, principal.key)
                 await self.limiter.hit(self.limiter.global_, "all")
         await self.app(scope, receive, send)

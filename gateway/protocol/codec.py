@@ -7,11 +7,21 @@ https://github.com/triton-inference-server/server/blob/main/docs/protocol/extens
 
 Everything here is plain values: a malformed message raises ``BadRequest`` naming the offending
 field, and nothing here knows a web framework.
+
+Decoding costs at most a small constant times the body: every shape is bounded (each dimension
+and their product by ``max_elements``) and checked against the data actually present (the
+element count of a JSON list, the byte count of binary data, four bytes at least per ``BYTES``
+element) before any array is allocated, and an ``expect`` callback (the model's signature) may
+refuse a tensor by its name, datatype and shape before its data is read at all. JSON lists are
+checked for their structure and element types in plain Python and converted straight into the
+declared datatype, never through numpy's type inference (a stray string would make numpy build
+a fixed-width unicode array as wide as the longest string for every element).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +29,12 @@ import numpy as np
 import orjson
 
 from gateway.errors import BadRequest
-from gateway.protocol.datatypes import DATATYPES, JSON_KINDS, datatype_of
+from gateway.protocol.datatypes import DATATYPES, JSON_TYPES, datatype_of
 
 __all__ = [
     "HEADER_LENGTH",
     "DecodeLimits",
+    "Expect",
     "InferRequest",
     "RequestedOutput",
     "Tensor",
@@ -105,18 +116,20 @@ def _shape(item: dict[str, Any], where: str, limits: DecodeLimits) -> tuple[tupl
         raise BadRequest(f"{where}.shape must be a list of at most {limits.max_rank} integers", field=where)
     count = 1
     for dim in shape:
-        # bool is an int in Python; a shape of [true] is still malformed.
+        # bool is an int in Python; a shape of [true] is still malformed. Each dimension is bounded
+        # on its own too: [0, 2**63 - 1] has no elements but no array can have that shape.
         if type(dim) is not int or dim < 0:
-            raise BadRequest(f"{where}.shape must hold non-negative integers, got {shape}", field=where)
+            raise BadRequest(f"{where}.shape must hold non-negative integers, got {shape}"[:300], field=where)
         count *= dim
-        if count > limits.max_elements:
-            raise BadRequest(
-                f"{where}.shape {shape} exceeds {limits.max_elements} elements", field=where
-            )
+        if dim > limits.max_elements or count > limits.max_elements:
+            raise BadRequest(f"{where}.shape {shape} exceeds {limits.max_elements} elements"[:300], field=where)
     return tuple(shape), count
 
 
 def _bytes_elements(raw: memoryview, count: int, where: str, limits: DecodeLimits) -> np.ndarray:
+    if count * 4 > len(raw):  # each element is at least its 4-byte length: nothing allocated for a lie
+        raise BadRequest(f"{where}: {count} BYTES elements need at least {count * 4} bytes, "
+                         f"binary_data_size is {len(raw)}", field=where)
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
@@ -146,31 +159,48 @@ def _from_binary(raw: memoryview, datatype: str, count: int, where: str, limits:
     return np.frombuffer(raw, dtype=dtype)
 
 
+def _leaf_lists(data: list[Any], shape: tuple[int, ...], where: str) -> list[list[Any]]:
+    """The innermost lists of ``data``, which must be nested exactly as ``shape`` (at any depth, a
+    list of lists of the declared length, down to lists of values)."""
+    level = [data]
+    for depth, dim in enumerate(shape[:-1]):
+        below: list[list[Any]] = []
+        for node in level:
+            if len(node) != dim or not all(type(x) is list for x in node):
+                raise BadRequest(f"{where}.data is not nested as its shape {list(shape)} (at depth {depth})",
+                                 field=where)
+            below.extend(node)
+        level = below
+    if shape and any(len(node) != shape[-1] for node in level):
+        raise BadRequest(f"{where}.data is not nested as its shape {list(shape)}", field=where)
+    return level
+
+
 def _from_json(data: Any, datatype: str, shape: tuple[int, ...], count: int, where: str) -> np.ndarray:
     if not isinstance(data, list):
         raise BadRequest(f"{where}.data must be a list", field=where)
-    try:
-        array = np.array(data)
-    except (ValueError, TypeError):
-        raise BadRequest(f"{where}.data is ragged or holds mixed types", field=where) from None
-    if array.size != count:
-        raise BadRequest(
-            f"{where}.data has {array.size} elements but its shape needs {count}", field=where
-        )
-    if array.ndim > 1 and array.shape != shape:  # flat, or nested exactly as the shape says
-        raise BadRequest(f"{where}.data is nested as {list(array.shape)}, not as its shape {list(shape)}",
-                         field=where)
-    if array.size and array.dtype.kind not in JSON_KINDS[datatype]:
-        raise BadRequest(f"{where}.data holds {array.dtype.kind!r}-kind values, not {datatype}", field=where)
-    array = array.reshape(-1)
+    if any(type(x) is list for x in data):  # nested: exactly as the shape says
+        leaves = _leaf_lists(data, shape, where)
+    else:  # flat: one value per element
+        if len(data) != count:
+            raise BadRequest(f"{where}.data has {len(data)} elements but its shape needs {count}", field=where)
+        leaves = [data]
+    found: set[type] = set()
+    for leaf in leaves:
+        found.update(map(type, leaf))
+    allowed = JSON_TYPES[datatype]
+    if not found <= allowed:
+        kinds = ", ".join(sorted(t.__name__ for t in found - allowed))
+        raise BadRequest(f"{where}.data holds {kinds} values, not {datatype}", field=where)
     if datatype == "BYTES":
-        return np.array([s.encode() for s in array], dtype=object)
-    dtype = DATATYPES[datatype]
-    if dtype.kind in "iu" and array.size:
-        info = np.iinfo(dtype)
-        if array.min() < info.min or array.max() > info.max:
-            raise BadRequest(f"{where}.data has values outside {datatype}'s range", field=where)
-    return array.astype(dtype, copy=False)
+        out = np.empty(count, dtype=object)
+        out[:] = [s.encode() for leaf in leaves for s in leaf]
+        return out
+    try:
+        with np.errstate(over="ignore"):  # an infinity is refused by the signature check, not here
+            return np.array(data, dtype=DATATYPES[datatype]).reshape(-1)
+    except OverflowError:
+        raise BadRequest(f"{where}.data has values outside {datatype}'s range", field=where) from None
 
 
 # What a request may carry in ``parameters``; anything else is refused by name, not ignored.
@@ -194,8 +224,12 @@ def _parameters(params: Any, allowed: frozenset[str], where: str) -> dict[str, A
     return params
 
 
+Expect = Callable[[str, str, tuple[int, ...]], None]
+"""Called with each tensor's name, datatype and shape before its data is read; raises to refuse it."""
+
+
 def _tensors(
-    items: Any, raw: memoryview, key: str, limits: DecodeLimits
+    items: Any, raw: memoryview, key: str, limits: DecodeLimits, expect: Expect | None = None
 ) -> list[Tensor]:
     if not isinstance(items, list) or not items or len(items) > limits.max_tensors:
         raise BadRequest(f"'{key}' must be a list of 1 to {limits.max_tensors} tensors", field=key)
@@ -212,6 +246,8 @@ def _tensors(
         if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise BadRequest(f"{where}.datatype {str(datatype)[:32]!r} is not a known datatype", field=where)
         shape, count = _shape(item, where, limits)
+        if expect is not None:
+            expect(name, datatype, shape)
         params = _parameters(item.get("parameters"), INPUT_PARAMETERS, f"{where}.parameters")
         size = params.get("binary_data_size")
         if size is not None:
@@ -248,9 +284,10 @@ def _requested_outputs(items: Any) -> list[RequestedOutput]:
 
 
 def decode_infer_request(
-    body: bytes, header_length: int | None, limits: DecodeLimits = DecodeLimits()
+    body: bytes, header_length: int | None, limits: DecodeLimits = DecodeLimits(), expect: Expect | None = None
 ) -> InferRequest:
-    """Decode an inference request in JSON or with the binary tensor extension."""
+    """Decode an inference request in JSON or with the binary tensor extension; ``expect`` (the
+    model's signature) sees each input's name, datatype and shape before its data is decoded."""
     doc, raw = _split(body, header_length)
     params = _parameters(doc.get("parameters"), REQUEST_PARAMETERS, "parameters")
     request_id = doc.get("id")
@@ -260,7 +297,7 @@ def decode_infer_request(
     if unknown:
         raise BadRequest(f"unknown field {unknown[0][:64]!r} in the inference request", field=unknown[0][:64])
     return InferRequest(
-        inputs=_tensors(doc.get("inputs"), raw, "inputs", limits),
+        inputs=_tensors(doc.get("inputs"), raw, "inputs", limits, expect),
         outputs=_requested_outputs(doc.get("outputs")),
         id=request_id,
         parameters=params,

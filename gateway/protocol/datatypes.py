@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DATATYPES", "datatype_of", "numpy_dtype"]
+__all__ = ["DATATYPES", "JSON_TYPES", "datatype_of", "numpy_dtype"]
 
 # BYTES is a variable-length type held in object arrays of ``bytes``.
 DATATYPES: dict[str, np.dtype] = {
@@ -28,11 +28,14 @@ DATATYPES: dict[str, np.dtype] = {
 
 _BY_DTYPE = {dt: name for name, dt in DATATYPES.items() if name != "BYTES"}
 
-# Which numpy kinds a JSON ``data`` list may hold for each datatype: JSON numbers for numeric
-# types, booleans for BOOL. Strings never pass for numbers (numpy would silently parse "1.0").
-JSON_KINDS: dict[str, str] = {name: "iuf" if dt.kind == "f" else "iu" for name, dt in DATATYPES.items()}
-JSON_KINDS["BOOL"] = "b"
-JSON_KINDS["BYTES"] = "U"
+# Which Python types (as a JSON parser makes them) a ``data`` list may hold for each datatype:
+# numbers for numeric types (whole numbers only for integer types), booleans for BOOL, strings for
+# BYTES. Strings never pass for numbers (numpy would silently parse "1.0"), nor booleans for numbers.
+JSON_TYPES: dict[str, frozenset[type]] = {
+    name: frozenset({int, float}) if dt.kind == "f" else frozenset({int}) for name, dt in DATATYPES.items()
+}
+JSON_TYPES["BOOL"] = frozenset({bool})
+JSON_TYPES["BYTES"] = frozenset({str})
 
 
 def numpy_dtype(datatype: str) -> np.dtype:

@@ -20,9 +20,11 @@ __all__ = ["NAME_PATTERN", "Manifest", "ManifestError", "TensorSpec", "load_mani
 
 if TYPE_CHECKING:
     from gateway.config import Config
+    from gateway.units import Unit
 
-# Model names and versions: a strict charset, no path separators, no leading dot.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Model names and versions: a strict charset, no path separators, no leading dot. Always used with
+# ``fullmatch``: ``$`` would accept a trailing newline ("digits\n").
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class ManifestError(ValueError):
@@ -109,7 +111,7 @@ def load_manifest(directory: Path) -> Manifest:
         raise ManifestError(f"{directory}/manifest.json must hold an object")
     name, version = str(raw.get("name", "")), str(raw.get("version", ""))
     for what, value in (("name", name), ("version", version)):
-        if not NAME_PATTERN.match(value) or ".." in value:
+        if not NAME_PATTERN.fullmatch(value) or ".." in value:
             raise ManifestError(f"{directory}: manifest {what} {value!r} is not a valid identifier")
     onnx = raw.get("onnx") or {}
     sha = onnx.get("sha256")
@@ -142,8 +144,7 @@ def load_manifests(root: Path, versions: dict[str, str]) -> dict[str, Manifest]:
     return {name: load_manifest(root / name / version) for name, version in versions.items()}
 
 
-def load_units(config: Config) -> dict[str, Manifest]:
-    """The manifest of every served unit: each model's default version under its name, the other
-    versions it serves under ``name@version``."""
+def load_units(config: Config) -> dict[Unit, Manifest]:
+    """The manifest of every served unit (``config.units()``)."""
     root = Path(config.models_root)
-    return {m.name: load_manifest(root / m.name.split("@", 1)[0] / m.version) for m in config.units()}
+    return {unit: load_manifest(root / unit.model / m.version) for unit, m in config.units()}

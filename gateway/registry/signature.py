@@ -1,9 +1,11 @@
 """Checks of decoded tensors against a model's declared signature (its manifest).
 
-Runs in the gateway before a worker sees a byte: datatype, rank, each fixed dimension, a shared
-batch dimension, NaN and Inf, the declared value domain (refused, or clipped where the manifest's
-``domain.policy`` is ``"clip"``), and UTF-8 for text BYTES. Failures are ``InvalidInput`` (422)
-naming the offending input.
+Runs in the gateway before a worker sees a byte. ``expect`` checks a tensor's name, datatype,
+rank and fixed dimensions from its description alone, before the decoder reads its data (so a
+``BYTES`` tensor sent to a model that takes none is refused before anything is allocated);
+``check_inputs`` then checks the decoded tensors: the same again, a shared batch dimension, NaN
+and Inf, the declared value domain (refused, or clipped where the manifest's ``domain.policy`` is
+``"clip"``), and UTF-8 for text BYTES. Failures are ``InvalidInput`` (422) naming the offending input.
 """
 
 from __future__ import annotations
@@ -14,21 +16,36 @@ from gateway.errors import InvalidInput
 from gateway.protocol.codec import RequestedOutput, Tensor
 from gateway.registry.manifest import Manifest, TensorSpec
 
-__all__ = ["check_inputs", "check_outputs"]
+__all__ = ["Signature", "check_inputs", "check_outputs"]
+
+
+def _check_declared(datatype: str, shape: tuple[int, ...], spec: TensorSpec) -> None:
+    where = f"inputs[{spec.name!r}]"
+    if datatype != spec.datatype:
+        raise InvalidInput(f"{where}: datatype {datatype}, the model expects {spec.datatype}", field=where)
+    if len(shape) != len(spec.shape) or any(want != -1 and got != want for got, want in zip(shape, spec.shape)):
+        raise InvalidInput(f"{where}: shape {list(shape)} does not match the model's {list(spec.shape)}",
+                           field=where)
+
+
+class Signature:
+    """A model's inputs, as the decoder's ``expect`` callback (picklable: decoders may run elsewhere)."""
+
+    def __init__(self, inputs: tuple[TensorSpec, ...], model: str) -> None:
+        self.inputs = {s.name: s for s in inputs}
+        self.model = model
+
+    def expect(self, name: str, datatype: str, shape: tuple[int, ...]) -> None:
+        spec = self.inputs.get(name)
+        if spec is None:
+            raise InvalidInput(f"unknown input {name[:64]!r} for model {self.model}", field="inputs")
+        _check_declared(datatype, shape, spec)
 
 
 def _check_one(tensor: Tensor, spec: TensorSpec) -> Tensor:
     where = f"inputs[{spec.name!r}]"
     array = tensor.array
-    if tensor.datatype != spec.datatype:
-        raise InvalidInput(f"{where}: datatype {tensor.datatype}, the model expects {spec.datatype}", field=where)
-    if array.ndim != len(spec.shape) or any(
-        want != -1 and got != want for got, want in zip(array.shape, spec.shape)
-    ):
-        raise InvalidInput(
-            f"{where}: shape {list(array.shape)} does not match the model's {list(spec.shape)}",
-            field=where,
-        )
+    _check_declared(tensor.datatype, array.shape, spec)
     if array.dtype == object:
         if spec.text:
             for i, element in enumerate(array.reshape(-1)):
@@ -62,7 +79,7 @@ def check_inputs(manifest: Manifest, inputs: list[Tensor]) -> list[Tensor]:
     given = {t.name: t for t in inputs}
     unknown = sorted(set(given) - {s.name for s in manifest.inputs})
     if unknown:
-        raise InvalidInput(f"unknown input {unknown[0]!r} for model {manifest.name}", field="inputs")
+        raise InvalidInput(f"unknown input {unknown[0][:64]!r} for model {manifest.name}", field="inputs")
     batch: set[int] = set()
     checked = []
     for spec in manifest.inputs:

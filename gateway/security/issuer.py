@@ -14,7 +14,8 @@ After ``issuer.max_failed_logins`` consecutive failures an account (person or cl
 for up to ``issuer.lockout_s`` (NIST SP 800-63B allows at most 100); the counters live in the
 rate limiter's storage, so replicas sharing Redis share them.
 
-The store (signing keys, clients, people) is ``gateway.security.accounts``.
+The store (signing keys, clients, people) is ``gateway.security.accounts``; the HTTP endpoints
+are ``gateway.endpoints.issuer``. Nothing here knows a web framework.
 """
 
 from __future__ import annotations
@@ -26,23 +27,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
 
 import anyio.to_thread
-import orjson
 from authlib.oauth2.rfc6749 import AuthorizationServer, ClientMixin, OAuth2Payload, OAuth2Request
 from authlib.oauth2.rfc6749.errors import InvalidGrantError
 from authlib.oauth2.rfc6749.grants import ClientCredentialsGrant, ResourceOwnerPasswordCredentialsGrant
 from authlib.oauth2.rfc9068 import JWTBearerTokenGenerator
 from cryptography.hazmat.primitives.twofactor import InvalidToken as InvalidTOTP
 from joserfc.jwk import KeySet
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from gateway.config import ACR_MFA, ACR_PASSWORD, Config
-from gateway.context import get_context
-from gateway.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
 from gateway.security.accounts import (
     TOTP_STEP,
     IssuerStore,
@@ -55,7 +49,6 @@ from gateway.security.accounts import (
     verify_secret,
 )
 from gateway.security.ratelimit import Limiter
-from gateway.security.tokens import cert_thumbprint
 
 __all__ = [
     "JWKS_PATH", "TOKEN_PATH", "BuiltinIssuer", "IssuerStore", "enrolment_uri", "hash_secret",
@@ -68,7 +61,7 @@ TOKEN_PATH = "/oauth/token"
 JWKS_PATH = "/oauth/jwks"
 CLI_CLIENT = "gateway-cli"
 """The public client people sign in through (no secret: it stands for whatever program they use)."""
-MAX_FORM_BYTES = 16 * 1024
+
 # -- authlib adapters -----------------------------------------------------------------------------
 
 @dataclass
@@ -274,35 +267,6 @@ class BuiltinIssuer:
             await self.limiter.account_failed(account)
         return status, payload, list(out or [])
 
-    # -- Starlette endpoints --------------------------------------------------------------------
-    async def token(self, request: Request) -> Response:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/x-www-form-urlencoded":
-            raise UnsupportedEncoding("the token endpoint takes application/x-www-form-urlencoded")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                raise PayloadTooLarge(f"token requests may be at most {MAX_FORM_BYTES} bytes", limit=MAX_FORM_BYTES)
-        try:
-            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body),
-                              max_num_fields=32)
-        except (UnicodeDecodeError, ValueError):
-            raise BadRequest("the form body is not valid application/x-www-form-urlencoded") from None
-        form = dict(pairs)
-        if len(form) != len(pairs):
-            raise BadRequest("a parameter appears more than once (RFC 6749 section 3.2)")
-        peer = get_context(request.scope).peer
-        status, payload, headers = await self.respond(str(request.url), request.headers, form,
-                                                      cert_thumbprint(peer) if peer else None)
-        out = {k: v for k, v in (headers or []) if k.lower() != "content-type"}
-        media = "application/json"
-        if status >= 400:
-            payload = _oauth_problem(status, payload, str(request.url.path))
-            media = "application/problem+json"
-        out.setdefault("Cache-Control", "no-store")
-        return Response(orjson.dumps(payload), status_code=status, headers=out, media_type=media)
-
     def metadata(self) -> dict[str, Any]:
         return {
             "issuer": self.url,
@@ -316,21 +280,6 @@ class BuiltinIssuer:
             "tls_client_certificate_bound_access_tokens": True,
             "access_token_signing_alg_values_supported": ["ES256"],
         }
-
-    async def discovery(self, request: Request) -> Response:
-        return Response(orjson.dumps(self.metadata()), media_type="application/json")
-
-    async def jwks_endpoint(self, request: Request) -> Response:
-        return Response(orjson.dumps(self.store.jwks()), media_type="application/jwk-set+json",
-                        headers={"Cache-Control": "max-age=300"})
-
-    def routes(self) -> list[Route]:
-        return [
-            Route(TOKEN_PATH, self.token, methods=["POST"]),
-            Route(JWKS_PATH, self.jwks_endpoint, methods=["GET"]),
-            Route("/.well-known/oauth-authorization-server", self.discovery, methods=["GET"]),
-            Route("/.well-known/openid-configuration", self.discovery, methods=["GET"]),
-        ]
 
 
 def _claimed_account(request: _Request) -> str:
@@ -351,15 +300,3 @@ def _claimed_client_id(request: _Request) -> str:
         except (ValueError, UnicodeDecodeError):
             return "?"
     return request.form.get("client_id", "?")
-
-
-def _oauth_problem(status: int, body: Any, instance: str) -> dict[str, Any]:
-    """RFC 6749 section 5.2's ``error`` members inside an RFC 9457 problem document."""
-    body = dict(body) if isinstance(body, (dict, list)) else {}
-    error = str(body.get("error", "invalid_request"))
-    description = str(body.get("error_description", error))
-    return {"type": f"urn:gateway:problem:oauth-{error.replace('_', '-')}", "title": "Token request refused",
-            "status": status, "detail": description, "instance": instance,
-            "error": error, "error_description": description}
-
-

@@ -16,33 +16,15 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import MutableMapping
-from dataclasses import dataclass
-from typing import Any
 
 from gateway.config import VERBS, PolicyConfig, RuleConfig, StepUpRule
-from gateway.context import get_context
-from gateway.errors import Forbidden, GatewayError, NotFound, StepUpRequired, Unauthorized
-from gateway.security.tokens import Principal
+from gateway.errors import Forbidden, GatewayError, NotFound, StepUpRequired
+from gateway.security.types import Decision, Principal
 
-__all__ = ["MODEL_VERBS", "Decision", "Policy"]
+__all__ = ["MODEL_VERBS", "Policy"]
 
 MODEL_VERBS = ("infer", "metadata", "explain")
 """Verbs aimed at one model: refusing them answers 404 unless the model is visible to the caller."""
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    allowed: bool
-    verb: str
-    model: str | None
-    rule: str | None
-    reason: str
-    step_up: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"allowed": self.allowed, "verb": self.verb, "model": self.model, "rule": self.rule,
-                "reason": self.reason, "step_up": self.step_up}
 
 
 def _match(patterns: tuple[str, ...], value: str) -> bool:
@@ -100,22 +82,6 @@ class Policy:
             if short:
                 return Decision(False, verb, model, rule.name, f"{step.name}: {short}", step_up=step.name)
         return Decision(True, verb, model, rule.name, f"granted by {rule.name}")
-
-    def authenticated(self, scope: MutableMapping[str, Any]) -> Principal:
-        """The request's principal; 401 (no error code, RFC 6750 section 3.1) when it sent no credentials."""
-        principal = get_context(scope).principal
-        if principal is None:
-            raise Unauthorized("this route needs a bearer token (Authorization: Bearer ...)", error=None)
-        return principal
-
-    def authorize(self, scope: MutableMapping[str, Any], verb: str, model: str | None = None) -> Principal:
-        """Decide, record the decision in the request context, and raise the refusal if any."""
-        principal = self.authenticated(scope)
-        decision = self.decide(principal, verb, model)
-        get_context(scope).decision = decision
-        if not decision.allowed:
-            raise self.refusal(principal, decision)
-        return principal
 
     def refusal(self, principal: Principal, decision: Decision) -> GatewayError:
         """The answer a refused request gets: 404 hides models the caller cannot see at all."""

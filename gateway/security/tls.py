@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import ssl
-from dataclasses import dataclass
 from functools import lru_cache
 
 from cryptography import x509
 
 from gateway.config import TLSConfig
+from gateway.security.types import PeerIdentity
 
-__all__ = ["HANDSHAKES", "PeerIdentity", "build_server_context", "identity_from_der"]
+__all__ = ["HANDSHAKES", "HandshakeLedger", "build_server_context", "identity_from_der"]
 
 # TLS 1.2 suites allowed when it is switched on: ECDHE + AEAD only (no CBC, no RSA kex, no DHE).
 TLS12_CIPHERS = (
@@ -30,13 +30,81 @@ TLS12_CIPHERS = (
 _VERIFY = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "off": ssl.CERT_NONE}
 
 
-HANDSHAKES = {"started": 0, "completed": 0}
-"""Per process: ClientHellos seen, and handshakes that reached the HTTP protocol. The difference
-(less the few in flight) is the handshakes that failed, which never reach the application."""
+class HandshakeLedger:
+    """Per serving process: connections still in their TLS handshake, by client address, and the
+    handshakes that failed or were refused since the audit layer last collected them.
+
+    ``admit`` decides whether a new connection may start a handshake at all: not past
+    ``max_connections`` (established and pending together), ``max_pending`` pending in all, or
+    ``max_pending_per_address`` from one address; the excess is closed at once, so idle or slow
+    connections cannot exhaust the process's file descriptors.
+    """
+
+    MAX_ADDRESSES = 1000
+    """Addresses tracked per collection window; the rest are counted under ``"other"``."""
+
+    def __init__(self, max_connections: int = 10_000, max_pending: int = 1024, max_pending_per_address: int = 256) -> None:
+        self.max_connections = max_connections
+        self.max_pending = max_pending
+        self.max_pending_per_address = max_pending_per_address
+        self.pending: dict[str, int] = {}
+        self.total_pending = 0
+        self.completed = 0
+        self.failures: dict[str, dict[str, int]] = {}
+        """address -> reason -> count, since the last ``collect``."""
+
+    def admit(self, address: str, established: int) -> str | None:
+        """None to go ahead (the handshake is then pending), else why the connection is refused."""
+        if established + self.total_pending >= self.max_connections:
+            why = "too many connections"
+        elif self.total_pending >= self.max_pending:
+            why = "too many handshakes in progress"
+        elif self.pending.get(address, 0) >= self.max_pending_per_address:
+            why = "too many handshakes in progress from this address"
+        else:
+            self.pending[address] = self.pending.get(address, 0) + 1
+            self.total_pending += 1
+            return None
+        self._count(address, why)
+        return why
+
+    def finished(self, address: str, error: BaseException | None) -> None:
+        left = self.pending.get(address, 1) - 1
+        if left > 0:
+            self.pending[address] = left
+        else:
+            self.pending.pop(address, None)
+        self.total_pending -= 1
+        if error is None:
+            self.completed += 1
+        else:
+            self._count(address, handshake_failure(error))
+
+    def _count(self, address: str, reason: str) -> None:
+        if address not in self.failures and len(self.failures) >= self.MAX_ADDRESSES:
+            address = "other"
+        by_reason = self.failures.setdefault(address, {})
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+
+    def collect(self) -> dict[str, dict[str, int]]:
+        """The failures and refusals since the last call, by address and reason."""
+        out, self.failures = self.failures, {}
+        return out
 
 
-def _count_hello(ssl_object: object, server_name: str | None, context: ssl.SSLContext) -> None:
-    HANDSHAKES["started"] += 1
+def handshake_failure(error: BaseException) -> str:
+    """A short, stable reason for a failed handshake (no client-chosen text)."""
+    if isinstance(error, ssl.SSLError):
+        return str(error.reason or type(error).__name__).lower()[:80]
+    if isinstance(error, (TimeoutError, ConnectionAbortedError)):
+        return "handshake timeout"
+    if isinstance(error, ConnectionError):
+        return "connection closed during the handshake"
+    return type(error).__name__
+
+
+HANDSHAKES = HandshakeLedger()
+"""This process's ledger: the HTTP server's handshake guard writes it, the audit layer reads it."""
 
 
 def build_server_context(tls: TLSConfig) -> ssl.SSLContext:
@@ -48,26 +116,11 @@ def build_server_context(tls: TLSConfig) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_SINGLE_ECDH_USE
     ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE  # Mozilla: let the client choose
     ctx.load_cert_chain(tls.cert_file, tls.key_file)
-    ctx.sni_callback = _count_hello
     ctx.verify_mode = _VERIFY[tls.client_auth]
     if tls.client_auth != "off":
         ctx.load_verify_locations(cafile=tls.client_ca_file)
         ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     return ctx
-
-
-@dataclass(frozen=True, slots=True)
-class PeerIdentity:
-    """Who is on the other end of the connection, as its verified certificate says."""
-
-    subject: str
-    sans: tuple[str, ...]
-    fingerprint_sha256: str
-    source: str  # "tls" (verified by our handshake) or "xfcc" (asserted by a trusted proxy)
-
-    def as_dict(self) -> dict[str, object]:
-        return {"subject": self.subject, "sans": list(self.sans),
-                "fingerprint_sha256": self.fingerprint_sha256, "source": self.source}
 
 
 def _sans(cert: x509.Certificate) -> tuple[str, ...]:

@@ -27,8 +27,7 @@ import ssl
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import orjson
@@ -43,9 +42,9 @@ from joserfc.jwk import Key, KeySet
 
 from gateway.config import Config, IssuerTrust
 from gateway.errors import Unauthorized, Unavailable
-from gateway.security.tls import PeerIdentity
+from gateway.security.types import PeerIdentity, Principal
 
-__all__ = ["JWKSCache", "Principal", "TokenValidator", "bearer_token", "cert_thumbprint"]
+__all__ = ["JWKSCache", "TokenValidator", "bearer_token", "cert_thumbprint", "roles_from_claims"]
 
 log = logging.getLogger("gateway.auth")
 
@@ -54,30 +53,6 @@ VERIFIED_TTL_S = 30.0
 """A token whose signature verified is not verified again for this long (its claims always are)."""
 VERIFIED_MAX = 10_000
 FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c")
-PrincipalKind = Literal["person", "service", "certificate"]
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling, and how strongly they authenticated."""
-
-    subject: str
-    kind: PrincipalKind
-    roles: frozenset[str]
-    issuer: str | None = None
-    client_id: str | None = None
-    amr: tuple[str, ...] = ()
-    acr: str | None = None
-    auth_time: int | None = None
-    token_id: str | None = None
-    cert_bound: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "subject": self.subject, "kind": self.kind, "roles": sorted(self.roles), "issuer": self.issuer,
-            "client_id": self.client_id, "amr": list(self.amr), "acr": self.acr, "auth_time": self.auth_time,
-            "token_id": self.token_id, "cert_bound": self.cert_bound,
-        }
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:

@@ -5,6 +5,12 @@ https://www.envoyproxy.io/docs/envoy/latest/configuration/http/http_conn_man/hea
 Behind an ingress that terminates mTLS, the client's certificate arrives as this header. It is
 honoured only when the TCP peer is one of the configured trusted proxy addresses; from anyone
 else it is ignored (and removed from the request) so it cannot be used to claim an identity.
+
+Which element names the client: a proxy that *sets* the header (Envoy's ``SANITIZE_SET``) sends
+one element; a proxy that *appends* (``APPEND_FORWARD``) adds its client's element after whatever
+the client itself sent, so the first element is attacker-controlled. The gateway takes the element
+``hops`` from the end (``tls.xfcc_hops``, default 1: the one the nearest trusted proxy added; 2
+when two trusted proxies each append, and so on), which is right for both.
 """
 
 from __future__ import annotations
@@ -12,14 +18,15 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from gateway.security.tls import PeerIdentity
+from gateway.security.types import PeerIdentity
 
 __all__ = ["TrustedProxies", "parse_xfcc"]
 
 
 class TrustedProxies:
-    def __init__(self, networks: Iterable[str]) -> None:
+    def __init__(self, networks: Iterable[str], hops: int = 1) -> None:
         self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self.hops = hops
 
     def __bool__(self) -> bool:
         return bool(self.networks)
@@ -51,11 +58,13 @@ def _split(text: str, sep: str) -> list[str]:
     return parts
 
 
-def parse_xfcc(value: str) -> PeerIdentity | None:
-    """The identity of the original client: the first element of the header (nearest the client)."""
-    first = _split(value, ",")[0]
+def parse_xfcc(value: str, hops: int = 1) -> PeerIdentity | None:
+    """The client's identity: the element ``hops`` from the end (added by the trusted proxies)."""
+    elements = _split(value, ",")
+    if hops < 1 or len(elements) < hops:
+        return None
     fields: dict[str, list[str]] = {}
-    for pair in _split(first, ";"):
+    for pair in _split(elements[-hops], ";"):
         key, sep, val = pair.partition("=")
         if sep:
             fields.setdefault(key.strip().lower(), []).append(val.strip().strip('"'))

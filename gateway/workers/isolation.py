@@ -3,8 +3,8 @@
 * resource limits (no core dumps, bounded open files, optional address-space cap);
 * death with the gateway (the kernel's parent-death signal), so no worker is ever orphaned;
 * when started as root: a new, empty network namespace (no egress; the Unix socket still works,
-  since it lives in the filesystem) and a drop to an unprivileged user with no supplementary
-  groups.
+  since it lives in the filesystem) and a drop to the unprivileged user and group the supervisor
+  chose (a user of its own per worker), with no supplementary groups.
 
 Each step reports what it achieved, so the worker's health can say so.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import pwd
 import resource
 import signal
 
@@ -47,7 +46,7 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def apply_isolation(
-    user: str | None, memory_limit_mb: int, parent_pid: int, max_files: int = 4096
+    uid: int | None, gid: int | None, memory_limit_mb: int, parent_pid: int, max_files: int = 4096
 ) -> dict[str, object]:
     report: dict[str, object] = {}
     _limit(resource.RLIMIT_CORE, 0)
@@ -58,11 +57,10 @@ def apply_isolation(
     report["network_isolated"] = False
     if os.geteuid() == 0:
         report["network_isolated"] = _unshare_network()
-        if user:
-            entry = pwd.getpwnam(user)
+        if uid is not None and gid is not None:
             os.setgroups([])
-            os.setgid(entry.pw_gid)
-            os.setuid(entry.pw_uid)
+            os.setgid(gid)
+            os.setuid(uid)
     die_with_parent(parent_pid)
     report["uid"] = os.getuid()
     return report

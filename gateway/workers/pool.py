@@ -1,9 +1,15 @@
-"""The gateway's side of the workers: one HTTP client per worker socket, least-loaded routing.
+"""The gateway's side of the workers: one transport per worker, least-loaded routing.
 
-Each gateway process keeps its own view of worker health: a worker is taken out of rotation the
-moment a request to it fails at the transport level, and a background task probes it back in.
-A request caught on a dead worker answers 503 with ``Retry-After``; one that never reached a
-worker (connection refused) is retried once on another. A request past its deadline answers 504.
+Which workers serve which unit comes from the supervisor's ``routes.json`` (in the runtime
+directory, which only the gateway can write), with each worker's address and the process and
+user it must be. Each serving process keeps its own view of worker health: a worker is taken out
+of rotation the moment a request to it fails at the transport level, and a background task
+probes it back in. A request caught on a dead worker answers 503 with ``Retry-After``; one that
+never reached a worker (connection refused, or an impostor at the address) is retried once on
+another. A request past its deadline answers 504.
+
+Transports are made by ``connect`` (Unix sockets by default); ``WorkerPool.of`` builds a pool over
+given transports (``InMemoryTransport`` in tests).
 """
 
 from __future__ import annotations
@@ -18,20 +24,27 @@ from typing import Any
 
 import orjson
 
-from gateway.config import Config, ModelConfig
+from gateway.config import Config
 from gateway.errors import GatewayError, GatewayTimeout, InvalidInput, Unavailable
-from gateway.protocol.codec import HEADER_LENGTH, Chunk, Tensor, decode_tensor_message, encode_tensor_parts
-from gateway.workers.supervisor import ROUTES, socket_path
+from gateway.protocol.codec import Tensor
+from gateway.units import Unit
 from gateway.workers.transport import (
-    UnixHTTPClient,
+    PeerCredentials,
+    UnixSocketTransport,
     WorkerConnectError,
     WorkerConnectionLost,
-    WorkerResponse,
+    WorkerImpostor,
+    WorkerRefused,
+    WorkerTransport,
 )
 
-__all__ = ["WorkerClient", "WorkerPool"]
+__all__ = ["ROUTES", "ModelExecutionError", "WorkerClient", "WorkerPool"]
 
 log = logging.getLogger("gateway.pool")
+
+ROUTES = "routes.json"
+"""In the runtime directory: which workers serve which unit now (written atomically by the
+supervisor at start-up, at every swap and at every worker restart; read by the serving processes)."""
 
 
 class ModelExecutionError(GatewayError):
@@ -42,48 +55,55 @@ class ModelExecutionError(GatewayError):
 
 @dataclass(eq=False)
 class WorkerClient:
-    model: str
+    unit: str
     index: int
-    socket: Path
+    transport: WorkerTransport
     max_inflight: int
     healthy: bool = False
     inflight: int = 0
     info: dict[str, Any] = field(default_factory=dict)
-    client: UnixHTTPClient = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.client = UnixHTTPClient(str(self.socket), max_connections=self.max_inflight)
+    @property
+    def name(self) -> str:
+        return f"{self.unit}-{self.index}"
 
     async def probe(self) -> bool:
-        try:
-            response = await self.client.request("GET", "/health", timeout=2.0)
-            self.info = orjson.loads(response.body) if response.status == 200 else {}
-            self.healthy = bool(self.info.get("ready"))
-        except (ConnectionError, TimeoutError, orjson.JSONDecodeError):
-            self.healthy = False
+        self.info = await self.transport.health(timeout=2.0) or {}
+        self.healthy = bool(self.info.get("ready"))
         return self.healthy
+
+
+Connect = Callable[[dict[str, Any], int], WorkerTransport]
+"""Makes the transport of one worker from its entry in ``routes.json`` and its unit's max in-flight."""
+
+
+def unix_socket(entry: dict[str, Any], max_inflight: int) -> WorkerTransport:
+    return UnixSocketTransport(str(entry["socket"]), max_connections=max_inflight, credentials=_credentials(entry))
 
 
 class WorkerPool:
     probe_interval_s = 0.5
 
-    def __init__(self, config: Config, runtime_dir: str | Path) -> None:
+    def __init__(self, config: Config, runtime_dir: str | Path, connect: Connect = unix_socket) -> None:
         self.config = config
         self.routes_path = Path(runtime_dir) / ROUTES
-        # Keyed by served unit: a model's name for its default version, ``name@version`` for others.
-        self.workers: dict[str, list[WorkerClient]] = {
-            m.name: [self._client(m, i, socket_path(runtime_dir, m.name, i)) for i in range(m.workers)]
-            for m in config.units()
-        }
-        self.generations: dict[str, int] = {m.name: 0 for m in config.units()}
+        self.connect = connect
+        self.workers: dict[str, list[WorkerClient]] = {unit.key: [] for unit, _ in config.units()}
+        """Keyed by unit (``Unit.key``): the model's name for its default version, ``name@version``."""
+        self.generations: dict[str, int] = {}
         self.on_swap: list[Callable[[str, str | None], None]] = []
-        """Called with (unit, manifest folder) when the supervisor swapped in, added (or, with
+        """Called with (unit key, manifest folder) when the supervisor swapped in, added (or, with
         None, removed) a model version."""
         self._routes_mtime = 0
         self._task: asyncio.Task[None] | None = None
 
-    def _client(self, m: ModelConfig, index: int, socket: Path) -> WorkerClient:
-        return WorkerClient(m.name, index, socket, m.max_inflight)
+    @classmethod
+    def of(cls, config: Config, transports: dict[str, list[WorkerTransport]]) -> WorkerPool:
+        """A pool over the given transports, per unit key (no supervisor, no routes file)."""
+        pool = cls(config, Path("/nonexistent"))
+        for key, group in transports.items():
+            pool.workers[key] = [WorkerClient(key, i, t, pool._max_inflight(key)) for i, t in enumerate(group)]
+        return pool
 
     async def start(self) -> None:
         await self._follow_routes()
@@ -93,7 +113,7 @@ class WorkerPool:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        await asyncio.gather(*(w.client.aclose() for ws in self.workers.values() for w in ws))
+        await asyncio.gather(*(w.transport.aclose() for ws in self.workers.values() for w in ws))
 
     async def _probe_loop(self) -> None:
         while True:
@@ -104,7 +124,8 @@ class WorkerPool:
                 await asyncio.gather(*(w.probe() for w in down))
 
     async def _follow_routes(self) -> None:
-        """Swap to the workers the supervisor's routes name, once they answer; old clients drain."""
+        """Swap to the workers the supervisor's routes name, once they answer; old clients drain.
+        A restarted worker (same unit and generation, new process) is expected under its new pid."""
         try:
             mtime = self.routes_path.stat().st_mtime_ns
         except FileNotFoundError:
@@ -116,106 +137,112 @@ class WorkerPool:
         except (OSError, ValueError, KeyError):
             return  # mid-replace or unreadable: next round
         self._routes_mtime = mtime
-        for name, route in routes.items():
-            m = self.config.model(name)
-            if m is None or route["generation"] == self.generations.get(name):
+        for key, route in routes.items():
+            if self.config.model(Unit.parse(key).model) is None:
+                continue  # not a model this process was configured with
+            if route["generation"] == self.generations.get(key):
+                for client, entry in zip(self.workers.get(key, []), route["workers"]):
+                    client.transport.expect(_credentials(entry))
                 continue
-            fresh = [self._client(m, i, Path(sock)) for i, sock in enumerate(route["sockets"])]
-            await asyncio.gather(*(w.probe() for w in fresh))
-            old, self.workers[name] = self.workers.get(name, []), fresh
-            self.generations[name] = route["generation"]
-            log.info("model %s now served by version %s (generation %d)", name, route["version"], route["generation"])
+            await self._swap(key, route)
+        for key in [k for k in self.workers if k in self.generations and k not in routes]:  # no longer served
+            old = self.workers.pop(key)
+            self.generations.pop(key, None)
             for callback in self.on_swap:
-                callback(name, route["manifest"])
+                callback(key, None)
             asyncio.get_running_loop().create_task(self._close_later(old))
-        for name in [n for n in self.workers if n not in routes]:  # a version no longer served
-            old = self.workers.pop(name)
-            self.generations.pop(name, None)
-            for callback in self.on_swap:
-                callback(name, None)
-            asyncio.get_running_loop().create_task(self._close_later(old))
+
+    def _max_inflight(self, key: str) -> int:
+        m = self.config.model(Unit.parse(key).model)
+        return m.max_inflight if m is not None else 256
+
+    async def _swap(self, key: str, route: dict[str, Any]) -> None:
+        limit = self._max_inflight(key)
+        fresh = [WorkerClient(key, i, self.connect(entry, limit), limit) for i, entry in enumerate(route["workers"])]
+        await asyncio.gather(*(w.probe() for w in fresh))
+        old, self.workers[key] = self.workers.get(key, []), fresh
+        first = key not in self.generations
+        self.generations[key] = route["generation"]
+        if not first:
+            log.info("model %s now served by version %s (generation %d)", key, route["version"], route["generation"])
+        for callback in self.on_swap:
+            callback(key, route["manifest"])
+        asyncio.get_running_loop().create_task(self._close_later(old))
 
     async def _close_later(self, clients: list[WorkerClient]) -> None:
         """Requests already on the old workers finish before their connections are closed."""
         await asyncio.sleep(self.config.server.request_timeout_s + 1.0)
-        await asyncio.gather(*(w.client.aclose() for w in clients))
+        await asyncio.gather(*(w.transport.aclose() for w in clients))
 
     async def refresh(self) -> None:
         """Probe every worker now (fresh queue depth and batch statistics for metrics)."""
         await asyncio.gather(*(w.probe() for ws in self.workers.values() for w in ws))
 
     # views ---------------------------------------------------------------------------------
-    def ready(self, model: str) -> bool:
-        return any(w.healthy for w in self.workers.get(model, ()))
+    def ready(self, key: str) -> bool:
+        return any(w.healthy for w in self.workers.get(key, ()))
 
     def all_ready(self) -> bool:
-        return all(self.ready(m) for m in self.workers)
+        return all(self.ready(k) for k in self.workers)
 
-    def providers(self, model: str) -> list[str]:
-        return next((w.info.get("providers", []) for w in self.workers.get(model, ()) if w.healthy), [])
+    def providers(self, key: str) -> list[str]:
+        return next((w.info.get("providers", []) for w in self.workers.get(key, ()) if w.healthy), [])
 
     # routing -------------------------------------------------------------------------------
-    def _pick(self, model: str, exclude: WorkerClient | None = None) -> WorkerClient:
-        candidates = [w for w in self.workers[model] if w.healthy and w is not exclude]
+    def _pick(self, key: str, exclude: WorkerClient | None = None) -> WorkerClient:
+        candidates = [w for w in self.workers.get(key, ()) if w.healthy and w is not exclude]
         if not candidates:
-            raise Unavailable(f"no healthy worker for model {model!r}; retry shortly", retry_after=1)
+            raise Unavailable(f"no healthy worker for model {key!r}; retry shortly", retry_after=1)
         best = min(candidates, key=lambda w: w.inflight)
         if best.inflight >= best.max_inflight:
-            raise Unavailable(f"model {model!r} is at capacity; retry shortly", retry_after=1)
+            raise Unavailable(f"model {key!r} is at capacity; retry shortly", retry_after=1)
         return best
 
-    async def infer(self, model: str, inputs: list[Tensor], deadline: float | None = None,
-                    trace: dict[str, Any] | None = None) -> list[Tensor]:
-        """Run ``inputs`` on the least-loaded healthy worker; ``trace["worker"]`` names the one used."""
-        body, header_length = encode_tensor_parts("inputs", inputs)
+    async def infer(self, key: str, inputs: list[Tensor], deadline: float | None = None,
+                    picked: Callable[[str], None] | None = None) -> list[Tensor]:
+        """Run ``inputs`` on the least-loaded healthy worker of unit ``key``; ``picked`` hears its name."""
         refused: WorkerClient | None = None
         for _ in range(2):  # a refused connection reached no worker: safe to try another, once
-            worker = self._pick(model, exclude=refused)
-            if trace is not None:
-                trace["worker"] = f"{worker.model}-{worker.index}"
+            worker = self._pick(key, exclude=refused)
+            if picked is not None:
+                picked(worker.name)
             try:
-                return await self._send(worker, body, header_length, deadline)
+                return await self._send(worker, inputs, deadline)
+            except WorkerImpostor as exc:
+                log.error("SECURITY: %s; worker %s taken out of rotation", exc, worker.name)
+                self._mark_down(worker, "not the expected worker process")
+                refused = worker
             except WorkerConnectError:
                 self._mark_down(worker, "connection refused")
                 refused = worker
-        raise Unavailable(f"no worker of model {model!r} accepted the request", retry_after=1)
+        raise Unavailable(f"no worker of model {key!r} accepted the request", retry_after=1)
 
     def _mark_down(self, worker: WorkerClient, why: str) -> None:
         if worker.healthy:
-            log.warning("worker %s-%d out of rotation: %s", worker.model, worker.index, why)
+            log.warning("worker %s out of rotation: %s", worker.name, why)
         worker.healthy = False
 
-    async def _send(
-        self, worker: WorkerClient, body: list[Chunk], header_length: int, deadline: float | None
-    ) -> list[Tensor]:
+    async def _send(self, worker: WorkerClient, inputs: list[Tensor], deadline: float | None) -> list[Tensor]:
         timeout = self.config.server.request_timeout_s
         if deadline is not None:
             timeout = max(0.001, deadline - time.monotonic())
         worker.inflight += 1
         try:
-            response = await worker.client.request(
-                "POST", "/infer", body, {HEADER_LENGTH: str(header_length)}, timeout=timeout
-            )
+            return await worker.transport.infer(inputs, timeout)
         except TimeoutError:
-            raise GatewayTimeout(f"model {worker.model!r} did not answer within {timeout:.1f}s") from None
+            raise GatewayTimeout(f"model {worker.unit!r} did not answer within {timeout:.1f}s") from None
         except WorkerConnectionLost as exc:
             self._mark_down(worker, str(exc))
             raise Unavailable(
-                f"the worker serving {worker.model!r} failed during the request; retry shortly",
-                retry_after=1,
+                f"the worker serving {worker.unit!r} failed during the request; retry shortly", retry_after=1,
             ) from None
+        except WorkerRefused as exc:
+            if exc.status in (400, 422):
+                raise InvalidInput(f"model {worker.unit!r} rejected the input: {exc.detail}") from None
+            raise ModelExecutionError(f"model {worker.unit!r} failed: {exc.detail}") from None
         finally:
             worker.inflight -= 1
-        if response.status != 200:
-            detail = _worker_error(response)
-            if response.status in (400, 422):
-                raise InvalidInput(f"model {worker.model!r} rejected the input: {detail}")
-            raise ModelExecutionError(f"model {worker.model!r} failed: {detail}")
-        return decode_tensor_message(response.body, int(response.headers[HEADER_LENGTH.encode()]), "outputs")
 
 
-def _worker_error(response: WorkerResponse) -> str:
-    try:
-        return str(orjson.loads(response.body).get("error", ""))[:500]
-    except (orjson.JSONDecodeError, AttributeError):
-        return f"status {response.status}"
+def _credentials(entry: dict[str, Any]) -> PeerCredentials | None:
+    return PeerCredentials(int(entry["pid"]), int(entry["uid"])) if entry.get("pid") else None

@@ -1,37 +1,74 @@
-"""A lean HTTP/1.1 client for the worker's Unix socket: keep-alive pool, ``httptools`` parsing.
+"""How the gateway reaches one worker: the ``WorkerTransport`` interface and its implementations.
 
-The gateway sends every inference through here, so its cost is per request. Measured against
-one ``digits`` worker (``bench/transport.py``, two-core machine): httpx's pooled async transport
+A transport carries already-checked tensors to one worker and its outputs back, and asks the
+worker for its health. ``HTTPTransport`` speaks binary tensors over HTTP/1.1 keep-alive (the
+small subset the worker serves, parsed with ``httptools``: ``Content-Length`` bodies, one request
+at a time per connection); ``UnixSocketTransport`` connects it to a local worker's socket.
+``gateway.workers.memory.InMemoryTransport`` runs a function in-process, for tests. A remote worker
+is another ``HTTPTransport`` that connects over TCP with mutual TLS.
+
+The gateway sends every inference through here, so its cost is per request. Measured against one
+``digits`` worker (``bench/transport.py``, two-core machine): httpx's pooled async transport
 managed 879 requests/s from one task and 643 from 16, which would cap the whole gateway; this
-client, 4,014 and 5,450. It speaks only the small subset the worker uses (``Content-Length``
-bodies, keep-alive, one request at a time per connection).
+client, 4,014 and 5,450.
 
-Errors are split by whether the request may have reached the worker: ``WorkerConnectError``
-(it did not; safe to send elsewhere) and ``WorkerConnectionLost`` (it may have).
+Errors are split by whether the request may have reached the worker: ``WorkerConnectError`` (it
+did not; safe to send elsewhere) and ``WorkerConnectionLost`` (it may have); ``WorkerRefused`` is
+the worker's own refusal (``status`` and its message).
+
+A local worker is verified on every new connection: the kernel's credentials of the socket's
+listener (``SO_PEERCRED``: the process that called ``listen()``, which the worker does itself)
+must be the process and user the supervisor started. Anything else listening on that path (a
+compromised worker that swapped sockets, say) is refused before a byte of input is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import httptools
+import orjson
+
+from gateway.protocol.codec import HEADER_LENGTH, Chunk, Tensor, decode_tensor_message, encode_tensor_parts
 
 __all__ = [
-    "UnixHTTPClient",
+    "HTTPTransport",
+    "PeerCredentials",
+    "UnixSocketTransport",
     "WorkerConnectError",
     "WorkerConnectionLost",
+    "WorkerImpostor",
+    "WorkerRefused",
     "WorkerResponse",
+    "WorkerTransport",
     "fetch_health",
 ]
 
 
 class WorkerConnectError(ConnectionError):
-    """The worker's socket did not accept a connection; nothing was sent."""
+    """The worker did not accept a connection; nothing was sent."""
+
+
+class WorkerImpostor(WorkerConnectError):
+    """Something other than the expected worker listens at the worker's address; nothing was sent."""
 
 
 class WorkerConnectionLost(ConnectionError):
     """The connection broke after the request was (perhaps) sent."""
+
+
+class WorkerRefused(Exception):
+    """The worker answered, with an error (``status`` 400 or 422: the input; else a failed run)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +76,35 @@ class WorkerResponse:
     status: int
     headers: dict[bytes, bytes]
     body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """The process and user a worker's socket must be listened on by."""
+
+    pid: int
+    uid: int
+
+
+class WorkerTransport(ABC):
+    """One worker, as the gateway's pool sees it."""
+
+    address: str
+    """Where the worker is, for logs."""
+
+    @abstractmethod
+    async def infer(self, inputs: list[Tensor], timeout: float) -> list[Tensor]:
+        """Run ``inputs``; raises the errors above, or ``TimeoutError`` past ``timeout`` seconds."""
+
+    @abstractmethod
+    async def health(self, timeout: float) -> dict[str, Any] | None:
+        """The worker's health document, or None when it does not answer."""
+
+    def expect(self, credentials: PeerCredentials | None) -> None:  # noqa: B027 (optional to override)
+        """The identity the worker must prove from now on (a restarted worker is a new process)."""
+
+    async def aclose(self) -> None:  # noqa: B027 (optional to override)
+        """Close whatever the transport keeps open."""
 
 
 class _Connection(asyncio.Protocol):
@@ -84,7 +150,7 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    async def exchange(self, message: list[bytes | memoryview], timeout: float | None) -> WorkerResponse:
+    async def exchange(self, message: list[Chunk], timeout: float | None) -> WorkerResponse:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self.headers, self.body = {}, []
@@ -110,31 +176,27 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-class UnixHTTPClient:
-    """HTTP/1.1 over one Unix socket, with up to ``max_connections`` kept alive."""
+class HTTPTransport(WorkerTransport):
+    """Binary tensors over HTTP/1.1 with up to ``max_connections`` kept alive; subclasses connect."""
 
-    def __init__(self, path: str, max_connections: int = 256) -> None:
-        self.path = path
+    def __init__(self, address: str, max_connections: int = 256) -> None:
+        self.address = address
         self.max_connections = max_connections
         self._idle: list[_Connection] = []
 
+    @abstractmethod
     async def _connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
-        try:
-            _, conn = await loop.create_unix_connection(_Connection, self.path)
-        except OSError as exc:
-            raise WorkerConnectError(f"cannot connect to {self.path}: {exc.strerror or exc}") from None
-        return conn
+        """A new connection to the worker, verified; ``WorkerConnectError`` if none can be made."""
 
     async def request(
-        self, method: str, target: str, body: list[bytes | memoryview] | bytes = b"",
+        self, method: str, target: str, body: list[Chunk] | bytes = b"",
         headers: dict[str, str] | None = None, timeout: float | None = None,
     ) -> WorkerResponse:
         """One exchange; ``body`` may be a list of parts, written in order without joining."""
         parts = [body] if isinstance(body, bytes) else body
         head = [f"{method} {target} HTTP/1.1\r\nhost: worker\r\ncontent-length: {sum(map(len, parts))}\r\n"]
         head += [f"{k}: {v}\r\n" for k, v in (headers or {}).items()]
-        message = ["".join(head).encode("latin-1") + b"\r\n", *parts]
+        message: list[Chunk] = ["".join(head).encode("latin-1") + b"\r\n", *parts]
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed:
@@ -152,26 +214,95 @@ class UnixHTTPClient:
             conn.close()
         return response
 
+    async def infer(self, inputs: list[Tensor], timeout: float) -> list[Tensor]:
+        body, header_length = encode_tensor_parts("inputs", inputs)
+        response = await self.request("POST", "/infer", body, {HEADER_LENGTH: str(header_length)}, timeout=timeout)
+        if response.status != 200:
+            raise WorkerRefused(response.status, _error_text(response))
+        try:
+            return decode_tensor_message(response.body, int(response.headers[HEADER_LENGTH.encode()]), "outputs")
+        except (KeyError, ValueError) as exc:
+            raise WorkerConnectionLost(f"malformed answer from worker {self.address}: {exc}") from None
+
+    async def health(self, timeout: float) -> dict[str, Any] | None:
+        try:
+            response = await self.request("GET", "/health", timeout=timeout)
+            doc = orjson.loads(response.body) if response.status == 200 else None
+        except (ConnectionError, TimeoutError, orjson.JSONDecodeError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
     async def aclose(self) -> None:
         while self._idle:
             self._idle.pop().close()
 
 
-def fetch_health(path: str, timeout: float = 2.0) -> dict[str, object] | None:
-    """Blocking ``GET /health`` on a worker socket (for the supervisor's thread); None if unwell."""
-    import json
-    import socket
-
+def _error_text(response: WorkerResponse) -> str:
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(b"GET /health HTTP/1.1\r\nhost: worker\r\nconnection: close\r\n\r\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
+        return str(orjson.loads(response.body).get("error", ""))[:500]
+    except (orjson.JSONDecodeError, AttributeError):
+        return f"status {response.status}"
+
+
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_credentials(sock: Any) -> PeerCredentials:
+    """The pid and uid of the process that listens on the other end of a Unix socket."""
+    pid, uid, _gid = _CREDENTIALS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
+    return PeerCredentials(pid, uid)
+
+
+class UnixSocketTransport(HTTPTransport):
+    """A local worker on its Unix socket, verified by the kernel's peer credentials."""
+
+    def __init__(self, path: str, max_connections: int = 256, credentials: PeerCredentials | None = None) -> None:
+        super().__init__(path, max_connections)
+        self.credentials = credentials
+
+    def expect(self, credentials: PeerCredentials | None) -> None:
+        if credentials != self.credentials:
+            self.credentials = credentials
+            for conn in self._idle:  # made with the previous process: never reuse them
+                conn.close()
+            self._idle.clear()
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, conn = await loop.create_unix_connection(_Connection, self.address)
+        except OSError as exc:
+            raise WorkerConnectError(f"cannot connect to {self.address}: {exc.strerror or exc}") from None
+        if self.credentials is not None:
+            found = peer_credentials(transport.get_extra_info("socket"))
+            if found != self.credentials:
+                transport.abort()
+                raise WorkerImpostor(
+                    f"{self.address} is listened on by pid {found.pid} uid {found.uid}, not the worker the "
+                    f"supervisor started (pid {self.credentials.pid} uid {self.credentials.uid})")
+        return conn
+
+
+def fetch_health(path: str, timeout: float = 2.0) -> dict[str, object] | None:
+    """Blocking ``GET /health`` on a worker socket (for the supervisor's thread); None if unwell.
+
+    ``OSError`` from making the socket itself (no file descriptor left, say) is raised: that is
+    this process's trouble, not a sign that the worker is unwell.
+    """
+    import json
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: worker\r\nconnection: close\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
     except OSError:
         return None
+    finally:
+        sock.close()
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):
         return None

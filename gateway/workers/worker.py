@@ -1,14 +1,16 @@
-"""Worker entry point: ``python -m gateway.workers.worker --socket PATH ...``, model bytes on stdin.
+"""Worker entry point: ``python -m gateway.workers.worker --listen-fd N ...``, model bytes on stdin.
 
-One process, one ``onnxruntime.InferenceSession``, one Unix socket. It applies its own isolation
-(see ``isolation``), reads the verified model bytes from its standard input (so it needs no read
-access to the model repository and no plaintext copy on disk), builds the session with the
-configured providers, and serves two routes to the gateway:
+One process, one ``onnxruntime.InferenceSession``, one Unix socket, which the supervisor bound and
+handed over as descriptor ``N``: the worker needs no write access anywhere. It applies its own
+isolation (see ``isolation``), then listens on the socket (so the socket's peer credentials are
+its own unprivileged process, which the gateway verifies), reads the verified model bytes from its
+standard input (so it needs no read access to the model repository and no plaintext copy on
+disk), builds the session with the configured providers, and serves two routes to the gateway:
 
 * ``GET /health``: readiness, active execution providers, queue depth and batch statistics;
 * ``POST /infer``: all-binary tensors in, all-binary tensors out.
 
-Exit codes: 2 bad arguments, 3 the configured device is unavailable, 4 the model does not load.
+Exit codes are ``gateway.workers.exits.ExitCode``.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ import orjson
 from gateway.errors import BadRequest
 from gateway.protocol.codec import HEADER_LENGTH, Tensor, decode_tensor_message, encode_tensor_message
 from gateway.workers.batcher import Batcher
+from gateway.workers.exits import ExitCode
 from gateway.workers.isolation import apply_isolation
 
 log = logging.getLogger("gateway.worker")
 
-EXIT_DEVICE, EXIT_MODEL = 3, 4
 HEADER = HEADER_LENGTH.encode()
 
 
@@ -77,7 +79,7 @@ def load_session(model: bytes, device: str, intra_op_threads: int, tf32: bool = 
             f"(active: {session.get_providers()}, available: {ort.get_available_providers()})",
             file=sys.stderr,
         )
-        sys.exit(EXIT_DEVICE)
+        sys.exit(ExitCode.DEVICE)
     return session
 
 
@@ -182,7 +184,7 @@ def batch_buckets(setting: str, max_batch_size: int, providers: list[str]) -> tu
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gateway-worker", description=__doc__.split("\n\n")[0])
-    p.add_argument("--socket", required=True)
+    p.add_argument("--listen-fd", type=int, required=True, help="a bound Unix socket to listen on")
     p.add_argument("--name", required=True)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--max-batch-size", type=int, default=32)
@@ -191,7 +193,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-limit-mb", type=int, default=0)
     p.add_argument("--cuda-tf32", action="store_true", help="allow TF32 maths on CUDA")
     p.add_argument("--batch-buckets", default="auto", help="auto, off, or comma-separated batch sizes")
-    p.add_argument("--user", default=None, help="drop to this user when started as root")
+    p.add_argument("--uid", type=int, default=None, help="drop to this user id when started as root")
+    p.add_argument("--gid", type=int, default=None, help="... and this group id")
     return p.parse_args(argv)
 
 
@@ -219,16 +222,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from gateway.httpserver import BufferedBodyProtocol
 
-    if os.path.exists(args.socket):
-        os.unlink(args.socket)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(args.socket)
-    isolation = apply_isolation(args.user, args.memory_limit_mb, parent)
+    listener = socket.socket(fileno=args.listen_fd)
+    isolation = apply_isolation(args.uid, args.gid, args.memory_limit_mb, parent)
+    listener.listen(1024)  # after the drop: the socket's peer credentials are this process's
     try:
         session = load_session(model, args.device, args.intra_op_threads, args.cuda_tf32)
     except Exception as exc:
         print(f"model {args.name} does not load: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_MODEL
+        return int(ExitCode.MODEL)
     del model
     app = WorkerApp(session, args.name, args, isolation)
     config = uvicorn.Config(

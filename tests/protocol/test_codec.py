@@ -62,7 +62,7 @@ def test_mixed_json_and_binary_inputs() -> None:
     "doc,fragment",
     [
         ({"inputs": [{"name": "x", "datatype": "INT8", "shape": [1], "data": [300]}]}, "range"),
-        ({"inputs": [{"name": "x", "datatype": "BOOL", "shape": [1], "data": [1]}]}, "kind"),
+        ({"inputs": [{"name": "x", "datatype": "BOOL", "shape": [1], "data": [1]}]}, "holds int values, not BOOL"),
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [True], "data": [1.0]}]}, "non-negative"),
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1] * 9, "data": [1.0]}]}, "at most"),
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}, "neither"),

@@ -85,12 +85,25 @@ def test_xfcc_from_an_untrusted_peer_is_ignored_and_stripped(pki: Path, untrusti
     assert doc["xfcc_seen"] is False
 
 
-def test_xfcc_from_a_trusted_proxy_names_the_original_client(pki: Path, trusting: str) -> None:
-    header = f'By=spiffe://ingress;Hash={FAKE_HASH};Subject="CN=alice,O=Org";URI=spiffe://x/alice,Hash={"cd" * 32}'
+ALICE = f'By=spiffe://ingress;Hash={FAKE_HASH};Subject="CN=alice,O=Org";URI=spiffe://x/alice'
+FORGED = f'Hash={"cd" * 32};Subject="CN=admin";URI=spiffe://x/admin'
+ALICE_PEER = {"subject": "CN=alice,O=Org", "sans": ["URI:spiffe://x/alice"], "fingerprint_sha256": FAKE_HASH,
+              "source": "xfcc"}
+
+
+@pytest.mark.parametrize("header", [ALICE, f"{FORGED},{ALICE}"], ids=["proxy-sets-the-header", "proxy-appends"])
+def test_xfcc_from_a_trusted_proxy_names_the_client_it_saw(pki: Path, trusting: str, header: str) -> None:
+    """A proxy that sets the header sends one element; one that appends adds its client's element
+    after whatever the client itself sent (here a forged admin element): the proxy's counts."""
     with httpx.Client(verify=client_context(pki, "demo")) as c:
         peer = c.get(trusting, headers={"x-forwarded-client-cert": header}).json()["peer"]
-    assert peer == {"subject": "CN=alice,O=Org", "sans": ["URI:spiffe://x/alice"],
-                    "fingerprint_sha256": FAKE_HASH, "source": "xfcc"}
+    assert peer == ALICE_PEER
+
+
+def test_xfcc_hops_count_the_trusted_proxies_that_append() -> None:
+    mesh = f'Hash={"ef" * 32};Subject="CN=edge-proxy"'  # a second trusted proxy appended the edge's own element
+    assert parse_xfcc(f"{FORGED},{ALICE},{mesh}", hops=2).as_dict() == ALICE_PEER  # type: ignore[union-attr]
+    assert parse_xfcc(ALICE, hops=2) is None  # fewer elements than trusted proxies: no identity at all
 
 
 @pytest.mark.parametrize("value", ["", "Subject=x", "Hash=abc", 'Hash="' + "g" * 64 + '"x'])

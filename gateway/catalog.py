@@ -1,0 +1,58 @@
+"""The model versions this serving process answers for, by unit, following the supervisor's swaps."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.config import Config, ModelConfig
+from gateway.registry.manifest import Manifest, load_manifest
+from gateway.units import Unit
+
+__all__ = ["ModelEntry", "ModelTable"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    unit: Unit
+    manifest: Manifest
+    config: ModelConfig
+
+
+class ModelTable:
+    def __init__(self, config: Config, manifests: dict[Unit, Manifest]) -> None:
+        self.config = config
+        self.entries: dict[Unit, ModelEntry] = {
+            unit: ModelEntry(unit, manifests[unit], settings) for unit, settings in config.units()
+        }
+
+    def swapped(self, key: str, manifest_folder: str | None) -> None:
+        """The supervisor swapped in, added or (None) removed a served version: follow it."""
+        unit = Unit.parse(key)
+        base = self.config.model(unit.model)
+        if manifest_folder is None:
+            self.entries.pop(unit, None)
+        elif base is not None:
+            manifest = load_manifest(Path(manifest_folder))
+            self.entries[unit] = ModelEntry(unit, manifest, dataclasses.replace(base, version=manifest.version))
+
+    def names(self) -> list[str]:
+        return sorted(u.model for u in self.entries if u.default)
+
+    def versions(self, name: str) -> list[str]:
+        """The versions served for ``name``, the default first."""
+        default = self.entries.get(Unit(name))
+        others = sorted(e.manifest.version for u, e in self.entries.items() if u.model == name and not u.default)
+        return [default.manifest.version, *others] if default else others
+
+    def of(self, name: str) -> list[ModelEntry]:
+        """Every served unit of ``name``, the default first."""
+        return sorted((e for u, e in self.entries.items() if u.model == name), key=lambda e: not e.unit.default)
+
+    def find(self, name: str, version: str | None) -> ModelEntry | None:
+        """The default unit of ``name``, or the one serving ``version`` (default or pinned)."""
+        entry = self.entries.get(Unit(name))
+        if version is None or (entry is not None and entry.manifest.version == version):
+            return entry
+        return self.entries.get(Unit(name, version))

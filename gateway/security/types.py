@@ -1,0 +1,72 @@
+"""The plain values access decisions are made over: who is connected, who is calling, what was decided.
+
+Frozen dataclasses with no web framework and no I/O, so the decision functions in ``rbac``,
+``tokens`` and ``ratelimit`` can be called from an ASGI adapter, a command or a test alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["Decision", "PeerIdentity", "Principal", "PrincipalKind"]
+
+PrincipalKind = Literal["person", "service", "certificate"]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """Who is on the other end of the connection, as its verified certificate says."""
+
+    subject: str
+    sans: tuple[str, ...]
+    fingerprint_sha256: str
+    source: str  # "tls" (verified by our handshake) or "xfcc" (asserted by a trusted proxy)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"subject": self.subject, "sans": list(self.sans),
+                "fingerprint_sha256": self.fingerprint_sha256, "source": self.source}
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, and how strongly they authenticated."""
+
+    subject: str
+    kind: PrincipalKind
+    roles: frozenset[str]
+    issuer: str | None = None
+    client_id: str | None = None
+    amr: tuple[str, ...] = ()
+    acr: str | None = None
+    auth_time: int | None = None
+    token_id: str | None = None
+    cert_bound: bool = False
+
+    @property
+    def key(self) -> str:
+        """What limits and budgets count against: the issuer (or kind) and the subject."""
+        return f"{self.issuer or self.kind}|{self.subject}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "subject": self.subject, "kind": self.kind, "roles": sorted(self.roles), "issuer": self.issuer,
+            "client_id": self.client_id, "amr": list(self.amr), "acr": self.acr, "auth_time": self.auth_time,
+            "token_id": self.token_id, "cert_bound": self.cert_bound,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """An access decision and the rule (or the missing rule, or the step-up) behind it."""
+
+    allowed: bool
+    verb: str
+    model: str | None
+    rule: str | None
+    reason: str
+    step_up: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"allowed": self.allowed, "verb": self.verb, "model": self.model, "rule": self.rule,
+                "reason": self.reason, "step_up": self.step_up}

@@ -1,0 +1,280 @@
+"""The gateway's connections: a handshake guard in front of TLS, and the HTTP protocol behind it.
+
+``HandshakeGuard`` is what uvicorn instantiates for each accepted TCP connection. Before any TLS
+work it asks the process's ``HandshakeLedger`` whether the connection may start a handshake (caps
+on connections, on handshakes in progress, and per client address); the excess is closed at once.
+It then installs the event loop's own TLS protocol, with ``server.handshake_timeout_s``, exactly as
+``create_server(ssl=...)`` would, so a connection that never completes its handshake holds its file
+descriptor for seconds, not uvicorn's 60. The outcome of every handshake, with the client's
+address, goes to the ledger, where the audit layer collects it.
+
+``TLSHttpToolsProtocol`` is the HTTP protocol of each completed TLS connection. uvicorn verifies
+nothing and does not hand the verified certificate to the application (the ASGI ``tls`` extension
+is unmerged: uvicorn PRs 3132/3133), so it reads the peer certificate once per connection and puts
+it into ``scope["extensions"]["tls"]``. It also bounds time: headers within
+``server.header_timeout_s``, the body within ``server.body_timeout_s``, and answers that the client
+does not read within ``server.write_timeout_s``. What it refuses itself (a malformed request, too
+many or too large headers, headers too slow, too many requests in flight) it answers through the
+application, with the refusal in ``scope[REFUSAL_KEY]``, so that the answer is the same problem
+document as any other and the request has its audit record. uvicorn is pinned because this
+subclasses its protocol (and uses uvloop's ``SSLProtocol``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import ssl
+from typing import Any
+
+import uvicorn
+
+from gateway.config import Config
+from gateway.context import REFUSAL_KEY, SCOPE_KEY
+from gateway.errors import BadRequest, GatewayError, HeadersTooLarge, Overloaded, RequestTimeout, render_problem
+from gateway.httpserver import BufferedBodyProtocol
+from gateway.security.tls import HANDSHAKES, build_server_context, identity_from_der
+
+__all__ = ["GatewayUvicornConfig", "HandshakeGuard", "TLSHttpToolsProtocol"]
+
+log = logging.getLogger("gateway.server")
+
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32 * 1024  # Envoy's edge default buffer per connection
+
+
+class GatewayUvicornConfig(uvicorn.Config):
+    """uvicorn's config with the gateway's: TLS is done by ``HandshakeGuard``, not by uvicorn."""
+
+    def __init__(self, gateway_config: Config, max_connections: int, **kwargs: Any) -> None:
+        self.gateway_config = gateway_config
+        self.max_connections = max_connections
+        self.tls_context: ssl.SSLContext | None = None
+        super().__init__(**kwargs)
+
+    def load(self) -> None:
+        super().load()
+        self.tls_context = build_server_context(self.gateway_config.tls)
+        self.ssl = None  # the listener accepts plain TCP; the guard starts TLS itself
+        s = self.gateway_config.server
+        HANDSHAKES.max_connections = self.max_connections
+        HANDSHAKES.max_pending = min(s.max_pending_handshakes, self.max_connections)
+        HANDSHAKES.max_pending_per_address = s.max_pending_handshakes_per_address
+
+
+def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
+    try:
+        import uvloop.loop
+
+        if isinstance(loop, uvloop.Loop):
+            return uvloop.loop.SSLProtocol  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every platform we serve from
+        pass
+    from asyncio.sslproto import SSLProtocol
+
+    return SSLProtocol
+
+
+class HandshakeGuard(asyncio.Protocol):
+    def __init__(self, config: GatewayUvicornConfig, server_state: Any, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.config = config
+        self.server_state = server_state
+        self.app_state = app_state
+        self.loop = _loop or asyncio.get_event_loop()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if peer else "unknown"
+        refused = HANDSHAKES.admit(address, len(self.server_state.connections))
+        if refused is not None:
+            transport.abort()
+            return
+        assert self.config.tls_context is not None
+        http = TLSHttpToolsProtocol(config=self.config, server_state=self.server_state, app_state=self.app_state,
+                                    _loop=self.loop)
+        waiter = self.loop.create_future()
+        # In this same call, before the first byte can be read: the loop's own TLS protocol with our
+        # handshake timeout (what ``create_server(ssl=...)`` does, minus its 60 s default).
+        tls = _ssl_protocol_class(self.loop)(
+            self.loop, http, self.config.tls_context, waiter, True, None,
+            ssl_handshake_timeout=self.config.gateway_config.server.handshake_timeout_s)
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+        waiter.add_done_callback(lambda done: HANDSHAKES.finished(
+            address, None if done.cancelled() else done.exception()))
+
+
+def _printable(raw: bytes, limit: int = 256) -> str:
+    return "".join(c if " " <= c <= "~" else "?" for c in raw[:limit].decode("latin-1"))
+
+
+class TLSHttpToolsProtocol(BufferedBodyProtocol):
+    _tls_extension: Any = None
+    _timer: asyncio.TimerHandle | None = None
+    _write_timer: asyncio.TimerHandle | None = None
+    _refusing = False
+    header_timeout_s = 10.0
+    body_timeout_s = 30.0
+    write_timeout_s = 30.0
+
+    # -- timers -----------------------------------------------------------------------------------
+    def _arm(self, seconds: float, what: str) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._too_slow, what, seconds)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _too_slow(self, what: str, seconds: float) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        error = RequestTimeout(f"the request {what} did not arrive within {seconds:g} s")
+        log.info("closing a connection from %s: request %s slower than %g s", self.client, what, seconds)
+        if self.cycle is None or self.cycle.response_complete:
+            self._refuse(error)  # nothing of this request reached the application yet
+            return
+        # The application is waiting for the body: it records the refusal (it finds it in the
+        # scope when the connection closes under it); the client gets it here, now.
+        self.scope[REFUSAL_KEY] = error  # type: ignore[literal-required]
+        if not self.cycle.response_started:
+            ctx = self.scope.get(SCOPE_KEY)
+            self._write_answer(*render_problem(error, self.scope.get("path", ""),
+                                               getattr(ctx, "request_id", None), True))
+        self.transport.close()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        log.info("closing a connection from %s: it read none of its answers for %g s", self.client,
+                 self.write_timeout_s)
+        self.transport.abort()
+
+    # -- connection -------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        gateway_config = getattr(self.config, "gateway_config", None)
+        if gateway_config is not None:
+            s = gateway_config.server
+            self.header_timeout_s, self.body_timeout_s, self.write_timeout_s = (
+                s.header_timeout_s, s.body_timeout_s, s.write_timeout_s)
+        self._arm(self.header_timeout_s, "headers")
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return
+        der = ssl_object.getpeercert(binary_form=True)
+        self._tls_extension = {
+            "client_cert_der": der,
+            "client_identity": identity_from_der(der) if der else None,
+            "tls_version": ssl_object.version(),
+            "cipher": (ssl_object.cipher() or ("",))[0],
+        }
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refusing:  # after a refusal, whatever else the client sends is not read
+            super().data_received(data)
+
+    # -- parser callbacks -------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm(self.header_timeout_s, "headers")
+        self._header_bytes = 0
+        if self._tls_extension is not None:
+            self.scope["extensions"] = {"tls": self._tls_extension}
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if len(self.headers) >= MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
+            self._refuse(HeadersTooLarge(
+                f"at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes of headers are accepted"))
+            # Stop the parser: httptools surfaces this as a parse error, which we then ignore.
+            raise ValueError("headers too large")
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._arm(self.body_timeout_s, "body")
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            # uvicorn would answer plain text below the application; ours answers (and records) it.
+            overloaded = Overloaded(f"this process has {len(self.tasks)} requests in flight (at most {limit}); "
+                                    "retry shortly", retry_after=1)
+            self.scope[REFUSAL_KEY] = overloaded  # type: ignore[literal-required]
+        self.limit_concurrency = None
+        try:
+            super().on_headers_complete()
+        finally:
+            self.limit_concurrency = limit
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(BadRequest(f"malformed HTTP request: {msg}"))
+
+    # -- refusals below the application -------------------------------------------------------------
+    def _refuse(self, error: GatewayError) -> None:
+        """Answer ``error`` through the application (rendered and recorded there), then close."""
+        if self._refusing or self.transport.is_closing():
+            return
+        self._refusing = True
+        self._disarm()
+        method = self.scope.get("method", "") if self.scope else ""
+        scope: dict[str, Any] = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+            "server": self.server, "client": self.client, "scheme": self.scheme, "root_path": "",
+            "method": method, "path": _printable(getattr(self, "url", b"") or b""), "raw_path": b"",
+            "query_string": b"", "headers": [], "state": self.app_state.copy(),
+            "extensions": {"tls": self._tls_extension} if self._tls_extension else {},
+            REFUSAL_KEY: error,
+        }
+        task = self.loop.create_task(self._answer_refusal(scope))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _answer_refusal(self, scope: dict[str, Any]) -> None:
+        start: dict[str, Any] = {}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                self._write_answer(start.get("status", 500), start.get("headers", []), message.get("body", b""))
+
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            log.exception("answering a refused request from %s", self.client)
+        finally:
+            self.transport.close()
+
+    def _write_answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        phrase = http.HTTPStatus(status).phrase.encode() if status in http.HTTPStatus._value2member_map_ else b""
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, phrase)]
+        head += [n + b": " + v + b"\r\n" for n, v in headers if n.lower() != b"connection"]
+        self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", body]))

@@ -1,0 +1,83 @@
+"""What every stage of the model-aware path shares: the call it works on, and how stages run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import anyio.to_thread
+from starlette.datastructures import Headers
+from starlette.types import Receive
+
+from gateway.catalog import ModelEntry
+from gateway.context import RequestContext
+from gateway.protocol.codec import InferRequest, Tensor
+
+__all__ = ["Answer", "InferCall", "Stage", "offload", "run_stages"]
+
+T = TypeVar("T")
+
+OFFLOAD_ELEMENTS = 1 << 20
+"""Work over more tensor elements than this (a sum, a check, a digest) leaves the event loop."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    body: bytes
+    media_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferCall:
+    """One inference request as it moves through the stages; each stage fills in its part."""
+
+    ctx: RequestContext
+    headers: Headers
+    path_params: dict[str, Any]
+    receive: Receive
+    entry: ModelEntry | None = None
+    """The served unit, from ``Resolve``."""
+    body: bytes = b""
+    """From ``ReadBody``."""
+    request: InferRequest | None = None
+    """From ``Decode``: the decoded tensors and the requested outputs."""
+    inputs: list[Tensor] = field(default_factory=list)
+    """From ``CheckSignature``: the inputs in the model's order, checked (clipped where declared)."""
+    outputs: list[Tensor] = field(default_factory=list)
+    """From ``Infer``; output policies may replace them."""
+    answer: Answer | None = None
+    """From ``Encode``."""
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
+    """Run when the call ends, however it ends (releasing what a stage claimed)."""
+
+    @property
+    def model(self) -> ModelEntry:
+        assert self.entry is not None, "a stage that needs the model runs after Resolve"
+        return self.entry
+
+
+class Stage(Protocol):
+    """One step of the model-aware path: reads and writes its part of the call, or raises a
+    ``GatewayError`` to refuse the request."""
+
+    name: str
+
+    async def __call__(self, call: InferCall) -> None: ...
+
+
+async def run_stages(stages: Sequence[Stage], call: InferCall) -> None:
+    try:
+        for stage in stages:
+            await stage(call)
+    finally:
+        for release in reversed(call.cleanup):
+            release()
+
+
+async def offload(elements: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` here when it is small, else in a thread, so the event loop stays free."""
+    if elements <= OFFLOAD_ELEMENTS:
+        return fn(*args)
+    return await anyio.to_thread.run_sync(fn, *args)

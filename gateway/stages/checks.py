@@ -1,0 +1,41 @@
+"""Checks that need the decoded tensors: the model's signature, then the model-level limits."""
+
+from __future__ import annotations
+
+from gateway.access import principal_of
+from gateway.registry.signature import check_inputs, check_outputs
+from gateway.security.ratelimit import Limiter
+from gateway.stages.base import InferCall, offload
+
+__all__ = ["CheckSignature", "ModelLimits"]
+
+
+class CheckSignature:
+    """Values against the manifest: NaN and Inf, the declared domain, UTF-8, a shared batch size."""
+
+    name = "check-signature"
+
+    async def __call__(self, call: InferCall) -> None:
+        assert call.request is not None
+        manifest = call.model.manifest
+        elements = sum(t.array.size for t in call.request.inputs)
+        call.inputs = await offload(elements, check_inputs, manifest, call.request.inputs)
+        check_outputs(manifest, call.request.outputs)
+
+
+class ModelLimits:
+    """The per-principal-and-model rate limit and the query budgets (inferences and input rows),
+    counted only for requests that passed validation."""
+
+    name = "model-limits"
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    async def __call__(self, call: InferCall) -> None:
+        key = f"{principal_of(call.ctx).key}|{call.model.unit.model}"
+        first = call.inputs[0].array if call.inputs else None
+        rows = int(first.shape[0]) if first is not None and first.ndim else 1
+        await self.limiter.hit(self.limiter.per_principal_model, key)
+        await self.limiter.hit(self.limiter.budget_inferences, key)
+        await self.limiter.hit(self.limiter.budget_rows, key, cost=max(1, rows))

@@ -1,0 +1,82 @@
+"""Running the model on a worker, and encoding its answer."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from gateway.context import TensorDigest
+from gateway.protocol.codec import RequestedOutput, Tensor, encode_infer_response
+from gateway.stages.base import Answer, InferCall, offload
+from gateway.workers.pool import WorkerPool
+
+__all__ = ["Encode", "Infer", "tensor_digest"]
+
+
+def tensor_digest(tensor: Tensor) -> TensorDigest:
+    """A tensor's description, size and SHA-256 (of its bytes; for BYTES, of its length-prefixed
+    elements, as the binary extension sends them)."""
+    array = tensor.array
+    h = hashlib.sha256()
+    if array.dtype == object:
+        size = 0
+        for element in array.reshape(-1):
+            h.update(len(element).to_bytes(4, "little"))
+            h.update(element)
+            size += 4 + len(element)
+    else:
+        data = np.ascontiguousarray(array)
+        h.update(data.data.cast("B"))
+        size = data.nbytes
+    return TensorDigest(tensor.name, tensor.datatype, tuple(array.shape), size, h.hexdigest())
+
+
+def _digests(tensors: list[Tensor]) -> list[TensorDigest]:
+    return [tensor_digest(t) for t in tensors]
+
+
+class Infer:
+    """The checked inputs to the least-loaded healthy worker of the unit; their digests, the
+    worker's name and the outputs' digests into the context."""
+
+    name = "infer"
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    async def __call__(self, call: InferCall) -> None:
+        ctx = call.ctx
+        ctx.inputs = await offload(sum(t.array.size for t in call.inputs), _digests, call.inputs)
+
+        def picked(worker: str) -> None:
+            ctx.worker = worker
+
+        call.outputs = await self.pool.infer(call.model.unit.key, call.inputs, ctx.deadline, picked)
+        ctx.outputs = await offload(sum(t.array.size for t in call.outputs), _digests, call.outputs)
+
+
+def _select(outputs: list[Tensor], requested: list[RequestedOutput], binary_default: bool) -> list[tuple[Tensor, bool]]:
+    if not requested:
+        return [(t, binary_default) for t in outputs]
+    by_name = {t.name: t for t in outputs}
+    return [(by_name[r.name], binary_default if r.binary is None else r.binary) for r in requested if r.name in by_name]
+
+
+class Encode:
+    """The requested outputs, JSON or binary as asked, into the answer."""
+
+    name = "encode"
+
+    async def __call__(self, call: InferCall) -> None:
+        assert call.request is not None
+        manifest = call.model.manifest
+        selected = _select(call.outputs, call.request.outputs, call.request.binary_output)
+        payload, header_length = encode_infer_response(
+            manifest.name, manifest.version, [t for t, _ in selected], {t.name for t, binary in selected if binary},
+            call.request.id)
+        if header_length is None:
+            call.answer = Answer(payload, "application/json")
+        else:
+            call.answer = Answer(payload, "application/octet-stream",
+                                 {"Inference-Header-Content-Length": str(header_length)})

@@ -1,0 +1,52 @@
+"""Resolve the model a request names and authorize the verb on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.access import authorize, principal_of
+from gateway.catalog import ModelEntry, ModelTable
+from gateway.context import RequestContext
+from gateway.errors import NotFound
+from gateway.registry.manifest import NAME_PATTERN
+from gateway.security.rbac import Policy
+from gateway.stages.base import InferCall
+
+__all__ = ["Resolve", "resolve_model"]
+
+
+def resolve_model(ctx: RequestContext, params: dict[str, Any], models: ModelTable, policy: Policy,
+                  verb: str) -> ModelEntry:
+    """Authenticate, authorize ``verb`` on the named model, and find the served unit.
+
+    A model that does not exist and one the caller may not see get the same 404, word for word.
+    """
+    principal_of(ctx)
+    name, version = str(params["name"]), params.get("version")
+    valid = bool(NAME_PATTERN.fullmatch(name))
+    shown = repr(name) if valid else "'requested model'"
+    missing = NotFound(f"unknown model {shown}" + (f" version {str(version)[:64]!r}" if version else ""))
+    if not valid:
+        raise missing
+    ctx.model = name
+    try:
+        authorize(ctx, policy, verb, name)
+    except NotFound:
+        raise missing from None
+    entry = models.find(name, version)
+    if entry is None:
+        raise missing
+    ctx.version = entry.manifest.version
+    return entry
+
+
+class Resolve:
+    name = "resolve"
+
+    def __init__(self, models: ModelTable, policy: Policy, verb: str = "infer") -> None:
+        self.models = models
+        self.policy = policy
+        self.verb = verb
+
+    async def __call__(self, call: InferCall) -> None:
+        call.entry = resolve_model(call.ctx, call.path_params, self.models, self.policy, self.verb)
