@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.audit.chain import load_private_key
-from gateway.audit.middleware import AuditMiddleware
+from gateway.audit.middleware import AuditMiddleware, ProbeTally
 from gateway.audit.writer import AuditUnavailable, AuditWriter
 from gateway.catalog import ModelTable
 from gateway.config import Config, load_config
@@ -107,6 +107,7 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     in_flight = InFlightBytes(config.server.max_inflight_body_bytes, config.server.max_inflight_body_bytes_per_principal)
     stages = infer_stages(config, models, policy, limiter, pool, decoder, in_flight, guards, output_policies)
     metrics = Metrics(pool)
+    probes = ProbeTally()
     writer = None
     if config.audit.enabled:
         stream = f"p{os.environ.get('GATEWAY_PROCESS_INDEX', '0')}"
@@ -120,9 +121,11 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        summaries = None
         if writer is not None:
             writer.open()
             await writer.start_ticker()
+            summaries = asyncio.get_running_loop().create_task(_summarize_probes(writer, probes, config.audit.probe_summary_s))
         watcher = asyncio.get_running_loop().create_task(_watch_handshakes(writer, metrics))
         await pool.start()
         warming = asyncio.get_running_loop().create_task(decoder.warm())
@@ -137,6 +140,9 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
             await limiter.close()
             watcher.cancel()
             if writer is not None:
+                assert summaries is not None
+                summaries.cancel()
+                await _write_probe_summary(writer, probes, config.audit.probe_summary_s)
                 await writer.close()
 
     def gateway_error(request: Request, exc: Exception) -> Response:
@@ -145,7 +151,7 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
 
     middleware = [
         Middleware(AuditMiddleware, writer=writer, metrics=metrics, fail_closed=config.audit.fail_closed,
-                   known_models=frozenset(m.name for m in config.models)),
+                   known_models=frozenset(m.name for m in config.models), probes=probes if writer else None),
         Middleware(ProblemMiddleware, debug=config.server.debug),
         Middleware(ContextMiddleware, trusted_proxies=TrustedProxies(config.tls.trusted_proxies, config.tls.xfcc_hops),
                    timeout_s=config.server.request_timeout_s),
@@ -160,6 +166,19 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     app.state.pool = pool
     app.state.validator = validator
     return app
+
+
+async def _write_probe_summary(writer: AuditWriter, probes: ProbeTally, every_s: float) -> None:
+    summary = probes.summary(every_s)
+    if summary is not None:
+        with contextlib.suppress(AuditUnavailable):
+            await writer.append(summary)
+
+
+async def _summarize_probes(writer: AuditWriter, probes: ProbeTally, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        await _write_probe_summary(writer, probes, every_s)
 
 
 async def _watch_handshakes(writer: AuditWriter | None, metrics: Metrics, every_s: float = 5.0) -> None:

@@ -191,7 +191,11 @@ class IssuerConfig:
     """Signing keys, clients and users (created by ``gateway init``; keep it private)."""
     token_ttl_s: int = 900
     max_failed_logins: int = 100
-    """Consecutive failures before an account is locked (NIST SP 800-63B allows at most 100)."""
+    """Failed secrets (a client's, a person's password) before the account is locked (NIST SP 800-63B
+    allows at most 100); cleared by a right one."""
+    max_failed_otp: int = 10
+    """Wrong one-time codes before a person is locked; cleared only by a right code, never by a
+    password-only sign-in."""
     lockout_s: int = 900
 
 
@@ -244,6 +248,9 @@ class LimitsConfig:
     """All requests of this gateway (all replicas with Redis) together."""
     failed_auth_per_address: str = "30/minute"
     """Refused credentials per client address; past it even good ones wait."""
+    per_address_probes: str = "20/second"
+    """Health probes per client address, counted in this process's memory only (probes stay cheap
+    and keep answering while Redis is down); "" switches it off."""
     budget_inferences: str = "100000/day"
     """Inference requests per principal and model (the first line against model extraction)."""
     budget_rows: str = "1000000/day"
@@ -271,6 +278,9 @@ class AuditConfig:
     rotate_interval_s: float = 86400.0
     flush_window_ms: float = 2.0
     """Records arriving within this window share one write and one fsync."""
+    probe_summary_s: float = 60.0
+    """Health probes are not recorded one by one: every this many seconds, one ``probes`` record
+    counts them by path, status and client address."""
     fail_closed: bool = True
     """Answer 503 rather than serve a request that cannot be recorded; false is reported."""
 
@@ -467,7 +477,8 @@ def _identity_checks(cfg: Config) -> list[Check]:
     checks = [
         (0 <= a.leeway_s <= 300, "auth.leeway_s must be 0..300"),
         (60 <= iss.token_ttl_s <= 86400, "issuer.token_ttl_s must be 60..86400"),
-        (1 <= iss.max_failed_logins <= 100, "issuer.max_failed_logins must be 1..100 (NIST SP 800-63B)"),
+        (1 <= iss.max_failed_logins <= 100 and 1 <= iss.max_failed_otp <= 100,
+         "issuer.max_failed_logins and issuer.max_failed_otp must be 1..100 (NIST SP 800-63B)"),
         (iss.lockout_s >= 1, "issuer.lockout_s must be positive"),
         (bool(iss.enabled or a.issuers or not a.require_token),
          "no token issuer: enable [issuer] or add [[auth.issuers]]"),
@@ -512,7 +523,7 @@ def _limit_checks(cfg: Config) -> list[Check]:
     lim = cfg.limits
     checks: list[Check] = []
     for key in ("per_address", "per_principal", "per_principal_model", "global_limit", "failed_auth_per_address",
-                "budget_inferences", "budget_rows"):
+                "per_address_probes", "budget_inferences", "budget_rows"):
         text = getattr(lim, key)
         try:
             if text:
@@ -534,6 +545,7 @@ def _key_checks(cfg: Config) -> list[Check]:
         (a.checkpoint_every >= 1 and a.checkpoint_interval_s > 0, "audit: checkpoint_every and checkpoint_interval_s must be positive"),
         (a.max_file_bytes >= 4096 and a.rotate_interval_s > 0, "audit: max_file_bytes must be >= 4096, rotate_interval_s positive"),
         (0 <= a.flush_window_ms <= 1000, "audit.flush_window_ms must be 0..1000"),
+        (0 < a.probe_summary_s <= 3600, "audit.probe_summary_s must be 0..3600"),
         (not a.enabled or Path(a.signing_key).is_file(), f"audit.signing_key: {a.signing_key} does not exist (run `gateway init`)"),
     ]
 

@@ -128,6 +128,30 @@ class Gateway:
                 return Path(line.split("=", 1)[1].strip().strip('"'))
         raise AssertionError("no runtime_dir")
 
+    def audit_records(self) -> list[dict[str, Any]]:
+        """Every record of this gateway's audit log so far (a torn last line skipped)."""
+        from gateway.audit.chain import stream_files
+
+        out = []
+        for files in stream_files([self.config.parent / "audit"]).values():
+            for f in files:
+                for line in f.read_bytes().splitlines():
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        pass  # a torn last line after kill -9
+        return out
+
+    def record_of(self, request_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The audit record of one request (waiting briefly for records written after the answer)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = [r for r in self.audit_records() if r.get("request_id") == request_id]
+            if found or time.monotonic() > deadline:
+                assert len(found) == 1, f"{len(found)} records for request {request_id}"
+                return found[0]
+            time.sleep(0.1)
+
     def routes(self) -> dict[str, Any]:
         """The supervisor's routes.json: which workers (socket, pid, uid) serve which unit."""
         return dict(json.loads((self.runtime_dir() / "routes.json").read_text())["models"])
@@ -190,16 +214,17 @@ budget_rows = ""
 def write_config(
     pki: Path, tmp: Path, models_root: Path, port: int, extra: str = "", digits_workers: int = 1,
     timeout_s: float = 20.0, digits_device: str = "auto", auth: str = "", sections: str = "", limits: str = "",
-    issuer_url: str = "", audit: str = "", supply: str = "",
+    issuer_url: str = "", audit: str = "", supply: str = "", max_body: int = 8 * 1024 * 1024,
+    runtime: Path | None = None,
 ) -> Path:
     """A test configuration: both demo models, the session's PKI, a private runtime directory."""
     config = tmp / "gateway.toml"
     config.write_text(f"""
 [server]
 port = {port}
-runtime_dir = "{tmp / "run"}"
+runtime_dir = "{runtime or tmp / "run"}"
 request_timeout_s = {timeout_s}
-max_body_bytes = 8388608
+max_body_bytes = {max_body}
 {extra}
 [tls]
 cert_file = "{pki}/certs/server.pem"
@@ -250,15 +275,17 @@ intra_op_threads = 1
 def start_gateway(
     pki: Path, tmp: Path, models_root: Path, extra: str = "", digits_workers: int = 1, timeout_s: float = 20.0,
     auth: str = "", sections: str = "", limits: str = "", issuer_url: str = "", audit: str = "", supply: str = "",
+    max_body: int = 8 * 1024 * 1024, preexec: Any = None, runtime: Path | None = None,
 ) -> Gateway:
     port = free_port()
     config = write_config(pki, tmp, models_root, port, extra, digits_workers, timeout_s, auth=auth, sections=sections,
-                          limits=limits, issuer_url=issuer_url, audit=audit, supply=supply)
+                          limits=limits, issuer_url=issuer_url, audit=audit, supply=supply, max_body=max_body,
+                          runtime=runtime)
     log = tmp / "gateway.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+                                stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec)
     gw = Gateway(f"https://localhost:{port}", port, pki, config, proc, log)
     deadline = time.monotonic() + 90
     with gw.client(token=False) as c:

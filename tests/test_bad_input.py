@@ -25,8 +25,8 @@ def _binary(header_length: str, data: bytes = b"\x00" * 256) -> tuple[bytes, dic
                            "Content-Type": "application/octet-stream"}
 
 
-def _bytes_binary(raw: bytes) -> tuple[bytes, dict[str, str]]:
-    header = json.dumps({"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1],
+def _bytes_binary(raw: bytes, count: int = 1) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "BYTES", "shape": [count],
                                      "parameters": {"binary_data_size": len(raw)}}]}).encode()
     return header + raw, {"Inference-Header-Content-Length": str(len(header)),
                           "Content-Type": "application/octet-stream"}
@@ -86,6 +86,15 @@ CASES = [
     # digits takes no BYTES: refused by its signature before the (overrunning) data is read
     ("bytes-element-overruns", "POST", INFER, *_bytes_binary(b"\xff\xff\x00\x00abc"), 422),
     ("bad-charset-version", "GET", "/v2/models/digits/versions/1%0d%0a", b"", {}, 404),
+    # a dimension no array can have, even with no elements at all
+    ("zero-and-huge-dims", "POST", INFER, _body(shape=[0, 2**63 - 1], data=[]), {}, 400),
+    # "²" is a digit to str.isdigit() but not to int()
+    ("non-ascii-header-length", "POST", INFER, _binary("0")[0], {**_binary("0")[1], "Inference-Header-Content-Length": b"\xb2"}, 400),
+    ("trailing-newline-name", "POST", "/v2/models/digits%0A/infer", _body(), {}, 404),
+    ("bytes-flood-to-a-numeric-model", "POST", INFER, *_bytes_binary(b"\0" * 4 * 5000, count=5000), 422),
+    ("bytes-json-with-huge-string", "POST", INFER, json.dumps({"inputs": [{"name": "input", "datatype": "BYTES",
+     "shape": [1001], "data": ["x" * 20000] + [""] * 1000}]}).encode(), {}, 422),
+    ("string-among-numbers", "POST", INFER, _body(data=["x" * 20000] + [8.0] * 63), {}, 400),
     ("dot-version", "GET", "/v2/models/digits/versions/%2e%2e", b"", {}, 404),
 ]
 
@@ -106,6 +115,30 @@ def test_bad_input_gets_problem_json(gateway: Gateway, method: str, path: str, b
         # ... and the gateway still serves.
         ok = c.post(INFER, content=_body(), headers={"content-type": "application/json"})
         assert ok.status_code == 200
+
+
+def test_a_clients_request_id_is_a_correlation_id_never_ours(gateway: Gateway) -> None:
+    with gateway.client() as c:
+        answers = [c.post(INFER, content=_body(), headers={"X-Request-Id": "client-chosen-id-1"}) for _ in range(2)]
+    ours = [r.headers["x-request-id"] for r in answers]
+    assert len(set(ours)) == 2 and "client-chosen-id-1" not in ours
+    for request_id in ours:
+        record = gateway.record_of(request_id)
+        assert record["correlation_id"] == "client-chosen-id-1" and record["status"] == 200
+
+
+def test_a_name_with_a_trailing_newline_is_no_model_in_the_record(gateway: Gateway) -> None:
+    with gateway.client() as c:
+        r = c.post("/v2/models/digits%0A/infer", content=_body())
+    assert r.status_code == 404
+    assert "\n" not in gateway.record_of(r.headers["x-request-id"]).get("model", "")
+
+
+def test_no_redirect_is_built_from_the_host_header(gateway: Gateway) -> None:
+    with gateway.client() as c:
+        r = c.get("/v2/models/", headers={"Host": "evil.example"})
+    assert r.status_code == 404 and "location" not in r.headers
+    assert r.headers["content-type"] == "application/problem+json"
 
 
 def test_chunked_body_over_the_limit_is_refused_while_streaming(gateway: Gateway) -> None:

@@ -8,6 +8,10 @@ written, the client gets 503 instead (``audit.fail_closed``), so nothing is serv
 record is made from the request context: who (certificate and principal), what (route, verb,
 model and version, input and output digests, findings), the decision and the rule or the error
 behind it, and the outcome; never tokens, secrets or tensor data.
+
+Health probes are the exception: a prober calls them constantly, and a record (and an fsync) each
+would let one connection fill the disk. They are counted instead (``ProbeTally``) and written as
+one ``probes`` record per ``audit.probe_summary_s`` with the count by path, status and address.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ from gateway.context import SCOPE_KEY, RequestContext
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.middleware.problems import send_problem
-from gateway.routes import LIVENESS_PATH
+from gateway.routes import LIVENESS_PATH, PROBE_PATHS
 
-__all__ = ["AuditMiddleware", "outcome"]
+__all__ = ["AuditMiddleware", "ProbeTally", "outcome"]
 
 log = logging.getLogger("gateway.audit")
 UNRECORDED_WHEN_FAILING = frozenset({LIVENESS_PATH})
@@ -43,14 +47,39 @@ def outcome(status: int, error: GatewayError | None) -> str:
     return "rejected"
 
 
+class ProbeTally:
+    """Health probes answered since the last summary, by path, status and client address."""
+
+    MAX_KEYS = 1000
+    """Distinct (path, status, address) kept per window; more are counted under address "other"."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, int, str], int] = {}
+
+    def add(self, path: str, status: int, address: str) -> None:
+        key = (path, status, address)
+        if key not in self.counts and len(self.counts) >= self.MAX_KEYS:
+            key = (path, status, "other")
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def summary(self, window_s: float) -> dict[str, Any] | None:
+        """The ``probes`` record of what was counted (and a fresh count), or None if nothing was."""
+        counts, self.counts = self.counts, {}
+        if not counts:
+            return None
+        return {"kind": "probes", "window_s": window_s, "total": sum(counts.values()),
+                "counts": [{"path": p, "status": st, "address": a, "count": n} for (p, st, a), n in sorted(counts.items())]}
+
+
 class AuditMiddleware:
     def __init__(self, app: ASGIApp, writer: AuditWriter | None, metrics: Metrics, fail_closed: bool,
-                 known_models: frozenset[str]) -> None:
+                 known_models: frozenset[str], probes: ProbeTally | None = None) -> None:
         self.app = app
         self.writer = writer
         self.metrics = metrics
         self.fail_closed = fail_closed
         self.known_models = known_models
+        self.probes = probes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,6 +92,9 @@ class AuditMiddleware:
             # Refuse before doing the work: this request could not be recorded.
             await send_problem(send, scope, AuditUnavailable(
                 f"the audit log cannot be written ({writer.failed}); nothing is served unrecorded", retry_after=2))
+            return
+        if self.probes is not None and scope["path"] in PROBE_PATHS:
+            await self._probe(scope, receive, send, started)
             return
         held: Message | None = None
         status = 0
@@ -96,6 +128,28 @@ class AuditMiddleware:
                 except AuditUnavailable:
                     ctx = _ctx(scope)
                     log.error("request %s could not be recorded", ctx.request_id if ctx else "-")
+
+    async def _probe(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
+        """A health probe: answered at once, counted into the next ``probes`` record."""
+        assert self.probes is not None
+        status = 0
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            ctx = _ctx(scope)
+            status = status or 499
+            spec = getattr(scope.get("route"), "spec", None)
+            self.metrics.observe(spec.handler if spec else "none", "-", outcome(status, ctx.error if ctx else None),
+                                 status, time.monotonic() - started)
+            client = scope.get("client")
+            self.probes.add(scope["path"], status, client[0] if client else "unknown")
 
     async def _record(self, scope: Scope, status: int, started: float) -> None:
         seconds = time.monotonic() - started

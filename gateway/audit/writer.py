@@ -6,6 +6,11 @@ record, even after ``kill -9`` of the gateway. Checkpoints (signed) are added ev
 ``checkpoint_every`` records or ``checkpoint_interval_s``, at rotation, at start-up and at
 shutdown; files rotate by size or age and the chain continues across them.
 
+Every writer also keeps the log's signed stream manifest (``streams.json``, see
+``gateway.audit.chain``) true: its stream is ``open`` from start-up, and ``sealed`` at the last
+record's number once the shutdown checkpoint is written, so a verifier knows which streams must
+exist and where each closed one ends.
+
 On start-up the stream's last file is read back: a torn last line (a crash mid-write, before any
 response depended on it) is cut off and described in a ``recovery`` record, and the chain
 continues from the last complete record. A write that fails (disk full, the directory gone or
@@ -30,7 +35,7 @@ from typing import Any
 import anyio.to_thread
 
 from gateway import __version__
-from gateway.audit.chain import FILE_PATTERN, GENESIS, AuditKey, canonical, digest
+from gateway.audit.chain import FILE_PATTERN, GENESIS, AuditKey, canonical, digest, update_manifest
 from gateway.config import AuditConfig
 from gateway.errors import Unavailable
 
@@ -122,6 +127,7 @@ class AuditWriter:
         lines.append(self._seal(self._checkpoint("start")))
         self._write(b"".join(lines))
         self._commit(lines)
+        update_manifest(Path(self.config.directory), self.stream, None, self.key)
 
     def _open_file(self, path: Path | None) -> None:
         if self.fd >= 0:
@@ -145,8 +151,11 @@ class AuditWriter:
     async def close(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
-        with contextlib.suppress(AuditUnavailable):
+        try:
             await self.append(self._checkpoint("shutdown"))
+            self._seal_manifest()
+        except AuditUnavailable:
+            pass  # the stream stays "open" in the manifest: a verifier reports it unsealed
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -168,10 +177,17 @@ class AuditWriter:
         """``close`` without an event loop."""
         with contextlib.suppress(OSError):
             self.append_now(self._checkpoint("shutdown"))
+            self._seal_manifest()
         for fd in (self.fd, self._lock_fd):
             if fd >= 0:
                 os.close(fd)
         self.fd = self._lock_fd = -1
+
+    def _seal_manifest(self) -> None:
+        try:
+            update_manifest(Path(self.config.directory), self.stream, self.state.seq, self.key)
+        except OSError as exc:
+            log.error("audit stream %s: cannot record its seal in the stream manifest: %s", self.stream, exc)
 
     # -- appending ----------------------------------------------------------------------------------
     def _checkpoint(self, reason: str) -> dict[str, Any]:

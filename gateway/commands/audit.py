@@ -19,7 +19,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.action == "verify":
         key_path = args.public_key or load(args).audit.public_key
         paths = args.paths or [load(args).audit.directory]
-        report = verify_paths(paths, load_public_key(key_path), allow_unsealed=args.allow_unsealed)
+        report = verify_paths(paths, load_public_key(key_path), allow_unsealed=args.allow_unsealed,
+                              manifest=Path(args.manifest) if args.manifest else None,
+                              require_manifest=not args.no_manifest)
         for note in report.notes:
             print(f"note: {note}")
         for problem in report.problems:
@@ -97,7 +99,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--config", default="gateway.toml")
     p.add_argument("--public-key", default="", help="verify: the checkpoint key (default: audit.public_key)")
     p.add_argument("--allow-unsealed", action="store_true",
-                   help="verify: accept records after the last checkpoint (a log cut short by a crash)")
+                   help="verify: accept streams that do not end with a shutdown checkpoint (a running gateway's, "
+                        "or one cut short by a crash)")
+    p.add_argument("--manifest", default="", help="verify: the stream manifest (default: streams.json in the "
+                                                  "directory given)")
+    p.add_argument("--no-manifest", action="store_true",
+                   help="verify: do not require a stream manifest (logs written before it existed)")
     p.add_argument("-n", "--lines", type=int, default=20, help="tail: how many records")
     p.add_argument("-f", "--follow", action="store_true", help="tail: keep printing new records")
     p.add_argument("--since", default="", help="ISO time, e.g. 2026-11-26T09:00")

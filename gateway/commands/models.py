@@ -94,7 +94,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         manifest = load_manifest(folder)
         if args.action == "check":
             data = load_model_bytes(manifest, supply)
-            report = admit(data, supply, None if (folder / SEALED_NAME).exists() else folder)
+            report = admit(data, supply, None)  # as the serving path: models go to workers as bytes
             print(f"{manifest.name}/{manifest.version}: admitted ({report.nodes} nodes, opset {report.opset}, "
                   f"{report.initializer_bytes} bytes of initializers, domains {list(report.domains)})")
             return 0

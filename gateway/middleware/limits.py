@@ -1,7 +1,7 @@
 """Rate limiting around authentication: by address before it, by principal after it.
 
-``AddressLimitMiddleware`` sits outside authentication: it counts every request (but the health
-probes) per client address, refuses an address that has sent too many bad credentials lately
+``AddressLimitMiddleware`` sits outside authentication: it counts health probes per client address
+in this process's memory (``per-address-probes``), and every other request per client address, refuses an address that has sent too many bad credentials lately
 (``failed-auth``), and counts each 401, and each refused sign-in at the token endpoint, against
 it. ``PrincipalLimitMiddleware`` sits inside authentication and counts per principal and
 globally. Model-level limits and budgets are applied by the inference handler, which knows the
@@ -27,10 +27,14 @@ class AddressLimitMiddleware:
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         address = get_context(scope).client_host or "unknown"
+        if scope["path"] in PROBE_PATHS:
+            await self.limiter.hit(self.limiter.per_address_probes, address, local=True)
+            await self.app(scope, receive, send)
+            return
         await self.limiter.exceeded(self.limiter.failed_auth, address)
         await self.limiter.hit(self.limiter.per_address, address)
         refused = False

@@ -4,9 +4,11 @@ The model is parsed with the ``onnx`` package (never onnxruntime) and refused, w
 when it:
 
 * is larger than ``max_model_bytes`` or is not a valid ONNX protobuf;
-* refers to external data outside its own folder: an absolute path, ``..`` anywhere, or a
-  symbolic link that leaves the folder (CVE-2022-25882, CVE-2024-27318, CVE-2024-5187), or to
-  external data at all when the model is served from memory (encrypted models);
+* refers to external data: the gateway hands every model to its worker as bytes, and ONNX
+  Runtime would then look for the data file in the worker's working directory. (Given the
+  model's folder, ``admit`` also names the more specific reason: an absolute path, ``..``
+  anywhere, or a symbolic link that leaves the folder; CVE-2022-25882, CVE-2024-27318,
+  CVE-2024-5187.)
 * uses an operator domain outside ``allowed_domains`` (custom operators run native code);
 * has more than ``max_nodes`` nodes or an initializer larger than ``max_initializer_bytes``;
 * declares a default-domain opset outside ``opset_min``..``opset_max``.
@@ -51,7 +53,8 @@ def _external_location(tensor: onnx.TensorProto) -> str | None:
 def _confined(location: str, folder: Path | None) -> str | None:
     """Why ``location`` may not be used, or None when it stays inside ``folder``."""
     if folder is None:
-        return "external data cannot be used by a model served from memory"
+        return ("external data cannot be used: every model is served from memory (its bytes are handed to "
+                "the worker, where ONNX Runtime would look for the file in the worker's working directory)")
     if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
         return f"external data path {location!r} is absolute or empty"
     parts = Path(location).parts

@@ -24,11 +24,9 @@ def load_model_bytes(manifest: Manifest, supply: SupplyConfig) -> bytes:
         if sealed.exists():
             plaintext = unseal(sealed.read_bytes(), manifest.name, manifest.version, key_provider(supply))
             data = manifest.read_verified(plaintext)
-            folder = None  # served from memory: no external data
         else:
             data = manifest.read_verified()
-            folder = manifest.path
-        admit(data, supply, folder)
+        admit(data, supply, None)  # every model reaches its worker as bytes: no external data
     except SignatureError as exc:
         raise ManifestError(f"{where}: refused: {exc}") from None
     except SealError as exc:

@@ -10,9 +10,15 @@ Starlette adapter of ours):
 
 Tokens are RFC 9068 JWTs (``typ: at+jwt``), ES256, short-lived (``issuer.token_ttl_s``), with a
 ``jti``; requested over mTLS they are bound to the client certificate (``cnf.x5t#S256``, RFC 8705).
-After ``issuer.max_failed_logins`` consecutive failures an account (person or client) is locked
-for up to ``issuer.lockout_s`` (NIST SP 800-63B allows at most 100); the counters live in the
-rate limiter's storage, so replicas sharing Redis share them.
+Failed sign-ins are counted per factor, and each counter is cleared only by a success of that
+factor: after ``issuer.max_failed_logins`` failed secrets (a client's or a person's password) or
+``issuer.max_failed_otp`` wrong one-time codes, the account is locked for up to
+``issuer.lockout_s`` (NIST SP 800-63B allows at most 100), so a known password cannot be used to
+reset the count of guessed codes. The counters live in the rate limiter's storage, so replicas
+sharing Redis share them. A client authenticates one way only (RFC 6749 section 2.3): a Basic
+header together with credentials in the form is refused before anything is counted. An unknown
+client and a wrong secret get the same answer after the same work (one scrypt), so client ids
+cannot be enumerated.
 
 The store (signing keys, clients, people) is ``gateway.security.accounts``; the HTTP endpoints
 are ``gateway.endpoints.issuer``. Nothing here knows a web framework.
@@ -27,6 +33,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import anyio.to_thread
 from authlib.oauth2.rfc6749 import AuthorizationServer, ClientMixin, OAuth2Payload, OAuth2Request
@@ -95,6 +102,8 @@ class _Client(ClientMixin):  # type: ignore[misc]
         return False
 
     def check_client_secret(self, client_secret: str) -> bool:
+        # A client that does not exist is checked against a hash nobody knows the secret of: the
+        # same work and the same refusal as a wrong secret.
         return not self.public and verify_secret(client_secret, self.record.get("secret_hash") or unknown_account_hash())
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
@@ -122,11 +131,20 @@ class _Payload(OAuth2Payload):  # type: ignore[misc]
         return {k: [v] for k, v in self._form.items()}
 
 
+@dataclass
+class _Outcome:
+    """Which factors of a person's sign-in were right (None: not tried)."""
+
+    password: bool | None = None
+    otp: bool | None = None
+
+
 class _Request(OAuth2Request):  # type: ignore[misc]
     def __init__(self, url: str, headers: Mapping[str, str], form: dict[str, str]) -> None:
         super().__init__("POST", url, headers=headers)
         self.payload = _Payload(form)
         self._form = form
+        self.outcome = _Outcome()
 
     @property
     def args(self) -> dict[str, str]:
@@ -175,6 +193,7 @@ class BuiltinIssuer:
         self.ttl = config.issuer.token_ttl_s
         self.store = IssuerStore(config.issuer.directory)
         self.limiter = limiter or Limiter(config.limits, config.issuer.max_failed_logins, config.issuer.lockout_s)
+        self.max_failed_otp = config.issuer.max_failed_otp
         self._used_codes: dict[str, int] = {}  # last accepted TOTP step per user: no replays
         self.server = self._authorization_server()
 
@@ -186,7 +205,8 @@ class BuiltinIssuer:
                 if client_id == CLI_CLIENT:
                     return _Client(CLI_CLIENT, {"grants": ["password"]}, public=True)
                 record = issuer.store.clients().get(client_id)
-                return _Client(client_id, record) if record else None
+                # Unknown: a stand-in that fails its secret check like a wrong secret does.
+                return _Client(client_id, record or {"grants": []})
 
             def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None:
                 pass  # self-contained JWTs: nothing to store
@@ -208,7 +228,7 @@ class BuiltinIssuer:
             TOKEN_ENDPOINT_AUTH_METHODS = ["none", "client_secret_basic", "client_secret_post"]
 
             def authenticate_user(self, username: str, password: str) -> _User:
-                return issuer.login(username, password, self.request.form.get("totp"))
+                return issuer.login(username, password, self.request.form.get("totp"), self.request.outcome)
 
         server = Server()
         server.register_grant(ClientCredentials)
@@ -216,13 +236,15 @@ class BuiltinIssuer:
         server.register_token_generator("default", _TokenGenerator(self))
         return server
 
-    def login(self, username: str, password: str, code: str | None) -> _User:
+    def login(self, username: str, password: str, code: str | None, outcome: _Outcome | None = None) -> _User:
+        outcome = outcome or _Outcome()
         record = self.store.users().get(username)
         ok = verify_secret(password, record["password_hash"] if record else unknown_account_hash()) and record is not None
+        outcome.password = ok
         amr, acr = ["pwd"], ACR_PASSWORD
         if ok and code:
             assert record is not None
-            ok = self._check_totp(username, record["totp_secret"], code)
+            ok = outcome.otp = self._check_totp(username, record["totp_secret"], code)
             amr, acr = ["pwd", "otp", "mfa"], ACR_MFA
         if not ok or record is None:
             raise InvalidGrantError("invalid username, password or one-time code")
@@ -252,20 +274,40 @@ class BuiltinIssuer:
 
     async def respond(self, url: str, headers: Mapping[str, str], form: dict[str, str],
                       thumbprint: str | None) -> tuple[int, Any, list[tuple[str, str]]]:
-        """One token request: the account's lockout first, then the grant (in a thread: scrypt is slow)."""
+        """One token request: how the client authenticates, the accounts' lockouts, then the grant
+        (in a thread: scrypt is slow), then each factor's count."""
         request = _Request(url, headers, form)
-        account = _claimed_account(request)
-        wait = await self.limiter.account_locked(account)
-        if wait:
-            body = {"error": "invalid_grant",
-                    "error_description": "too many failed attempts; this account is locked for now"}
-            return 429, body, [("Retry-After", str(wait))]
+        conflict = _client_authentication_problem(request)
+        if conflict is not None:
+            return 400, {"error": "invalid_request", "error_description": conflict}, []
+        counters = self._counters(request)
+        for key, limit in counters.values():
+            wait = await self.limiter.account_locked(key, limit)
+            if wait:
+                body = {"error": "invalid_grant",
+                        "error_description": "too many failed attempts; this account is locked for now"}
+                return 429, body, [("Retry-After", str(wait))]
         status, payload, out = await anyio.to_thread.run_sync(self._issue, request, thumbprint)
-        if status == 200:
-            await self.limiter.account_succeeded(account)
-        elif status in (400, 401):
-            await self.limiter.account_failed(account)
+        if "password" in counters:  # a person: each factor's counter, cleared only by that factor
+            person = request.outcome
+            verdicts = {"password": person.password if person.password is not None else status == 200,
+                        "otp": person.otp}
+        else:
+            verdicts = {"client": status == 200 if status in (200, 400, 401) else None}
+        for factor, verdict in verdicts.items():
+            if verdict is True:
+                await self.limiter.account_succeeded(counters[factor][0])
+            elif verdict is False:
+                await self.limiter.account_failed(counters[factor][0], counters[factor][1])
         return status, payload, list(out or [])
+
+    def _counters(self, request: _Request) -> dict[str, tuple[str, int]]:
+        """The failure counters a token request may touch, by factor: (storage key, lockout threshold)."""
+        if request.form.get("grant_type") == "password":
+            user = request.form.get("username", "")[:256]
+            return {"password": (f"user:{user}", self.limiter.max_failed_logins),
+                    "otp": (f"otp:{user}", self.max_failed_otp)}
+        return {"client": (f"client:{_claimed_client_id(request)[:256]}", self.limiter.max_failed_logins)}
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -282,21 +324,34 @@ class BuiltinIssuer:
         }
 
 
-def _claimed_account(request: _Request) -> str:
-    """Whose credentials a token request tries: the person for the password grant, else the client."""
-    if request.form.get("grant_type") == "password":
-        return f"user:{request.form.get('username', '')[:256]}"
-    return f"client:{_claimed_client_id(request)[:256]}"
+def _basic_credentials(request: _Request) -> tuple[str, str] | None:
+    """The client id and secret of an ``Authorization: Basic`` header (RFC 6749 section 2.3.1:
+    form-encoded, then base64); ``ValueError`` when it is not that."""
+    auth = request.headers.get("authorization", "")
+    if auth[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(auth[6:].strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("the Basic credentials are not base64 of UTF-8 text") from None
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        raise ValueError("the Basic credentials are not client_id:client_secret")
+    return unquote(client_id), unquote(secret)
+
+
+def _client_authentication_problem(request: _Request) -> str | None:
+    """Why a request's client authentication is malformed or ambiguous, or None."""
+    try:
+        basic = _basic_credentials(request)
+    except ValueError as exc:
+        return str(exc)
+    if basic is not None and ("client_secret" in request.form or request.form.get("client_id", basic[0]) != basic[0]):
+        return "the client authenticates in more than one way (Basic and the form); use one (RFC 6749 section 2.3)"
+    return None
 
 
 def _claimed_client_id(request: _Request) -> str:
     """The client id a request claims (Basic header or form), before it is authenticated."""
-    auth = request.headers.get("authorization", "")
-    if auth[:6].lower() == "basic ":
-        try:
-            from urllib.parse import unquote
-
-            return unquote(base64.b64decode(auth[6:].strip()).decode().partition(":")[0])
-        except (ValueError, UnicodeDecodeError):
-            return "?"
-    return request.form.get("client_id", "?")
+    basic = _basic_credentials(request)  # already checked by _client_authentication_problem
+    return basic[0] if basic is not None else request.form.get("client_id", "?")

@@ -15,6 +15,7 @@ policy                       key                             where
 ===========================  ==============================  =========================================
 ``per-address``              client address                  before authentication (not on probes)
 ``failed-auth``              client address                  refused credentials (401, token endpoint)
+``per-address-probes``       client address                  health probes (this process's memory only)
 ``per-principal``            issuer + subject                after authentication
 ``global``                   one key                         after authentication
 ``per-principal-model``      principal + model               inference
@@ -125,6 +126,7 @@ class Limiter:
         c = config
         self.per_address = LimitPolicy.parse("per-address", c.per_address)
         self.failed_auth = LimitPolicy.parse("failed-auth", c.failed_auth_per_address)
+        self.per_address_probes = LimitPolicy.parse("per-address-probes", c.per_address_probes)
         self.per_principal = LimitPolicy.parse("per-principal", c.per_principal)
         self.global_ = LimitPolicy.parse("global", c.global_limit)
         self.per_principal_model = LimitPolicy.parse("per-principal-model", c.per_principal_model)
@@ -152,16 +154,17 @@ class Limiter:
     def _limiter(self, storage: Storage, policy: LimitPolicy) -> RateLimiter:
         return self._limiters[(id(storage), policy.budget)]
 
-    async def hit(self, policy: LimitPolicy | None, key: str, cost: int = 1) -> None:
-        """Count ``cost`` against every limit of ``policy`` for ``key``; 429 when one is exceeded."""
+    async def hit(self, policy: LimitPolicy | None, key: str, cost: int = 1, local: bool = False) -> None:
+        """Count ``cost`` against every limit of ``policy`` for ``key``; 429 when one is exceeded.
+        ``local`` counts in this process's memory, whatever the configured storage."""
         if policy is None:
             return
         for item in policy.items:
             def call(storage: Storage, item: RateLimitItem = item) -> Awaitable[bool]:
                 return self._limiter(storage, policy).hit(item, policy.name, key, cost=cost)
 
-            if not await self._run(call):
-                raise await self._refusal(policy, item, key)
+            if not (await call(self.local) if local else await self._run(call)):
+                raise await self._refusal(policy, item, key, local)
 
     async def exceeded(self, policy: LimitPolicy | None, key: str) -> None:
         """Raise 429 if ``policy`` is already used up for ``key``, without counting anything."""
@@ -174,25 +177,29 @@ class Limiter:
             if not await self._run(call):
                 raise await self._refusal(policy, item, key)
 
-    async def _refusal(self, policy: LimitPolicy, item: RateLimitItem, key: str) -> RateLimited:
-        stats = await self._run(lambda s: self._limiter(s, policy).get_window_stats(item, policy.name, key))
+    async def _refusal(self, policy: LimitPolicy, item: RateLimitItem, key: str, local: bool = False) -> RateLimited:
+        def window(s: Storage) -> Awaitable[Any]:
+            return self._limiter(s, policy).get_window_stats(item, policy.name, key)
+
+        stats = await (window(self.local) if local else self._run(window))
         retry_after = max(1, math.ceil(stats.reset_time - time.time()))
         return BudgetExhausted(policy, item, retry_after) if policy.budget else RateLimited(policy, item, retry_after)
 
     # -- consecutive failed sign-ins per account (NIST SP 800-63B section 5.2.2) -------------------
-    async def account_locked(self, account: str) -> int:
-        """Seconds until ``account`` may try again, or 0."""
+    async def account_locked(self, account: str, limit: int | None = None) -> int:
+        """Seconds until ``account`` may try again (``limit`` failures, by default
+        ``max_failed_logins``), or 0."""
         key = f"gateway/lockout/{account}"
         count = await self._run(lambda s: s.get(key))
-        if count < self.max_failed_logins:
+        if count < (limit or self.max_failed_logins):
             return 0
         expiry = await self._run(lambda s: s.get_expiry(key))
         return max(1, math.ceil(expiry - time.time()))
 
-    async def account_failed(self, account: str) -> None:
+    async def account_failed(self, account: str, limit: int | None = None) -> None:
         key = f"gateway/lockout/{account}"
         count = await self._run(lambda s: s.incr(key, int(self.lockout_s)))
-        if count == self.max_failed_logins:
+        if count == (limit or self.max_failed_logins):
             log.warning("account %r locked for up to %d s after %d consecutive failures",
                         account, self.lockout_s, count)
 

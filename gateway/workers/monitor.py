@@ -205,7 +205,8 @@ class ProcessMonitor:
         return cmd
 
     def _environment(self, w: WorkerProcess) -> dict[str, str]:
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(self.empty_dir),
+        # No home: libraries that cache under ~ (onnxruntime makes ~/.cache) find none to write to.
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/nonexistent",
                "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": str(max(1, w.settings.intra_op_threads))}
         env.update({k: os.environ[k] for k in _PASS_ENV if k in os.environ})
         # The package must be importable by the worker's interpreter from where it is installed,

@@ -208,8 +208,7 @@ class WorkerPool:
                 picked(worker.name)
             try:
                 return await self._send(worker, inputs, deadline)
-            except WorkerImpostor as exc:
-                log.error("SECURITY: %s; worker %s taken out of rotation", exc, worker.name)
+            except WorkerImpostor:
                 self._mark_down(worker, "not the expected worker process")
                 refused = worker
             except WorkerConnectError:

@@ -25,6 +25,7 @@ compromised worker that swapped sockets, say) is refused before a byte of input 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
 from abc import ABC, abstractmethod
@@ -48,6 +49,9 @@ __all__ = [
     "WorkerTransport",
     "fetch_health",
 ]
+
+
+log = logging.getLogger("gateway.pool")
 
 
 class WorkerConnectError(ConnectionError):
@@ -277,9 +281,11 @@ class UnixSocketTransport(HTTPTransport):
             found = peer_credentials(transport.get_extra_info("socket"))
             if found != self.credentials:
                 transport.abort()
-                raise WorkerImpostor(
+                error = WorkerImpostor(
                     f"{self.address} is listened on by pid {found.pid} uid {found.uid}, not the worker the "
                     f"supervisor started (pid {self.credentials.pid} uid {self.credentials.uid})")
+                log.error("SECURITY: %s; nothing was sent to it", error)
+                raise error
         return conn
 
 

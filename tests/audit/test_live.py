@@ -21,15 +21,7 @@ INFER = "/v2/models/digits/infer"
 
 
 def records(gw: Gateway) -> list[dict[str, object]]:
-    out = []
-    for files in stream_files([gw.config.parent / "audit"]).values():
-        for f in files:
-            for line in f.read_bytes().splitlines():
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass  # a torn last line after kill -9
-    return out
+    return gw.audit_records()
 
 
 def by_request(gw: Gateway) -> dict[str, list[dict[str, object]]]:

@@ -167,3 +167,71 @@ def test_cli_adds_users_and_clients(setup: tuple[Config, dict[str, dict[str, str
     assert main(["users", "add", "dave", "--roles", "admin", "--password-stdin", "--config", config.source]) == 1
     assert main(["clients", "remove", "batch-job", "--config", config.source]) == 0
     assert "batch-job" not in store.clients()
+
+
+@pytest.mark.anyio
+async def test_a_password_only_sign_in_does_not_clear_guessed_codes(
+        setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+    """With the password known, wrong codes alternated with password-only sign-ins still lock the
+    account after ``max_failed_otp`` (10) wrong codes: the lower factor's success clears only its own count."""
+    config, creds = setup
+    issuer = BuiltinIssuer(config)
+    admin = creds["admin"]
+    wrong = "000000" if totp_now(admin["totp_secret"]) != "000000" else "111111"
+    for attempt in range(10):
+        status, _ = await _password(issuer, admin, code=wrong)
+        assert status == 400
+        if attempt < 9:
+            status, _ = await _password(issuer, admin)  # the password alone still works...
+            assert status == 200
+    for code in (totp_now(admin["totp_secret"]), None):  # ...until the tenth wrong code: then nothing does
+        status, body = await _password(issuer, admin, code=code)
+        assert status == 429 and "locked" in str(body["error_description"])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["basic-public-client-with-secret-in-form", "basic-with-another-id-in-form"])
+async def test_a_client_that_authenticates_twice_is_refused(setup: tuple[Config, dict[str, dict[str, str]]],
+                                                            how: str) -> None:
+    """RFC 6749 section 2.3: one authentication method per request. Once this let a locked client
+    use its secret in the form while another client was named (and blamed) in the header."""
+    config, creds = setup
+    issuer = BuiltinIssuer(config)
+    demo = creds["demo"]
+    for _ in range(3):  # lock demo (max_failed_logins = 3 here)
+        status, _, _ = await _token(issuer, {"grant_type": "client_credentials"}, _basic("demo", "wrong"))
+        assert status == 401
+    header = _basic("gateway-cli", "") if how.startswith("basic-public") else _basic("other", "x")
+    form = {"grant_type": "client_credentials", "client_id": "demo", "client_secret": demo["client_secret"]}
+    status, body, _ = await _token(issuer, form, header)
+    assert status == 400 and body["error"] == "invalid_request" and "more than one way" in body["error_description"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("credentials", [b"\xff\xfe:secret", b"no-colon-here"], ids=["not-utf8", "no-colon"])
+async def test_malformed_basic_credentials_are_a_bad_request(setup: tuple[Config, dict[str, dict[str, str]]],
+                                                              credentials: bytes) -> None:
+    config, _ = setup
+    issuer = BuiltinIssuer(config)
+    header = {"authorization": "Basic " + base64.b64encode(credentials).decode()}
+    status, body, _ = await _token(issuer, {"grant_type": "client_credentials"}, header)
+    assert status == 400 and body["error"] == "invalid_request"
+
+
+@pytest.mark.anyio
+async def test_an_unknown_client_and_a_wrong_secret_look_the_same(setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+    """Same answer, same work (one scrypt): client ids cannot be enumerated. Once: 94 ms and a
+    'cannot authenticate' for a known client, 14 ms and 'does not exist' for an unknown one."""
+    config, _ = setup
+    issuer = BuiltinIssuer(config)
+    answers: dict[str, list[tuple[int, str]]] = {"demo": [], "no-such-client": []}
+    times: dict[str, list[float]] = {"demo": [], "no-such-client": []}
+    for _ in range(2):  # under the lockout (3): each refusal is counted against its claimed client
+        for client in answers:
+            started = time.perf_counter()
+            status, body, _ = await _token(issuer, {"grant_type": "client_credentials"}, _basic(client, "wrong"))
+            times[client].append(time.perf_counter() - started)
+            answers[client].append((status, body["error_description"]))
+    assert answers["demo"] == answers["no-such-client"]
+    ratio = min(times["no-such-client"]) / min(times["demo"])
+    assert 0.5 < ratio < 2, f"an unknown client is refused {ratio:.2f} times as fast"

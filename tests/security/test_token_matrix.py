@@ -74,6 +74,11 @@ def _unknown_kid(gw: Gateway) -> str:
     return mint(gw, key=stranger)
 
 
+def _unsigned_with(gw: Gateway, **header: Any) -> str:
+    """A token whose header says what a test needs (not signed: refused before any key is used)."""
+    return f"{_b64({'alg': 'ES256', 'typ': 'at+jwt', **header})}.{_b64(_claims(gw))}.c2ln"
+
+
 def _tampered(gw: Gateway) -> str:
     head, _, sig = mint(gw).split(".")
     return f"{head}.{_b64(_claims(gw, roles=['admin']))}.{sig}"
@@ -100,6 +105,11 @@ CASES: list[tuple[str, Callable[[Gateway], str | None], str | None]] = [
     ("payload edited after signing", _tampered, "invalid_token"),
     ("bound to another client certificate", lambda gw: mint(gw, cnf={"x5t#S256": _cert_thumbprint(gw, "admin")}),
      "invalid_token"),
+    # Client-chosen text that ends up in the WWW-Authenticate header cannot break it.
+    ("kid beyond Latin-1", lambda gw: mint(gw, {"kid": "k\u20ac\u4e2d"}), "invalid_token"),
+    ("alg beyond Latin-1", lambda gw: _unsigned_with(gw, alg="ES256\u20ac"), "invalid_token"),
+    ("typ beyond Latin-1", lambda gw: _unsigned_with(gw, typ="at+jwt\u20ac"), "invalid_token"),
+    ("kid with CR LF", lambda gw: mint(gw, {"kid": "k\r\nSet-Cookie: x=1"}), "invalid_token"),
 ]
 
 
@@ -121,6 +131,14 @@ def test_refused_tokens_get_401_with_a_bearer_challenge(
     assert r.headers["content-type"] == "application/problem+json"
     assert body["status"] == 401 and body["error"] == body["detail"]
     assert token is None or token not in r.text  # the token is never echoed back
+
+
+def test_a_refusal_over_a_strange_header_is_recorded_with_its_reason(gateway: Gateway) -> None:
+    with gateway.client(token=False, headers={"Authorization": f"Bearer {mint(gateway, {'kid': 'k€'})}"}) as c:
+        r = c.post(INFER, json=BODY)
+    assert r.status_code == 401 and r.headers["www-authenticate"].isascii()
+    record = gateway.record_of(r.headers["x-request-id"])
+    assert record["status"] == 401 and record["reason"]["type"] == "unauthorized"
 
 
 def test_the_control_token_is_accepted(gateway: Gateway) -> None:
