@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,42 @@ def probed(pki: Path, tmp_path_factory: pytest.TempPathFactory, models_root: Pat
     gw = start_gateway(pki, tmp_path_factory.mktemp("probes"), models_root, extra=f"probe_port = {port}\n")
     yield gw, port
     gw.stop()
+
+
+@pytest.fixture(scope="module")
+def summarized(pki: Path, tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Iterator[Gateway]:
+    gw = start_gateway(pki, tmp_path_factory.mktemp("summarized"), models_root, audit="probe_summary_s = 1\n")
+    yield gw
+    gw.stop()
+
+
+def test_probes_are_counted_into_a_summary_not_recorded_one_by_one(summarized: Gateway) -> None:
+    """One connection probing all day once wrote ~14 GB of audit records (536 bytes and an fsync each)."""
+    with summarized.client(token=False) as c:
+        for _ in range(30):
+            assert c.get("/v2/health/live").status_code == 200
+            time.sleep(0.07)  # under the per-address probe limit (20 per second)
+    deadline = time.monotonic() + 10
+    while True:
+        records = summarized.audit_records()
+        counted = sum(n["count"] for r in records if r.get("kind") == "probes" for n in r["counts"]
+                      if n["path"] == "/v2/health/live" and n["status"] == 200 and n["address"] == "127.0.0.1")
+        if counted >= 30:
+            break
+        assert time.monotonic() < deadline, f"only {counted} probes in the summaries"
+        time.sleep(0.5)
+    assert not [r for r in records if r.get("kind") == "request" and str(r.get("path", "")).startswith("/v2/health")]
+    assert sum(1 for r in records if r.get("kind") == "probes") <= 15  # one per second at most, not one per probe
+
+
+def test_probes_have_a_cheap_per_address_limit(summarized: Gateway) -> None:
+    with summarized.client(token=False) as c:
+        statuses = [c.get("/v2/health/ready") for _ in range(60)]
+        refused = [r for r in statuses if r.status_code == 429]
+        assert refused and refused[0].headers["content-type"] == "application/problem+json"
+        assert refused[0].json()["policy"] == "per-address-probes" and "retry-after" in refused[0].headers
+        time.sleep(1.1)
+        assert c.get("/v2/health/ready").status_code == 200
 
 
 def test_probe_listener_reports_live_and_ready(probed: tuple[Gateway, int]) -> None:

@@ -130,10 +130,59 @@ def _splice(d: Path) -> str:
     return "does not link"
 
 
+def _cut_right_after_a_checkpoint(d: Path) -> str:
+    """Everything after a checkpoint other than the last one removed: the end still "looks" signed."""
+    files = stream_files([d])["p0"]
+    f, i = [(f, i) for f, i in lines_of(d) if record_at(f, i).get("reason") == "count"][-2]
+    rewrite(f, lambda ls: ls[: i + 1])
+    for later in files[files.index(f) + 1:]:
+        later.unlink()
+    return "not at a shutdown checkpoint"
+
+
+def _second_stream(d: Path) -> None:
+    import asyncio
+
+    asyncio.run(write_log(d, records=10, stream="p1"))
+
+
+def _delete_a_whole_stream(d: Path) -> str:
+    _second_stream(d)
+    shutil.rmtree(d / "p1")
+    return "stream 'p1' is in the stream manifest but none of its files are here"
+
+
+def _add_a_stream_from_elsewhere(d: Path) -> str:
+    other = d.parent / "elsewhere"
+    import asyncio
+
+    asyncio.run(write_log(other, records=10, stream="p7"))
+    shutil.copytree(other / "p7", d / "p7")
+    return "stream 'p7' is not in the stream manifest"
+
+
+def _delete_the_manifest(d: Path) -> str:
+    _second_stream(d)
+    shutil.rmtree(d / "p1")
+    (d / "streams.json").unlink()
+    return "no stream manifest"
+
+
+def _edit_the_manifest(d: Path) -> str:
+    _second_stream(d)
+    shutil.rmtree(d / "p1")
+    doc = json.loads((d / "streams.json").read_text())
+    del doc["streams"]["p1"]
+    (d / "streams.json").write_bytes(canonical(doc))
+    return "the stream manifest has a signature that does not verify"
+
+
 TAMPERING = [("edit a field", _edit), ("delete a record", _delete), ("reorder two", _reorder),
              ("truncate a rotated file", _truncate_a_middle_file), ("truncate the end", _truncate_the_end),
              ("forge a checkpoint", _forge_checkpoint), ("drop a checkpoint", _drop_checkpoint),
-             ("splice from another log", _splice)]
+             ("splice from another log", _splice), ("cut right after a checkpoint", _cut_right_after_a_checkpoint),
+             ("delete a whole stream", _delete_a_whole_stream), ("add a stream from elsewhere", _add_a_stream_from_elsewhere),
+             ("delete the stream manifest", _delete_the_manifest), ("edit the stream manifest", _edit_the_manifest)]
 
 
 @pytest.mark.parametrize("tamper", [t[1] for t in TAMPERING], ids=[t[0] for t in TAMPERING])

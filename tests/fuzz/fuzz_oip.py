@@ -19,7 +19,7 @@ with atheris.instrument_imports(include=["gateway"]):
     from gateway.errors import GatewayError
     from gateway.protocol.codec import DecodeLimits, decode_infer_request, encode_infer_response
     from gateway.registry.manifest import Manifest, TensorSpec
-    from gateway.registry.signature import check_inputs
+    from gateway.registry.signature import Signature, check_inputs
 
 LIMITS = DecodeLimits(max_elements=1 << 20)
 DIGITS = Manifest("digits", "1", Path("."), (TensorSpec("input", "FP32", (-1, 64), 0.0, 16.0),),
@@ -38,6 +38,11 @@ def split(data: bytes) -> tuple[bytes, int | None]:
 
 def one_input(data: bytes) -> None:
     body, header_length = split(data)
+    for manifest in (DIGITS, TEXT):  # as the gateway decodes: the model's signature sees each tensor first
+        try:
+            decode_infer_request(body, header_length, LIMITS, Signature(manifest.inputs, manifest.name).expect)
+        except GatewayError as exc:
+            assert 400 <= exc.status < 500, exc
     try:
         request = decode_infer_request(body, header_length, LIMITS)
     except GatewayError as exc:

@@ -83,6 +83,21 @@ def test_a_model_in_memory_may_not_use_external_data_at_all(tmp_path: Path) -> N
         admit(_model(_external("weights.bin")).SerializeToString(), SUPPLY, None)
 
 
+def test_external_data_beside_the_model_is_refused_on_the_serving_path(models_root: Path, tmp_path: Path,
+                                                                      pki: Path) -> None:
+    """A model's bytes go to its worker through a pipe; ONNX Runtime would resolve a relative data
+    file ("secret.bin") against the worker's working directory, not the model's folder. Even a
+    signed model whose data file sits beside it is refused."""
+    root = _copy_models(models_root, tmp_path / "models")
+    folder = root / "digits" / "1"
+    (folder / "secret.bin").write_bytes(b"\0" * 16)
+    _replace_model(folder, _model(_external("secret.bin")).SerializeToString())
+    sign_model(folder, pki / "keys" / "model-signing.key")
+    supply = SupplyConfig(trusted_keys=(str(pki / "keys" / "model-signing.pub"),))
+    with pytest.raises(ManifestError, match="external data cannot be used"):
+        load_model_bytes(load_manifest(folder), supply)
+
+
 def test_the_demo_models_are_admitted(models_root: Path) -> None:
     for name in ("digits", "resnetish"):
         report = admit((models_root / name / "1" / "model.onnx").read_bytes(), SupplyConfig(), models_root / name / "1")

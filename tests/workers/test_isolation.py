@@ -37,6 +37,16 @@ def test_runtime_directory_is_private(gateway: Gateway) -> None:
     assert (gateway.runtime_dir().stat().st_mode & 0o777) == 0o700
 
 
+def test_workers_start_in_an_empty_directory_of_the_gateways(gateway: Gateway) -> None:
+    """A relative path a model names (external data, say) finds nothing: the working directory is
+    empty, and the worker cannot write to it."""
+    for model in ("digits", "resnetish"):
+        pid = int(_health(gateway, model)["pid"])  # type: ignore[arg-type]
+        cwd = Path(f"/proc/{pid}/cwd").resolve()
+        assert cwd == gateway.runtime_dir() / "empty" and os.listdir(cwd) == []
+        assert cwd.stat().st_uid == os.geteuid() and (cwd.stat().st_mode & 0o222) == 0
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop and network namespaces apply when started as root")
 def test_root_gateway_runs_workers_unprivileged_without_network(gateway: Gateway) -> None:
     isolation = _health(gateway)["isolation"]

@@ -1,0 +1,102 @@
+"""Requests the HTTP layer refuses before the application sees them still get a problem document and
+exactly one audit record; a client that never reads its answers is disconnected."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Gateway, client_context, start_gateway
+
+
+@pytest.fixture(scope="module")
+def strict(pki: Path, tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Iterator[Gateway]:
+    gw = start_gateway(pki, tmp_path_factory.mktemp("strict"), models_root,
+                       extra="header_timeout_s = 2\nwrite_timeout_s = 2\nlimit_concurrency = 6\n")
+    yield gw
+    gw.stop()
+
+
+def _connect(gw: Gateway, rcvbuf: int | None = None) -> ssl.SSLSocket:
+    raw = socket.socket()
+    if rcvbuf:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    raw.settimeout(15)
+    raw.connect(("127.0.0.1", gw.port))
+    return client_context(gw.pki, "demo").wrap_socket(raw, server_hostname="localhost")
+
+
+def _answer(tls: ssl.SSLSocket) -> tuple[int, dict[str, str], dict[str, object]]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = tls.recv(65536)
+        assert chunk, f"closed without an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    while len(body) < int(headers["content-length"]):
+        body += tls.recv(65536)
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, json.loads(body)
+
+
+REFUSED = [
+    ("malformed", b"GARBAGE\r\n\r\n", 400, "bad-request"),
+    ("raw-0xff-in-the-path", b"GET /v2/\xff HTTP/1.1\r\nHost: localhost\r\n\r\n", 400, "bad-request"),
+    ("too-many-headers", b"GET /v2 HTTP/1.1\r\nHost: localhost\r\n"
+     + b"".join(b"x-h%d: v\r\n" % i for i in range(150)) + b"\r\n", 431, "headers-too-large"),
+    ("headers-too-slow", b"GET /v2/models HTTP/1.1\r\nHost: loc", 408, "request-timeout"),
+]
+
+
+@pytest.mark.parametrize("raw,status,kind", [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
+def test_refusals_below_the_app_are_problems_with_a_record(strict: Gateway, raw: bytes, status: int, kind: str) -> None:
+    with _connect(strict) as tls:
+        tls.sendall(raw)
+        got, headers, problem = _answer(tls)
+        assert tls.recv(1) == b"", "the connection is closed after such a refusal"
+    assert got == status and headers["content-type"] == "application/problem+json"
+    assert problem["type"] == f"urn:gateway:problem:{kind}" and problem["status"] == status
+    assert headers["x-request-id"] == problem["request_id"]
+    record = strict.record_of(str(problem["request_id"]))
+    assert record["status"] == status and record["reason"]["type"] == kind
+    assert record["client"]["cert_sha256"], "the verified certificate is on the record"
+
+
+def test_over_the_concurrency_limit_the_answer_is_a_recorded_problem(strict: Gateway) -> None:
+    held = [_connect(strict) for _ in range(6)]  # limit_concurrency = 6: connections count
+    try:
+        with _connect(strict) as tls:
+            tls.sendall(b"GET /v2/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            status, headers, problem = _answer(tls)
+        assert status == 503 and headers["content-type"] == "application/problem+json"
+        assert problem["type"] == "urn:gateway:problem:overloaded" and "retry-after" in headers
+        assert strict.record_of(str(problem["request_id"]))["status"] == 503
+    finally:
+        for tls in held:
+            tls.close()
+
+
+def test_a_client_that_never_reads_its_answers_is_disconnected(strict: Gateway) -> None:
+    """Pipelined requests whose answers are never read: once the answers back up, the connection
+    has ``server.write_timeout_s`` to start reading them, then it is closed and its slot freed."""
+    with _connect(strict, rcvbuf=4096) as tls:
+        request = b"GET /openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        tls.sendall(request * 600)  # ~10 MB of answers, more than both sockets' buffers hold
+        deadline = time.monotonic() + 20
+        while "read none of its answers" not in strict.log.read_text():
+            assert time.monotonic() < deadline, "the stalled connection was never closed"
+            time.sleep(0.5)
+        received = 0
+        try:
+            while chunk := tls.recv(1 << 20):  # what was in flight, then the end
+                received += len(chunk)
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+    assert received < 600 * 15_000, "the server gave up before sending every answer"
