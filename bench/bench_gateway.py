@@ -174,17 +174,22 @@ def wrk(url: str, model: str, clients: int, seconds: float, body: tuple[Path, st
 
 
 def start_gateway(tmp: Path, processes: int, device: str, limits: dict[str, str] | None = None,
-                  extra: str = "") -> tuple[subprocess.Popen[bytes], int, str]:
-    """A gateway with the bench's models and limits; returns it, its port and a token for "demo"."""
-    init(tmp, ROOT / "models", port=0)
+                  extra: str = "", server: str = "") -> tuple[subprocess.Popen[bytes], int, str]:
+    """A gateway with the bench's models and limits (``server``: more ``[server]`` settings);
+    returns it, its port and a token for "demo". The models are a copy, signed with this run's key
+    (the repository's own stay as they are)."""
+    models = tmp / "models"
+    for model in MODELS:
+        shutil.copytree(ROOT / "models" / model, models / model, ignore=shutil.ignore_patterns("model.sig"))
+    init(tmp, models, port=0)
     port = int(os.environ.get("BENCH_PORT", "18443"))
     limits = LIMITS["none"] if limits is None else limits
-    lines = [f"[server]\nport = {port}\nprocesses = {processes}\nlog_level = \"warning\"\n",
+    lines = [f"[server]\nport = {port}\nprocesses = {processes}\nlog_level = \"warning\"\n{server}",
              f'[tls]\ncert_file = "{tmp}/certs/server.pem"\nkey_file = "{tmp}/certs/server.key"\n'
              f'client_ca_file = "{tmp}/certs/ca.pem"\n',
              f'[issuer]\nurl = "https://localhost:{port}"\n[auth]\naudience = "https://localhost:{port}"\n', POLICY,
              "[limits]\n" + "".join(f'{k} = "{v}"\n' for k, v in limits.items()),
-             extra, f'[models]\nroot = "{ROOT / "models"}"\n']
+             extra, f'[models]\nroot = "{models}"\n']
     for model, spec in MODELS.items():
         lines.append(f"[models.{model}]\ndevice = \"{device}\"\nintra_op_threads = {spec['threads']}\n"
                      f"max_batch_size = {spec['batch']}\nmax_queue_delay_ms = 1.0\n")
