@@ -49,7 +49,8 @@ class V2:
         call = InferCall(get_context(request.scope), request.headers, request.path_params, request.receive)
         await run_stages(self.stages, call)
         assert call.answer is not None, "the last stage encodes the answer"
-        return Response(call.answer.body, media_type=call.answer.media_type, headers=call.answer.headers)
+        answer = call.answer
+        return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
 
     async def model_index(self, request: Request) -> Response:
         """``GET /v2/models``: the models this caller may use (others are not even named)."""

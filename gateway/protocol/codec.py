@@ -179,15 +179,16 @@ def _leaf_lists(data: list[Any], shape: tuple[int, ...], where: str) -> list[lis
 def _from_json(data: Any, datatype: str, shape: tuple[int, ...], count: int, where: str) -> np.ndarray:
     if not isinstance(data, list):
         raise BadRequest(f"{where}.data must be a list", field=where)
-    if any(type(x) is list for x in data):  # nested: exactly as the shape says
+    found = set(map(type, data))
+    if list in found:  # nested: exactly as the shape says
         leaves = _leaf_lists(data, shape, where)
+        found = set()
+        for leaf in leaves:
+            found.update(map(type, leaf))
     else:  # flat: one value per element
         if len(data) != count:
             raise BadRequest(f"{where}.data has {len(data)} elements but its shape needs {count}", field=where)
         leaves = [data]
-    found: set[type] = set()
-    for leaf in leaves:
-        found.update(map(type, leaf))
     allowed = JSON_TYPES[datatype]
     if not found <= allowed:
         kinds = ", ".join(sorted(t.__name__ for t in found - allowed))

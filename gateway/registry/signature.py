@@ -20,10 +20,11 @@ __all__ = ["Signature", "check_inputs", "check_outputs"]
 
 
 def _check_declared(datatype: str, shape: tuple[int, ...], spec: TensorSpec) -> None:
-    where = f"inputs[{spec.name!r}]"
     if datatype != spec.datatype:
+        where = f"inputs[{spec.name!r}]"
         raise InvalidInput(f"{where}: datatype {datatype}, the model expects {spec.datatype}", field=where)
     if len(shape) != len(spec.shape) or any(want != -1 and got != want for got, want in zip(shape, spec.shape)):
+        where = f"inputs[{spec.name!r}]"
         raise InvalidInput(f"{where}: shape {list(shape)} does not match the model's {list(spec.shape)}",
                            field=where)
 
@@ -43,9 +44,9 @@ class Signature:
 
 
 def _check_one(tensor: Tensor, spec: TensorSpec) -> Tensor:
-    where = f"inputs[{spec.name!r}]"
     array = tensor.array
     _check_declared(tensor.datatype, array.shape, spec)
+    where = f"inputs[{spec.name!r}]"
     if array.dtype == object:
         if spec.text:
             for i, element in enumerate(array.reshape(-1)):

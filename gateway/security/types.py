@@ -6,7 +6,7 @@ Frozen dataclasses with no web framework and no I/O, so the decision functions i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = ["Decision", "PeerIdentity", "Principal", "PrincipalKind"]
@@ -42,11 +42,11 @@ class Principal:
     auth_time: int | None = None
     token_id: str | None = None
     cert_bound: bool = False
+    key: str = field(init=False, repr=False, compare=False)
+    """What limits and budgets count against: the issuer (or kind) and the subject."""
 
-    @property
-    def key(self) -> str:
-        """What limits and budgets count against: the issuer (or kind) and the subject."""
-        return f"{self.issuer or self.kind}|{self.subject}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.issuer or self.kind}|{self.subject}")
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -14,7 +14,7 @@ from gateway.catalog import ModelEntry
 from gateway.context import RequestContext
 from gateway.protocol.codec import InferRequest, Tensor
 
-__all__ = ["Answer", "InferCall", "Stage", "offload", "run_stages"]
+__all__ = ["Answer", "InferCall", "Stage", "elements", "offload", "run_stages"]
 
 T = TypeVar("T")
 
@@ -26,7 +26,7 @@ OFFLOAD_ELEMENTS = 1 << 20
 class Answer:
     body: bytes
     media_type: str
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -74,6 +74,13 @@ async def run_stages(stages: Sequence[Stage], call: InferCall) -> None:
     finally:
         for release in reversed(call.cleanup):
             release()
+
+
+def elements(tensors: list[Tensor]) -> int:
+    count = 0
+    for t in tensors:
+        count += t.array.size
+    return count
 
 
 async def offload(elements: int, fn: Callable[..., T], *args: Any) -> T:

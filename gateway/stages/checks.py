@@ -5,7 +5,7 @@ from __future__ import annotations
 from gateway.access import principal_of
 from gateway.registry.signature import check_inputs, check_outputs
 from gateway.security.ratelimit import Limiter
-from gateway.stages.base import InferCall, offload
+from gateway.stages.base import InferCall, elements, offload
 
 __all__ = ["CheckSignature", "ModelLimits"]
 
@@ -18,8 +18,7 @@ class CheckSignature:
     async def __call__(self, call: InferCall) -> None:
         assert call.request is not None
         manifest = call.model.manifest
-        elements = sum(t.array.size for t in call.request.inputs)
-        call.inputs = await offload(elements, check_inputs, manifest, call.request.inputs)
+        call.inputs = await offload(elements(call.request.inputs), check_inputs, manifest, call.request.inputs)
         check_outputs(manifest, call.request.outputs)
 
 

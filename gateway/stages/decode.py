@@ -1,7 +1,8 @@
 """Decoding request bodies without stalling the gateway.
 
-A small body (``INLINE_MAX_BYTES``; every ``digits`` request) is decoded on the event loop: it costs
-microseconds. A larger one is decoded in a separate process (``server.decode_processes``, at most
+A small body (``INLINE_MAX_BYTES`` of JSON; every ``digits`` request, and a binary request whose JSON
+header is small and that carries no large BYTES data: its tensors are views of the body) is
+decoded on the event loop: it costs microseconds. A larger one is decoded in a separate process (``server.decode_processes``, at most
 ``server.decode_memory_mb`` of address space each): a JSON parser holds the interpreter's lock
 for its whole run (orjson took 0.3 to 5 s for 32 MB bodies on the two-core machine, depending on
 their shape), so a thread would still stall every other request; a process does not, and a
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import multiprocessing
 import os
@@ -38,10 +40,25 @@ log = logging.getLogger("gateway.decode")
 INLINE_MAX_BYTES = 64 * 1024
 
 
+@functools.lru_cache(maxsize=256)
+def _signature(inputs: tuple[TensorSpec, ...], model: str) -> Signature:
+    return Signature(inputs, model)
+
+
 def decode_checked(body: bytes, header_length: int | None, limits: DecodeLimits, inputs: tuple[TensorSpec, ...],
                    model: str) -> InferRequest:
     """Decode against the model's declared inputs (wherever it runs: here or in a decoder process)."""
-    return decode_infer_request(body, header_length, limits, Signature(inputs, model).expect)
+    return decode_infer_request(body, header_length, limits, _signature(inputs, model).expect)
+
+
+def inline(body: bytes, header_length: int | None) -> bool:
+    """Cheap enough for the event loop: a small JSON part, and no BYTES elements to walk in a large
+    binary part (numeric binary tensors are views of the body, whatever their size)."""
+    if header_length is None:
+        return len(body) <= INLINE_MAX_BYTES
+    if header_length > INLINE_MAX_BYTES:
+        return False
+    return len(body) - header_length <= INLINE_MAX_BYTES or b'"BYTES"' not in body[:header_length]
 
 
 def _decoder_init(memory_mb: int, parent_pid: int, uid: int | None, gid: int | None) -> None:
@@ -76,7 +93,7 @@ class Decoder:
 
     async def decode(self, body: bytes, header_length: int | None, inputs: tuple[TensorSpec, ...],
                      model: str) -> InferRequest:
-        if len(body) <= INLINE_MAX_BYTES:
+        if inline(body, header_length):
             return decode_checked(body, header_length, self.limits, inputs, model)
         pool = self._pool()
         try:

@@ -8,7 +8,7 @@ import numpy as np
 
 from gateway.context import TensorDigest
 from gateway.protocol.codec import RequestedOutput, Tensor, encode_infer_response
-from gateway.stages.base import Answer, InferCall, offload
+from gateway.stages.base import Answer, InferCall, elements, offload
 from gateway.workers.pool import WorkerPool
 
 __all__ = ["Encode", "Infer", "tensor_digest"]
@@ -47,13 +47,13 @@ class Infer:
 
     async def __call__(self, call: InferCall) -> None:
         ctx = call.ctx
-        ctx.inputs = await offload(sum(t.array.size for t in call.inputs), _digests, call.inputs)
+        ctx.inputs = await offload(elements(call.inputs), _digests, call.inputs)
 
         def picked(worker: str) -> None:
             ctx.worker = worker
 
         call.outputs = await self.pool.infer(call.model.unit.key, call.inputs, ctx.deadline, picked)
-        ctx.outputs = await offload(sum(t.array.size for t in call.outputs), _digests, call.outputs)
+        ctx.outputs = await offload(elements(call.outputs), _digests, call.outputs)
 
 
 def _select(outputs: list[Tensor], requested: list[RequestedOutput], binary_default: bool) -> list[tuple[Tensor, bool]]:
