@@ -21,9 +21,10 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.audit.background import AuditBackground
 from gateway.audit.chain import load_private_key
 from gateway.audit.middleware import AuditMiddleware, ProbeTally
-from gateway.audit.writer import AuditUnavailable, AuditWriter
+from gateway.audit.writer import AuditWriter
 from gateway.catalog import ModelTable
 from gateway.config import Config, load_config
 from gateway.endpoints import V2, IssuerEndpoints, OpsEndpoints
@@ -37,7 +38,6 @@ from gateway.routes import ROUTES, starlette_routes
 from gateway.security.issuer import BuiltinIssuer
 from gateway.security.ratelimit import Limiter
 from gateway.security.rbac import Policy
-from gateway.security.tls import HANDSHAKES
 from gateway.security.tokens import TokenValidator
 from gateway.security.xfcc import TrustedProxies
 from gateway.stages import (
@@ -55,9 +55,24 @@ from gateway.stages import (
 from gateway.units import Unit
 from gateway.workers.pool import WorkerPool
 
-__all__ = ["app_from_environment", "create_app", "infer_stages"]
+__all__ = ["app_from_environment", "create_app", "infer_stages", "middleware_stack"]
 
 log = logging.getLogger("gateway.app")
+
+
+def middleware_stack(config: Config, writer: AuditWriter | None, metrics: Metrics, probes: ProbeTally,
+                     limiter: Limiter, validator: TokenValidator) -> list[Middleware]:
+    """What needs no model, outer to inner."""
+    return [
+        Middleware(AuditMiddleware, writer=writer, metrics=metrics, fail_closed=config.audit.fail_closed,
+                   known_models=frozenset(m.name for m in config.models), probes=probes if writer else None),
+        Middleware(ProblemMiddleware, debug=config.server.debug),
+        Middleware(ContextMiddleware, trusted_proxies=TrustedProxies(config.tls.trusted_proxies, config.tls.xfcc_hops),
+                   timeout_s=config.server.request_timeout_s),
+        Middleware(AddressLimitMiddleware, limiter=limiter),
+        Middleware(AuthMiddleware, validator=validator, auth=config.auth),
+        Middleware(PrincipalLimitMiddleware, limiter=limiter),
+    ]
 
 
 def infer_stages(
@@ -119,14 +134,11 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     served = [spec for spec in ROUTES if spec.owner in owners or spec.owner == "ops"]
     owners["ops"] = OpsEndpoints(orjson.dumps(openapi_document(served)), metrics, policy)
 
+    background = AuditBackground(writer, metrics, probes, config.audit.probe_summary_s)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        summaries = None
-        if writer is not None:
-            writer.open()
-            await writer.start_ticker()
-            summaries = asyncio.get_running_loop().create_task(_summarize_probes(writer, probes, config.audit.probe_summary_s))
-        watcher = asyncio.get_running_loop().create_task(_watch_handshakes(writer, metrics))
+        await background.start()
         await pool.start()
         warming = asyncio.get_running_loop().create_task(decoder.warm())
         for cache in validator.caches():  # warm the external providers' keys; failures are retried lazily
@@ -138,27 +150,13 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
             decoder.close()
             await pool.close()
             await limiter.close()
-            watcher.cancel()
-            if writer is not None:
-                assert summaries is not None
-                summaries.cancel()
-                await _write_probe_summary(writer, probes, config.audit.probe_summary_s)
-                await writer.close()
+            await background.stop()
 
     def gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
         return ProblemResponse(exc, request.scope, config.server.debug)
 
-    middleware = [
-        Middleware(AuditMiddleware, writer=writer, metrics=metrics, fail_closed=config.audit.fail_closed,
-                   known_models=frozenset(m.name for m in config.models), probes=probes if writer else None),
-        Middleware(ProblemMiddleware, debug=config.server.debug),
-        Middleware(ContextMiddleware, trusted_proxies=TrustedProxies(config.tls.trusted_proxies, config.tls.xfcc_hops),
-                   timeout_s=config.server.request_timeout_s),
-        Middleware(AddressLimitMiddleware, limiter=limiter),
-        Middleware(AuthMiddleware, validator=validator, auth=config.auth),
-        Middleware(PrincipalLimitMiddleware, limiter=limiter),
-    ]
+    middleware = middleware_stack(config, writer, metrics, probes, limiter, validator)
     handlers: dict[Any, Any] = {GatewayError: gateway_error, HTTPException: _http_exception}
     app = Starlette(routes=starlette_routes(served, owners), middleware=middleware, exception_handlers=handlers,
                     lifespan=lifespan)
@@ -166,39 +164,6 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     app.state.pool = pool
     app.state.validator = validator
     return app
-
-
-async def _write_probe_summary(writer: AuditWriter, probes: ProbeTally, every_s: float) -> None:
-    summary = probes.summary(every_s)
-    if summary is not None:
-        with contextlib.suppress(AuditUnavailable):
-            await writer.append(summary)
-
-
-async def _summarize_probes(writer: AuditWriter, probes: ProbeTally, every_s: float) -> None:
-    while True:
-        await asyncio.sleep(every_s)
-        await _write_probe_summary(writer, probes, every_s)
-
-
-async def _watch_handshakes(writer: AuditWriter | None, metrics: Metrics, every_s: float = 5.0) -> None:
-    """TLS connections that failed their handshake, or were refused one, never reach the application:
-    every ``every_s`` with any, one ``tls`` record of their counts by client address and reason, a
-    metric, and one log line (however many there were)."""
-    while True:
-        await asyncio.sleep(every_s)
-        failures = HANDSHAKES.collect()
-        if not failures:
-            continue
-        total = sum(n for reasons in failures.values() for n in reasons.values())
-        metrics.tls_failures.inc(total)
-        worst = sorted(failures.items(), key=lambda item: -sum(item[1].values()))[:3]
-        log.warning("%d TLS connection(s) failed or were refused in the last %g s; most from %s", total, every_s,
-                    "; ".join(f"{address} {reasons}" for address, reasons in worst))
-        if writer is not None:
-            with contextlib.suppress(AuditUnavailable):
-                await writer.append({"kind": "tls", "failed_handshakes": total, "window_s": every_s,
-                                     "by_address": failures})
 
 
 def app_from_environment() -> Starlette:

@@ -45,10 +45,20 @@ processes = 1               # serving processes, one SO_REUSEPORT socket each (w
 request_timeout_s = 30.0    # per-request deadline; past it the answer is 504
 max_body_bytes = 33554432   # 32 MiB; larger bodies get 413 (Content-Length or while streaming)
 keepalive_timeout_s = 5.0
+handshake_timeout_s = 5.0   # a connection must finish its TLS handshake within this
+write_timeout_s = 30.0      # a client that reads none of its answers this long is disconnected
+max_connections = 10000     # per process; lowered at start-up to what the file-descriptor limit allows
+max_pending_handshakes = 1024               # connections in their handshake at once; more are closed
+max_pending_handshakes_per_address = 256    # ... from one client address
+max_inflight_body_bytes = 536870912         # 512 MiB of request bodies held at once per process (503)
+max_inflight_body_bytes_per_principal = 100663296   # 96 MiB per principal (429)
+decode_processes = 0        # processes decoding bodies over 64 KiB; 0 = half the CPUs (1 to 4)
+decode_memory_mb = 4096     # each decoder's address space; a body needing more gets 413
 limit_concurrency = 2048    # connections + in-flight requests per process before 503
 runtime_dir = ""            # worker sockets; "" = a fresh private (0700) temporary directory
 probe_port = 0              # plain-HTTP /v2/health/live and /ready for orchestrators; 0 = off
-worker_user = "nobody"      # when started as root, workers drop to this user ("" = stay root)
+worker_user = "nobody"      # when started as root, workers drop to this user's group ("" = stay root)
+worker_uid_base = 61184     # ... and each to a user id of its own from this one up (0 = all worker_user's)
 debug = false               # true shows internal error details to clients: never in production
 
 [tls]
@@ -58,6 +68,7 @@ client_ca_file = "certs/ca.pem"   # CA that issues client certificates
 client_auth = "required"          # "required" | "optional" | "off"  (weaker choices are reported)
 min_version = "1.3"               # "1.2" also admits TLS 1.2 (ECDHE + AEAD only)
 trusted_proxies = []              # addresses whose X-Forwarded-Client-Cert is honoured
+xfcc_hops = 1                     # trusted proxies appending to it: the client's element is this many from the end
 
 [auth]
 audience = "https://localhost:{port}"   # the aud every access token must carry
@@ -81,7 +92,8 @@ enabled = true
 url = "https://localhost:{port}"
 directory = "issuer"        # signing keys, clients, users (private; edit with `gateway clients|users|keys`)
 token_ttl_s = 900
-max_failed_logins = 100     # consecutive failures before an account locks (NIST SP 800-63B)
+max_failed_logins = 100     # failed secrets before an account locks (NIST SP 800-63B)
+max_failed_otp = 10         # wrong one-time codes before a person locks (a password alone never clears them)
 lockout_s = 900
 
 # Deny by default: each rule grants verbs on models to roles. Verbs: infer, metadata, list,
@@ -121,6 +133,7 @@ max_file_bytes = 67108864                # rotate at 64 MiB ...
 rotate_interval_s = 86400.0              # ... or daily; the chain continues across files
 flush_window_ms = 2.0                    # records within this window share one write + fsync
 fail_closed = true                       # 503 rather than serve what cannot be recorded
+probe_summary_s = 60.0                   # health probes are counted into one record per this many seconds
 
 [models]
 root = "{models_root}"      # <root>/<name>/<version>/{{model.onnx,manifest.json}}

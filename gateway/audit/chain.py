@@ -269,17 +269,22 @@ def _verify_stream(stream: str, files: list[Path], public: Ed25519PublicKey, exp
                                        "(a crash mid-write, or the file was cut)")
                 return None
             report.notes.append(f"{stream}: {where}: torn last record after {seq} (crash mid-write)")
-    sealed = last_kind == "checkpoint" and last_reason == "shutdown"
-    if seq and last_kind != "checkpoint":
-        unsealed = seq - last_checkpoint
-        message = (f"{stream}: the last {unsealed} record(s), {last_checkpoint + 1}..{seq}, follow the last "
-                   "checkpoint (the log was cut short, or the gateway stopped without closing it)")
-        (report.notes if allow_unsealed else report.problems).append(message)
-    elif seq and not sealed:
-        message = (f"{stream}: the log ends at checkpoint {seq} ({last_reason}), not at a shutdown checkpoint "
-                   "(it was cut after it, or its gateway is running or stopped without closing it)")
-        (report.notes if allow_unsealed else report.problems).append(message)
-    return _End(seq, sealed)
+    end = _End(seq, last_kind == "checkpoint" and last_reason == "shutdown")
+    unsealed = _unsealed(stream, end, last_kind, last_reason, last_checkpoint)
+    if unsealed:
+        (report.notes if allow_unsealed else report.problems).append(unsealed)
+    return end
+
+
+def _unsealed(stream: str, end: _End, last_kind: str, last_reason: str, last_checkpoint: int) -> str | None:
+    """What is wrong with how a stream ends, if anything: only a shutdown checkpoint seals it."""
+    if not end.seq or end.sealed:
+        return None
+    if last_kind != "checkpoint":
+        return (f"{stream}: the last {end.seq - last_checkpoint} record(s), {last_checkpoint + 1}..{end.seq}, follow "
+                "the last checkpoint (the log was cut short, or the gateway stopped without closing it)")
+    return (f"{stream}: the log ends at checkpoint {end.seq} ({last_reason}), not at a shutdown checkpoint "
+            "(it was cut after it, or its gateway is running or stopped without closing it)")
 
 
 def _check_signature(record: dict[str, Any], public: Ed25519PublicKey, expected_key: str) -> str | None:

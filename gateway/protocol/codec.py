@@ -29,7 +29,8 @@ import numpy as np
 import orjson
 
 from gateway.errors import BadRequest
-from gateway.protocol.datatypes import DATATYPES, JSON_TYPES, datatype_of
+from gateway.protocol.datatypes import DATATYPES, datatype_of
+from gateway.protocol.elements import from_binary, from_json
 
 __all__ = [
     "HEADER_LENGTH",
@@ -126,84 +127,6 @@ def _shape(item: dict[str, Any], where: str, limits: DecodeLimits) -> tuple[tupl
     return tuple(shape), count
 
 
-def _bytes_elements(raw: memoryview, count: int, where: str, limits: DecodeLimits) -> np.ndarray:
-    if count * 4 > len(raw):  # each element is at least its 4-byte length: nothing allocated for a lie
-        raise BadRequest(f"{where}: {count} BYTES elements need at least {count * 4} bytes, "
-                         f"binary_data_size is {len(raw)}", field=where)
-    out = np.empty(count, dtype=object)
-    pos = 0
-    for i in range(count):
-        if pos + 4 > len(raw):
-            raise BadRequest(f"{where}: BYTES data ends inside element {i}", field=where)
-        (size,) = struct.unpack_from("<I", raw, pos)
-        pos += 4
-        if size > limits.max_bytes_element or pos + size > len(raw):
-            raise BadRequest(f"{where}: BYTES element {i} has a bad length {size}", field=where)
-        out[i] = bytes(raw[pos : pos + size])
-        pos += size
-    if pos != len(raw):
-        raise BadRequest(f"{where}: {len(raw) - pos} trailing bytes after BYTES elements", field=where)
-    return out
-
-
-def _from_binary(raw: memoryview, datatype: str, count: int, where: str, limits: DecodeLimits) -> np.ndarray:
-    if datatype == "BYTES":
-        return _bytes_elements(raw, count, where, limits)
-    dtype = DATATYPES[datatype]
-    if len(raw) != count * dtype.itemsize:
-        raise BadRequest(
-            f"{where}: binary_data_size is {len(raw)} bytes but shape and datatype need "
-            f"{count * dtype.itemsize}",
-            field=where,
-        )
-    return np.frombuffer(raw, dtype=dtype)
-
-
-def _leaf_lists(data: list[Any], shape: tuple[int, ...], where: str) -> list[list[Any]]:
-    """The innermost lists of ``data``, which must be nested exactly as ``shape`` (at any depth, a
-    list of lists of the declared length, down to lists of values)."""
-    level = [data]
-    for depth, dim in enumerate(shape[:-1]):
-        below: list[list[Any]] = []
-        for node in level:
-            if len(node) != dim or not all(type(x) is list for x in node):
-                raise BadRequest(f"{where}.data is not nested as its shape {list(shape)} (at depth {depth})",
-                                 field=where)
-            below.extend(node)
-        level = below
-    if shape and any(len(node) != shape[-1] for node in level):
-        raise BadRequest(f"{where}.data is not nested as its shape {list(shape)}", field=where)
-    return level
-
-
-def _from_json(data: Any, datatype: str, shape: tuple[int, ...], count: int, where: str) -> np.ndarray:
-    if not isinstance(data, list):
-        raise BadRequest(f"{where}.data must be a list", field=where)
-    found = set(map(type, data))
-    if list in found:  # nested: exactly as the shape says
-        leaves = _leaf_lists(data, shape, where)
-        found = set()
-        for leaf in leaves:
-            found.update(map(type, leaf))
-    else:  # flat: one value per element
-        if len(data) != count:
-            raise BadRequest(f"{where}.data has {len(data)} elements but its shape needs {count}", field=where)
-        leaves = [data]
-    allowed = JSON_TYPES[datatype]
-    if not found <= allowed:
-        kinds = ", ".join(sorted(t.__name__ for t in found - allowed))
-        raise BadRequest(f"{where}.data holds {kinds} values, not {datatype}", field=where)
-    if datatype == "BYTES":
-        out = np.empty(count, dtype=object)
-        out[:] = [s.encode() for leaf in leaves for s in leaf]
-        return out
-    try:
-        with np.errstate(over="ignore"):  # an infinity is refused by the signature check, not here
-            return np.array(data, dtype=DATATYPES[datatype]).reshape(-1)
-    except OverflowError:
-        raise BadRequest(f"{where}.data has values outside {datatype}'s range", field=where) from None
-
-
 # What a request may carry in ``parameters``; anything else is refused by name, not ignored.
 REQUEST_PARAMETERS = frozenset({"binary_data_output"})
 INPUT_PARAMETERS = frozenset({"binary_data_size"})
@@ -254,10 +177,10 @@ def _tensors(
         if size is not None:
             if type(size) is not int or size < 0 or offset + size > len(raw):
                 raise BadRequest(f"{where}.binary_data_size {size} overruns the binary body", field=where)
-            array = _from_binary(raw[offset : offset + size], datatype, count, where, limits)
+            array = from_binary(raw[offset : offset + size], datatype, count, where, limits.max_bytes_element)
             offset += size
         elif "data" in item:
-            array = _from_json(item["data"], datatype, shape, count, where)
+            array = from_json(item["data"], datatype, shape, count, where)
         else:
             raise BadRequest(f"{where} has neither data nor binary_data_size", field=where)
         tensors.append(Tensor(name, array.reshape(shape)))
