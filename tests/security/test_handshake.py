@@ -81,6 +81,37 @@ def test_tls_1_2_is_refused_by_default(gateway: Gateway) -> None:
         _handshake_and_get(gateway, ctx)
 
 
+def test_failed_handshakes_are_recorded_with_their_address_and_reason(gateway: Gateway) -> None:
+    """Counted where they fail (a TLS 1.2 attempt included), with the client's address: never
+    guessed from counters that handshakes merely in progress would skew."""
+    import time
+
+    def attempt(ctx: ssl.SSLContext) -> None:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=5, source_address=("127.0.0.3", 0)) as raw:
+            try:
+                with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                    tls.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: localhost\r\n\r\n")
+                    tls.recv(100)
+            except (ssl.SSLError, OSError):
+                pass
+
+    old = client_context(gateway.pki)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    attempt(old)
+    attempt(client_context(gateway.pki, principal=None))
+    deadline = time.monotonic() + 15
+    while True:
+        reasons: dict[str, int] = {}
+        for record in gateway.audit_records():
+            if record.get("kind") == "tls":
+                for reason, n in record.get("by_address", {}).get("127.0.0.3", {}).items():
+                    reasons[reason] = reasons.get(reason, 0) + n
+        if {"unsupported_protocol", "peer_did_not_return_a_certificate"} <= set(reasons):
+            break
+        assert time.monotonic() < deadline, reasons
+        time.sleep(0.5)
+
+
 def test_server_certificate_verifies_for_localhost_and_loopback_addresses(gateway: Gateway) -> None:
     for host in ("localhost", "127.0.0.1"):
         with httpx.Client(verify=client_context(gateway.pki)) as c:

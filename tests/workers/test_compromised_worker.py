@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,7 @@ def test_a_compromised_worker_can_neither_redirect_nor_forge_nor_touch_another(
     # (so what protects it is its own ownership and mode, not a private directory above it).
     gw = start_gateway(pki, tmp_path, models_root, runtime=Path(tempfile.mkdtemp(prefix="gateway-", dir="/tmp")))
     forger = None
+    evil: Path | None = None
     try:
         routes = gw.routes()
         digits, resnet = routes["digits"]["workers"][0], routes["resnetish"]["workers"][0]
@@ -139,4 +141,6 @@ def test_a_compromised_worker_can_neither_redirect_nor_forge_nor_touch_another(
             forger.wait()
             assert forger.stdout is not None
             forger.stdout.close()
+        if evil is not None:
+            shutil.rmtree(evil, ignore_errors=True)
         gw.stop()
