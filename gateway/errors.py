@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 __all__ = [
     "BadRequest",
     "ClientClosedRequest",
@@ -132,8 +134,6 @@ def render_problem(exc: GatewayError, instance: str, request_id: str | None, oip
 
     An internal error's detail (a 500 of no more specific kind) is replaced unless ``debug``.
     """
-    import orjson
-
     detail_error = exc
     if exc.status >= 500 and type(exc).status == 500 and not debug:
         detail_error = type(exc)("internal error; quote the request id when reporting it")

@@ -84,9 +84,10 @@ def unix_socket(entry: dict[str, Any], max_inflight: int) -> WorkerTransport:
 class WorkerPool:
     probe_interval_s = 0.5
 
-    def __init__(self, config: Config, runtime_dir: str | Path, connect: Connect = unix_socket) -> None:
+    def __init__(self, config: Config, runtime_dir: str | Path | None, connect: Connect = unix_socket) -> None:
         self.config = config
-        self.routes_path = Path(runtime_dir) / ROUTES
+        self.routes_path = Path(runtime_dir) / ROUTES if runtime_dir is not None else None
+        """The supervisor's routes; None for a pool over given transports (``of``)."""
         self.connect = connect
         self.workers: dict[str, list[WorkerClient]] = {unit.key: [] for unit, _ in config.units()}
         """Keyed by unit (``Unit.key``): the model's name for its default version, ``name@version``."""
@@ -100,7 +101,7 @@ class WorkerPool:
     @classmethod
     def of(cls, config: Config, transports: dict[str, list[WorkerTransport]]) -> WorkerPool:
         """A pool over the given transports, per unit key (no supervisor, no routes file)."""
-        pool = cls(config, Path("/nonexistent"))
+        pool = cls(config, None)
         for key, group in transports.items():
             pool.workers[key] = [WorkerClient(key, i, t, pool._max_inflight(key)) for i, t in enumerate(group)]
         return pool
@@ -126,6 +127,8 @@ class WorkerPool:
     async def _follow_routes(self) -> None:
         """Swap to the workers the supervisor's routes name, once they answer; old clients drain.
         A restarted worker (same unit and generation, new process) is expected under its new pid."""
+        if self.routes_path is None:
+            return
         try:
             mtime = self.routes_path.stat().st_mtime_ns
         except FileNotFoundError:
