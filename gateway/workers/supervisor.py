@@ -39,6 +39,7 @@ class Supervisor:
         self.generation: dict[Unit, int] = {unit: 0 for unit, _ in config.units()}
         self._models: dict[tuple[Unit, int], bytes] = {}
         self._published = False
+        self._publishing = threading.Lock()  # the reload thread and the monitor (on restarts) both publish
         self._reloading = threading.Lock()
         self.events: list[dict[str, object]] = []  # loads, refusals and swaps, for the audit log
         self.quarantined: set[tuple[Unit, str]] = set()  # (unit, sha256) whose workers died at load
@@ -73,7 +74,7 @@ class Supervisor:
         """Write which workers serve which unit now, atomically (once start-up has finished)."""
         if not self._published:
             return
-        with self.monitor.lock:
+        with self._publishing, self.monitor.lock:  # a snapshot and its write, one publisher at a time
             models = {}
             for unit, manifest in self.manifests.items():
                 gen = self.generation[unit]
@@ -83,9 +84,9 @@ class Supervisor:
                     "workers": [{"socket": str(w.socket), "pid": w.pid, "uid": w.uid if w.uid is not None else os.geteuid()}
                                 for w in self.monitor.workers if w.unit == unit and w.generation == gen],
                 }
-        tmp = self.runtime_dir / f".{ROUTES}.tmp"
-        tmp.write_text(json.dumps({"models": models}, indent=1))
-        os.replace(tmp, self.runtime_dir / ROUTES)
+            tmp = self.runtime_dir / f".{ROUTES}.tmp"
+            tmp.write_text(json.dumps({"models": models}, indent=1))
+            os.replace(tmp, self.runtime_dir / ROUTES)
 
     # reload ----------------------------------------------------------------------------------
     def _event(self, kind: str, manifest: Manifest, generation: int, reason: str = "") -> None:
@@ -105,6 +106,9 @@ class Supervisor:
             first = len(self.events)
             known = {m.name for m in self.config.models}
             units = [(u, m) for u, m in config.units() if u.model in known]  # a new model needs a restart
+            # Pinned versions first: when the default moves from version 1 to 2 while 1 stays pinned,
+            # 1 is served beside the default before the default leaves it, never not at all.
+            units.sort(key=lambda unit_settings: unit_settings[0].default)
             for unit, settings in units:
                 self._reload_unit(config, unit, settings)
             wanted = {u for u, _ in units}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -220,9 +221,24 @@ async def test_several_versions_side_by_side_and_their_reload(models_root: Path,
     gw = start_gateway(pki, tmp_path, root)  # version 1 only, then configured for both below
     try:
         _set_versions(gw.config, "2", ["1"])
-        assert main(["models", "reload", "--config", str(gw.config)]) == 0
-        await _until(lambda: _infer(gw, "1")[2] == "1" and _infer(gw)[2] == "2",
-                     "both versions were not served", 60, 0.3)
+        asked_for_1: list[int] = []
+        watching = threading.Event()
+
+        def ask_for_version_1() -> None:  # all through the reload: version 1 is never not served
+            while not watching.is_set():
+                asked_for_1.append(_infer(gw, "1")[0])
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=ask_for_version_1)
+        watcher.start()
+        try:
+            assert main(["models", "reload", "--config", str(gw.config)]) == 0
+            await _until(lambda: _infer(gw, "1")[2] == "1" and _infer(gw)[2] == "2",
+                         "both versions were not served", 60, 0.3)
+        finally:
+            watching.set()
+            watcher.join()
+        assert asked_for_1 and set(asked_for_1) == {200}, {s: asked_for_1.count(s) for s in set(asked_for_1)}
         reference = {v: ort.InferenceSession(str(root / "digits" / v / "model.onnx"),
                                              providers=["CPUExecutionProvider"]).run(None, {"input": X})[0]
                      for v in ("1", "2")}
