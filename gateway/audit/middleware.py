@@ -143,23 +143,23 @@ class AuditMiddleware:
         try:
             await self.app(scope, receive, watch)
         finally:
-            ctx = _ctx(scope)
-            status = status or 499
-            spec = getattr(scope.get("route"), "spec", None)
-            self.metrics.observe(spec.handler if spec else "none", "-", outcome(status, ctx.error if ctx else None),
-                                 status, time.monotonic() - started)
+            self._observe(scope, _ctx(scope), status or 499, started)
             client = scope.get("client")
-            self.probes.add(scope["path"], status, client[0] if client else "unknown")
+            self.probes.add(scope["path"], status or 499, client[0] if client else "unknown")
 
-    async def _record(self, scope: Scope, status: int, started: float) -> None:
+    def _observe(self, scope: Scope, ctx: RequestContext | None, status: int, started: float) -> tuple[str, str, float]:
+        """The request's metrics: its route's name, its outcome and its latency (also returned)."""
         seconds = time.monotonic() - started
-        ctx = _ctx(scope)
-        error = ctx.error if ctx is not None else None
-        result = outcome(status, error)
+        result = outcome(status, ctx.error if ctx is not None else None)
         spec = getattr(scope.get("route"), "spec", None)
         route = spec.handler if spec is not None else "none"
         model = ctx.model if ctx is not None and ctx.model in self.known_models else ""
         self.metrics.observe(route, model or "-", result, status, seconds)
+        return route, result, seconds
+
+    async def _record(self, scope: Scope, status: int, started: float) -> None:
+        ctx = _ctx(scope)
+        route, result, seconds = self._observe(scope, ctx, status, started)
         if self.writer is None:
             return
         record: dict[str, Any] = {

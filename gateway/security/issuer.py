@@ -277,10 +277,11 @@ class BuiltinIssuer:
         """One token request: how the client authenticates, the accounts' lockouts, then the grant
         (in a thread: scrypt is slow), then each factor's count."""
         request = _Request(url, headers, form)
-        conflict = _client_authentication_problem(request)
-        if conflict is not None:
-            return 400, {"error": "invalid_request", "error_description": conflict}, []
-        counters = self._counters(request)
+        try:
+            client_id = _claimed_client_id(request)
+        except ValueError as exc:  # malformed, or more than one way of authenticating
+            return 400, {"error": "invalid_request", "error_description": str(exc)}, []
+        counters = self._counters(request, client_id)
         for key, limit in counters.values():
             wait = await self.limiter.account_locked(key, limit)
             if wait:
@@ -288,26 +289,20 @@ class BuiltinIssuer:
                         "error_description": "too many failed attempts; this account is locked for now"}
                 return 429, body, [("Retry-After", str(wait))]
         status, payload, out = await anyio.to_thread.run_sync(self._issue, request, thumbprint)
-        if "password" in counters:  # a person: each factor's counter, cleared only by that factor
-            person = request.outcome
-            verdicts = {"password": person.password if person.password is not None else status == 200,
-                        "otp": person.otp}
-        else:
-            verdicts = {"client": status == 200 if status in (200, 400, 401) else None}
-        for factor, verdict in verdicts.items():
+        for factor, verdict in _verdicts(counters, request.outcome, status).items():
             if verdict is True:
                 await self.limiter.account_succeeded(counters[factor][0])
             elif verdict is False:
                 await self.limiter.account_failed(counters[factor][0], counters[factor][1])
         return status, payload, list(out or [])
 
-    def _counters(self, request: _Request) -> dict[str, tuple[str, int]]:
+    def _counters(self, request: _Request, client_id: str) -> dict[str, tuple[str, int]]:
         """The failure counters a token request may touch, by factor: (storage key, lockout threshold)."""
         if request.form.get("grant_type") == "password":
             user = request.form.get("username", "")[:256]
             return {"password": (f"user:{user}", self.limiter.max_failed_logins),
                     "otp": (f"otp:{user}", self.max_failed_otp)}
-        return {"client": (f"client:{_claimed_client_id(request)[:256]}", self.limiter.max_failed_logins)}
+        return {"client": (f"client:{client_id[:256]}", self.limiter.max_failed_logins)}
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -340,18 +335,21 @@ def _basic_credentials(request: _Request) -> tuple[str, str] | None:
     return unquote(client_id), unquote(secret)
 
 
-def _client_authentication_problem(request: _Request) -> str | None:
-    """Why a request's client authentication is malformed or ambiguous, or None."""
-    try:
-        basic = _basic_credentials(request)
-    except ValueError as exc:
-        return str(exc)
-    if basic is not None and ("client_secret" in request.form or request.form.get("client_id", basic[0]) != basic[0]):
-        return "the client authenticates in more than one way (Basic and the form); use one (RFC 6749 section 2.3)"
-    return None
-
-
 def _claimed_client_id(request: _Request) -> str:
-    """The client id a request claims (Basic header or form), before it is authenticated."""
-    basic = _basic_credentials(request)  # already checked by _client_authentication_problem
-    return basic[0] if basic is not None else request.form.get("client_id", "?")
+    """The client id a request claims (Basic header or form), before it is authenticated;
+    ``ValueError`` when its authentication is malformed or ambiguous."""
+    basic = _basic_credentials(request)
+    if basic is None:
+        return request.form.get("client_id", "?")
+    if "client_secret" in request.form or request.form.get("client_id", basic[0]) != basic[0]:
+        raise ValueError("the client authenticates in more than one way (Basic and the form); use one "
+                         "(RFC 6749 section 2.3)")
+    return basic[0]
+
+
+def _verdicts(counters: dict[str, tuple[str, int]], person: _Outcome, status: int) -> dict[str, bool | None]:
+    """Which counters a token request's result clears (True) or adds to (False): a person's by
+    factor, each only by its own; a client's by the answer (not by a lockout or an error of ours)."""
+    if "password" in counters:
+        return {"password": status == 200 if person.password is None else person.password, "otp": person.otp}
+    return {"client": status == 200 if status in (200, 400, 401) else None}

@@ -49,7 +49,6 @@ class HandshakeLedger:
         self.max_pending_per_address = max_pending_per_address
         self.pending: dict[str, int] = {}
         self.total_pending = 0
-        self.completed = 0
         self.failures: dict[str, dict[str, int]] = {}
         """address -> reason -> count, since the last ``collect``."""
 
@@ -75,9 +74,7 @@ class HandshakeLedger:
         else:
             self.pending.pop(address, None)
         self.total_pending -= 1
-        if error is None:
-            self.completed += 1
-        else:
+        if error is not None:
             self._count(address, handshake_failure(error))
 
     def _count(self, address: str, reason: str) -> None:

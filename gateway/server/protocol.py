@@ -32,7 +32,15 @@ import uvicorn
 
 from gateway.config import Config
 from gateway.context import REFUSAL_KEY, SCOPE_KEY
-from gateway.errors import BadRequest, GatewayError, HeadersTooLarge, Overloaded, RequestTimeout, render_problem
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    HeadersTooLarge,
+    Overloaded,
+    RequestTimeout,
+    header_safe,
+    render_problem,
+)
 from gateway.httpserver import BufferedBodyProtocol
 from gateway.security.tls import HANDSHAKES, build_server_context, identity_from_der
 
@@ -104,10 +112,6 @@ class HandshakeGuard(asyncio.Protocol):
         tls.connection_made(transport)
         waiter.add_done_callback(lambda done: HANDSHAKES.finished(
             address, None if done.cancelled() else done.exception()))
-
-
-def _printable(raw: bytes, limit: int = 256) -> str:
-    return "".join(c if " " <= c <= "~" else "?" for c in raw[:limit].decode("latin-1"))
 
 
 class TLSHttpToolsProtocol(BufferedBodyProtocol):
@@ -243,7 +247,7 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
         scope: dict[str, Any] = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
             "server": self.server, "client": self.client, "scheme": self.scheme, "root_path": "",
-            "method": method, "path": _printable(getattr(self, "url", b"") or b""), "raw_path": b"",
+            "method": method, "path": header_safe((getattr(self, "url", b"") or b"")[:256].decode("latin-1")), "raw_path": b"",
             "query_string": b"", "headers": [], "state": self.app_state.copy(),
             "extensions": {"tls": self._tls_extension} if self._tls_extension else {},
             REFUSAL_KEY: error,

@@ -27,18 +27,17 @@ from gateway.errors import (
 )
 from gateway.stages.base import InferCall
 
-__all__ = ["InFlightBytes", "ReadBody", "read_body"]
+__all__ = ["InFlightBytes", "ReadBody", "byte_count", "read_body"]
 
 
-def _declared_length(headers: Headers, limit: int) -> int | None:
-    declared = headers.get("content-length")
-    if declared is None:
+def byte_count(headers: Headers, name: str, max_digits: int = 15) -> int | None:
+    """A header holding a byte count (ASCII digits only: ``"²".isdigit()`` is true), or None."""
+    raw = headers.get(name)
+    if raw is None:
         return None
-    if not (declared.isascii() and declared.isdigit()) or len(declared) > 15:
-        raise BadRequest(f"Content-Length must be a byte count, got {declared[:32]!r}", field="Content-Length")
-    if int(declared) > limit:
-        raise PayloadTooLarge(f"the body may be at most {limit} bytes", limit=limit)
-    return int(declared)
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > max_digits:
+        raise BadRequest(f"{name} must be a byte count, got {raw[:32]!r}", field=name)
+    return int(raw)
 
 
 async def read_body(receive: Receive, headers: Headers, limit: int,
@@ -48,7 +47,9 @@ async def read_body(receive: Receive, headers: Headers, limit: int,
     encoding = headers.get("content-encoding", "identity").lower()
     if encoding != "identity":
         raise UnsupportedEncoding(f"Content-Encoding {encoding[:32]!r} is not accepted; send identity")
-    declared = _declared_length(headers, limit)
+    declared = byte_count(headers, "Content-Length")
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"the body may be at most {limit} bytes", limit=limit)
     if claim is not None and declared:
         claim(declared)
     chunks, size = [], 0

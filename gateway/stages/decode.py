@@ -27,11 +27,12 @@ import signal
 from concurrent.futures.process import BrokenProcessPool
 
 from gateway.config import ServerConfig
-from gateway.errors import BadRequest, PayloadTooLarge, Unavailable
-from gateway.protocol.codec import HEADER_LENGTH, DecodeLimits, InferRequest, decode_infer_request
+from gateway.errors import PayloadTooLarge, Unavailable
+from gateway.protocol.codec import DecodeLimits, InferRequest, decode_infer_request
 from gateway.registry.manifest import TensorSpec
 from gateway.registry.signature import Signature
 from gateway.stages.base import InferCall
+from gateway.stages.body import byte_count
 
 __all__ = ["INLINE_MAX_BYTES", "Decode", "Decoder", "decode_checked"]
 
@@ -124,14 +125,5 @@ class Decode:
 
     async def __call__(self, call: InferCall) -> None:
         manifest = call.model.manifest
-        call.request = await self.decoder.decode(call.body, _header_length(call), manifest.inputs, manifest.name)
-
-
-def _header_length(call: InferCall) -> int | None:
-    raw = call.headers.get(HEADER_LENGTH)
-    if raw is None:
-        return None
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12:
-        raise BadRequest(f"Inference-Header-Content-Length must be a byte count, got {raw[:32]!r}",
-                         field="Inference-Header-Content-Length")
-    return int(raw)
+        header_length = byte_count(call.headers, "Inference-Header-Content-Length", max_digits=12)
+        call.request = await self.decoder.decode(call.body, header_length, manifest.inputs, manifest.name)

@@ -23,21 +23,22 @@ def resolve_model(ctx: RequestContext, params: dict[str, Any], models: ModelTabl
     """
     principal_of(ctx)
     name, version = str(params["name"]), params.get("version")
-    valid = bool(NAME_PATTERN.fullmatch(name))
-    shown = repr(name) if valid else "'requested model'"
-    missing = NotFound(f"unknown model {shown}" + (f" version {str(version)[:64]!r}" if version else ""))
-    if not valid:
-        raise missing
+    if not NAME_PATTERN.fullmatch(name):
+        raise _unknown("'requested model'", version)
     ctx.model = name
     try:
         authorize(ctx, policy, verb, name)
     except NotFound:
-        raise missing from None
+        raise _unknown(repr(name), version) from None
     entry = models.find(name, version)
     if entry is None:
-        raise missing
+        raise _unknown(repr(name), version)
     ctx.version = entry.manifest.version
     return entry
+
+
+def _unknown(shown: str, version: object) -> NotFound:
+    return NotFound(f"unknown model {shown}" + (f" version {str(version)[:64]!r}" if version else ""))
 
 
 class Resolve:
