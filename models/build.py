@@ -8,6 +8,11 @@ outputs with datatype, shape and value domain, the ONNX file's SHA-256, the pref
 * ``resnetish``: a ResNet-18-shaped classifier (batch norm folded into the convolutions) with
   seeded random weights, about 11.7 M parameters, FP32 ``[-1, 3, 224, 224]`` to ``[-1, 1000]``.
 
+Beside them, ``<root>/_data/<name>-calibration.npy`` holds clean inputs the model never trained on,
+for ``gateway models calibrate``, and ``<root>/_data/<name>-holdout.npz`` (``x``, ``y``) another
+such set that calibration does not see, for measuring false-positive rates (``bench/security``).
+``_data`` can never be a model's name (names start with a letter or digit).
+
 Usage: ``python models/build.py [--root models] [--only digits|resnetish] [--force]``
 """
 
@@ -42,15 +47,19 @@ def _finish(graph: onnx.GraphProto) -> onnx.ModelProto:
     return model
 
 
-def build_digits() -> tuple[onnx.ModelProto, dict[str, Any]]:
+Built = tuple[onnx.ModelProto, dict[str, Any], dict[str, np.ndarray]]
+"""The model, its manifest, and its held-out data (``calibration``, ``holdout_x``, ``holdout_y``)."""
+
+
+def build_digits() -> Built:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     from sklearn.neural_network import MLPClassifier
 
     x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.25, random_state=0, stratify=y
-    )
+    # 60% to train on; the rest split evenly into calibration data and a hold-out set for measuring.
+    x_train, x_rest, y_train, y_rest = train_test_split(x, y, test_size=0.4, random_state=0, stratify=y)
+    x_cal, x_test, _, y_test = train_test_split(x_rest, y_rest, test_size=0.5, random_state=1, stratify=y_rest)
     clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=0)
     clf.fit(x_train / 16.0, y_train)
     accuracy = float(clf.score(x_test / 16.0, y_test))
@@ -93,7 +102,9 @@ def build_digits() -> tuple[onnx.ModelProto, dict[str, Any]]:
         "device": "auto",
         "metrics": {"test_accuracy": round(accuracy, 4), "test_samples": int(len(y_test))},
     }
-    return _finish(graph), manifest
+    data = {"calibration": x_cal.astype(np.float32), "holdout_x": x_test.astype(np.float32),
+            "holdout_y": y_test.astype(np.int64)}
+    return _finish(graph), manifest, data
 
 
 class _ResNetBuilder:
@@ -143,7 +154,15 @@ class _ResNetBuilder:
         return self.relu(name)
 
 
-def build_resnetish() -> tuple[onnx.ModelProto, dict[str, Any]]:
+def _smooth_images(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Seeded low-frequency images, about zero-mean and unit-variance, as normalized photographs are."""
+    coarse = rng.normal(0.0, 1.0, (n, 3, 7, 7)) + rng.normal(0.0, 0.5, (n, 3, 1, 1))
+    images = coarse.repeat(32, axis=2).repeat(32, axis=3)
+    images += rng.normal(0.0, 0.1, images.shape)
+    return np.clip(images, -10, 10).astype(np.float32)
+
+
+def build_resnetish() -> Built:
     b = _ResNetBuilder(np.random.default_rng(SEED))
     x = b.relu(b.conv("input", 3, 64, 7, 2))
     pooled = "pool"
@@ -178,7 +197,10 @@ def build_resnetish() -> tuple[onnx.ModelProto, dict[str, Any]]:
         "device": "auto",
         "metrics": {"parameters": int(b.params)},
     }
-    return _finish(graph), manifest
+    rng = np.random.default_rng(SEED + 1)
+    data = {"calibration": _smooth_images(rng, 96), "holdout_x": _smooth_images(rng, 32),
+            "holdout_y": np.zeros(32, dtype=np.int64)}
+    return _finish(graph), manifest, data
 
 
 BUILDERS = {"digits": build_digits, "resnetish": build_resnetish}
@@ -186,12 +208,13 @@ BUILDERS = {"digits": build_digits, "resnetish": build_resnetish}
 
 def write(root: Path, name: str, force: bool) -> Path:
     target = root / name / "1"
-    if (target / "manifest.json").exists() and (target / "model.onnx").exists() and not force:
+    present = [target / "manifest.json", target / "model.onnx", root / "_data" / f"{name}-calibration.npy"]
+    if all(p.exists() for p in present) and not force:
         print(f"{name}: present at {target} (use --force to rebuild)")
         return target
     started = time.monotonic()
     print(f"{name}: building ...", flush=True)
-    model, manifest = BUILDERS[name]()
+    model, manifest, held_out = BUILDERS[name]()
     data = model.SerializeToString()
     target.mkdir(parents=True, exist_ok=True)
     tmp = target / "model.onnx.tmp"
@@ -199,6 +222,10 @@ def write(root: Path, name: str, force: bool) -> Path:
     tmp.replace(target / "model.onnx")
     manifest["onnx"] = {"file": "model.onnx", "sha256": hashlib.sha256(data).hexdigest()}
     (target / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    store = root / "_data"
+    store.mkdir(exist_ok=True)
+    np.save(store / f"{name}-calibration.npy", held_out["calibration"])
+    np.savez(store / f"{name}-holdout.npz", x=held_out["holdout_x"], y=held_out["holdout_y"])
     extra = ", ".join(f"{k}={v}" for k, v in manifest["metrics"].items())
     print(f"{name}: wrote {target} ({len(data) / 1e6:.1f} MB, {extra}) in {time.monotonic() - started:.1f}s")
     return target
