@@ -29,6 +29,8 @@ from gateway.catalog import ModelTable
 from gateway.config import Config, load_config
 from gateway.endpoints import V2, IssuerEndpoints, OpsEndpoints
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway.events import EventSink
+from gateway.guards.stages import GuardHealth, GuardInputs, GuardVerdict
 from gateway.metrics import Metrics
 from gateway.middleware import AuthMiddleware, ContextMiddleware, ProblemMiddleware, ProblemResponse
 from gateway.middleware.limits import AddressLimitMiddleware, PrincipalLimitMiddleware
@@ -61,11 +63,12 @@ log = logging.getLogger("gateway.app")
 
 
 def middleware_stack(config: Config, writer: AuditWriter | None, metrics: Metrics, probes: ProbeTally,
-                     limiter: Limiter, validator: TokenValidator) -> list[Middleware]:
+                     limiter: Limiter, validator: TokenValidator, events: EventSink | None = None) -> list[Middleware]:
     """What needs no model, outer to inner."""
     return [
         Middleware(AuditMiddleware, writer=writer, metrics=metrics, fail_closed=config.audit.fail_closed,
-                   known_models=frozenset(m.name for m in config.models), probes=probes if writer else None),
+                   known_models=frozenset(m.name for m in config.models), probes=probes if writer else None,
+                   events=events),
         Middleware(ProblemMiddleware, debug=config.server.debug),
         Middleware(ContextMiddleware, trusted_proxies=TrustedProxies(config.tls.trusted_proxies, config.tls.xfcc_hops),
                    timeout_s=config.server.request_timeout_s),
@@ -77,7 +80,8 @@ def middleware_stack(config: Config, writer: AuditWriter | None, metrics: Metric
 
 def infer_stages(
     config: Config, models: ModelTable, policy: Policy, limiter: Limiter, pool: WorkerPool, decoder: Decoder,
-    in_flight: InFlightBytes, guards: Sequence[Stage] = (), output_policies: Sequence[Stage] = (),
+    in_flight: InFlightBytes, guards: Sequence[Stage] = (), verdicts: Sequence[Stage] = (),
+    output_policies: Sequence[Stage] = (),
 ) -> list[Stage]:
     """The model-aware path of an inference, in order. A new stage is one class and one line here."""
     return [
@@ -88,6 +92,7 @@ def infer_stages(
         *guards,  # the AI-specific monitors (adversarial inputs, anomalies, extraction)
         ModelLimits(limiter),
         Infer(pool),
+        *verdicts,  # guards that judge by the model's outputs (on the input and its riders)
         *output_policies,  # what a role may see of the outputs (top-k, rounding, label-only)
         Encode(),
     ]
@@ -120,15 +125,18 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     policy = Policy(config.rbac)
     decoder = Decoder(config.server)
     in_flight = InFlightBytes(config.server.max_inflight_body_bytes, config.server.max_inflight_body_bytes_per_principal)
-    stages = infer_stages(config, models, policy, limiter, pool, decoder, in_flight, guards, output_policies)
-    metrics = Metrics(pool)
+    health = GuardHealth()
+    stages = infer_stages(config, models, policy, limiter, pool, decoder, in_flight,
+                          [GuardInputs(health), *guards], [GuardVerdict(health, limiter)], output_policies)
+    events = EventSink(config.events)
+    metrics = Metrics(pool, health, events)
     probes = ProbeTally()
     writer = None
     if config.audit.enabled:
         stream = f"p{os.environ.get('GATEWAY_PROCESS_INDEX', '0')}"
         writer = AuditWriter(config.audit, stream, load_private_key(config.audit.signing_key))
 
-    owners: dict[str, object] = {"v2": V2(models, pool, policy, limiter, stages)}
+    owners: dict[str, object] = {"v2": V2(models, pool, policy, limiter, stages, health, events)}
     if issuer is not None:
         owners["issuer"] = IssuerEndpoints(issuer)
     served = [spec for spec in ROUTES if spec.owner in owners or spec.owner == "ops"]
@@ -139,6 +147,7 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await background.start()
+        await events.start()
         await pool.start()
         warming = asyncio.get_running_loop().create_task(decoder.warm())
         for cache in validator.caches():  # warm the external providers' keys; failures are retried lazily
@@ -151,12 +160,13 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
             await pool.close()
             await limiter.close()
             await background.stop()
+            await events.stop()
 
     def gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
         return ProblemResponse(exc, request.scope, config.server.debug)
 
-    middleware = middleware_stack(config, writer, metrics, probes, limiter, validator)
+    middleware = middleware_stack(config, writer, metrics, probes, limiter, validator, events)
     handlers: dict[Any, Any] = {GatewayError: gateway_error, HTTPException: _http_exception}
     app = Starlette(routes=starlette_routes(served, owners), middleware=middleware, exception_handlers=handlers,
                     lifespan=lifespan)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import Config, ModelConfig
+from gateway.guards.calibration import CalibrationError
+from gateway.guards.guard import ModelGuard, check_guard
 from gateway.registry.manifest import Manifest, load_manifest
 from gateway.units import Unit
 
 __all__ = ["ModelEntry", "ModelTable"]
+
+log = logging.getLogger("gateway.catalog")
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,13 +23,16 @@ class ModelEntry:
     unit: Unit
     manifest: Manifest
     config: ModelConfig
+    guard: ModelGuard | None = None
+    """The version's detectors and calibration, when ``config.guard`` enables any."""
 
 
 class ModelTable:
     def __init__(self, config: Config, manifests: dict[Unit, Manifest]) -> None:
         self.config = config
         self.entries: dict[Unit, ModelEntry] = {
-            unit: ModelEntry(unit, manifests[unit], settings) for unit, settings in config.units()
+            unit: ModelEntry(unit, manifests[unit], settings, check_guard(manifests[unit], settings.guard))
+            for unit, settings in config.units()
         }
 
     def swapped(self, key: str, manifest_folder: str | None) -> None:
@@ -35,7 +43,12 @@ class ModelTable:
             self.entries.pop(unit, None)
         elif base is not None:
             manifest = load_manifest(Path(manifest_folder))
-            self.entries[unit] = ModelEntry(unit, manifest, dataclasses.replace(base, version=manifest.version))
+            try:  # the supervisor checked it before the swap; a file changed since is refused here too
+                guard = check_guard(manifest, base.guard)
+            except CalibrationError as exc:
+                log.error("%s: not following the swap: %s", key, exc)
+                return
+            self.entries[unit] = ModelEntry(unit, manifest, dataclasses.replace(base, version=manifest.version), guard)
 
     def names(self) -> list[str]:
         return sorted(u.model for u in self.entries if u.default)

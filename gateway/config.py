@@ -24,7 +24,7 @@ import limits as limits_lib
 from gateway.units import Unit
 
 __all__ = [
-    "AuditConfig", "AuthConfig", "Config", "SupplyConfig", "ConfigError", "IssuerConfig", "IssuerTrust", "ModelConfig", "PolicyConfig",
+    "AuditConfig", "AuthConfig", "Config", "EventsConfig", "GuardConfig", "SupplyConfig", "ConfigError", "IssuerConfig", "IssuerTrust", "ModelConfig", "PolicyConfig",
     "LimitsConfig", "RuleConfig", "ServerConfig", "StepUpRule", "TLSConfig", "load_config",
 ]
 
@@ -119,6 +119,62 @@ class TLSConfig:
     from the end (1: the one the nearest proxy added; right for proxies that set the header too)."""
 
 
+GuardAction = Literal["record", "flag", "reject", "throttle"]
+GUARD_ACTIONS: tuple[str, ...] = get_args(GuardAction)
+"""Strictest last: a principal with several roles gets the strictest of their actions."""
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """``[models.NAME.guard]``: adversarial-input and anomaly detection on the request path.
+
+    Off unless ``detectors`` names some; the model version's folder must then hold a signed
+    ``calibration.json`` made with the same ``squeezers`` (``gateway models calibrate``)."""
+
+    detectors: tuple[str, ...] = ()
+    """Any of ``squeeze``, ``anomaly``, ``confidence``; their scores are combined."""
+    squeezers: tuple[str, ...] = ("bits:2", "bits:3", "bits:4")
+    """``bits:N``, ``levels:N``, ``median:K`` (image-shaped inputs); the copies ride in the same worker batch."""
+    image: tuple[int, ...] = ()
+    """(height, width) or (channels, height, width) an input row is viewed as, when it is flat."""
+    target_fpr: float = 0.01
+    """The false-positive rate on clean inputs the combined threshold is placed at."""
+    action: GuardAction = "record"
+    """What a detection does: record (audit and metrics), flag (a response header), reject (422),
+    throttle (the request counts ``throttle_cost`` times against the principal's budgets)."""
+    roles: tuple[tuple[str, str], ...] = ()
+    """``[models.NAME.guard.roles]``: role = action, overriding ``action`` for holders of the role."""
+    throttle_cost: int = 10
+    on_error: Literal["record", "reject"] = "record"
+    """A detector that fails or times out: serve and record it (default), or refuse with 503."""
+    timeout_ms: float = 250.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.detectors)
+
+    def action_for(self, roles: frozenset[str] | tuple[str, ...]) -> str:
+        chosen = [a for role, a in self.roles if role in roles]
+        return max(chosen, key=GUARD_ACTIONS.index) if chosen else self.action
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """``[events]``: security events (detections) delivered to a webhook, besides the audit log."""
+
+    webhook_url: str = ""
+    """https:// (or http:// to loopback); empty: events go to the audit log and metrics only."""
+    webhook_secret_file: str = ""
+    """The HMAC-SHA256 key the body is signed with (``Gateway-Signature: t=..., v1=...``)."""
+    webhook_ca_file: str = ""
+    queue_size: int = 10000
+    """Events waiting for delivery; beyond it new ones are dropped (and counted; the audit log keeps them)."""
+    batch_size: int = 100
+    retry_window_s: float = 300.0
+    """How long a batch is retried (exponential backoff, 0.5 s doubling to 30 s) before it is given up."""
+    timeout_s: float = 5.0
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -140,6 +196,7 @@ class ModelConfig:
     """Pad batches to these sizes ("8,16"); "auto" = max_batch_size on CUDA, none on CPU; "off"."""
     cuda_tf32: bool = False
     """Allow TF32 matrix maths on CUDA: faster, but outputs drift from the CPU's by ~1e-3."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 @dataclass(frozen=True)
@@ -324,6 +381,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     supply: SupplyConfig = field(default_factory=SupplyConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
 
     @property
     def issuer_url(self) -> str:
@@ -497,6 +555,21 @@ def _identity_checks(cfg: Config) -> list[Check]:
     return checks
 
 
+def _events_checks(cfg: Config) -> list[Check]:
+    e = cfg.events
+    if not e.webhook_url:
+        return []
+    return [
+        (_safe_url(e.webhook_url), "events.webhook_url must be https:// (http:// only on loopback)"),
+        (bool(e.webhook_secret_file) and Path(e.webhook_secret_file).is_file(),
+         f"events.webhook_secret_file: {e.webhook_secret_file or '(not set)'} does not exist; the webhook's "
+         "bodies are signed with it (`gateway init` makes one)"),
+        (not e.webhook_ca_file or Path(e.webhook_ca_file).is_file(), f"events.webhook_ca_file: {e.webhook_ca_file} does not exist"),
+        (1 <= e.batch_size <= e.queue_size <= 1_000_000, "events: 1 <= batch_size <= queue_size <= 1000000"),
+        (1 <= e.retry_window_s <= 86400 and 0 < e.timeout_s <= 60, "events.retry_window_s must be 1..86400 and timeout_s 0..60"),
+    ]
+
+
 def _policy_checks(cfg: Config) -> list[Check]:
     p = cfg.rbac
     checks: list[Check] = []
@@ -551,7 +624,7 @@ def _key_checks(cfg: Config) -> list[Check]:
 
 
 def _check_ranges(cfg: Config, problems: list[str]) -> None:
-    for area in (_server_checks, _identity_checks, _policy_checks, _limit_checks, _key_checks):
+    for area in (_server_checks, _identity_checks, _policy_checks, _limit_checks, _key_checks, _events_checks):
         problems.extend(msg for ok, msg in area(cfg) if not ok)
     if cfg.server.worker_uid_base and not 1000 <= cfg.server.worker_uid_base <= 2**31 - 1 - 4096:
         problems.append("server.worker_uid_base must be 0 or a user id of 1000 or more")
@@ -621,6 +694,40 @@ def _policy(raw: dict[str, Any], problems: list[str]) -> PolicyConfig:
     return dataclasses.replace(policy, rules=tuple(rules), step_up=tuple(step_up))
 
 
+def _guard(raw: Any, where: str, problems: list[str]) -> GuardConfig:
+    from gateway.guards.detectors import DETECTORS, parse_squeezer
+
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a table")
+        return GuardConfig()
+    raw = dict(raw)
+    roles, image = raw.pop("roles", {}), raw.pop("image", [])
+    guard = GuardConfig(**_coerce(GuardConfig, raw, where, problems))
+    mapping = []
+    if not isinstance(roles, dict) or not all(a in GUARD_ACTIONS for a in roles.values()):
+        problems.append(f"{where}.roles: expected a table of role = one of {list(GUARD_ACTIONS)}")
+    else:
+        mapping = sorted(roles.items())
+    if not isinstance(image, list) or len(image) not in (0, 2, 3) or not all(type(d) is int and d > 0 for d in image):
+        problems.append(f"{where}.image: expected [height, width] or [channels, height, width]")
+        image = []
+    for name in guard.detectors:
+        if name not in DETECTORS:
+            problems.append(f"{where}.detectors: {name!r} is not one of {list(DETECTORS)}")
+    for spec in guard.squeezers:
+        try:
+            parse_squeezer(spec)
+        except ValueError as exc:
+            problems.append(f"{where}.squeezers: {exc}")
+    if "squeeze" in guard.detectors and not guard.squeezers:
+        problems.append(f"{where}.squeezers: the squeeze detector needs at least one squeezer")
+    if not 0.0001 <= guard.target_fpr <= 0.5:
+        problems.append(f"{where}.target_fpr must be 0.0001..0.5")
+    if not 1 <= guard.throttle_cost <= 1000 or not 1 <= guard.timeout_ms <= 60000:
+        problems.append(f"{where}: throttle_cost must be 1..1000 and timeout_ms 1..60000")
+    return dataclasses.replace(guard, roles=tuple(mapping), image=tuple(image))
+
+
 def _safe_url(url: str) -> bool:
     """https://, or http:// to a loopback host (nothing off the machine can tamper with it)."""
     from urllib.parse import urlsplit
@@ -650,7 +757,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{p}: {exc}"]) from None
     _env_overrides(data, dict(os.environ if environ is None else environ))
-    for section in set(data) - {"server", "tls", "models", "auth", "issuer", "rbac", "limits", "audit", "supply"}:
+    for section in set(data) - {"server", "tls", "models", "auth", "issuer", "rbac", "limits", "audit", "supply", "events"}:
         problems.append(f"[{section}]: unknown section")
     server = ServerConfig(**_coerce(ServerConfig, data.get("server", {}), "server", problems))
     server = dataclasses.replace(server, pid_file=_resolve(base, server.pid_file))
@@ -668,7 +775,9 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
         if not isinstance(table, dict):
             problems.append(f"models.{name}: expected a table")
             continue
-        models.append(ModelConfig(name=name, **_coerce(ModelConfig, table, f"models.{name}", problems)))
+        table = dict(table)
+        guard = _guard(table.pop("guard", {}), f"models.{name}.guard", problems)
+        models.append(ModelConfig(name=name, guard=guard, **_coerce(ModelConfig, table, f"models.{name}", problems)))
     auth = _auth(data.get("auth", {}), base, problems)
     issuer = IssuerConfig(**_coerce(IssuerConfig, data.get("issuer", {}), "issuer", problems))
     issuer = dataclasses.replace(issuer, directory=_resolve(base, issuer.directory))
@@ -681,8 +790,11 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     supply = dataclasses.replace(supply, kek_file=_resolve(base, supply.kek_file),
                                  signing_key=_resolve(base, supply.signing_key),
                                  trusted_keys=tuple(_resolve(base, k) for k in supply.trusted_keys))
+    events = EventsConfig(**_coerce(EventsConfig, data.get("events", {}), "events", problems))
+    events = dataclasses.replace(events, webhook_secret_file=_resolve(base, events.webhook_secret_file),
+                                 webhook_ca_file=_resolve(base, events.webhook_ca_file))
     cfg = Config(server, tls, _resolve(base, str(root)), tuple(models), str(path or ""), auth, issuer, rbac, limits,
-                 audit, supply)
+                 audit, supply, events)
     _check_ranges(cfg, problems)
     if not cfg.models:
         problems.append("models: no model is configured (add a [models.NAME] table)")

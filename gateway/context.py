@@ -9,8 +9,10 @@ a response to learn what happened.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from gateway.security.types import Decision, PeerIdentity, Principal
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
     from gateway.errors import GatewayError
     from gateway.routes import RouteSpec
 
-__all__ = ["REFUSAL_KEY", "SCOPE_KEY", "Finding", "RequestContext", "TensorDigest", "get_context"]
+__all__ = ["REFUSAL_KEY", "SCOPE_KEY", "Finding", "RequestContext", "SecurityEvent", "TensorDigest", "get_context"]
 
 SCOPE_KEY = "gateway.context"
 REFUSAL_KEY = "gateway.refusal"
@@ -51,7 +53,7 @@ class Finding:
     kind: str
     detail: str
     action: str = "record"
-    """``record`` (noted only), ``flag``, ``throttle`` or ``refuse``."""
+    """``record`` (noted only), ``flag``, ``throttle`` or ``reject``."""
     technique: str | None = None
     """MITRE ATLAS technique id, where one applies."""
     score: float | None = None
@@ -63,6 +65,42 @@ class Finding:
         if self.score is not None:
             out["score"] = self.score
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityEvent:
+    """What a detection is, for an audit record, a metric and a SIEM."""
+
+    principal: str
+    model: str
+    version: str
+    detector: str
+    score: float
+    threshold: float
+    action: str
+    technique: str
+    """MITRE ATLAS technique: AML.T0043 (craft adversarial data), AML.T0015 (evade ML model)."""
+    request_id: str
+    scores: dict[str, float] = field(default_factory=dict)
+    time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"))
+    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "security-event",
+            "event_id": self.event_id,
+            "time": self.time,
+            "request_id": self.request_id,
+            "principal": self.principal,
+            "model": self.model,
+            "version": self.version,
+            "detector": self.detector,
+            "score": round(self.score, 6),
+            "threshold": round(self.threshold, 6),
+            "action": self.action,
+            "technique": self.technique,
+            "scores": {k: round(v, 6) for k, v in self.scores.items()},
+        }
 
 
 @dataclass(slots=True)
@@ -88,6 +126,11 @@ class RequestContext:
     inputs: list[TensorDigest] = field(default_factory=list)
     outputs: list[TensorDigest] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    """The guard's detector scores (each the largest over the request's rows) and their combination."""
+    events: list[SecurityEvent] = field(default_factory=list)
+    """Security events the request raised; written as their own audit records, counted, sent on
+    (``gateway.events``)."""
     error: GatewayError | None = None
     """The refusal or failure the request was answered with."""
 

@@ -10,6 +10,7 @@ configuration are kept unless ``force`` is given; only what is missing is create
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -147,6 +148,19 @@ max_queue_delay_ms = 1.0    # extra wait for a batch to fill, only under concurr
 intra_op_threads = 1
 max_inflight = 256          # queued + running requests per worker before 503
 
+# The adversarial-input guard (off without detectors). Its calibration is part of the model
+# version (calibration.json, signed with it): `gateway models calibrate FOLDER --data clean.npy`.
+# Digits are drawn on a 0..16 integer grid, which levels:17 reproduces: an input moved off the
+# grid by an attack is squeezed back, and the prediction changes.
+[models.digits.guard]
+detectors = ["squeeze", "anomaly", "confidence"]
+squeezers = ["levels:17"]
+target_fpr = 0.01           # on clean inputs, measured on data the model never trained on
+action = "flag"             # record | flag (Gateway-Finding header) | reject (422) | throttle
+on_error = "record"         # a detector that fails: serve and record it ("reject": 503)
+# [models.digits.guard.roles]
+# untrusted = "reject"      # per role; the strictest of a caller's roles applies
+
 [models.resnetish]
 version = "1"
 workers = 1
@@ -154,6 +168,16 @@ device = "auto"
 max_batch_size = 16
 max_queue_delay_ms = 2.0
 intra_op_threads = 2
+
+[models.resnetish.guard]
+detectors = ["squeeze", "anomaly"]
+squeezers = ["median:2"]    # one squeezed copy per row: twice the rows on the worker
+action = "record"
+
+# Security events (detections) go to the audit log and /metrics; a webhook is optional:
+# [events]
+# webhook_url = "https://siem.example/hooks/gateway"
+# webhook_secret_file = "keys/events-webhook.secret"   # HMAC-SHA256 key of Gateway-Signature
 """
 
 
@@ -178,9 +202,42 @@ def _audit_keys(keys: Path, force: bool, report: InitReport) -> None:
     report.created += [str(private), str(public)]
 
 
-def model_signing(keys: Path, models_root: Path, force: bool = False, report: InitReport | None = None) -> None:
-    """An EC P-256 model-signing key (kept if there is one), and signatures for the repository's
-    models that have none."""
+def calibrate_demo_models(config_path: Path, models_root: Path, report: InitReport) -> None:
+    """Calibrate each configured model whose guard is on, whose version has no calibration yet,
+    and for which ``models/build.py`` left held-out data (``<root>/_data/<name>-calibration.npy``)."""
+    from gateway.config import ConfigError, load_config
+    from gateway.guards.calibration import CALIBRATION_NAME, calibrate, data_digest, write_calibration
+    from gateway.registry.loading import load_model_bytes
+    from gateway.registry.manifest import ManifestError, load_manifest
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        report.created.append(f"(models not calibrated: {exc})")
+        return
+    for unit, settings in config.units():
+        folder = Path(config.models_root) / unit.model / settings.version
+        data_file = models_root / "_data" / f"{unit.model}-calibration.npy"
+        if not settings.guard.enabled or (folder / CALIBRATION_NAME).exists() or not data_file.exists():
+            continue
+        try:
+            manifest = load_manifest(folder)
+            data, digest = data_digest(data_file)
+            model = load_model_bytes(manifest, dataclasses.replace(config.supply, require_signature=False))
+            doc = calibrate(manifest, model, data, digest, settings.guard.squeezers,
+                            settings.guard.image, settings.guard.target_fpr)
+        except (ManifestError, OSError) as exc:
+            report.created.append(f"(not calibrated: {exc})")
+            continue
+        write_calibration(folder, doc)
+        (folder / SIGNATURE_NAME).unlink(missing_ok=True)  # signed again below, with the calibration
+        report.created.append(f"{folder / CALIBRATION_NAME} (from {data_file.name})")
+
+
+def model_signing(keys: Path, models_root: Path, force: bool = False, report: InitReport | None = None,
+                  config: Path | None = None) -> None:
+    """An EC P-256 model-signing key (kept if there is one), calibrations for the guarded models of
+    ``config`` that have none, and signatures for the repository's models that have none."""
     report = report if report is not None else InitReport()
     private, public = keys / "model-signing.key", keys / "model-signing.pub"
     if not (private.exists() and public.exists()) or force:
@@ -188,6 +245,8 @@ def model_signing(keys: Path, models_root: Path, force: bool = False, report: In
         report.created += [str(private), str(public)]
     else:
         report.kept.append(str(private))
+    if config is not None:
+        calibrate_demo_models(config, models_root, report)
     for folder in sorted(models_root.glob("*/*")) if models_root.is_dir() else []:
         if (folder / "manifest.json").exists() and not (folder / SIGNATURE_NAME).exists():
             sign_model(folder, private)
@@ -279,10 +338,10 @@ def init(directory: Path, models_root: Path, port: int = 8443, force: bool = Fal
         config.write_text(CONFIG_TEMPLATE.format(port=port, models_root=root))
         report.created.append(str(config))
     _audit_keys(directory / "keys", force, report)
-    model_signing(directory / "keys", models_root, force, report)
     cred_path = directory / "credentials.json"
     previous = _previous_credentials(cred_path)
     _issuer_setup(directory / "issuer", principals, previous, force, report)
+    model_signing(directory / "keys", models_root, force, report, config)
     url = f"https://localhost:{port}"
     credentials = {
         "gateway": url,

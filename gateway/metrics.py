@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -53,8 +53,39 @@ class _WorkerCollector(Collector):
         yield from (depth, inflight, healthy, batches, providers)
 
 
+class _GuardCollector(Collector):
+    """Detector failures and webhook deliveries, read from their owners at scrape time."""
+
+    def __init__(self, health: Any, events: Any) -> None:
+        self.health = health
+        self.events = events
+
+    def collect(self) -> Iterator[Metric]:
+        errors = CounterMetricFamily("gateway_guard_errors", "Guard runs that failed or timed out (on_error applied)",
+                                     labels=["model"])
+        for model, count in (self.health.errors if self.health is not None else {}).items():
+            errors.add_metric([model], float(count))
+        yield errors
+        if self.events is None or not self.events.enabled:
+            return
+        status = self.events.status()
+        deliveries = CounterMetricFamily("gateway_security_event_deliveries", "Security events by webhook delivery "
+                                         "result (delivered, given_up after the retry window, dropped on a full queue)",
+                                         labels=["result"])
+        for result in ("delivered", "given_up", "dropped"):
+            deliveries.add_metric([result], float(status[result]))
+        yield deliveries
+        failures = CounterMetricFamily("gateway_security_event_delivery_failures", "Webhook attempts that failed "
+                                       "(each is retried with backoff)")
+        failures.add_metric([], float(status["failed_attempts"]))
+        yield failures
+        queued = GaugeMetricFamily("gateway_security_event_queue", "Security events waiting for the webhook")
+        queued.add_metric([], float(status["queued"]))
+        yield queued
+
+
 class Metrics:
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, health: Any = None, events: Any = None) -> None:
         self.pool = pool
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("gateway_requests", "Requests by route, model, outcome and status",
@@ -65,7 +96,10 @@ class Metrics:
         self.audit_records = Counter("gateway_audit_records", "Audit records written", registry=self.registry)
         self.tls_failures = Counter("gateway_tls_handshake_failures", "TLS handshakes that did not complete",
                                     registry=self.registry)
+        self.security_events = Counter("gateway_security_events", "Security events by model, detector and action",
+                                       ["model", "detector", "action"], registry=self.registry)
         self.registry.register(_WorkerCollector(pool))
+        self.registry.register(_GuardCollector(health, events))
 
     def observe(self, route: str, model: str, outcome: str, status: int, seconds: float) -> None:
         self.requests.labels(route, model, outcome, str(status)).inc()

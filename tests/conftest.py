@@ -35,13 +35,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A session copy of the demo models (the session's keys sign it; the repository stays as it is)."""
-    missing = [m for m in ("digits", "resnetish") if not (MODELS / m / "1" / "model.onnx").exists()]
+    """A session copy of the demo models (the session's keys sign it, and the session's ``gateway
+    init`` calibrates it from the held-out data; the repository stays as it is)."""
+    missing = [m for m in ("digits", "resnetish") if not (MODELS / m / "1" / "model.onnx").exists()
+               or not (MODELS / "_data" / f"{m}-calibration.npy").exists()]
     if missing:
         subprocess.run([sys.executable, str(MODELS / "build.py")], check=True)
     root = tmp_path_factory.mktemp("models")
     for name in ("digits", "resnetish"):
-        shutil.copytree(MODELS / name, root / name, ignore=shutil.ignore_patterns("model.sig"))
+        shutil.copytree(MODELS / name, root / name, ignore=shutil.ignore_patterns("model.sig", "calibration.json"))
+    shutil.copytree(MODELS / "_data", root / "_data")
     # Signed once, with the key the session's PKI will trust (see ``pki``), before any test's own
     # ``gateway init`` could sign them with a throwaway key.
     model_signing(root.parent / f"{root.name}-keys", root)
@@ -119,8 +122,8 @@ class Gateway:
 
     def async_client(self, principal: str | None = "demo", token: bool = True, **kwargs: Any) -> httpx.AsyncClient:
         headers = {**(self.auth(principal) if token else {}), **kwargs.pop("headers", {})}
-        return httpx.AsyncClient(base_url=self.url, verify=client_context(self.pki, principal), timeout=30,
-                                 headers=headers, **kwargs)
+        return httpx.AsyncClient(base_url=self.url, verify=client_context(self.pki, principal),
+                                 timeout=kwargs.pop("timeout", 30), headers=headers, **kwargs)
 
     def runtime_dir(self) -> Path:
         for line in self.config.read_text().splitlines():
@@ -143,10 +146,11 @@ class Gateway:
         return out
 
     def record_of(self, request_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
-        """The audit record of one request (waiting briefly for records written after the answer)."""
+        """The audit record of one request (waiting briefly for records written after the answer);
+        the security events it raised are records of their own kind, beside it."""
         deadline = time.monotonic() + timeout_s
         while True:
-            found = [r for r in self.audit_records() if r.get("request_id") == request_id]
+            found = [r for r in self.audit_records() if r.get("request_id") == request_id and r["kind"] == "request"]
             if found or time.monotonic() > deadline:
                 assert len(found) == 1, f"{len(found)} records for request {request_id}"
                 return found[0]

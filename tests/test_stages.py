@@ -103,7 +103,7 @@ def build(models_root: Path, worker: InMemoryTransport, in_flight: InFlightBytes
         for client in pool.workers["digits"]:
             client.healthy = True
         return infer_stages(CONFIG, models, Policy(CONFIG.rbac), Limiter(CONFIG.limits), pool, decoder, in_flight,
-                            guards or [], outputs or [])
+                            guards or [], [], outputs or [])
 
     yield stages
     decoder.close()

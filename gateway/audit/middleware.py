@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.audit.writer import AuditUnavailable, AuditWriter
 from gateway.context import SCOPE_KEY, RequestContext
 from gateway.errors import GatewayError
+from gateway.events import EventSink
 from gateway.metrics import Metrics
 from gateway.middleware.problems import send_problem
 from gateway.routes import LIVENESS_PATH, PROBE_PATHS
@@ -73,13 +74,14 @@ class ProbeTally:
 
 class AuditMiddleware:
     def __init__(self, app: ASGIApp, writer: AuditWriter | None, metrics: Metrics, fail_closed: bool,
-                 known_models: frozenset[str], probes: ProbeTally | None = None) -> None:
+                 known_models: frozenset[str], probes: ProbeTally | None = None, events: EventSink | None = None) -> None:
         self.app = app
         self.writer = writer
         self.metrics = metrics
         self.fail_closed = fail_closed
         self.known_models = known_models
         self.probes = probes
+        self.events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -160,8 +162,16 @@ class AuditMiddleware:
     async def _record(self, scope: Scope, status: int, started: float) -> None:
         ctx = _ctx(scope)
         route, result, seconds = self._observe(scope, ctx, status, started)
+        events = [e.as_dict() for e in ctx.events] if ctx is not None else []
+        for event in events:
+            self.metrics.security_events.labels(event["model"], event["detector"], event["action"]).inc()
+            if self.events is not None:
+                self.events.offer(event)
         if self.writer is None:
             return
+        for event in events:  # its own record kind, in the chain before the request's record
+            await self.writer.append(event)
+            self.metrics.audit_records.inc()
         record: dict[str, Any] = {
             "kind": "request",
             "request_id": ctx.request_id if ctx else None,
@@ -199,6 +209,8 @@ def _describe(record: dict[str, Any], ctx: RequestContext) -> None:
         record["outputs"] = [d.as_dict() for d in ctx.outputs]
     if ctx.findings:
         record["findings"] = [f.as_dict() for f in ctx.findings]
+    if ctx.scores:
+        record["scores"] = {k: round(v, 6) for k, v in ctx.scores.items()}
     if ctx.error is not None:
         record["reason"] = {"type": ctx.error.type, "detail": ctx.error.detail[:300]}
 

@@ -12,8 +12,9 @@ the protocol codec.
 """
 
 from gateway.client.auth import CallableToken, ClientCredentials, StaticToken, TokenSource
-from gateway.client.core import AsyncClient, Client, RetryPolicy, ssl_context
+from gateway.client.core import AsyncClient, Client, InferResult, RetryPolicy, ssl_context
 from gateway.client.errors import (
+    AdversarialInputRefused,
     AuthenticationError,
     BudgetExhausted,
     ClientError,
@@ -29,7 +30,7 @@ from gateway.client.errors import (
 )
 
 __all__ = [
-    "AsyncClient", "AuthenticationError", "BudgetExhausted", "CallableToken", "Client", "ClientCredentials",
-    "ClientError", "ConnectionFailed", "Forbidden", "GatewayError", "InvalidInput", "NotFound", "RateLimited",
+    "AdversarialInputRefused", "AsyncClient", "AuthenticationError", "BudgetExhausted", "CallableToken", "Client", "ClientCredentials",
+    "ClientError", "ConnectionFailed", "Forbidden", "GatewayError", "InferResult", "InvalidInput", "NotFound", "RateLimited",
     "RetryPolicy", "StaticToken", "StepUpRequired", "Timeout", "TokenSource", "Unavailable", "ssl_context",
 ]

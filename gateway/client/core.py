@@ -248,13 +248,31 @@ class Client(_Base):
               ) -> dict[str, np.ndarray]:
         """Run ``model`` on ``inputs`` (``{name: array}``, or one array, whose name is looked up if not
         given); returns ``{output name: array}``. Binary tensors by default, JSON with ``binary=False``."""
+        return self.infer_result(model, inputs, outputs=outputs, version=version, parameters=parameters,
+                                 binary=binary, input_name=input_name).outputs
+
+    def infer_result(self, model: str, inputs: Inputs, *, outputs: list[str] | None = None, version: str | None = None,
+                     parameters: dict[str, Any] | None = None, binary: bool = True, input_name: str | None = None,
+                     ) -> InferResult:
+        """As ``infer``, with the request id and the guard's finding (the ``Gateway-Finding`` header
+        of a model whose guard flags) beside the outputs."""
         if isinstance(inputs, np.ndarray) and input_name is None:
             key = (model, version)
             if key not in self._input_names:  # one metadata call per model, not per inference
                 self._input_names[key] = self.model_metadata(model, version)["inputs"][0]["name"]
             input_name = self._input_names[key]
         path, body, headers = self._request_body(model, inputs, outputs, version, parameters, binary, input_name)
-        return self._outputs(self.request("POST", path, content=body, headers=headers))
+        response = self.request("POST", path, content=body, headers=headers)
+        return InferResult(self._outputs(response), response.headers.get("x-request-id", ""),
+                           response.headers.get("gateway-finding"))
+
+
+@dataclass(frozen=True)
+class InferResult:
+    outputs: dict[str, np.ndarray]
+    request_id: str
+    finding: str | None
+    """``adversarial-input; detector="squeeze"; score=...; technique="AML.T0043"`` when flagged."""
 
 
 class AsyncClient(_Base):

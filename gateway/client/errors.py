@@ -62,6 +62,21 @@ class InvalidInput(GatewayError):
         return str(value) if value is not None else None
 
 
+class AdversarialInputRefused(InvalidInput):
+    """422 ``adversarial-input``: the model's guard judged the input adversarial or anomalous."""
+
+    @property
+    def detector(self) -> str | None:
+        value = self.problem.get("detector")
+        return str(value) if value is not None else None
+
+    @property
+    def technique(self) -> str | None:
+        """The MITRE ATLAS technique the detection is filed under (AML.T0043, AML.T0015)."""
+        value = self.problem.get("technique")
+        return str(value) if value is not None else None
+
+
 class _RetryAfter(GatewayError):
     @property
     def retry_after(self) -> float:
@@ -119,6 +134,8 @@ def from_response(status: int, problem: dict[str, Any], headers: dict[str, str])
         return Unavailable(status, problem, headers)
     if status == 504:
         return Timeout(f"504: {problem.get('detail', 'deadline exceeded')}")
+    if status == 422 and kind == "adversarial-input":
+        return AdversarialInputRefused(status, problem, headers)
     if status in (400, 413, 415, 422, 431):
         return InvalidInput(status, problem, headers)
     return GatewayError(status, problem, headers)

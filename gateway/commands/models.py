@@ -76,9 +76,41 @@ def _reload(pid_file: str) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace, config: Any, folder: Path) -> int:
+    """``gateway models calibrate FOLDER --data clean.npy``: score held-out clean inputs with every
+    detector and write ``calibration.json`` into the version folder; sign it again."""
+    import dataclasses
+
+    from gateway.config import GuardConfig
+    from gateway.guards.calibration import calibrate, data_digest, write_calibration
+    from gateway.registry.loading import load_model_bytes
+    from gateway.registry.manifest import load_manifest
+
+    if not args.data:
+        print("gateway: calibrate needs --data CLEAN.npy (held-out inputs the model was not trained on)", file=sys.stderr)
+        return 2
+    manifest = load_manifest(folder)
+    settings = config.model(manifest.name)
+    guard = settings.guard if settings is not None else GuardConfig()
+    squeezers = tuple(args.squeezer) or guard.squeezers
+    image = tuple(int(d) for d in args.image.split("x")) if args.image else guard.image
+    target = args.target_fpr if args.target_fpr is not None else guard.target_fpr
+    unsigned = dataclasses.replace(config.supply, require_signature=False)  # the signature is made again below
+    model = load_model_bytes(manifest, unsigned)
+    data, digest = data_digest(Path(args.data))
+    doc = calibrate(manifest, model, data, digest, squeezers, image, target,
+                    progress=lambda text: print(f"{manifest.name}/{manifest.version}: {text}", flush=True))
+    path = write_calibration(folder, doc)
+    thresholds = ", ".join(f"{k} {v:.4g}" for k, v in doc["thresholds"].items())
+    print(f"wrote {path}: {doc['data']['rows']} rows, squeezers {doc['squeezers']}, at target FPR {target:g}: {thresholds}")
+    _resign(folder, config.supply.signing_key)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     """``sign``, ``verify``, ``check``, ``encrypt`` and ``rewrap`` a model version folder
     (``<root>/<name>/<version>``)."""
+    from gateway.guards.calibration import CalibrationError
     from gateway.registry.admission import AdmissionError, admit
     from gateway.registry.loading import load_model_bytes
     from gateway.registry.manifest import ManifestError, load_manifest
@@ -92,6 +124,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     try:
         manifest = load_manifest(folder)
+        if args.action == "calibrate":
+            return _calibrate(args, config, folder)
         if args.action == "check":
             data = load_model_bytes(manifest, supply)
             report = admit(data, supply, None)  # as the serving path: models go to workers as bytes
@@ -128,16 +162,22 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"rewrapped {path} from key {old.kek_id()} to {new.kek_id()} (the model itself was not re-encrypted)")
         _resign(folder, supply.signing_key)
         return 0
-    except (ManifestError, SealError, AdmissionError, SignatureError, OSError) as exc:
+    except (ManifestError, CalibrationError, SealError, AdmissionError, SignatureError, OSError, ValueError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("models", help="sign, verify, check, encrypt or rewrap a model version folder; reload")
-    p.add_argument("action", choices=["sign", "verify", "check", "encrypt", "rewrap", "reload"])
+    p = sub.add_parser("models", help="sign, verify, check, calibrate, encrypt or rewrap a model version folder; reload")
+    p.add_argument("action", choices=["sign", "verify", "check", "calibrate", "encrypt", "rewrap", "reload"])
     p.add_argument("folder", nargs="?", default="", help="<models root>/<name>/<version> (not for reload)")
     p.add_argument("--config", default="gateway.toml")
+    p.add_argument("--data", default="", help="calibrate: held-out clean inputs (.npy) the model was not trained on")
+    p.add_argument("--squeezer", action="append", default=[], help="calibrate: bits:N, levels:N or median:K "
+                   "(repeatable; default: the model's guard.squeezers)")
+    p.add_argument("--image", default="", help="calibrate: HxW or CxHxW an input row is viewed as (default: guard.image)")
+    p.add_argument("--target-fpr", type=float, default=None, help="calibrate: false-positive rate the recorded "
+                   "thresholds are placed at (default: guard.target_fpr; the gateway places its own from the scores)")
     p.add_argument("--keep-plaintext", action="store_true", help="encrypt: do not remove model.onnx afterwards")
     p.add_argument("--new-kek-file", default="", help="rewrap: the new key-encryption key")
     p.add_argument("--key", default="", help="sign: the EC private key (default: supply.signing_key)")

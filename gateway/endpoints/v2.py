@@ -20,6 +20,8 @@ from gateway.access import authorize, principal_of
 from gateway.catalog import ModelTable
 from gateway.context import get_context
 from gateway.errors import Unavailable
+from gateway.events import EventSink
+from gateway.guards.stages import GuardHealth
 from gateway.security.ratelimit import Limiter
 from gateway.security.rbac import Policy
 from gateway.stages import InferCall, Stage, resolve_model, run_stages
@@ -38,7 +40,9 @@ class V2:
     """The protocol's handlers over the model table, the worker pool and the inference stages."""
 
     def __init__(self, models: ModelTable, pool: WorkerPool, policy: Policy, limiter: Limiter,
-                 stages: Sequence[Stage]) -> None:
+                 stages: Sequence[Stage], health: GuardHealth | None = None, events: EventSink | None = None) -> None:
+        self.health = health or GuardHealth()
+        self.events = events
         self.models = models
         self.pool = pool
         self.policy = policy
@@ -78,7 +82,10 @@ class V2:
         return _json({"models": [
             {"name": e.unit.model, "version": e.manifest.version, "default": e.unit.default,
              "sha256": e.manifest.sha256, "ready": self.pool.ready(e.unit.key),
-             "execution_providers": self.pool.providers(e.unit.key), "config": dataclasses.asdict(e.config)}
+             "execution_providers": self.pool.providers(e.unit.key), "config": dataclasses.asdict(e.config),
+             "guard": None if e.guard is None else {"detectors": list(e.guard.detectors), "threshold": e.guard.threshold,
+                                                    "target_fpr": e.guard.config.target_fpr,
+                                                    "calibration_data_sha256": e.guard.calibration.data_sha256}}
             for e in entries
         ]})
 
@@ -90,8 +97,16 @@ class V2:
             raise Unavailable("not every model has a healthy worker yet", retry_after=1)
         body: dict[str, Any] = {"ready": True}
         limits = self.limiter.status()
+        degraded: dict[str, Any] = {}
         if "degraded" in limits:
-            body["degraded"] = {"limits": limits["degraded"]}  # still serving, with per-process limits
+            degraded["limits"] = limits["degraded"]  # still serving, with per-process limits
+        guards = self.health.degraded()
+        if guards:
+            degraded["guard"] = guards  # detectors failed lately: on_error applied
+        if self.events is not None and self.events.enabled and self.events.last_error:
+            degraded["events"] = f"webhook delivery failing: {self.events.last_error}"
+        if degraded:
+            body["degraded"] = degraded
         return _json(body)
 
     async def server_metadata(self, request: Request) -> Response:

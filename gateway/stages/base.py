@@ -47,6 +47,12 @@ class InferCall:
     """From ``CheckSignature``: the inputs in the model's order, checked (clipped where declared)."""
     outputs: list[Tensor] = field(default_factory=list)
     """From ``Infer``; output policies may replace them."""
+    riders: list[Tensor] = field(default_factory=list)
+    """Extra rows a guard sends with the inputs in the same worker batch (squeezed copies);
+    ``Infer`` returns their outputs apart, in ``rider_outputs``, and neither is digested or answered."""
+    rider_outputs: list[Tensor] = field(default_factory=list)
+    response_headers: dict[str, str] = field(default_factory=dict)
+    """Headers a stage adds to the answer (a guard's finding)."""
     answer: Answer | None = None
     """From ``Encode``."""
     cleanup: list[Callable[[], None]] = field(default_factory=list)

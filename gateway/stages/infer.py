@@ -52,8 +52,22 @@ class Infer:
         def picked(worker: str) -> None:
             ctx.worker = worker
 
-        call.outputs = await self.pool.infer(call.model.unit.key, call.inputs, ctx.deadline, picked)
+        if not call.riders:
+            call.outputs = await self.pool.infer(call.model.unit.key, call.inputs, ctx.deadline, picked)
+        else:
+            rows = call.inputs[0].array.shape[0]
+            joined = await offload(elements(call.inputs) + elements(call.riders), _with_riders, call.inputs, call.riders)
+            outputs = await self.pool.infer(call.model.unit.key, joined, ctx.deadline, picked)
+            call.outputs = [Tensor(t.name, t.array[:rows]) for t in outputs]
+            call.rider_outputs = [Tensor(t.name, t.array[rows:]) for t in outputs]
         ctx.outputs = await offload(elements(call.outputs), _digests, call.outputs)
+
+
+def _with_riders(inputs: list[Tensor], riders: list[Tensor]) -> list[Tensor]:
+    """Each input with its riders' rows after its own (one worker batch)."""
+    extra = {t.name: t.array for t in riders}
+    return [Tensor(t.name, np.concatenate([t.array, extra[t.name]])) if t.name in extra else t
+            for t in inputs]
 
 
 def _select(outputs: list[Tensor], requested: list[RequestedOutput], binary_default: bool) -> list[tuple[Tensor, bool]]:
@@ -75,8 +89,9 @@ class Encode:
         payload, header_length = encode_infer_response(
             manifest.name, manifest.version, [t for t, _ in selected], {t.name for t, binary in selected if binary},
             call.request.id)
+        headers = dict(call.response_headers)
         if header_length is None:
-            call.answer = Answer(payload, "application/json")
+            call.answer = Answer(payload, "application/json", headers or None)
         else:
-            call.answer = Answer(payload, "application/octet-stream",
-                                 {"Inference-Header-Content-Length": str(header_length)})
+            headers["Inference-Header-Content-Length"] = str(header_length)
+            call.answer = Answer(payload, "application/octet-stream", headers)
