@@ -24,6 +24,7 @@ import numpy as np
 
 from gateway.guards.detectors import (
     DETECTORS,
+    Reference,
     Squeezer,
     combined_scores,
     confidence_scores,
@@ -83,8 +84,8 @@ class Calibration:
     domain: tuple[float, float]
     data_sha256: str
 
-    def references(self, detectors: Sequence[str]) -> dict[str, np.ndarray]:
-        return {name: np.sort(self.scores[name]) for name in detectors}
+    def references(self, detectors: Sequence[str]) -> dict[str, Reference]:
+        return {name: Reference(self.scores[name]) for name in detectors}
 
     def combined(self, detectors: Sequence[str]) -> np.ndarray:
         """The calibration rows' combined scores, sorted."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "DETECTORS", "Squeezer", "combined_scores", "confidence_scores", "features", "mahalanobis",
+    "DETECTORS", "Reference", "Squeezer", "combined_scores", "places", "confidence_scores", "features", "mahalanobis",
     "parse_squeezer", "probabilities", "squeeze_scores", "tail_place",
 ]
 
@@ -83,6 +83,12 @@ def _median(images: np.ndarray, k: int) -> np.ndarray:
     pad = [(0, 0)] * (images.ndim - 2) + [(before, after), (before, after)]
     padded = np.pad(images, pad, mode="edge")
     windows = [padded[..., i:i + h, j:j + w] for i in range(k) for j in range(k)]
+    if k == 2:  # the median of four is the mean of the middle two: no sort (4x faster on images)
+        a, b, c, d = windows
+        total = a + b + c + d
+        high = np.maximum(np.maximum(a, b), np.maximum(c, d))
+        low = np.minimum(np.minimum(a, b), np.minimum(c, d))
+        return np.asarray(((total - high - low) * 0.5).astype(np.float32))
     return np.asarray(np.median(np.stack(windows), axis=0).astype(np.float32))
 
 
@@ -132,23 +138,42 @@ def fit_gaussian(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def mahalanobis(f: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
     d = f - mean
-    return np.asarray(np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, precision, d), 0.0)))
+    return np.asarray(np.sqrt(np.maximum(((d @ precision) * d).sum(axis=1), 0.0)))
+
+
+class Reference:
+    """One detector's calibration scores, sorted, with what placing a new score needs."""
+
+    __slots__ = ("sorted", "top", "spread", "twice_n")
+
+    def __init__(self, scores: np.ndarray) -> None:
+        self.sorted = np.sort(np.asarray(scores, dtype=np.float64))
+        n = len(self.sorted)
+        self.top = float(self.sorted[-1])
+        self.spread = float(self.sorted[(3 * n) // 4] - self.sorted[n // 4]) or abs(self.top) or 1.0
+        self.twice_n = 2.0 * n
+
+    def place(self, scores: np.ndarray) -> np.ndarray:
+        """Each score's place among the calibration scores, in [0, 1] (mid-rank: a score tied with
+        every reference, as 0 is when clean inputs never change, sits at 0.5), and above 1 past the
+        largest (by how many inter-quartile spans), so that order is kept in the tail."""
+        ref = self.sorted
+        place = (np.searchsorted(ref, scores, side="left") + np.searchsorted(ref, scores, side="right")) / self.twice_n
+        beyond = scores > self.top
+        if beyond.any():
+            place[beyond] = 1.0 + np.log1p((scores[beyond] - self.top) / self.spread)
+        return np.asarray(place)
 
 
 def tail_place(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Each score's place among the sorted calibration scores ``reference``, in [0, 1] (mid-rank:
-    a score tied with every reference, as 0 is when clean inputs never change, sits at 0.5), and
-    above 1 past the largest (by how many inter-quartile spans), so that order is kept in the tail."""
-    n = len(reference)
-    place = (np.searchsorted(reference, scores, side="left") + np.searchsorted(reference, scores, side="right")) / (2 * n)
-    top = reference[-1]
-    spread = float(reference[(3 * n) // 4] - reference[n // 4]) or float(abs(top)) or 1.0
-    beyond = scores > top
-    if beyond.any():
-        place = np.where(beyond, 1.0 + np.log1p(np.maximum(scores - top, 0.0) / spread), place)
-    return place
+    return Reference(reference).place(scores)
 
 
-def combined_scores(scores: dict[str, np.ndarray], references: dict[str, np.ndarray]) -> np.ndarray:
+def places(scores: dict[str, np.ndarray], references: dict[str, Reference]) -> np.ndarray:
+    """Each enabled detector's calibrated place (rows: detectors in ``scores``' order; columns: rows)."""
+    return np.stack([references[name].place(values) for name, values in scores.items()])
+
+
+def combined_scores(scores: dict[str, np.ndarray], references: dict[str, Reference]) -> np.ndarray:
     """The largest calibrated place of any enabled detector, per row."""
-    return np.asarray(np.max([tail_place(scores[name], references[name]) for name in scores], axis=0))
+    return np.asarray(places(scores, references).max(axis=0))

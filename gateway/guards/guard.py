@@ -3,6 +3,7 @@ a request's rows (the stages that use it are in ``gateway.guards.stages``)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,13 +11,12 @@ import numpy as np
 from gateway.config import GuardConfig
 from gateway.guards.calibration import Calibration, CalibrationError, image_shape, load_calibration
 from gateway.guards.detectors import (
-    combined_scores,
     confidence_scores,
     features,
     mahalanobis,
+    places,
     probabilities,
     squeeze_scores,
-    tail_place,
 )
 from gateway.registry.manifest import Manifest
 
@@ -66,6 +66,7 @@ class ModelGuard:
         self.lo, self.hi = calibration.domain
         self.threshold = self.threshold_for(1)
 
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 (one guard per model version, kept for its life)
     def threshold_for(self, rows: int) -> float:
         """The threshold a request of ``rows`` rows is held to: the target rate is per request, so
         each row is held to ``target_fpr / rows`` (Bonferroni). Past what the calibration data can
@@ -91,15 +92,12 @@ class ModelGuard:
                                              self.calibration.precision)
         if "confidence" in self.detectors:
             per_row["confidence"] = confidence_scores(p)
-        for name, values in per_row.items():
-            if not np.isfinite(values).all():
-                raise FloatingPointError(f"{name} scored a non-finite value")
-        combined = combined_scores(per_row, self.references)
-        worst = int(np.argmax(combined))
-        places = {name: float(tail_place(values[worst:worst + 1], self.references[name])[0])
-                  for name, values in per_row.items()}
-        return Verdict({name: float(values.max()) for name, values in per_row.items()}, float(combined[worst]),
-                       self.threshold_for(rows), max(places, key=places.__getitem__))
+        placed = places(per_row, self.references)
+        if not np.isfinite(placed).all():
+            raise FloatingPointError(f"a detector scored a non-finite value: {per_row}"[:300])
+        detector, worst = np.unravel_index(int(np.argmax(placed)), placed.shape)
+        return Verdict({name: float(values.max()) for name, values in per_row.items()}, float(placed[detector, worst]),
+                       self.threshold_for(rows), list(per_row)[int(detector)])
 
 
 def check_guard(manifest: Manifest, config: GuardConfig) -> ModelGuard | None:

@@ -23,7 +23,7 @@ from gateway.errors import GatewayError, Unavailable
 from gateway.guards.guard import TECHNIQUES, ModelGuard
 from gateway.protocol.codec import Tensor
 from gateway.security.ratelimit import Limiter
-from gateway.stages.base import InferCall, offload
+from gateway.stages.base import OFFLOAD_ELEMENTS, InferCall, offload
 
 __all__ = ["AdversarialInput", "GuardFailed", "GuardHealth", "GuardInputs", "GuardVerdict"]
 
@@ -98,10 +98,13 @@ class GuardVerdict:
             return  # GuardInputs failed and said so
         x = call.inputs[0].array
         rider = call.rider_outputs[0].array if call.rider_outputs else None
+        work = x.size * (2 + len(guard.squeezers))
         try:
-            verdict = await asyncio.wait_for(
-                offload(x.size * (2 + len(guard.squeezers)), guard.verdict, x, call.outputs[0].array, rider),
-                guard.config.timeout_ms / 1000)
+            if work <= OFFLOAD_ELEMENTS:  # microseconds, on the event loop: nothing to time out
+                verdict = guard.verdict(x, call.outputs[0].array, rider)
+            else:
+                verdict = await asyncio.wait_for(offload(work, guard.verdict, x, call.outputs[0].array, rider),
+                                                 guard.config.timeout_ms / 1000)
         except TimeoutError:
             _failed(call, self.health, guard, TimeoutError(f"the detectors ran past {guard.config.timeout_ms:g} ms"))
             return

@@ -119,6 +119,14 @@ def test_median_squeezer_matches_scipy() -> None:
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
 
+def test_two_by_two_median_is_the_mean_of_the_middle_two() -> None:
+    images = np.random.default_rng(2).normal(size=(2, 3, 9, 7)).astype(np.float32)
+    ours = parse_squeezer("median:2").apply(images.reshape(2, -1), -10, 10, (3, 9, 7)).reshape(images.shape)
+    padded = np.pad(images, [(0, 0), (0, 0), (0, 1), (0, 1)], mode="edge")  # the window reaches right and down
+    windows = np.stack([padded[..., i:i + 9, j:j + 7] for i in (0, 1) for j in (0, 1)])
+    np.testing.assert_allclose(ours, np.median(windows, axis=0), rtol=1e-6, atol=1e-6)
+
+
 def test_bits_squeezer_quantizes_over_the_domain() -> None:
     x = np.array([[0.0, 3.9, 4.1, 16.0]], dtype=np.float32)
     np.testing.assert_allclose(parse_squeezer("bits:2").apply(x, 0, 16, None), [[0.0, 16 / 3, 16 / 3, 16.0]], rtol=1e-6)
