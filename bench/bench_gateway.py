@@ -174,15 +174,22 @@ def wrk(url: str, model: str, clients: int, seconds: float, body: tuple[Path, st
 
 
 def start_gateway(tmp: Path, processes: int, device: str, limits: dict[str, str] | None = None,
-                  extra: str = "", server: str = "") -> tuple[subprocess.Popen[bytes], int, str]:
-    """A gateway with the bench's models and limits (``server``: more ``[server]`` settings);
-    returns it, its port and a token for "demo". The models are a copy, signed with this run's key
-    (the repository's own stay as they are)."""
+                  extra: str = "", server: str = "", model_tables: dict[str, str] | None = None,
+                  ) -> tuple[subprocess.Popen[bytes], int, str]:
+    """A gateway with the bench's models and limits (``server``: more ``[server]`` settings;
+    ``model_tables``: more TOML after each model's table, a ``[models.NAME.guard]`` say); returns
+    it, its port and a token for "demo". The models are a copy, signed (and, where their data is
+    there, calibrated) with this run's key; the repository's own stay as they are. A second call
+    with the same ``tmp`` reuses them."""
     models = tmp / "models"
-    for model in MODELS:
-        shutil.copytree(ROOT / "models" / model, models / model, ignore=shutil.ignore_patterns("model.sig"))
-    init(tmp, models, port=0)
+    if not models.exists():
+        for model in MODELS:
+            shutil.copytree(ROOT / "models" / model, models / model,
+                            ignore=shutil.ignore_patterns("model.sig", "calibration.json"))
+        shutil.copytree(ROOT / "models" / "_data", models / "_data")
     port = int(os.environ.get("BENCH_PORT", "18443"))
+    if not (tmp / "gateway.toml").exists():
+        init(tmp, models, port=port)
     limits = LIMITS["none"] if limits is None else limits
     lines = [f"[server]\nport = {port}\nprocesses = {processes}\nlog_level = \"warning\"\n{server}",
              f'[tls]\ncert_file = "{tmp}/certs/server.pem"\nkey_file = "{tmp}/certs/server.key"\n'
@@ -192,7 +199,7 @@ def start_gateway(tmp: Path, processes: int, device: str, limits: dict[str, str]
              extra, f'[models]\nroot = "{models}"\n']
     for model, spec in MODELS.items():
         lines.append(f"[models.{model}]\ndevice = \"{device}\"\nintra_op_threads = {spec['threads']}\n"
-                     f"max_batch_size = {spec['batch']}\nmax_queue_delay_ms = 1.0\n")
+                     f"max_batch_size = {spec['batch']}\nmax_queue_delay_ms = 1.0\n{(model_tables or {}).get(model, '')}")
     (tmp / "bench.toml").write_text("\n".join(lines))
     log = open(tmp / "gateway.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(tmp / "bench.toml")],

@@ -224,8 +224,10 @@ def calibrate_demo_models(config_path: Path, models_root: Path, report: InitRepo
             manifest = load_manifest(folder)
             data, digest = data_digest(data_file)
             model = load_model_bytes(manifest, dataclasses.replace(config.supply, require_signature=False))
-            doc = calibrate(manifest, model, data, digest, settings.guard.squeezers,
-                            settings.guard.image, settings.guard.target_fpr)
+            where = f"{unit.model}/{settings.version}"
+            doc = calibrate(manifest, model, data, digest, settings.guard.squeezers, settings.guard.image,
+                            settings.guard.target_fpr,
+                            progress=lambda text, where=where: print(f"calibrating {where}: {text}", flush=True))
         except (ManifestError, OSError) as exc:
             report.created.append(f"(not calibrated: {exc})")
             continue
