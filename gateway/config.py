@@ -626,6 +626,9 @@ def _key_checks(cfg: Config) -> list[Check]:
 def _check_ranges(cfg: Config, problems: list[str]) -> None:
     for area in (_server_checks, _identity_checks, _policy_checks, _limit_checks, _key_checks, _events_checks):
         problems.extend(msg for ok, msg in area(cfg) if not ok)
+    for m in cfg.models:
+        if "throttle" in (m.guard.action, *(a for _, a in m.guard.roles)) and not cfg.limits.budget_inferences:
+            problems.append(f"models.{m.name}.guard: throttle counts against limits.budget_inferences, which is not set")
     if cfg.server.worker_uid_base and not 1000 <= cfg.server.worker_uid_base <= 2**31 - 1 - 4096:
         problems.append("server.worker_uid_base must be 0 or a user id of 1000 or more")
     if cfg.server.worker_user:

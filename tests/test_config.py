@@ -56,3 +56,37 @@ def test_malformed_toml(tmp_path: Path) -> None:
     (tmp_path / "g.toml").write_text("[server\nport=")
     with pytest.raises(ConfigError):
         load_config(tmp_path / "g.toml", environ={})
+
+
+def test_guard_and_events_settings_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text("""
+[models.digits.guard]
+detectors = ["squeeze", "vibes"]
+squeezers = ["bits:9", "blur:2"]
+target_fpr = 0.9
+action = "throttle"
+image = [8]
+[models.digits.guard.roles]
+partner = "banish"
+[limits]
+budget_inferences = ""
+[events]
+webhook_url = "http://siem.example/hook"
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    text = str(info.value)
+    for fragment in ("'vibes' is not one of", "bits:9", "blur:2", "target_fpr", "guard.image", "guard.roles",
+                     "budget_inferences, which is not set", "events.webhook_url must be https://",
+                     "events.webhook_secret_file"):
+        assert fragment in text, fragment
+
+
+def test_the_strictest_role_action_applies() -> None:
+    from gateway.config import GuardConfig
+
+    guard = GuardConfig(detectors=("anomaly",), action="flag", roles=(("partner", "reject"), ("staff", "record")))
+    assert guard.action_for(frozenset({"staff"})) == "record"
+    assert guard.action_for(frozenset({"staff", "partner"})) == "reject"
+    assert guard.action_for(frozenset({"other"})) == "flag"

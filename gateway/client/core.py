@@ -272,7 +272,7 @@ class InferResult:
     outputs: dict[str, np.ndarray]
     request_id: str
     finding: str | None
-    """``adversarial-input; detector="squeeze"; score=...; technique="AML.T0043"`` when flagged."""
+    """``adversarial-input; technique="AML.T0043"`` when flagged."""
 
 
 class AsyncClient(_Base):

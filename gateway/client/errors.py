@@ -66,11 +66,6 @@ class AdversarialInputRefused(InvalidInput):
     """422 ``adversarial-input``: the model's guard judged the input adversarial or anomalous."""
 
     @property
-    def detector(self) -> str | None:
-        value = self.problem.get("detector")
-        return str(value) if value is not None else None
-
-    @property
     def technique(self) -> str | None:
         """The MITRE ATLAS technique the detection is filed under (AML.T0043, AML.T0015)."""
         value = self.problem.get("technique")

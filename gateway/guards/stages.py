@@ -125,12 +125,13 @@ class GuardVerdict:
             principal=principal.key, model=guard.manifest.name, version=guard.manifest.version,
             detector=verdict.detector, score=verdict.combined, threshold=verdict.threshold, action=action,
             technique=technique, request_id=ctx.request_id, scores=verdict.scores))
+        # The caller learns that a detection happened and its class, never which detector or by how
+        # much: a score would be an oracle to optimize an evasion against (the audit record has both).
         if action == "flag":
-            call.response_headers[FINDING_HEADER] = (
-                f'adversarial-input; detector="{verdict.detector}"; score={verdict.combined:.3f}; technique="{technique}"')
+            call.response_headers[FINDING_HEADER] = f'adversarial-input; technique="{technique}"'
         elif action == "reject":
-            raise AdversarialInput(f"the input was refused by the {verdict.detector} detector ({technique})",
-                                   detector=verdict.detector, technique=technique)
+            raise AdversarialInput(f"the input was refused as adversarial or anomalous ({technique})",
+                                   technique=technique)
         elif action == "throttle":
             key = f"{principal.key}|{call.model.unit.model}"
             cost = guard.config.throttle_cost - 1  # the request itself was counted once already
@@ -145,5 +146,6 @@ def _failed(call: InferCall, health: GuardHealth, guard: ModelGuard, exc: BaseEx
     call.riders = []
     call.ctx.findings.append(Finding("guard", "guard-error", why, guard.config.on_error))
     if guard.config.on_error == "reject":
-        raise GuardFailed(f"the input guard could not run ({why}); configured to refuse then", retry_after=1)
+        raise GuardFailed("the input guard could not run, and this model refuses then; quote the request id",
+                          retry_after=1)
 

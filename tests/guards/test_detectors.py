@@ -223,7 +223,11 @@ async def test_actions(calibrated: Path, action: str) -> None:
         assert call.answer is None  # nothing of the output is returned
         return
     assert error is None and call.answer is not None
-    assert ("Gateway-Finding" in (call.answer.headers or {})) == (action == "flag")
+    headers = call.answer.headers or {}
+    assert ("Gateway-Finding" in headers) == (action == "flag")
+    if action == "flag":  # what was noticed, not by which detector or how much (no oracle)
+        assert headers["Gateway-Finding"] == f'adversarial-input; technique="{event.technique}"'
+
 
 
 @pytest.mark.anyio

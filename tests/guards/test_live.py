@@ -113,7 +113,7 @@ retry_window_s = 60
                 problem = r.json()
                 assert r.headers["content-type"] == "application/problem+json"
                 assert problem["type"].endswith(":adversarial-input") and "error" in problem
-                assert "outputs" not in problem
+                assert "outputs" not in problem and "detector" not in problem and "score" not in problem
             time.sleep(2)  # at least two failed attempts
             with gw.client("admin") as admin:
                 failures = re.search(r"^gateway_security_event_delivery_failures_total (\S+)$", admin.get("/metrics").text, re.M)
