@@ -168,7 +168,8 @@ def _announce(config: Config) -> None:
     base = f"https://{host}:{s.port}"
     tls = f"--cacert {certs}/ca.pem --cert {certs}/client-demo.pem --key {certs}/client-demo.key"
     creds = Path(config.source).parent / "credentials.json" if config.source else Path("credentials.json")
-    data = ",".join(["8"] * 64)
+    digit = "0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0"
+    grey = ",".join(["8"] * 64)
     lines = [
         f"\nGateway listening on {base} (mTLS {config.tls.client_auth}); models: {', '.join(m.name for m in config.models)}",
         "Try it:",
@@ -182,9 +183,13 @@ def _announce(config: Config) -> None:
             f"  TOKEN=$(curl -s $TLS -u demo:$SECRET -d grant_type=client_credentials {base}/oauth/token"
             " | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')",
         ]
+    infer = f'  curl -i $TLS -H "Authorization: Bearer $TOKEN" -H \'content-type: application/json\' {base}/v2/models/digits/infer \\'
+    body = "       -d '{{\"inputs\":[{{\"name\":\"input\",\"datatype\":\"FP32\",\"shape\":[1,64],\"data\":[{}]}}]}}'"
     lines += [
-        f'  curl $TLS -H "Authorization: Bearer $TOKEN" -H \'content-type: application/json\' {base}/v2/models/digits/infer \\',
-        f"       -d '{{\"inputs\":[{{\"name\":\"input\",\"datatype\":\"FP32\",\"shape\":[1,64],\"data\":[{data}]}}]}}'",
+        "  # a handwritten 0",
+        infer, body.format(digit),
+        "  # a flat grey square is no digit: where the guard flags, the answer carries gateway-finding",
+        infer, body.format(grey),
         "",
     ]
     print("\n".join(lines), flush=True)
