@@ -111,6 +111,14 @@ def _http_exception(request: Request, exc: Exception) -> Response:
     return ProblemResponse(error, request.scope)
 
 
+def _audit_writer(config: Config) -> AuditWriter | None:
+    """This serving process's audit stream (``p`` and its index), when auditing is on."""
+    if not config.audit.enabled:
+        return None
+    stream = f"p{os.environ.get('GATEWAY_PROCESS_INDEX', '0')}"
+    return AuditWriter(config.audit, stream, load_private_key(config.audit.signing_key))
+
+
 def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest] | None = None,
                pool: WorkerPool | None = None, guards: Sequence[Stage] = (),
                output_policies: Sequence[Stage] = ()) -> Starlette:
@@ -131,10 +139,7 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     events = EventSink(config.events)
     metrics = Metrics(pool, health, events)
     probes = ProbeTally()
-    writer = None
-    if config.audit.enabled:
-        stream = f"p{os.environ.get('GATEWAY_PROCESS_INDEX', '0')}"
-        writer = AuditWriter(config.audit, stream, load_private_key(config.audit.signing_key))
+    writer = _audit_writer(config)
 
     owners: dict[str, object] = {"v2": V2(models, pool, policy, limiter, stages, health, events)}
     if issuer is not None:

@@ -697,6 +697,12 @@ def _policy(raw: dict[str, Any], problems: list[str]) -> PolicyConfig:
     return dataclasses.replace(policy, rules=tuple(rules), step_up=tuple(step_up))
 
 
+def _events(raw: dict[str, Any], base: Path, problems: list[str]) -> EventsConfig:
+    events = EventsConfig(**_coerce(EventsConfig, raw, "events", problems))
+    return dataclasses.replace(events, webhook_secret_file=_resolve(base, events.webhook_secret_file),
+                               webhook_ca_file=_resolve(base, events.webhook_ca_file))
+
+
 def _guard(raw: Any, where: str, problems: list[str]) -> GuardConfig:
     from gateway.guards.detectors import DETECTORS, parse_squeezer
 
@@ -793,11 +799,8 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     supply = dataclasses.replace(supply, kek_file=_resolve(base, supply.kek_file),
                                  signing_key=_resolve(base, supply.signing_key),
                                  trusted_keys=tuple(_resolve(base, k) for k in supply.trusted_keys))
-    events = EventsConfig(**_coerce(EventsConfig, data.get("events", {}), "events", problems))
-    events = dataclasses.replace(events, webhook_secret_file=_resolve(base, events.webhook_secret_file),
-                                 webhook_ca_file=_resolve(base, events.webhook_ca_file))
     cfg = Config(server, tls, _resolve(base, str(root)), tuple(models), str(path or ""), auth, issuer, rbac, limits,
-                 audit, supply, events)
+                 audit, supply, _events(data.get("events", {}), base, problems))
     _check_ranges(cfg, problems)
     if not cfg.models:
         problems.append("models: no model is configured (add a [models.NAME] table)")

@@ -15,6 +15,7 @@ import numpy as np
 import orjson
 import pytest
 from starlette.datastructures import Headers
+from starlette.types import Receive
 
 from gateway.app import infer_stages
 from gateway.catalog import ModelTable
@@ -109,8 +110,8 @@ def build(models_root: Path, worker: InMemoryTransport, in_flight: InFlightBytes
     decoder.close()
 
 
-def call_with(pixels: float) -> InferCall:
-    body = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [pixels] * 64}]})
+def receive_once(body: bytes) -> Receive:
+    """An ASGI ``receive`` that delivers ``body`` in one message, then a disconnect."""
     sent = False
 
     async def receive() -> dict[str, Any]:
@@ -119,6 +120,13 @@ def call_with(pixels: float) -> InferCall:
             return {"type": "http.disconnect"}
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def call_with(pixels: float) -> InferCall:
+    body = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [pixels] * 64}]})
+    receive = receive_once(body)
 
     now = time.monotonic()
     ctx = RequestContext("r1", now, now + 5, "127.0.0.1", None, principal=DEMO)

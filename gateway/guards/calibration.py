@@ -12,6 +12,7 @@ model (another digest or input shape) at load, naming the file.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -203,8 +204,6 @@ def write_calibration(folder: Path, doc: dict[str, Any]) -> Path:
 
 def data_digest(path: Path) -> tuple[np.ndarray, str]:
     raw = path.read_bytes()
-    import io
-
     array = np.load(io.BytesIO(raw), allow_pickle=False)
     if not isinstance(array, np.ndarray):
         raise CalibrationError(f"{path}: expected one array (.npy)")

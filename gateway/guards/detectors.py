@@ -27,7 +27,7 @@ import numpy as np
 
 __all__ = [
     "DETECTORS", "Reference", "Squeezer", "combined_scores", "places", "confidence_scores", "features", "mahalanobis",
-    "parse_squeezer", "probabilities", "squeeze_scores", "tail_place",
+    "parse_squeezer", "probabilities", "squeeze_scores",
 ]
 
 DETECTORS = ("squeeze", "anomaly", "confidence")
@@ -163,10 +163,6 @@ class Reference:
         if beyond.any():
             place[beyond] = 1.0 + np.log1p((scores[beyond] - self.top) / self.spread)
         return np.asarray(place)
-
-
-def tail_place(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    return Reference(reference).place(scores)
 
 
 def places(scores: dict[str, np.ndarray], references: dict[str, Reference]) -> np.ndarray:

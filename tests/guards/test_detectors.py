@@ -25,7 +25,7 @@ from gateway.config import Config, GuardConfig, IssuerConfig, LimitsConfig, Mode
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.guards.calibration import CalibrationError, calibrate, data_digest, load_calibration, write_calibration
-from gateway.guards.detectors import parse_squeezer, tail_place
+from gateway.guards.detectors import Reference, parse_squeezer
 from gateway.guards.guard import check_guard
 from gateway.guards.stages import GuardHealth, GuardInputs, GuardVerdict
 from gateway.registry.manifest import load_manifest
@@ -36,6 +36,7 @@ from gateway.stages import Decoder, InferCall, InFlightBytes, run_stages
 from gateway.units import Unit
 from gateway.workers.memory import InMemoryTransport
 from gateway.workers.pool import WorkerPool
+from tests.test_stages import receive_once
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "models" / "_data"
@@ -138,9 +139,9 @@ def test_bits_squeezer_quantizes_over_the_domain() -> None:
 
 def test_tied_scores_sit_mid_rank_and_the_tail_keeps_order() -> None:
     zeros = np.zeros(100)
-    assert tail_place(np.array([0.0]), zeros)[0] == 0.5
+    assert Reference(zeros).place(np.array([0.0]))[0] == 0.5
     ref = np.sort(np.random.default_rng(1).normal(size=200))
-    places = tail_place(np.array([-5.0, 0.0, 5.0, 50.0]), ref)
+    places = Reference(ref).place(np.array([-5.0, 0.0, 5.0, 50.0]))
     assert places[0] == 0.0 and 0.3 < places[1] < 0.7 and 1.0 < places[2] < places[3]
 
 
@@ -174,17 +175,8 @@ class Harness:
     async def infer(self, rows: np.ndarray, principal: Principal = DEMO) -> tuple[InferCall, GatewayError | None]:
         body = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(rows.shape),
                                          "data": rows.reshape(-1).tolist()}]})
-        sent = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
         ctx = RequestContext("r1", 0.0, 1e12, "127.0.0.1", None, principal=principal)
-        call = InferCall(ctx, Headers(headers={"content-type": "application/json"}), {"name": "digits"}, receive)
+        call = InferCall(ctx, Headers(headers={"content-type": "application/json"}), {"name": "digits"}, receive_once(body))
         try:
             await run_stages(self.stages, call)
         except GatewayError as exc:
