@@ -92,9 +92,9 @@ class ModelGuard:
                                              self.calibration.precision)
         if "confidence" in self.detectors:
             per_row["confidence"] = confidence_scores(p)
-        placed = places(per_row, self.references)
-        if not np.isfinite(placed).all():
+        if not np.isfinite(np.stack(list(per_row.values()))).all():  # NaN would sort past every reference
             raise FloatingPointError(f"a detector scored a non-finite value: {per_row}"[:300])
+        placed = places(per_row, self.references)
         detector, worst = np.unravel_index(int(np.argmax(placed)), placed.shape)
         return Verdict({name: float(values.max()) for name, values in per_row.items()}, float(placed[detector, worst]),
                        self.threshold_for(rows), list(per_row)[int(detector)])

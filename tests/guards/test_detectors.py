@@ -263,6 +263,15 @@ async def test_a_failing_detector_falls_back_to_on_error(calibrated: Path, on_er
         assert error is not None and error.status == 503 and error.type == "guard-unavailable"
 
 
+def test_a_model_answering_nan_is_a_guard_error_not_a_detection(calibrated: Path) -> None:
+    guard = check_guard(load_manifest(calibrated), GUARD)
+    assert guard is not None
+    x, _ = holdout()
+    nan = np.full((1, 10), np.nan, np.float32)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        guard.verdict(x[:1], nan, nan)
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("shape", ["zeros", "constant-max", "one-hot-pixel", "max-batch"])
 async def test_inputs_crafted_against_the_detectors_get_an_answer(calibrated: Path, shape: str) -> None:
