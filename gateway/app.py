@@ -54,6 +54,7 @@ from gateway.stages import (
     Resolve,
     Stage,
 )
+from gateway.stages.outputs import OutputPolicy
 from gateway.units import Unit
 from gateway.workers.pool import WorkerPool
 
@@ -135,7 +136,8 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     in_flight = InFlightBytes(config.server.max_inflight_body_bytes, config.server.max_inflight_body_bytes_per_principal)
     health = GuardHealth()
     stages = infer_stages(config, models, policy, limiter, pool, decoder, in_flight,
-                          [GuardInputs(health), *guards], [GuardVerdict(health, limiter)], output_policies)
+                          [GuardInputs(health), *guards], [GuardVerdict(health, limiter)],
+                          [*output_policies, OutputPolicy()])
     events = EventSink(config.events)
     metrics = Metrics(pool, health, events)
     probes = ProbeTally()

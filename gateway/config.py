@@ -24,7 +24,7 @@ import limits as limits_lib
 from gateway.units import Unit
 
 __all__ = [
-    "AuditConfig", "AuthConfig", "Config", "EventsConfig", "GuardConfig", "SupplyConfig", "ConfigError", "IssuerConfig", "IssuerTrust", "ModelConfig", "PolicyConfig",
+    "AuditConfig", "AuthConfig", "Config", "EventsConfig", "GuardConfig", "OutputConfig", "SupplyConfig", "ConfigError", "IssuerConfig", "IssuerTrust", "ModelConfig", "PolicyConfig",
     "LimitsConfig", "RuleConfig", "ServerConfig", "StepUpRule", "TLSConfig", "load_config",
 ]
 
@@ -158,6 +158,32 @@ class GuardConfig:
         return max(chosen, key=GUARD_ACTIONS.index) if chosen else self.action
 
 
+OutputPolicyName = Literal["full", "round", "top_k", "noised", "label_only"]
+OUTPUT_POLICIES: tuple[str, ...] = get_args(OutputPolicyName)
+"""Least revealing last: a principal with several roles gets the least revealing of theirs."""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """``[models.NAME.output]``: what a caller sees of the model's score outputs (2-D floating-point
+    outputs such as probabilities or logits; others pass unchanged)."""
+
+    policy: OutputPolicyName = "full"
+    roles: tuple[tuple[str, str], ...] = ()
+    """``[models.NAME.output.roles]``: role = policy, overriding ``policy`` for holders of the role."""
+    top_k: int = 3
+    """``top_k``: the k largest scores per row are kept, the others answered as 0."""
+    decimals: int = 2
+    """``round``: scores rounded to this many decimals."""
+    epsilon: float = 1.0
+    """``noised``: Laplace noise of scale 1/epsilon on each score (probabilities are clipped at 0 and
+    renormalised). Output perturbation, not a differential-privacy guarantee for the training data."""
+
+    def policy_for(self, roles: frozenset[str] | tuple[str, ...]) -> str:
+        chosen = [p for role, p in self.roles if role in roles]
+        return max(chosen, key=OUTPUT_POLICIES.index) if chosen else self.policy
+
+
 @dataclass(frozen=True)
 class EventsConfig:
     """``[events]``: security events (detections) delivered to a webhook, besides the audit log."""
@@ -197,6 +223,7 @@ class ModelConfig:
     cuda_tf32: bool = False
     """Allow TF32 matrix maths on CUDA: faster, but outputs drift from the CPU's by ~1e-3."""
     guard: GuardConfig = field(default_factory=GuardConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
 
 
 @dataclass(frozen=True)
@@ -703,6 +730,21 @@ def _events(raw: dict[str, Any], base: Path, problems: list[str]) -> EventsConfi
                                webhook_ca_file=_resolve(base, events.webhook_ca_file))
 
 
+def _output(raw: Any, where: str, problems: list[str]) -> OutputConfig:
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a table")
+        return OutputConfig()
+    raw = dict(raw)
+    roles = raw.pop("roles", {})
+    output = OutputConfig(**_coerce(OutputConfig, raw, where, problems))
+    if not isinstance(roles, dict) or not all(p in OUTPUT_POLICIES for p in roles.values()):
+        problems.append(f"{where}.roles: expected a table of role = one of {list(OUTPUT_POLICIES)}")
+        roles = {}
+    if not 1 <= output.top_k <= 1000 or not 0 <= output.decimals <= 6 or not 0.01 <= output.epsilon <= 1000:
+        problems.append(f"{where}: top_k must be 1..1000, decimals 0..6 and epsilon 0.01..1000")
+    return dataclasses.replace(output, roles=tuple(sorted(roles.items())))
+
+
 def _guard(raw: Any, where: str, problems: list[str]) -> GuardConfig:
     from gateway.guards.detectors import DETECTORS, parse_squeezer
 
@@ -786,7 +828,9 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
             continue
         table = dict(table)
         guard = _guard(table.pop("guard", {}), f"models.{name}.guard", problems)
-        models.append(ModelConfig(name=name, guard=guard, **_coerce(ModelConfig, table, f"models.{name}", problems)))
+        output = _output(table.pop("output", {}), f"models.{name}.output", problems)
+        models.append(ModelConfig(name=name, guard=guard, output=output,
+                                  **_coerce(ModelConfig, table, f"models.{name}", problems)))
     auth = _auth(data.get("auth", {}), base, problems)
     issuer = IssuerConfig(**_coerce(IssuerConfig, data.get("issuer", {}), "issuer", problems))
     issuer = dataclasses.replace(issuer, directory=_resolve(base, issuer.directory))

@@ -125,6 +125,9 @@ class RequestContext:
     worker: str | None = None
     inputs: list[TensorDigest] = field(default_factory=list)
     outputs: list[TensorDigest] = field(default_factory=list)
+    """What the caller received (after the output policy)."""
+    output_policy: str | None = None
+    """The output policy applied, when it was not ``full``."""
     findings: list[Finding] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)
     """The guard's detector scores (each the largest over the request's rows) and their combination."""

@@ -90,3 +90,19 @@ def test_the_strictest_role_action_applies() -> None:
     assert guard.action_for(frozenset({"staff"})) == "record"
     assert guard.action_for(frozenset({"staff", "partner"})) == "reject"
     assert guard.action_for(frozenset({"other"})) == "flag"
+
+
+def test_output_settings_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text("""
+[models.digits.output]
+policy = "blurred"
+top_k = 0
+[models.digits.output.roles]
+partner = "everything"
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    text = str(info.value)
+    for fragment in ("models.digits.output.policy", "top_k must be 1..1000", "models.digits.output.roles"):
+        assert fragment in text, fragment

@@ -207,6 +207,8 @@ def _describe(record: dict[str, Any], ctx: RequestContext) -> None:
         record["inputs"] = [d.as_dict() for d in ctx.inputs]
     if ctx.outputs:
         record["outputs"] = [d.as_dict() for d in ctx.outputs]
+    if ctx.output_policy is not None:
+        record["output_policy"] = ctx.output_policy
     if ctx.findings:
         record["findings"] = [f.as_dict() for f in ctx.findings]
     if ctx.scores:

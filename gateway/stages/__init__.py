@@ -4,7 +4,8 @@ Middleware handles what needs no model (errors, context, address limits, authent
 everything that needs the model, the decision or the tensors is a stage. The list is assembled in
 ``gateway.app.infer_stages``, next to the middleware list:
 
-    Resolve → ReadBody → Decode → CheckSignature → [guards] → ModelLimits → Infer → [output policies] → Encode
+    Resolve → ReadBody → Decode → CheckSignature → [guards] → ModelLimits → Infer → [verdicts]
+        → [output policies] → Encode
 
 Guards (the AI-specific monitors: adversarial inputs, anomalies, extraction) and output policies
 (top-k, rounding, label-only) take their positions in that list. A stage reads and writes its part
