@@ -54,11 +54,12 @@ from gateway.stages import (
     Resolve,
     Stage,
 )
+from gateway.stages.explain import Explain
 from gateway.stages.outputs import OutputPolicy
 from gateway.units import Unit
 from gateway.workers.pool import WorkerPool
 
-__all__ = ["app_from_environment", "create_app", "infer_stages", "middleware_stack"]
+__all__ = ["app_from_environment", "create_app", "explain_stages", "infer_stages", "middleware_stack"]
 
 log = logging.getLogger("gateway.app")
 
@@ -96,6 +97,18 @@ def infer_stages(
         *verdicts,  # guards that judge by the model's outputs (on the input and its riders)
         *output_policies,  # what a role may see of the outputs (top-k, rounding, label-only)
         Encode(),
+    ]
+
+
+def explain_stages(config: Config, models: ModelTable, policy: Policy, limiter: Limiter, pool: WorkerPool,
+                   decoder: Decoder, in_flight: InFlightBytes) -> list[Stage]:
+    """An explanation: the inference path's checks, then attributions instead of one inference."""
+    return [
+        Resolve(models, policy, "explain"),
+        ReadBody(config.server.max_body_bytes, in_flight),
+        Decode(decoder),
+        CheckSignature(),
+        Explain(pool, limiter),
     ]
 
 
@@ -143,7 +156,8 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     probes = ProbeTally()
     writer = _audit_writer(config)
 
-    owners: dict[str, object] = {"v2": V2(models, pool, policy, limiter, stages, health, events)}
+    explain = explain_stages(config, models, policy, limiter, pool, decoder, in_flight)
+    owners: dict[str, object] = {"v2": V2(models, pool, policy, limiter, stages, health, events, explain)}
     if issuer is not None:
         owners["issuer"] = IssuerEndpoints(issuer)
     served = [spec for spec in ROUTES if spec.owner in owners or spec.owner == "ops"]

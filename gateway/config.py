@@ -339,6 +339,8 @@ class LimitsConfig:
     """Inference requests per principal and model (the first line against model extraction)."""
     budget_rows: str = "1000000/day"
     """Input rows (the batch dimension) per principal and model."""
+    per_principal_explain: str = "10/minute"
+    """Explanations per principal and model (each also costs its model evaluations in both budgets)."""
     storage_timeout_s: float = 0.25
     """A Redis call slower than this counts as a failure: local limits apply meanwhile."""
     storage_retry_s: float = 5.0
@@ -623,7 +625,7 @@ def _limit_checks(cfg: Config) -> list[Check]:
     lim = cfg.limits
     checks: list[Check] = []
     for key in ("per_address", "per_principal", "per_principal_model", "global_limit", "failed_auth_per_address",
-                "per_address_probes", "budget_inferences", "budget_rows"):
+                "per_address_probes", "budget_inferences", "budget_rows", "per_principal_explain"):
         text = getattr(lim, key)
         try:
             if text:

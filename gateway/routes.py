@@ -74,6 +74,11 @@ VERSIONED = MODEL + "/versions/{version:str}"
 _INFER = Operation("Inference (verb: infer)", {"$ref": "#/components/schemas/InferResponse"}, problems=(404, 422, 499, 504),
                    request_body={"required": True, "content": {"application/json": {
                        "schema": {"$ref": "#/components/schemas/InferRequest"}}}})
+_EXPLAIN = Operation(
+    "Integrated-gradients attributions for one input row (verb: explain; costs its model evaluations)",
+    {"type": "object", "required": ["model_name", "method", "target", "attributions", "completeness_delta"]},
+    problems=(404, 422, 429, 504), request_body={"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/InferRequest"}}}})
 _META = Operation("Model metadata (verb: metadata)", {"$ref": "#/components/schemas/ModelMetadata"}, problems=(404,))
 _READY = Operation("Model readiness (verb: metadata)", {"type": "object", "required": ["name", "ready"]}, problems=(404,))
 _TOKEN_FORM = {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
@@ -89,6 +94,8 @@ ROUTES: tuple[RouteSpec, ...] = (
     # Inference first: the router tries routes in order, and infer is the hot path.
     RouteSpec(MODEL + "/infer", ("POST",), "v2", "infer", _INFER, verb="infer"),
     RouteSpec(VERSIONED + "/infer", ("POST",), "v2", "infer", _INFER, verb="infer"),
+    RouteSpec(MODEL + "/explain", ("POST",), "v2", "explain", _EXPLAIN, verb="explain"),
+    RouteSpec(VERSIONED + "/explain", ("POST",), "v2", "explain", _EXPLAIN, verb="explain"),
     RouteSpec("/v2/health/live", ("GET",), "v2", "live",
               Operation("Liveness", {"type": "object", "required": ["live"]}), public=True, probe="live"),
     RouteSpec("/v2/health/ready", ("GET",), "v2", "ready",

@@ -212,6 +212,7 @@ per_principal = "1000000/minute"
 failed_auth_per_address = "100000/minute"
 budget_inferences = ""
 budget_rows = ""
+per_principal_explain = ""
 """
 
 

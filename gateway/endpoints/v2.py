@@ -40,7 +40,9 @@ class V2:
     """The protocol's handlers over the model table, the worker pool and the inference stages."""
 
     def __init__(self, models: ModelTable, pool: WorkerPool, policy: Policy, limiter: Limiter,
-                 stages: Sequence[Stage], health: GuardHealth | None = None, events: EventSink | None = None) -> None:
+                 stages: Sequence[Stage], health: GuardHealth | None = None, events: EventSink | None = None,
+                 explain_stages: Sequence[Stage] = ()) -> None:
+        self.explain_stages = explain_stages
         self.health = health or GuardHealth()
         self.events = events
         self.models = models
@@ -50,9 +52,17 @@ class V2:
         self.stages = stages
 
     async def infer(self, request: Request) -> Response:
+        return await self._run(self.stages, request)
+
+    async def explain(self, request: Request) -> Response:
+        """``POST .../explain``: attributions for one input (``gateway.stages.explain``)."""
+        return await self._run(self.explain_stages, request)
+
+    @staticmethod
+    async def _run(stages: Sequence[Stage], request: Request) -> Response:
         call = InferCall(get_context(request.scope), request.headers, request.path_params, request.receive)
-        await run_stages(self.stages, call)
-        assert call.answer is not None, "the last stage encodes the answer"
+        await run_stages(stages, call)
+        assert call.answer is not None, "the last stage makes the answer"
         answer = call.answer
         return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
 

@@ -132,6 +132,7 @@ class Limiter:
         self.per_principal_model = LimitPolicy.parse("per-principal-model", c.per_principal_model)
         self.budget_inferences = LimitPolicy.parse("budget-inferences", c.budget_inferences, budget=True)
         self.budget_rows = LimitPolicy.parse("budget-rows", c.budget_rows, budget=True)
+        self.per_principal_explain = LimitPolicy.parse("per-principal-explain", c.per_principal_explain)
 
     async def _run(self, call: Callable[[Storage], Awaitable[T]]) -> T:
         """Run against Redis when it is healthy, else (and on any failure) against local memory."""

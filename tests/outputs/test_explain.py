@@ -1,0 +1,94 @@
+"""Explanations through a running gateway: completeness, a deletion test, budgets, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from gateway.stages.explain import STEPS
+from tests.conftest import Gateway, start_gateway
+from tests.security.test_authz import _as, _tenant_token
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+EXPLAIN = "/v2/models/digits/explain"
+
+
+def body(row: np.ndarray) -> dict[str, object]:
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": row.astype(np.float32).tolist()}]}
+
+
+def holdout() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(ROOT / "models" / "_data" / "digits-holdout.npz") as h:
+        return np.asarray(h["x"], np.float32), np.asarray(h["y"])
+
+
+def test_attributions_are_complete_and_point_at_what_matters(gateway: Gateway, models_root: Path) -> None:
+    x, _ = holdout()
+    session = ort.InferenceSession(str(models_root / "digits" / "1" / "model.onnx"))
+    better, rows = 0, 30
+    rng = np.random.default_rng(0)
+    with gateway.client() as c:
+        for row in x[:rows]:
+            r = c.post(EXPLAIN, json=body(row))
+            assert r.status_code == 200, r.text
+            doc = r.json()
+            attributions = np.array(doc["attributions"][0]["data"], np.float64).reshape(64)
+            target = doc["target"]
+            probs = session.run(None, {"input": row[None]})[0][0]
+            assert target == int(probs.argmax())
+            assert doc["prediction"] == pytest.approx(float(probs[target]), abs=1e-5)
+            assert doc["evaluations"] == 2 * STEPS * 64 + 2
+            # Completeness: the attributions add up to f(x) - f(baseline).
+            assert abs(doc["completeness_delta"]) <= 0.05, doc["completeness_delta"]
+            # Deletion: blanking the 10 most-attributed pixels costs the class more than 10 random ones.
+            top = np.argsort(attributions)[-10:]
+            rand = rng.choice(np.flatnonzero(row > 0), size=min(10, int((row > 0).sum())), replace=False)
+            drop = []
+            for pixels in (top, rand):
+                blanked = row.copy()
+                blanked[pixels] = 0
+                drop.append(probs[target] - session.run(None, {"input": blanked[None]})[0][0][target])
+            better += drop[0] > drop[1]
+        assert better >= 0.8 * rows, f"{better} of {rows}"
+
+
+def test_explanations_cost_their_evaluations_and_have_their_own_limit(pki: Path, tmp_path: Path,
+                                                                      models_root: Path) -> None:
+    evaluations = 2 * STEPS * 64 + 2
+    limits = (f'per_address = "100000/minute"\nper_principal = "100000/minute"\nbudget_rows = ""\n'
+              f'budget_inferences = "{evaluations + 5}/day"\nper_principal_explain = "3/minute"\n')
+    gw = start_gateway(pki, tmp_path, models_root, limits=limits)
+    row = holdout()[0][0]
+    try:
+        with gw.client() as c:
+            assert c.post(EXPLAIN, json=body(row)).status_code == 200
+            # The explanation used up the inference budget but for five: the sixth inference is refused.
+            infer = {"inputs": body(row)["inputs"]}
+            assert [c.post("/v2/models/digits/infer", json=infer).status_code for _ in range(6)] == [200] * 5 + [429]
+            second = c.post(EXPLAIN, json=body(row))
+            assert second.status_code == 429 and second.json()["type"].endswith("budget-exhausted")
+        record = gw.record_of(second.headers["x-request-id"])
+        assert record["route"] == "explain" and record["status"] == 429
+    finally:
+        gw.stop()
+
+
+def test_explain_refusals(gateway: Gateway) -> None:
+    row = holdout()[0][0]
+    hidden = _tenant_token(gateway, "tenant-a")  # may use digits (not explain it), never sees resnetish
+    with _as(gateway, hidden) as c:
+        assert c.post("/v2/models/resnetish/explain", json=body(row)).status_code == 404  # as for inference
+        assert c.post("/v2/models/no-such-model/explain", json=body(row)).status_code == 404
+        assert c.post(EXPLAIN, json=body(row)).status_code == 403  # the verb is not granted
+    with gateway.client() as c:
+        two = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 64], "data": [1.0] * 128}]}
+        r = c.post(EXPLAIN, json=two)
+        assert r.status_code == 422 and "one input row" in r.json()["error"]
+        image = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 224, 224],
+                             "data": [0.0] * (3 * 224 * 224)}]}
+        r = c.post("/v2/models/resnetish/explain", json=image)
+        assert r.status_code == 422 and "limited to 4096" in r.json()["error"]
