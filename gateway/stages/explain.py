@@ -22,6 +22,7 @@ from gateway.errors import InvalidInput
 from gateway.protocol.codec import Tensor
 from gateway.security.ratelimit import Limiter
 from gateway.stages.base import Answer, InferCall, offload
+from gateway.stages.infer import tensor_digest
 from gateway.workers.pool import WorkerPool
 
 __all__ = ["MAX_FEATURES", "STEPS", "Explain"]
@@ -77,7 +78,12 @@ class Explain:
         await self.limiter.hit(self.limiter.budget_inferences, key, cost=evaluations)
         await self.limiter.hit(self.limiter.budget_rows, key, cost=evaluations)
         shaped = batch.reshape(evaluations, *x.shape[1:]).astype(x.dtype, copy=False)
-        outputs = await self.pool.infer(call.model.unit.key, [Tensor(spec.name, shaped)], call.ctx.deadline)
+        call.ctx.inputs = [tensor_digest(call.inputs[0])]  # the record: what was explained, where
+
+        def picked(worker: str) -> None:
+            call.ctx.worker = worker
+
+        outputs = await self.pool.infer(call.model.unit.key, [Tensor(spec.name, shaped)], call.ctx.deadline, picked)
         scores = outputs[0].array.reshape(evaluations, -1).astype(np.float64)
         target = int(np.argmax(scores[0]))
         f = scores[:, target]

@@ -73,6 +73,8 @@ def test_explanations_cost_their_evaluations_and_have_their_own_limit(pki: Path,
             assert second.status_code == 429 and second.json()["type"].endswith("budget-exhausted")
         record = gw.record_of(second.headers["x-request-id"])
         assert record["route"] == "explain" and record["status"] == 429
+        first = [r for r in gw.audit_records() if r.get("route") == "explain" and r["status"] == 200][0]
+        assert first["inputs"][0]["shape"] == [1, 64] and first["worker"].startswith("digits")
     finally:
         gw.stop()
 
