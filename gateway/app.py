@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -125,6 +126,11 @@ def _http_exception(request: Request, exc: Exception) -> Response:
     return ProblemResponse(error, request.scope)
 
 
+def _gateway_error(debug: bool, request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return ProblemResponse(exc, request.scope, debug)
+
+
 def _audit_writer(config: Config) -> AuditWriter | None:
     """This serving process's audit stream (``p`` and its index), when auditing is on."""
     if not config.audit.enabled:
@@ -156,8 +162,8 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     probes = ProbeTally()
     writer = _audit_writer(config)
 
-    explain = explain_stages(config, models, policy, limiter, pool, decoder, in_flight)
-    owners: dict[str, object] = {"v2": V2(models, pool, policy, limiter, stages, health, events, explain)}
+    owners: dict[str, object] = {"v2": V2(models, pool, policy, limiter, stages, health, events,
+                                          explain_stages(config, models, policy, limiter, pool, decoder, in_flight))}
     if issuer is not None:
         owners["issuer"] = IssuerEndpoints(issuer)
     served = [spec for spec in ROUTES if spec.owner in owners or spec.owner == "ops"]
@@ -183,12 +189,9 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
             await background.stop()
             await events.stop()
 
-    def gateway_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, GatewayError)
-        return ProblemResponse(exc, request.scope, config.server.debug)
-
     middleware = middleware_stack(config, writer, metrics, probes, limiter, validator, events)
-    handlers: dict[Any, Any] = {GatewayError: gateway_error, HTTPException: _http_exception}
+    handlers: dict[Any, Any] = {GatewayError: functools.partial(_gateway_error, config.server.debug),
+                                HTTPException: _http_exception}
     app = Starlette(routes=starlette_routes(served, owners), middleware=middleware, exception_handlers=handlers,
                     lifespan=lifespan)
     app.router.redirect_slashes = False  # its redirects are built from the Host header

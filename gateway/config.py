@@ -119,6 +119,13 @@ class TLSConfig:
     from the end (1: the one the nearest proxy added; right for proxies that set the header too)."""
 
 
+def _strictest(table: tuple[tuple[str, str], ...], roles: frozenset[str] | tuple[str, ...], default: str,
+               order: tuple[str, ...]) -> str:
+    """The last in ``order`` of the values ``table`` gives the caller's roles, or ``default``."""
+    chosen = [value for role, value in table if role in roles]
+    return max(chosen, key=order.index) if chosen else default
+
+
 GuardAction = Literal["record", "flag", "reject", "throttle"]
 GUARD_ACTIONS: tuple[str, ...] = get_args(GuardAction)
 """Strictest last: a principal with several roles gets the strictest of their actions."""
@@ -154,8 +161,7 @@ class GuardConfig:
         return bool(self.detectors)
 
     def action_for(self, roles: frozenset[str] | tuple[str, ...]) -> str:
-        chosen = [a for role, a in self.roles if role in roles]
-        return max(chosen, key=GUARD_ACTIONS.index) if chosen else self.action
+        return _strictest(self.roles, roles, self.action, GUARD_ACTIONS)
 
 
 OutputPolicyName = Literal["full", "round", "top_k", "noised", "label_only"]
@@ -180,8 +186,7 @@ class OutputConfig:
     renormalised). Output perturbation, not a differential-privacy guarantee for the training data."""
 
     def policy_for(self, roles: frozenset[str] | tuple[str, ...]) -> str:
-        chosen = [p for role, p in self.roles if role in roles]
-        return max(chosen, key=OUTPUT_POLICIES.index) if chosen else self.policy
+        return _strictest(self.roles, roles, self.policy, OUTPUT_POLICIES)
 
 
 @dataclass(frozen=True)
@@ -732,19 +737,36 @@ def _events(raw: dict[str, Any], base: Path, problems: list[str]) -> EventsConfi
                                webhook_ca_file=_resolve(base, events.webhook_ca_file))
 
 
+def _model(name: str, raw: Any, problems: list[str]) -> ModelConfig | None:
+    """``[models.NAME]`` with its ``guard`` and ``output`` tables."""
+    where = f"models.{name}"
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a table")
+        return None
+    table = dict(raw)
+    guard = _guard(table.pop("guard", {}), f"{where}.guard", problems)
+    output = _output(table.pop("output", {}), f"{where}.output", problems)
+    return ModelConfig(name=name, guard=guard, output=output, **_coerce(ModelConfig, table, where, problems))
+
+
 def _output(raw: Any, where: str, problems: list[str]) -> OutputConfig:
     if not isinstance(raw, dict):
         problems.append(f"{where}: expected a table")
         return OutputConfig()
     raw = dict(raw)
-    roles = raw.pop("roles", {})
+    roles = _role_table(raw.pop("roles", {}), f"{where}.roles", OUTPUT_POLICIES, problems)
     output = OutputConfig(**_coerce(OutputConfig, raw, where, problems))
-    if not isinstance(roles, dict) or not all(p in OUTPUT_POLICIES for p in roles.values()):
-        problems.append(f"{where}.roles: expected a table of role = one of {list(OUTPUT_POLICIES)}")
-        roles = {}
     if not 1 <= output.top_k <= 1000 or not 0 <= output.decimals <= 6 or not 0.01 <= output.epsilon <= 1000:
         problems.append(f"{where}: top_k must be 1..1000, decimals 0..6 and epsilon 0.01..1000")
-    return dataclasses.replace(output, roles=tuple(sorted(roles.items())))
+    return dataclasses.replace(output, roles=roles)
+
+
+def _role_table(raw: Any, where: str, allowed: tuple[str, ...], problems: list[str]) -> tuple[tuple[str, str], ...]:
+    """``[...roles]``: role = one of ``allowed``, as sorted pairs."""
+    if not isinstance(raw, dict) or not all(value in allowed for value in raw.values()):
+        problems.append(f"{where}: expected a table of role = one of {list(allowed)}")
+        return ()
+    return tuple(sorted(raw.items()))
 
 
 def _guard(raw: Any, where: str, problems: list[str]) -> GuardConfig:
@@ -754,13 +776,9 @@ def _guard(raw: Any, where: str, problems: list[str]) -> GuardConfig:
         problems.append(f"{where}: expected a table")
         return GuardConfig()
     raw = dict(raw)
-    roles, image = raw.pop("roles", {}), raw.pop("image", [])
+    roles = _role_table(raw.pop("roles", {}), f"{where}.roles", GUARD_ACTIONS, problems)
+    image = raw.pop("image", [])
     guard = GuardConfig(**_coerce(GuardConfig, raw, where, problems))
-    mapping = []
-    if not isinstance(roles, dict) or not all(a in GUARD_ACTIONS for a in roles.values()):
-        problems.append(f"{where}.roles: expected a table of role = one of {list(GUARD_ACTIONS)}")
-    else:
-        mapping = sorted(roles.items())
     if not isinstance(image, list) or len(image) not in (0, 2, 3) or not all(type(d) is int and d > 0 for d in image):
         problems.append(f"{where}.image: expected [height, width] or [channels, height, width]")
         image = []
@@ -778,7 +796,7 @@ def _guard(raw: Any, where: str, problems: list[str]) -> GuardConfig:
         problems.append(f"{where}.target_fpr must be 0.0001..0.5")
     if not 1 <= guard.throttle_cost <= 1000 or not 1 <= guard.timeout_ms <= 60000:
         problems.append(f"{where}: throttle_cost must be 1..1000 and timeout_ms 1..60000")
-    return dataclasses.replace(guard, roles=tuple(mapping), image=tuple(image))
+    return dataclasses.replace(guard, roles=roles, image=tuple(image))
 
 
 def _safe_url(url: str) -> bool:
@@ -823,16 +841,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     )
     models_raw = dict(data.get("models", {}))
     root = models_raw.pop("root", "models")
-    models = []
-    for name, table in models_raw.items():
-        if not isinstance(table, dict):
-            problems.append(f"models.{name}: expected a table")
-            continue
-        table = dict(table)
-        guard = _guard(table.pop("guard", {}), f"models.{name}.guard", problems)
-        output = _output(table.pop("output", {}), f"models.{name}.output", problems)
-        models.append(ModelConfig(name=name, guard=guard, output=output,
-                                  **_coerce(ModelConfig, table, f"models.{name}", problems)))
+    models = [m for name, table in models_raw.items() if (m := _model(name, table, problems)) is not None]
     auth = _auth(data.get("auth", {}), base, problems)
     issuer = IssuerConfig(**_coerce(IssuerConfig, data.get("issuer", {}), "issuer", problems))
     issuer = dataclasses.replace(issuer, directory=_resolve(base, issuer.directory))

@@ -10,7 +10,6 @@ configuration are kept unless ``force`` is given; only what is missing is create
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import secrets
@@ -206,9 +205,8 @@ def calibrate_demo_models(config_path: Path, models_root: Path, report: InitRepo
     """Calibrate each configured model whose guard is on, whose version has no calibration yet,
     and for which ``models/build.py`` left held-out data (``<root>/_data/<name>-calibration.npy``)."""
     from gateway.config import ConfigError, load_config
-    from gateway.guards.calibration import CALIBRATION_NAME, calibrate, data_digest, write_calibration
-    from gateway.registry.loading import load_model_bytes
-    from gateway.registry.manifest import ManifestError, load_manifest
+    from gateway.guards.calibration import CALIBRATION_NAME, calibrate_folder
+    from gateway.registry.manifest import ManifestError
 
     try:
         config = load_config(config_path)
@@ -220,18 +218,14 @@ def calibrate_demo_models(config_path: Path, models_root: Path, report: InitRepo
         data_file = models_root / "_data" / f"{unit.model}-calibration.npy"
         if not settings.guard.enabled or (folder / CALIBRATION_NAME).exists() or not data_file.exists():
             continue
+        where = f"{unit.model}/{settings.version}"
         try:
-            manifest = load_manifest(folder)
-            data, digest = data_digest(data_file)
-            model = load_model_bytes(manifest, dataclasses.replace(config.supply, require_signature=False))
-            where = f"{unit.model}/{settings.version}"
-            doc = calibrate(manifest, model, data, digest, settings.guard.squeezers, settings.guard.image,
-                            settings.guard.target_fpr,
-                            progress=lambda text, where=where: print(f"calibrating {where}: {text}", flush=True))
+            calibrate_folder(folder, config.supply, data_file, settings.guard.squeezers, settings.guard.image,
+                             settings.guard.target_fpr,
+                             progress=lambda text, where=where: print(f"calibrating {where}: {text}", flush=True))
         except (ManifestError, OSError) as exc:
             report.created.append(f"(not calibrated: {exc})")
             continue
-        write_calibration(folder, doc)
         (folder / SIGNATURE_NAME).unlink(missing_ok=True)  # signed again below, with the calibration
         report.created.append(f"{folder / CALIBRATION_NAME} (from {data_file.name})")
 

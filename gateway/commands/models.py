@@ -79,11 +79,8 @@ def _reload(pid_file: str) -> int:
 def _calibrate(args: argparse.Namespace, config: Any, folder: Path) -> int:
     """``gateway models calibrate FOLDER --data clean.npy``: score held-out clean inputs with every
     detector and write ``calibration.json`` into the version folder; sign it again."""
-    import dataclasses
-
     from gateway.config import GuardConfig
-    from gateway.guards.calibration import calibrate, data_digest, write_calibration
-    from gateway.registry.loading import load_model_bytes
+    from gateway.guards.calibration import calibrate_folder
     from gateway.registry.manifest import load_manifest
 
     if not args.data:
@@ -95,12 +92,8 @@ def _calibrate(args: argparse.Namespace, config: Any, folder: Path) -> int:
     squeezers = tuple(args.squeezer) or guard.squeezers
     image = tuple(int(d) for d in args.image.split("x")) if args.image else guard.image
     target = args.target_fpr if args.target_fpr is not None else guard.target_fpr
-    unsigned = dataclasses.replace(config.supply, require_signature=False)  # the signature is made again below
-    model = load_model_bytes(manifest, unsigned)
-    data, digest = data_digest(Path(args.data))
-    doc = calibrate(manifest, model, data, digest, squeezers, image, target,
-                    progress=lambda text: print(f"{manifest.name}/{manifest.version}: {text}", flush=True))
-    path = write_calibration(folder, doc)
+    path, doc = calibrate_folder(folder, config.supply, Path(args.data), squeezers, image, target,
+                                 progress=lambda text: print(f"{manifest.name}/{manifest.version}: {text}", flush=True))
     thresholds = ", ".join(f"{k} {v:.4g}" for k, v in doc["thresholds"].items())
     print(f"wrote {path}: {doc['data']['rows']} rows, squeezers {doc['squeezers']}, at target FPR {target:g}: {thresholds}")
     _resign(folder, config.supply.signing_key)

@@ -11,6 +11,7 @@ model (another digest or input shape) at load, naming the file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.config import SupplyConfig
 from gateway.guards.detectors import (
     DETECTORS,
     Reference,
@@ -38,7 +40,8 @@ from gateway.guards.detectors import (
 )
 from gateway.registry.manifest import Manifest, ManifestError
 
-__all__ = ["CALIBRATION_NAME", "Calibration", "CalibrationError", "calibrate", "image_shape", "load_calibration"]
+__all__ = ["CALIBRATION_NAME", "Calibration", "CalibrationError", "calibrate", "calibrate_folder", "image_shape",
+           "load_calibration"]
 
 CALIBRATION_NAME = "calibration.json"
 FORMAT = "gateway-calibration/1"
@@ -192,6 +195,20 @@ def calibrate(manifest: Manifest, model: bytes, data: np.ndarray, data_sha256: s
     doc["thresholds"]["combined"] = cal.threshold(DETECTORS, target_fpr)
     say(f"done in {time.monotonic() - started:.1f} s")
     return doc
+
+
+def calibrate_folder(folder: Path, supply: SupplyConfig, data_file: Path, squeezers: Sequence[str],
+                     image: Sequence[int], target_fpr: float, progress: Any = None) -> tuple[Path, dict[str, Any]]:
+    """Calibrate the model version in ``folder`` (sealed or not; its signature is made again
+    afterwards, so it is not checked here) on ``data_file`` and write the file; its path and content."""
+    from gateway.registry.loading import load_model_bytes
+    from gateway.registry.manifest import load_manifest
+
+    manifest = load_manifest(folder)
+    model = load_model_bytes(manifest, dataclasses.replace(supply, require_signature=False))
+    data, digest = data_digest(data_file)
+    doc = calibrate(manifest, model, data, digest, squeezers, image, target_fpr, progress)
+    return write_calibration(folder, doc), doc
 
 
 def write_calibration(folder: Path, doc: dict[str, Any]) -> Path:

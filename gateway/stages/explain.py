@@ -71,7 +71,8 @@ class Explain:
         span = (spec.max - lo) if spec.max is not None else 1.0
         flat = x.reshape(-1).astype(np.float64)
         baseline = np.full_like(flat, lo)
-        batch = await offload(2 * STEPS * features * features, _path_batch, flat, baseline, STEP_FRACTION * span)
+        h = STEP_FRACTION * span
+        batch = await offload(2 * STEPS * features * features, _path_batch, flat, baseline, h)
         evaluations = len(batch)
         key = f"{principal_of(call.ctx).key}|{call.model.unit.model}"
         await self.limiter.hit(self.limiter.per_principal_explain, key)
@@ -87,7 +88,6 @@ class Explain:
         scores = outputs[0].array.reshape(evaluations, -1).astype(np.float64)
         target = int(np.argmax(scores[0]))
         f = scores[:, target]
-        h = STEP_FRACTION * span
         around = f[2:].reshape(STEPS, 2, features)
         gradients = (around[:, 0, :] - around[:, 1, :]) / (2 * h)
         attributions = (flat - baseline) * gradients.mean(axis=0)
