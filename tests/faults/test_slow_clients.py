@@ -49,11 +49,20 @@ async def _trickle(gw: Gateway, ctx: ssl.SSLContext, head: bytes, drip: list[byt
                 break
         else:
             received += await asyncio.wait_for(reader.read(), 30)
-    except (ConnectionError, ssl.SSLError):
-        pass
+    except (ConnectionError, ssl.SSLError) as exc:
+        # drain() raises once the server has closed, even cleanly, with its answer still unread.
+        received += await _rest(reader) or f"[{exc!r}]".encode()
     finally:
         writer.close()
     return time.monotonic() - start, received
+
+
+async def _rest(reader: asyncio.StreamReader) -> bytes:
+    """What the server sent that is still buffered, or b"" when the connection broke."""
+    try:
+        return await asyncio.wait_for(reader.read(), 1)
+    except (ConnectionError, ssl.SSLError, TimeoutError):
+        return b""
 
 
 async def _probe_while(gw: Gateway, ctx: ssl.SSLContext, until: asyncio.Future[object]) -> list[float]:
