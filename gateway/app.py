@@ -29,9 +29,11 @@ from gateway.audit.writer import AuditWriter
 from gateway.catalog import ModelTable
 from gateway.config import Config, load_config
 from gateway.endpoints import V2, IssuerEndpoints, OpsEndpoints
+from gateway.endpoints.incident import IncidentEndpoints
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.events import EventSink
 from gateway.guards.stages import GuardHealth, GuardInputs, GuardVerdict
+from gateway.guards.watching import ExtractionGate, ExtractionWatch, WatchStore
 from gateway.metrics import Metrics
 from gateway.middleware import AuthMiddleware, ContextMiddleware, ProblemMiddleware, ProblemResponse
 from gateway.middleware.limits import AddressLimitMiddleware, PrincipalLimitMiddleware
@@ -154,8 +156,10 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     decoder = Decoder(config.server)
     in_flight = InFlightBytes(config.server.max_inflight_body_bytes, config.server.max_inflight_body_bytes_per_principal)
     health = GuardHealth()
+    watches = WatchStore(config)
     stages = infer_stages(config, models, policy, limiter, pool, decoder, in_flight,
-                          [GuardInputs(health), *guards], [GuardVerdict(health, limiter)],
+                          [GuardInputs(health), ExtractionGate(watches, limiter), *guards],
+                          [GuardVerdict(health, limiter), ExtractionWatch(watches, limiter, health)],
                           [*output_policies, OutputPolicy()])
     events = EventSink(config.events)
     metrics = Metrics(pool, health, events)
@@ -163,7 +167,9 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     writer = _audit_writer(config)
 
     owners: dict[str, object] = {"v2": V2(models, pool, policy, limiter, stages, health, events,
-                                          explain_stages(config, models, policy, limiter, pool, decoder, in_flight))}
+                                          explain_stages(config, models, policy, limiter, pool, decoder, in_flight),
+                                          watches),
+                                 "incident": IncidentEndpoints(watches, policy)}
     if issuer is not None:
         owners["issuer"] = IssuerEndpoints(issuer)
     served = [spec for spec in ROUTES if spec.owner in owners or spec.owner == "ops"]
@@ -186,6 +192,7 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
             decoder.close()
             await pool.close()
             await limiter.close()
+            await watches.close()
             await background.stop()
             await events.stop()
 

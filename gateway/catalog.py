@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gateway.config import Config, ModelConfig
 from gateway.guards.calibration import CalibrationError
+from gateway.guards.extraction import ExtractionModel, check_extraction
 from gateway.guards.guard import ModelGuard, check_guard
 from gateway.registry.manifest import Manifest, load_manifest
 from gateway.units import Unit
@@ -25,13 +26,16 @@ class ModelEntry:
     config: ModelConfig
     guard: ModelGuard | None = None
     """The version's detectors and calibration, when ``config.guard`` enables any."""
+    extraction: ExtractionModel | None = None
+    """The extraction monitor's view of the version, when ``config.extraction`` enables it."""
 
 
 class ModelTable:
     def __init__(self, config: Config, manifests: dict[Unit, Manifest]) -> None:
         self.config = config
         self.entries: dict[Unit, ModelEntry] = {
-            unit: ModelEntry(unit, manifests[unit], settings, check_guard(manifests[unit], settings.guard))
+            unit: ModelEntry(unit, manifests[unit], settings, check_guard(manifests[unit], settings.guard),
+                             check_extraction(manifests[unit], settings.extraction))
             for unit, settings in config.units()
         }
 
@@ -45,10 +49,12 @@ class ModelTable:
             manifest = load_manifest(Path(manifest_folder))
             try:  # the supervisor checked it before the swap; a file changed since is refused here too
                 guard = check_guard(manifest, base.guard)
+                extraction = check_extraction(manifest, base.extraction)
             except CalibrationError as exc:
                 log.error("%s: not following the swap: %s", key, exc)
                 return
-            self.entries[unit] = ModelEntry(unit, manifest, dataclasses.replace(base, version=manifest.version), guard)
+            self.entries[unit] = ModelEntry(unit, manifest, dataclasses.replace(base, version=manifest.version), guard,
+                                            extraction)
 
     def names(self) -> list[str]:
         return sorted(u.model for u in self.entries if u.default)

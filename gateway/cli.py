@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from gateway import __version__
-from gateway.commands import audit, identity, models
+from gateway.commands import audit, identity, incident, models
 
 __all__ = ["main"]
 
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
-    for module in (identity, audit, models):
+    for module in (identity, audit, models, incident):
         module.add_parsers(sub)
     return parser
 

@@ -17,7 +17,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import limits as limits_lib
 
@@ -189,6 +189,42 @@ class OutputConfig:
         return _strictest(self.roles, roles, self.policy, OUTPUT_POLICIES)
 
 
+ExtractionAction = Literal["record", "label_only", "throttle", "block"]
+EXTRACTION_ACTIONS: tuple[str, ...] = get_args(ExtractionAction)
+EXTRACTION_SIGNALS = ("prada", "ood", "boundary")
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """``[models.NAME.extraction]``: model-extraction monitoring per principal (``gateway.guards.extraction``).
+
+    Needs the model version's signed ``calibration.json`` (the guard's; ``gateway models calibrate``)."""
+
+    enabled: bool = False
+    signals: tuple[str, ...] = EXTRACTION_SIGNALS
+    action: ExtractionAction = "label_only"
+    """What an alarm does to the principal, until an operator clears it (``gateway principals clear``):
+    record (audit, metrics, events only), label_only (answers become one-hot), throttle (each
+    request counts ``throttle_cost`` times against the budgets), block (403)."""
+    roles: tuple[tuple[str, str], ...] = ()
+    """``[models.NAME.extraction.roles]``: role = action; the strictest of a caller's roles applies."""
+    prada_delta: float = 0.90
+    """PRADA's alarm: the Shapiro–Wilk W of the principal's query distances below this."""
+    z_alarm: float = 5.0
+    """The ``ood`` and ``boundary`` signals' alarm: the window's mean place this many standard errors
+    above a clean stream's."""
+    min_queries: int = 50
+    """Queries in the window before ``ood`` and ``boundary`` are tested."""
+    window: int = 2000
+    """The last queries each principal's signals are computed over."""
+    max_principals: int = 1000
+    """Principals watched at once in this process (least recently seen forgotten first; alarms are kept)."""
+    throttle_cost: int = 10
+
+    def action_for(self, roles: frozenset[str] | tuple[str, ...]) -> str:
+        return _strictest(self.roles, roles, self.action, EXTRACTION_ACTIONS)
+
+
 @dataclass(frozen=True)
 class EventsConfig:
     """``[events]``: security events (detections) delivered to a webhook, besides the audit log."""
@@ -229,6 +265,7 @@ class ModelConfig:
     """Allow TF32 matrix maths on CUDA: faster, but outputs drift from the CPU's by ~1e-3."""
     guard: GuardConfig = field(default_factory=GuardConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
 
 
 @dataclass(frozen=True)
@@ -663,6 +700,9 @@ def _check_ranges(cfg: Config, problems: list[str]) -> None:
     for m in cfg.models:
         if "throttle" in (m.guard.action, *(a for _, a in m.guard.roles)) and not cfg.limits.budget_inferences:
             problems.append(f"models.{m.name}.guard: throttle counts against limits.budget_inferences, which is not set")
+        if "throttle" in (m.extraction.action, *(a for _, a in m.extraction.roles)) and not cfg.limits.budget_inferences:
+            problems.append(f"models.{m.name}.extraction: throttle counts against limits.budget_inferences, "
+                            "which is not set")
     if cfg.server.worker_uid_base and not 1000 <= cfg.server.worker_uid_base <= 2**31 - 1 - 4096:
         problems.append("server.worker_uid_base must be 0 or a user id of 1000 or more")
     if cfg.server.worker_user:
@@ -746,19 +786,43 @@ def _model(name: str, raw: Any, problems: list[str]) -> ModelConfig | None:
     table = dict(raw)
     guard = _guard(table.pop("guard", {}), f"{where}.guard", problems)
     output = _output(table.pop("output", {}), f"{where}.output", problems)
-    return ModelConfig(name=name, guard=guard, output=output, **_coerce(ModelConfig, table, where, problems))
+    extraction = _extraction(table.pop("extraction", {}), f"{where}.extraction", problems)
+    return ModelConfig(name=name, guard=guard, output=output, extraction=extraction,
+                       **_coerce(ModelConfig, table, where, problems))
+
+
+_Table = TypeVar("_Table", GuardConfig, OutputConfig, ExtractionConfig)
+
+
+def _with_roles(cls: type[_Table], raw: Any, where: str, allowed: tuple[str, ...], problems: list[str]) -> _Table:
+    """A ``[models.NAME.*]`` table and its ``roles`` table (role = one of ``allowed``)."""
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a table")
+        return cls()
+    raw = dict(raw)
+    roles = _role_table(raw.pop("roles", {}), f"{where}.roles", allowed, problems)
+    return dataclasses.replace(cls(**_coerce(cls, raw, where, problems)), roles=roles)
+
+
+def _extraction(raw: Any, where: str, problems: list[str]) -> ExtractionConfig:
+    watch = _with_roles(ExtractionConfig, raw, where, EXTRACTION_ACTIONS, problems)
+    for name in watch.signals:
+        if name not in EXTRACTION_SIGNALS:
+            problems.append(f"{where}.signals: {name!r} is not one of {list(EXTRACTION_SIGNALS)}")
+    if not 0.5 <= watch.prada_delta < 1 or not 1 <= watch.z_alarm <= 100:
+        problems.append(f"{where}: prada_delta must be 0.5..1 (exclusive) and z_alarm 1..100")
+    if not 10 <= watch.min_queries <= watch.window <= 100000 or not 1 <= watch.max_principals <= 10**6:
+        problems.append(f"{where}: 10 <= min_queries <= window <= 100000 and max_principals 1..1000000")
+    if not 1 <= watch.throttle_cost <= 1000:
+        problems.append(f"{where}.throttle_cost must be 1..1000")
+    return watch
 
 
 def _output(raw: Any, where: str, problems: list[str]) -> OutputConfig:
-    if not isinstance(raw, dict):
-        problems.append(f"{where}: expected a table")
-        return OutputConfig()
-    raw = dict(raw)
-    roles = _role_table(raw.pop("roles", {}), f"{where}.roles", OUTPUT_POLICIES, problems)
-    output = OutputConfig(**_coerce(OutputConfig, raw, where, problems))
+    output = _with_roles(OutputConfig, raw, where, OUTPUT_POLICIES, problems)
     if not 1 <= output.top_k <= 1000 or not 0 <= output.decimals <= 6 or not 0.01 <= output.epsilon <= 1000:
         problems.append(f"{where}: top_k must be 1..1000, decimals 0..6 and epsilon 0.01..1000")
-    return dataclasses.replace(output, roles=roles)
+    return output
 
 
 def _role_table(raw: Any, where: str, allowed: tuple[str, ...], problems: list[str]) -> tuple[tuple[str, str], ...]:
@@ -772,13 +836,9 @@ def _role_table(raw: Any, where: str, allowed: tuple[str, ...], problems: list[s
 def _guard(raw: Any, where: str, problems: list[str]) -> GuardConfig:
     from gateway.guards.detectors import DETECTORS, parse_squeezer
 
-    if not isinstance(raw, dict):
-        problems.append(f"{where}: expected a table")
-        return GuardConfig()
-    raw = dict(raw)
-    roles = _role_table(raw.pop("roles", {}), f"{where}.roles", GUARD_ACTIONS, problems)
-    image = raw.pop("image", [])
-    guard = GuardConfig(**_coerce(GuardConfig, raw, where, problems))
+    raw = dict(raw) if isinstance(raw, dict) else raw
+    image = raw.pop("image", []) if isinstance(raw, dict) else []
+    guard = _with_roles(GuardConfig, raw, where, GUARD_ACTIONS, problems)
     if not isinstance(image, list) or len(image) not in (0, 2, 3) or not all(type(d) is int and d > 0 for d in image):
         problems.append(f"{where}.image: expected [height, width] or [channels, height, width]")
         image = []
@@ -796,7 +856,7 @@ def _guard(raw: Any, where: str, problems: list[str]) -> GuardConfig:
         problems.append(f"{where}.target_fpr must be 0.0001..0.5")
     if not 1 <= guard.throttle_cost <= 1000 or not 1 <= guard.timeout_ms <= 60000:
         problems.append(f"{where}: throttle_cost must be 1..1000 and timeout_ms 1..60000")
-    return dataclasses.replace(guard, roles=roles, image=tuple(image))
+    return dataclasses.replace(guard, image=tuple(image))
 
 
 def _safe_url(url: str) -> bool:

@@ -136,6 +136,8 @@ class RequestContext:
     (``gateway.events``)."""
     error: GatewayError | None = None
     """The refusal or failure the request was answered with."""
+    action: dict[str, Any] | None = None
+    """What an administrative request changed, with its reason (incident controls)."""
 
 
 def get_context(scope: MutableMapping[str, Any]) -> RequestContext:

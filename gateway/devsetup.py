@@ -160,6 +160,13 @@ on_error = "record"         # a detector that fails: serve and record it ("rejec
 # [models.digits.guard.roles]
 # untrusted = "reject"      # per role; the strictest of a caller's roles applies
 
+# Model-extraction monitoring per principal (PRADA, out-of-distribution and boundary-crowding
+# query shares; it uses the guard's calibration). An alarm is a security event, and the principal
+# gets the action until an operator runs `gateway principals clear NAME --reason ...`.
+[models.digits.extraction]
+enabled = true
+action = "label_only"       # record | label_only (one-hot answers) | throttle | block (403)
+
 [models.resnetish]
 version = "1"
 workers = 1

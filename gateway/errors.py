@@ -8,6 +8,7 @@ Every refusal the gateway makes is one of these, so every client sees one shape:
     ├── Unauthorized                 401  no, or an invalid, bearer token (WWW-Authenticate: Bearer)
     │   └── StepUpRequired           401  valid token, too weak an authentication (RFC 9470)
     ├── Forbidden                    403  authenticated, but the policy does not grant the verb
+    ├── ExtractionSuspected          403  a model-extraction alarm blocks the principal (gateway.guards.watching)
     ├── NotFound                     404  unknown model or route (also: a model you may not see)
     ├── MethodNotAllowed             405
     ├── PayloadTooLarge              413

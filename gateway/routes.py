@@ -23,7 +23,7 @@ from gateway.security.issuer import JWKS_PATH, TOKEN_PATH
 __all__ = ["LIVENESS_PATH", "PROBE_PATHS", "PUBLIC_PATHS", "READINESS_PATH", "ROUTES", "GatewayRoute", "Operation",
            "RouteSpec", "starlette_routes"]
 
-Owner = Literal["v2", "issuer", "ops"]
+Owner = Literal["v2", "issuer", "ops", "incident"]
 Probe = Literal["live", "ready"]
 
 
@@ -111,6 +111,15 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec("/admin/models", ("GET",), "v2", "admin_models", Operation(
         "Operator view of the models (verb: admin:models)", {"type": "object", "required": ["models"]}),
         verb="admin:models"),
+    RouteSpec("/admin/principals", ("GET",), "incident", "principals", Operation(
+        "Model-extraction alarms in force (verb: admin:incident)", {"type": "object", "required": ["alarms"]}),
+        verb="admin:incident"),
+    RouteSpec("/admin/principals/clear", ("POST",), "incident", "clear_principal", Operation(
+        "Clear a principal's extraction alarms (verb: admin:incident)", {"type": "object", "required": ["cleared"]},
+        request_body={"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["principal", "reason"],
+            "properties": {"principal": {"type": "string"}, "model": {"type": "string"}, "reason": {"type": "string"}}}}}}),
+        verb="admin:incident"),
     RouteSpec(MODEL, ("GET",), "v2", "model_metadata", _META, verb="metadata"),
     RouteSpec(MODEL + "/ready", ("GET",), "v2", "model_ready", _READY, verb="metadata"),
     RouteSpec(VERSIONED, ("GET",), "v2", "model_metadata", _META, verb="metadata"),

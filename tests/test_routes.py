@@ -44,7 +44,8 @@ async def test_served_routes_and_the_openapi_document_agree(pki: Path, tmp_path:
 
 def test_the_table_names_each_handler_that_exists() -> None:
     from gateway.endpoints import V2, IssuerEndpoints, OpsEndpoints
+    from gateway.endpoints.incident import IncidentEndpoints
 
-    owners = {"v2": V2, "issuer": IssuerEndpoints, "ops": OpsEndpoints}
+    owners = {"v2": V2, "issuer": IssuerEndpoints, "ops": OpsEndpoints, "incident": IncidentEndpoints}
     for spec in ROUTES:
         assert callable(getattr(owners[spec.owner], spec.handler, None)), spec

@@ -213,6 +213,8 @@ def _describe(record: dict[str, Any], ctx: RequestContext) -> None:
         record["findings"] = [f.as_dict() for f in ctx.findings]
     if ctx.scores:
         record["scores"] = {k: round(v, 6) for k, v in ctx.scores.items()}
+    if ctx.action is not None:
+        record["action"] = ctx.action
     if ctx.error is not None:
         record["reason"] = {"type": ctx.error.type, "detail": ctx.error.detail[:300]}
 

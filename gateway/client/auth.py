@@ -10,9 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from gateway.client.errors import AuthenticationError
 
-__all__ = ["ClientCredentials", "StaticToken", "TokenSource"]
+__all__ = ["ClientCredentials", "PasswordSignIn", "StaticToken", "TokenSource", "totp_code"]
 
 
 class TokenSource:
@@ -108,6 +110,53 @@ class ClientCredentials(TokenSource):
     def invalidate(self) -> None:
         with self._lock:
             self._token = None
+
+    @property
+    def refreshable(self) -> bool:
+        return True
+
+
+def totp_code(secret_b32: str) -> str:
+    """The current RFC 6238 code (SHA-1, 6 digits, 30 s) of an enrolled secret."""
+    import base64
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.twofactor.totp import TOTP
+
+    return TOTP(base64.b32decode(secret_b32), 6, hashes.SHA1(), 30).generate(int(time.time())).decode()
+
+
+@dataclass
+class PasswordSignIn(TokenSource):
+    """A person of the built-in issuer: password and a TOTP code (the OAuth 2 password grant as
+    the ``gateway-cli`` client, which the issuer accepts only with the second factor for ``admin:*``
+    verbs). ``totp`` returns the current code: computed from an enrolled secret, or asked for."""
+
+    token_url: str
+    username: str
+    password: str = field(repr=False)
+    totp: Callable[[], str] | None = None
+    ssl_context: ssl.SSLContext | None = None
+    _token: str | None = field(default=None, repr=False)
+
+    def token(self) -> str:
+        if self._token is None:
+            form = {"grant_type": "password", "client_id": "gateway-cli", "username": self.username,
+                    "password": self.password}
+            if self.totp is not None:
+                form["totp"] = self.totp()
+            response = httpx.post(self.token_url, data=form, verify=self.ssl_context or True, timeout=30)
+            if response.status_code != 200:
+                try:
+                    problem = response.json()
+                except ValueError:
+                    problem = {"detail": response.text[:500]}
+                raise AuthenticationError(response.status_code, problem if isinstance(problem, dict) else {})
+            self._token = str(response.json()["access_token"])
+        return self._token
+
+    def invalidate(self) -> None:
+        self._token = None
 
     @property
     def refreshable(self) -> bool:

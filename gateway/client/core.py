@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from gateway.client.auth import CallableToken, ClientCredentials, StaticToken, TokenSource
+from gateway.client.auth import CallableToken, ClientCredentials, PasswordSignIn, StaticToken, TokenSource, totp_code
 from gateway.client.errors import ConnectionFailed, RateLimited, Timeout, Unavailable, from_response
 from gateway.protocol.codec import RequestedOutput, Tensor, decode_infer_response, encode_infer_request
 
@@ -104,6 +104,10 @@ class _Base:
         token: TokenSource | None = None
         if "client_secret" in creds:
             token = ClientCredentials(data["token_endpoint"], creds["client_id"], creds["client_secret"], ctx)
+        elif "password" in creds:  # a person: the enrolled TOTP secret when the file has it, else asked for
+            secret = creds.get("totp_secret")
+            code = (lambda: totp_code(secret)) if secret else (lambda: input(f"TOTP code for {creds['username']}: "))
+            token = PasswordSignIn(data["token_endpoint"], creds["username"], creds["password"], code, ctx)
         return {"url": data["gateway"], "token": token, "ssl_context": ctx}
 
     def _headers(self, token: str | None) -> dict[str, str]:
@@ -222,6 +226,17 @@ class Client(_Base):
             if wait is None:
                 return response
             time.sleep(wait)
+
+    # -- incident controls (verb admin:incident) ------------------------------------------------
+    def alarms(self) -> list[dict[str, Any]]:
+        """The model-extraction alarms in force."""
+        return list(self.request("GET", "/admin/principals").json()["alarms"])
+
+    def clear_principal(self, principal: str, reason: str, model: str | None = None) -> list[dict[str, Any]]:
+        """Lift ``principal``'s extraction alarms (on ``model``, or all) and forget its watched
+        queries; the alarms cleared. ``reason`` goes to the audit log."""
+        body = {"principal": principal, "reason": reason, **({"model": model} if model else {})}
+        return list(self.request("POST", "/admin/principals/clear", json_body=body).json()["cleared"])
 
     # -- the protocol ---------------------------------------------------------------------------
     def live(self) -> bool:

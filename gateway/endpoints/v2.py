@@ -22,6 +22,7 @@ from gateway.context import get_context
 from gateway.errors import Unavailable
 from gateway.events import EventSink
 from gateway.guards.stages import GuardHealth
+from gateway.guards.watching import WatchStore
 from gateway.security.ratelimit import Limiter
 from gateway.security.rbac import Policy
 from gateway.stages import InferCall, Stage, resolve_model, run_stages
@@ -41,8 +42,9 @@ class V2:
 
     def __init__(self, models: ModelTable, pool: WorkerPool, policy: Policy, limiter: Limiter,
                  stages: Sequence[Stage], health: GuardHealth | None = None, events: EventSink | None = None,
-                 explain_stages: Sequence[Stage] = ()) -> None:
+                 explain_stages: Sequence[Stage] = (), watches: WatchStore | None = None) -> None:
         self.explain_stages = explain_stages
+        self.watches = watches
         self.health = health or GuardHealth()
         self.events = events
         self.models = models
@@ -113,6 +115,8 @@ class V2:
         guards = self.health.degraded()
         if guards:
             degraded["guard"] = guards  # detectors failed lately: on_error applied
+        if self.watches is not None and self.watches.degraded:
+            degraded["extraction"] = f"monitor storage unreachable, watching per process: {self.watches.degraded}"
         if self.events is not None and self.events.enabled and self.events.last_error:
             degraded["events"] = f"webhook delivery failing: {self.events.last_error}"
         if degraded:

@@ -53,6 +53,10 @@ class InferCall:
     rider_outputs: list[Tensor] = field(default_factory=list)
     response_headers: dict[str, str] = field(default_factory=dict)
     """Headers a stage adds to the answer (a guard's finding)."""
+    policy_floor: str | None = None
+    """An output policy at least this strict, whatever the caller's roles (an extraction alarm's)."""
+    extraction_alarm: bool = False
+    """An extraction alarm is in force for the caller on this model (its state is not watched further)."""
     answer: Answer | None = None
     """From ``Encode``."""
     cleanup: list[Callable[[], None]] = field(default_factory=list)

@@ -22,12 +22,12 @@ from __future__ import annotations
 import numpy as np
 
 from gateway.access import principal_of
-from gateway.config import OutputConfig
+from gateway.config import OUTPUT_POLICIES, OutputConfig
 from gateway.protocol.codec import Tensor
 from gateway.stages.base import InferCall, elements, offload
 from gateway.stages.infer import tensor_digest
 
-__all__ = ["OutputPolicy", "apply_policy"]
+__all__ = ["OutputPolicy", "apply_policy", "stricter_policy"]
 
 
 def _is_scores(array: np.ndarray) -> bool:
@@ -63,6 +63,13 @@ def apply_policy(array: np.ndarray, policy: str, settings: OutputConfig, rng: np
     return array
 
 
+def stricter_policy(policy: str, floor: str | None) -> str:
+    """The less revealing of an output policy and a floor (an extraction alarm's ``label_only``)."""
+    if floor is None or OUTPUT_POLICIES.index(floor) <= OUTPUT_POLICIES.index(policy):
+        return policy
+    return floor
+
+
 class OutputPolicy:
     """The output-policy position's stage: the caller's policy applied, the digests made again."""
 
@@ -73,7 +80,7 @@ class OutputPolicy:
 
     async def __call__(self, call: InferCall) -> None:
         settings = call.model.config.output
-        policy = settings.policy_for(principal_of(call.ctx).roles)
+        policy = stricter_policy(settings.policy_for(principal_of(call.ctx).roles), call.policy_floor)
         if policy == "full":
             return
         call.outputs = [Tensor(t.name, apply_policy(t.array, policy, settings, self.rng)) if _is_scores(t.array) else t

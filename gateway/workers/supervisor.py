@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from gateway.config import Config, ModelConfig
+from gateway.guards.extraction import check_extraction
 from gateway.guards.guard import check_guard
 from gateway.registry.loading import load_model_bytes
 from gateway.registry.manifest import Manifest, ManifestError, load_manifest
@@ -51,10 +52,11 @@ class Supervisor:
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self.monitor.prepare()
-        guards = {unit: m.guard for unit, m in self.config.units()}
+        configured = dict(self.config.units())
         for unit, manifest in self.manifests.items():
             self._models[(unit, 0)] = load_model_bytes(manifest, self.config.supply)
-            check_guard(manifest, guards[unit])  # its calibration, signed with the model
+            check_guard(manifest, configured[unit].guard)  # its calibration, signed with the model
+            check_extraction(manifest, configured[unit].extraction)
             self._event("load", manifest, 0)
         for unit, settings in self.config.units():
             self.monitor.create(unit, settings, 0)
@@ -136,6 +138,7 @@ class Supervisor:
                                     "change the model to try again")
             data = load_model_bytes(manifest, config.supply)
             check_guard(manifest, settings.guard)
+            check_extraction(manifest, settings.extraction)
         except ManifestError as exc:
             self._event("refuse", _placeholder(unit, settings, current), self.generation.get(unit, 0), str(exc))
             return

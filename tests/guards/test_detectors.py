@@ -21,18 +21,29 @@ from starlette.datastructures import Headers
 
 from gateway.app import infer_stages
 from gateway.catalog import ModelTable
-from gateway.config import Config, GuardConfig, IssuerConfig, LimitsConfig, ModelConfig, PolicyConfig, RuleConfig
+from gateway.config import (
+    Config,
+    ExtractionConfig,
+    GuardConfig,
+    IssuerConfig,
+    LimitsConfig,
+    ModelConfig,
+    PolicyConfig,
+    RuleConfig,
+)
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.guards.calibration import CalibrationError, calibrate, data_digest, load_calibration, write_calibration
 from gateway.guards.detectors import Reference, parse_squeezer
 from gateway.guards.guard import check_guard
 from gateway.guards.stages import GuardHealth, GuardInputs, GuardVerdict
+from gateway.guards.watching import ExtractionGate, ExtractionWatch, WatchStore
 from gateway.registry.manifest import load_manifest
 from gateway.security.ratelimit import Limiter
 from gateway.security.rbac import Policy
 from gateway.security.types import Principal
 from gateway.stages import Decoder, InferCall, InFlightBytes, run_stages
+from gateway.stages.outputs import OutputPolicy
 from gateway.units import Unit
 from gateway.workers.memory import InMemoryTransport
 from gateway.workers.pool import WorkerPool
@@ -147,9 +158,9 @@ def test_tied_scores_sit_mid_rank_and_the_tail_keeps_order() -> None:
 
 # -- the stages, around an in-memory worker running the real model --------------------------------
 
-def config(guard: GuardConfig, budget: str = "") -> Config:
+def config(guard: GuardConfig, budget: str = "", extraction: ExtractionConfig | None = None) -> Config:
     return Config(
-        models=(ModelConfig("digits", guard=guard),),
+        models=(ModelConfig("digits", guard=guard, extraction=extraction or ExtractionConfig()),),
         issuer=IssuerConfig(enabled=False),
         rbac=PolicyConfig(rules=(RuleConfig("inference", ("inference",), ("infer",)),)),
         limits=LimitsConfig(budget_inferences=budget),
@@ -157,8 +168,11 @@ def config(guard: GuardConfig, budget: str = "") -> Config:
 
 
 class Harness:
-    def __init__(self, folder: Path, guard: GuardConfig, budget: str = "") -> None:
-        self.config = config(guard, budget)
+    """The inference stages over an in-memory worker running the model in ``folder``, with the
+    guard's stages, or (``extraction``) the extraction monitor's and the output policy."""
+
+    def __init__(self, folder: Path, guard: GuardConfig, budget: str = "", extraction: ExtractionConfig | None = None) -> None:
+        self.config = config(guard, budget, extraction)
         session = ort.InferenceSession(str(folder / "model.onnx"))
         self.worker = InMemoryTransport(lambda inputs: session.run(None, inputs), ["probabilities"])
         models = ModelTable(self.config, {Unit("digits"): load_manifest(folder)})
@@ -168,9 +182,13 @@ class Harness:
         self.health = GuardHealth()
         self.limiter = Limiter(self.config.limits)
         self.decoder = Decoder(self.config.server)
+        self.store = WatchStore(self.config)
+        guards, verdicts, policies = (
+            ([GuardInputs(self.health)], [GuardVerdict(self.health, self.limiter)], []) if extraction is None else
+            ([ExtractionGate(self.store, self.limiter)], [ExtractionWatch(self.store, self.limiter, self.health)],
+             [OutputPolicy()]))
         self.stages = infer_stages(self.config, models, Policy(self.config.rbac), self.limiter, pool, self.decoder,
-                                   InFlightBytes(1 << 24, 1 << 22), [GuardInputs(self.health)],
-                                   [GuardVerdict(self.health, self.limiter)])
+                                   InFlightBytes(1 << 24, 1 << 22), guards, verdicts, policies)
 
     async def infer(self, rows: np.ndarray, principal: Principal = DEMO) -> tuple[InferCall, GatewayError | None]:
         body = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(rows.shape),
