@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_gateway  # noqa: E402
 from estimator import DigitsMLP  # noqa: E402
+from report import replace_section  # noqa: E402
 
 from gateway.client import Client, ssl_context  # noqa: E402
 from gateway.config import GuardConfig  # noqa: E402
@@ -49,6 +50,7 @@ from gateway.guards.guard import check_guard  # noqa: E402
 from gateway.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
 from gateway.registry.manifest import load_manifest  # noqa: E402
 
+HEADING = "# Adversarial-input detection through the gateway"
 TARGET_FPR = 0.05
 GUARD = {
     "digits": f"""[models.digits.guard]
@@ -246,7 +248,7 @@ def cost(tmp: Path, seconds: float) -> list[dict[str, Any]]:
 
 def report(rows: list[dict[str, Any]], summary: dict[str, Any], costs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        "# Adversarial-input detection through the gateway",
+        HEADING,
         "",
         f"Produced by `python bench/security/run.py --samples {args.samples} --hsj-samples {args.hsj_samples} "
         f"--seconds {args.seconds:g}` on {time.strftime('%Y-%m-%d')}. Model `digits` (8×8, values 0–16), guard as "
@@ -328,7 +330,7 @@ def main() -> int:
     text = report(rows, summary, costs, args)
     print(text)
     if args.out:
-        args.out.write_text(text)
+        replace_section(args.out, HEADING, text)
     return 0
 
 
