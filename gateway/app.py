@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -40,6 +41,7 @@ from gateway.middleware.limits import AddressLimitMiddleware, PrincipalLimitMidd
 from gateway.openapi import openapi_document
 from gateway.registry.manifest import Manifest, load_units
 from gateway.routes import ROUTES, starlette_routes
+from gateway.security.incidents import IncidentStore
 from gateway.security.issuer import BuiltinIssuer
 from gateway.security.ratelimit import Limiter
 from gateway.security.rbac import Policy
@@ -68,7 +70,8 @@ log = logging.getLogger("gateway.app")
 
 
 def middleware_stack(config: Config, writer: AuditWriter | None, metrics: Metrics, probes: ProbeTally,
-                     limiter: Limiter, validator: TokenValidator, events: EventSink | None = None) -> list[Middleware]:
+                     limiter: Limiter, validator: TokenValidator, events: EventSink | None = None,
+                     incidents: IncidentStore | None = None) -> list[Middleware]:
     """What needs no model, outer to inner."""
     return [
         Middleware(AuditMiddleware, writer=writer, metrics=metrics, fail_closed=config.audit.fail_closed,
@@ -78,7 +81,7 @@ def middleware_stack(config: Config, writer: AuditWriter | None, metrics: Metric
         Middleware(ContextMiddleware, trusted_proxies=TrustedProxies(config.tls.trusted_proxies, config.tls.xfcc_hops),
                    timeout_s=config.server.request_timeout_s),
         Middleware(AddressLimitMiddleware, limiter=limiter),
-        Middleware(AuthMiddleware, validator=validator, auth=config.auth),
+        Middleware(AuthMiddleware, validator=validator, auth=config.auth, incidents=incidents),
         Middleware(PrincipalLimitMiddleware, limiter=limiter),
     ]
 
@@ -86,11 +89,11 @@ def middleware_stack(config: Config, writer: AuditWriter | None, metrics: Metric
 def infer_stages(
     config: Config, models: ModelTable, policy: Policy, limiter: Limiter, pool: WorkerPool, decoder: Decoder,
     in_flight: InFlightBytes, guards: Sequence[Stage] = (), verdicts: Sequence[Stage] = (),
-    output_policies: Sequence[Stage] = (),
+    output_policies: Sequence[Stage] = (), incidents: IncidentStore | None = None,
 ) -> list[Stage]:
     """The model-aware path of an inference, in order. A new stage is one class and one line here."""
     return [
-        Resolve(models, policy, "infer"),
+        Resolve(models, policy, "infer", incidents),
         ReadBody(config.server.max_body_bytes, in_flight),
         Decode(decoder),
         CheckSignature(),
@@ -104,10 +107,10 @@ def infer_stages(
 
 
 def explain_stages(config: Config, models: ModelTable, policy: Policy, limiter: Limiter, pool: WorkerPool,
-                   decoder: Decoder, in_flight: InFlightBytes) -> list[Stage]:
+                   decoder: Decoder, in_flight: InFlightBytes, incidents: IncidentStore | None = None) -> list[Stage]:
     """An explanation: the inference path's checks, then attributions instead of one inference."""
     return [
-        Resolve(models, policy, "explain"),
+        Resolve(models, policy, "explain", incidents),
         ReadBody(config.server.max_body_bytes, in_flight),
         Decode(decoder),
         CheckSignature(),
@@ -150,7 +153,8 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     pool = pool or WorkerPool(config, runtime_dir)
     pool.on_swap.append(models.swapped)
     limiter = Limiter(config.limits, config.issuer.max_failed_logins, config.issuer.lockout_s)
-    issuer = BuiltinIssuer(config, limiter) if config.issuer.enabled else None
+    incidents = IncidentStore(Path(config.issuer.incidents_path), config.limits.storage, config.limits.storage_timeout_s)
+    issuer = BuiltinIssuer(config, limiter, incidents) if config.issuer.enabled else None
     validator = TokenValidator(config, issuer.store.public_keys if issuer else None)
     policy = Policy(config.rbac)
     decoder = Decoder(config.server)
@@ -160,16 +164,17 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     stages = infer_stages(config, models, policy, limiter, pool, decoder, in_flight,
                           [GuardInputs(health), ExtractionGate(watches, limiter), *guards],
                           [GuardVerdict(health, limiter), ExtractionWatch(watches, limiter, health)],
-                          [*output_policies, OutputPolicy()])
+                          [*output_policies, OutputPolicy()], incidents)
     events = EventSink(config.events)
     metrics = Metrics(pool, health, events)
     probes = ProbeTally()
     writer = _audit_writer(config)
 
-    owners: dict[str, object] = {"v2": V2(models, pool, policy, limiter, stages, health, events,
-                                          explain_stages(config, models, policy, limiter, pool, decoder, in_flight),
-                                          watches),
-                                 "incident": IncidentEndpoints(watches, policy)}
+    owners: dict[str, object] = {
+        "v2": V2(models, pool, policy, limiter, stages, health, events,
+                 explain_stages(config, models, policy, limiter, pool, decoder, in_flight, incidents), watches, incidents),
+        "incident": IncidentEndpoints(watches, policy, incidents, issuer, config.issuer.token_ttl_s + config.auth.leeway_s),
+    }
     if issuer is not None:
         owners["issuer"] = IssuerEndpoints(issuer)
     served = [spec for spec in ROUTES if spec.owner in owners or spec.owner == "ops"]
@@ -181,6 +186,7 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await background.start()
         await events.start()
+        await incidents.start()
         await pool.start()
         warming = asyncio.get_running_loop().create_task(decoder.warm())
         for cache in validator.caches():  # warm the external providers' keys; failures are retried lazily
@@ -193,10 +199,11 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
             await pool.close()
             await limiter.close()
             await watches.close()
+            await incidents.close()
             await background.stop()
             await events.stop()
 
-    middleware = middleware_stack(config, writer, metrics, probes, limiter, validator, events)
+    middleware = middleware_stack(config, writer, metrics, probes, limiter, validator, events, incidents)
     handlers: dict[Any, Any] = {GatewayError: functools.partial(_gateway_error, config.server.debug),
                                 HTTPException: _http_exception}
     app = Starlette(routes=starlette_routes(served, owners), middleware=middleware, exception_handlers=handlers,

@@ -315,6 +315,9 @@ class IssuerConfig:
     """Its ``iss``; "" means ``https://localhost:<port>`` (or the listen address when not loopback)."""
     directory: str = "issuer"
     """Signing keys, clients and users (created by ``gateway init``; keep it private)."""
+    incidents_file: str = ""
+    """Where the incident controls in force persist (revocations, quarantine, lockdown); "" means
+    ``incidents.json`` in ``directory`` (also when the issuer is off)."""
     token_ttl_s: int = 900
     max_failed_logins: int = 100
     """Failed secrets (a client's, a person's password) before the account is locked (NIST SP 800-63B
@@ -323,6 +326,10 @@ class IssuerConfig:
     """Wrong one-time codes before a person is locked; cleared only by a right code, never by a
     password-only sign-in."""
     lockout_s: int = 900
+
+    @property
+    def incidents_path(self) -> str:
+        return self.incidents_file or os.path.join(self.directory, "incidents.json")
 
 
 @dataclass(frozen=True)
@@ -904,7 +911,8 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     models = [m for name, table in models_raw.items() if (m := _model(name, table, problems)) is not None]
     auth = _auth(data.get("auth", {}), base, problems)
     issuer = IssuerConfig(**_coerce(IssuerConfig, data.get("issuer", {}), "issuer", problems))
-    issuer = dataclasses.replace(issuer, directory=_resolve(base, issuer.directory))
+    issuer = dataclasses.replace(issuer, directory=_resolve(base, issuer.directory),
+                                 incidents_file=_resolve(base, issuer.incidents_file))
     rbac = _policy(data.get("rbac", {}), problems)
     limits = LimitsConfig(**_coerce(LimitsConfig, data.get("limits", {}), "limits", problems))
     audit = AuditConfig(**_coerce(AuditConfig, data.get("audit", {}), "audit", problems))

@@ -6,7 +6,8 @@ Every refusal the gateway makes is one of these, so every client sees one shape:
     ├── BadRequest                   400  malformed JSON, tensors or headers
     │   └── UnsupportedEncoding      415
     ├── Unauthorized                 401  no, or an invalid, bearer token (WWW-Authenticate: Bearer)
-    │   └── StepUpRequired           401  valid token, too weak an authentication (RFC 9470)
+    │   ├── StepUpRequired           401  valid token, too weak an authentication (RFC 9470)
+    │   └── CredentialRevoked        401  the token, its principal or the client certificate was revoked
     ├── Forbidden                    403  authenticated, but the policy does not grant the verb
     ├── ExtractionSuspected          403  a model-extraction alarm blocks the principal (gateway.guards.watching)
     ├── NotFound                     404  unknown model or route (also: a model you may not see)
@@ -19,7 +20,9 @@ Every refusal the gateway makes is one of these, so every client sees one shape:
     ├── TooManyRequests              429  throttled (Retry-After)
     ├── OAuthError                   4xx  the built-in issuer's refusals (RFC 6749 section 5.2 ``error``)
     ├── Unavailable                  503  no healthy worker, worker died mid-request (Retry-After)
-    │   └── Overloaded               503  too many connections or requests in flight on this process
+    │   ├── Overloaded               503  too many connections or requests in flight on this process
+    │   ├── LockedDown               503  an operator's lockdown: only break-glass principals are served
+    │   └── ModelQuarantined         503  an operator quarantined this model version
     └── GatewayTimeout               504  the per-request deadline passed
 
 On ``/v2`` routes the body also carries ``"error"`` (the Open Inference Protocol's error field,
@@ -36,11 +39,14 @@ import orjson
 __all__ = [
     "BadRequest",
     "ClientClosedRequest",
+    "CredentialRevoked",
     "GatewayError",
     "GatewayTimeout",
     "HeadersTooLarge",
     "InvalidInput",
+    "LockedDown",
     "MethodNotAllowed",
+    "ModelQuarantined",
     "NotFound",
     "OAuthError",
     "Overloaded",
@@ -188,6 +194,11 @@ class Unauthorized(GatewayError):
         self.headers["WWW-Authenticate"] = bearer_challenge(error, detail if error else None)
 
 
+class CredentialRevoked(Unauthorized):
+    type = "credential-revoked"
+    title = "Credentials revoked"
+
+
 class StepUpRequired(GatewayError):
     """401 ``insufficient_user_authentication`` with what would satisfy the policy (RFC 9470)."""
 
@@ -280,6 +291,16 @@ class Unavailable(GatewayError):
 class Overloaded(Unavailable):
     type = "overloaded"
     title = "Too many requests in flight"
+
+
+class LockedDown(Unavailable):
+    type = "lockdown"
+    title = "The gateway is locked down"
+
+
+class ModelQuarantined(Unavailable):
+    type = "model-quarantined"
+    title = "This model version is quarantined"
 
 
 class OAuthError(GatewayError):

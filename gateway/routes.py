@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from starlette.routing import Route
 
+from gateway.security.incidents import ACTIONS as INCIDENT_ACTIONS
 from gateway.security.issuer import JWKS_PATH, TOKEN_PATH
 
 __all__ = ["LIVENESS_PATH", "PROBE_PATHS", "PUBLIC_PATHS", "READINESS_PATH", "ROUTES", "GatewayRoute", "Operation",
@@ -90,6 +91,13 @@ _TOKEN_FORM = {"required": True, "content": {"application/x-www-form-urlencoded"
     "additionalProperties": {"type": "string"}}}}}
 _DISCOVERY = Operation("Built-in issuer: metadata (RFC 8414)", {"type": "object", "required": ["issuer"]})
 
+
+
+def _admin_body(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": required, "properties": properties}}}}
+
+
 ROUTES: tuple[RouteSpec, ...] = (
     # Inference first: the router tries routes in order, and infer is the hot path.
     RouteSpec(MODEL + "/infer", ("POST",), "v2", "infer", _INFER, verb="infer"),
@@ -116,10 +124,22 @@ ROUTES: tuple[RouteSpec, ...] = (
         verb="admin:incident"),
     RouteSpec("/admin/principals/clear", ("POST",), "incident", "clear_principal", Operation(
         "Clear a principal's extraction alarms (verb: admin:incident)", {"type": "object", "required": ["cleared"]},
-        request_body={"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "required": ["principal", "reason"],
-            "properties": {"principal": {"type": "string"}, "model": {"type": "string"}, "reason": {"type": "string"}}}}}}),
+        request_body=_admin_body(["principal", "reason"], {
+            "principal": {"type": "string"}, "model": {"type": "string"}, "reason": {"type": "string"}})),
         verb="admin:incident"),
+    RouteSpec("/admin/incidents", ("GET",), "incident", "status", Operation(
+        "Incident controls in force: revocations, quarantine, lockdown (verb: admin:incident)",
+        {"type": "object", "required": ["controls"]}), verb="admin:incident"),
+    RouteSpec("/admin/incidents/actions", ("POST",), "incident", "act", Operation(
+        "Apply an incident control on every replica (verb: admin:incident)", {"type": "object", "required": ["version"]},
+        request_body=_admin_body(["action", "reason"], {
+            "action": {"type": "string", "enum": list(INCIDENT_ACTIONS)}, "reason": {"type": "string"},
+            "jti": {"type": "string"}, "expires_at": {"type": "number"}, "principal": {"type": "string"},
+            "sha256": {"type": "string"}, "model": {"type": "string"}, "version": {"type": "string"},
+            "break_glass": {"type": "array", "items": {"type": "string"}}})), verb="admin:incident"),
+    RouteSpec("/admin/keys/rotate", ("POST",), "incident", "rotate_key", Operation(
+        "Rotate the built-in issuer's signing key now (verb: admin:incident)", {"type": "object", "required": ["kid"]},
+        request_body=_admin_body(["reason"], {"reason": {"type": "string"}})), verb="admin:incident"),
     RouteSpec(MODEL, ("GET",), "v2", "model_metadata", _META, verb="metadata"),
     RouteSpec(MODEL + "/ready", ("GET",), "v2", "model_ready", _READY, verb="metadata"),
     RouteSpec(VERSIONED, ("GET",), "v2", "model_metadata", _META, verb="metadata"),

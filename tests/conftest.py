@@ -243,6 +243,7 @@ audience = "{issuer_url or f'https://localhost:{port}'}"
 [issuer]
 url = "{issuer_url or f'https://localhost:{port}'}"
 directory = "{pki}/issuer"
+incidents_file = "{tmp}/incidents.json"
 
 {AUTH_POLICY if 'rbac.rules' not in sections else ''}
 [limits]

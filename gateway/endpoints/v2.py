@@ -23,6 +23,7 @@ from gateway.errors import Unavailable
 from gateway.events import EventSink
 from gateway.guards.stages import GuardHealth
 from gateway.guards.watching import WatchStore
+from gateway.security.incidents import IncidentStore
 from gateway.security.ratelimit import Limiter
 from gateway.security.rbac import Policy
 from gateway.stages import InferCall, Stage, resolve_model, run_stages
@@ -42,9 +43,11 @@ class V2:
 
     def __init__(self, models: ModelTable, pool: WorkerPool, policy: Policy, limiter: Limiter,
                  stages: Sequence[Stage], health: GuardHealth | None = None, events: EventSink | None = None,
-                 explain_stages: Sequence[Stage] = (), watches: WatchStore | None = None) -> None:
+                 explain_stages: Sequence[Stage] = (), watches: WatchStore | None = None,
+                 incidents: IncidentStore | None = None) -> None:
         self.explain_stages = explain_stages
         self.watches = watches
+        self.incidents = incidents
         self.health = health or GuardHealth()
         self.events = events
         self.models = models
@@ -115,6 +118,8 @@ class V2:
         guards = self.health.degraded()
         if guards:
             degraded["guard"] = guards  # detectors failed lately: on_error applied
+        if self.incidents is not None and self.incidents.degraded:
+            degraded["incidents"] = f"incident-control storage unreachable, the controls in force stay: {self.incidents.degraded}"
         if self.watches is not None and self.watches.degraded:
             degraded["extraction"] = f"monitor storage unreachable, watching per process: {self.watches.degraded}"
         if self.events is not None and self.events.enabled and self.events.last_error:
@@ -140,7 +145,8 @@ class V2:
         })
 
     async def model_ready(self, request: Request) -> Response:
-        entry = resolve_model(get_context(request.scope), request.path_params, self.models, self.policy, "metadata")
+        entry = resolve_model(get_context(request.scope), request.path_params, self.models, self.policy, "metadata",
+                              self.incidents)  # a quarantined version is not ready
         m, key = entry.manifest, entry.unit.key
         if not self.pool.ready(key):
             raise Unavailable(f"model {m.name!r} version {m.version!r} has no healthy worker", retry_after=1)

@@ -55,6 +55,7 @@ from gateway.security.accounts import (
     unknown_account_hash,
     verify_secret,
 )
+from gateway.security.incidents import IncidentStore
 from gateway.security.ratelimit import Limiter
 
 __all__ = [
@@ -187,7 +188,8 @@ class _TokenGenerator(JWTBearerTokenGenerator):  # type: ignore[misc]
 
 
 class BuiltinIssuer:
-    def __init__(self, config: Config, limiter: Limiter | None = None) -> None:
+    def __init__(self, config: Config, limiter: Limiter | None = None, incidents: IncidentStore | None = None) -> None:
+        self.incidents = incidents
         self.url = config.issuer_url
         self.audience = config.audience
         self.ttl = config.issuer.token_ttl_s
@@ -281,6 +283,9 @@ class BuiltinIssuer:
             client_id = _claimed_client_id(request)
         except ValueError as exc:  # malformed, or more than one way of authenticating
             return 400, {"error": "invalid_request", "error_description": str(exc)}, []
+        revoked = self._revoked(client_id, form, thumbprint)
+        if revoked is not None:  # an operator's revocation: no token, whatever the secret
+            return 400, {"error": "invalid_grant", "error_description": revoked}, []
         counters = self._counters(request, client_id)
         for key, limit in counters.values():
             wait = await self.limiter.account_locked(key, limit)
@@ -295,6 +300,19 @@ class BuiltinIssuer:
             elif verdict is False:
                 await self.limiter.account_failed(counters[factor][0], counters[factor][1])
         return status, payload, list(out or [])
+
+    def _revoked(self, client_id: str, form: dict[str, str], thumbprint: str | None) -> str | None:
+        controls = self.incidents.controls if self.incidents is not None else None
+        if controls is None or controls.empty:
+            return None
+        if thumbprint is not None:
+            sha = base64.urlsafe_b64decode(thumbprint + "=" * (-len(thumbprint) % 4)).hex()
+            if sha in controls.certificates:
+                return "the client certificate is revoked"
+        subject = form.get("username", "") if form.get("grant_type") == "password" else client_id
+        if f"{self.url}|{subject}" in controls.principals:
+            return "this principal is revoked"
+        return None
 
     def _counters(self, request: _Request, client_id: str) -> dict[str, tuple[str, int]]:
         """The failure counters a token request may touch, by factor: (storage key, lockout threshold)."""

@@ -7,8 +7,9 @@ from typing import Any
 from gateway.access import authorize, principal_of
 from gateway.catalog import ModelEntry, ModelTable
 from gateway.context import RequestContext
-from gateway.errors import NotFound
+from gateway.errors import ModelQuarantined, NotFound
 from gateway.registry.manifest import NAME_PATTERN
+from gateway.security.incidents import IncidentStore
 from gateway.security.rbac import Policy
 from gateway.stages.base import InferCall
 
@@ -16,8 +17,9 @@ __all__ = ["Resolve", "resolve_model"]
 
 
 def resolve_model(ctx: RequestContext, params: dict[str, Any], models: ModelTable, policy: Policy,
-                  verb: str) -> ModelEntry:
-    """Authenticate, authorize ``verb`` on the named model, and find the served unit.
+                  verb: str, incidents: IncidentStore | None = None) -> ModelEntry:
+    """Authenticate, authorize ``verb`` on the named model, and find the served unit (503 when an
+    operator quarantined its version).
 
     A model that does not exist and one the caller may not see get the same 404, word for word.
     """
@@ -34,6 +36,10 @@ def resolve_model(ctx: RequestContext, params: dict[str, Any], models: ModelTabl
     if entry is None:
         raise _unknown(repr(name), version)
     ctx.version = entry.manifest.version
+    held = incidents.controls.quarantine_of(name, entry.manifest.version) if incidents is not None else None
+    if held is not None:
+        raise ModelQuarantined(f"{name} version {entry.manifest.version} is quarantined by an operator since "
+                               f"{held['time']}", retry_after=60)
     return entry
 
 
@@ -44,10 +50,12 @@ def _unknown(shown: str, version: object) -> NotFound:
 class Resolve:
     name = "resolve"
 
-    def __init__(self, models: ModelTable, policy: Policy, verb: str = "infer") -> None:
+    def __init__(self, models: ModelTable, policy: Policy, verb: str = "infer",
+                 incidents: IncidentStore | None = None) -> None:
         self.models = models
         self.policy = policy
         self.verb = verb
+        self.incidents = incidents
 
     async def __call__(self, call: InferCall) -> None:
-        call.entry = resolve_model(call.ctx, call.path_params, self.models, self.policy, self.verb)
+        call.entry = resolve_model(call.ctx, call.path_params, self.models, self.policy, self.verb, self.incidents)
