@@ -117,6 +117,10 @@ class TLSConfig:
     xfcc_hops: int = 1
     """Trusted proxies that each append to X-Forwarded-Client-Cert: the client's element is this many
     from the end (1: the one the nearest proxy added; right for proxies that set the header too)."""
+    crl_files: tuple[str, ...] = ()
+    """Certificate revocation lists (PEM or DER) of the client CAs: a revoked client certificate fails
+    the handshake (alert ``certificate_revoked``). With any, every client CA needs a current CRL.
+    Reloaded when a file changes."""
 
 
 def _strictest(table: tuple[tuple[str, str], ...], roles: frozenset[str] | tuple[str, ...], default: str,
@@ -866,6 +870,21 @@ def _guard(raw: Any, where: str, problems: list[str]) -> GuardConfig:
     return dataclasses.replace(guard, image=tuple(image))
 
 
+def _crl_problems(files: tuple[str, ...]) -> list[str]:
+    from cryptography import x509
+
+    out = []
+    for name in files:
+        try:
+            data = Path(name).read_bytes()
+            x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+        except OSError as exc:
+            out.append(f"tls.crl_files: {name}: {exc.strerror or exc}")
+        except ValueError:
+            out.append(f"tls.crl_files: {name} is not a certificate revocation list (PEM or DER)")
+    return out
+
+
 def _safe_url(url: str) -> bool:
     """https://, or http:// to a loopback host (nothing off the machine can tamper with it)."""
     from urllib.parse import urlsplit
@@ -905,6 +924,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
         cert_file=_resolve(base, tls.cert_file),
         key_file=_resolve(base, tls.key_file),
         client_ca_file=_resolve(base, tls.client_ca_file),
+        crl_files=tuple(_resolve(base, f) for f in tls.crl_files),
     )
     models_raw = dict(data.get("models", {}))
     root = models_raw.pop("root", "models")
@@ -930,6 +950,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     for name in ("cert_file", "key_file") + (("client_ca_file",) if tls.client_auth != "off" else ()):
         if not Path(getattr(tls, name)).is_file():
             problems.append(f"tls.{name}: {getattr(tls, name)} does not exist (run `gateway init`)")
+    problems.extend(_crl_problems(tls.crl_files))
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -220,7 +220,7 @@ def write_config(
     pki: Path, tmp: Path, models_root: Path, port: int, extra: str = "", digits_workers: int = 1,
     timeout_s: float = 20.0, digits_device: str = "auto", auth: str = "", sections: str = "", limits: str = "",
     issuer_url: str = "", audit: str = "", supply: str = "", max_body: int = 8 * 1024 * 1024,
-    runtime: Path | None = None,
+    runtime: Path | None = None, tls: str = "",
 ) -> Path:
     """A test configuration: both demo models, the session's PKI, a private runtime directory."""
     config = tmp / "gateway.toml"
@@ -235,6 +235,7 @@ max_body_bytes = {max_body}
 cert_file = "{pki}/certs/server.pem"
 key_file = "{pki}/certs/server.key"
 client_ca_file = "{pki}/certs/ca.pem"
+{tls}
 
 [auth]
 audience = "{issuer_url or f'https://localhost:{port}'}"
@@ -281,12 +282,12 @@ intra_op_threads = 1
 def start_gateway(
     pki: Path, tmp: Path, models_root: Path, extra: str = "", digits_workers: int = 1, timeout_s: float = 20.0,
     auth: str = "", sections: str = "", limits: str = "", issuer_url: str = "", audit: str = "", supply: str = "",
-    max_body: int = 8 * 1024 * 1024, preexec: Any = None, runtime: Path | None = None,
+    max_body: int = 8 * 1024 * 1024, preexec: Any = None, runtime: Path | None = None, tls: str = "",
 ) -> Gateway:
     port = free_port()
     config = write_config(pki, tmp, models_root, port, extra, digits_workers, timeout_s, auth=auth, sections=sections,
                           limits=limits, issuer_url=issuer_url, audit=audit, supply=supply, max_body=max_body,
-                          runtime=runtime)
+                          runtime=runtime, tls=tls)
     log = tmp / "gateway.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:

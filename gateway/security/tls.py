@@ -11,10 +11,14 @@ configured client CA, fails the handshake and never reaches the application.
 from __future__ import annotations
 
 import hashlib
+import os
 import ssl
+import tempfile
 from functools import lru_cache
+from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from gateway.config import TLSConfig
 from gateway.security.types import PeerIdentity
@@ -104,8 +108,22 @@ HANDSHAKES = HandshakeLedger()
 """This process's ledger: the HTTP server's handshake guard writes it, the audit layer reads it."""
 
 
-def build_server_context(tls: TLSConfig) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+class ServerContext(ssl.SSLContext):
+    """An SSL context that remembers the outgoing buffer of the connection it last wrapped: when a
+    handshake fails, the event loop's TLS protocol drops the connection without sending what
+    OpenSSL wrote into that buffer, the alert that says why (``certificate_revoked``, ``unknown_ca``,
+    ``certificate_required``); ``gateway.server.protocol`` sends it."""
+
+    last_outgoing: ssl.MemoryBIO | None = None
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool = False,
+                 server_hostname: str | bytes | None = None, session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        self.last_outgoing = outgoing
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+
+def build_server_context(tls: TLSConfig) -> ServerContext:
+    ctx = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     if tls.min_version == "1.2":
@@ -117,7 +135,38 @@ def build_server_context(tls: TLSConfig) -> ssl.SSLContext:
     if tls.client_auth != "off":
         ctx.load_verify_locations(cafile=tls.client_ca_file)
         ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+        if tls.crl_files:
+            _load_crls(ctx, tls.crl_files)
     return ctx
+
+
+def _load_crls(ctx: ssl.SSLContext, files: tuple[str, ...]) -> None:
+    """Each CRL (PEM or DER) into the context, and revocation checked for client certificates.
+    OpenSSL reads CRLs only from a file of PEM blocks, so they go through a private temporary one."""
+    pems = []
+    for name in files:
+        data = Path(name).read_bytes()
+        try:
+            crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+        except ValueError as exc:
+            raise ssl.SSLError(f"{name}: not a certificate revocation list ({exc})") from None
+        pems.append(crl.public_bytes(serialization.Encoding.PEM))
+    with tempfile.NamedTemporaryFile(suffix=".pem") as bundle:
+        bundle.write(b"".join(pems))
+        bundle.flush()
+        ctx.load_verify_locations(cafile=bundle.name)
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+
+
+def tls_files_stamp(tls: TLSConfig) -> tuple[float, ...]:
+    """When the files a server context is built from last changed (a changed CRL means a rebuild)."""
+    stamps = []
+    for name in tls.crl_files:
+        try:
+            stamps.append(os.stat(name).st_mtime)
+        except OSError:
+            stamps.append(-1.0)
+    return tuple(stamps)
 
 
 def _sans(cert: x509.Certificate) -> tuple[str, ...]:

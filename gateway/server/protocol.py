@@ -26,6 +26,7 @@ import asyncio
 import http
 import logging
 import ssl
+import time
 from typing import Any
 
 import uvicorn
@@ -42,9 +43,15 @@ from gateway.errors import (
     render_problem,
 )
 from gateway.httpserver import BufferedBodyProtocol
-from gateway.security.tls import HANDSHAKES, build_server_context, identity_from_der
+from gateway.security.tls import (
+    HANDSHAKES,
+    ServerContext,
+    build_server_context,
+    identity_from_der,
+    tls_files_stamp,
+)
 
-__all__ = ["GatewayUvicornConfig", "HandshakeGuard", "TLSHttpToolsProtocol"]
+__all__ = ["AlertingTransport", "GatewayUvicornConfig", "HandshakeGuard", "TLSHttpToolsProtocol"]
 
 log = logging.getLogger("gateway.server")
 
@@ -58,17 +65,40 @@ class GatewayUvicornConfig(uvicorn.Config):
     def __init__(self, gateway_config: Config, max_connections: int, **kwargs: Any) -> None:
         self.gateway_config = gateway_config
         self.max_connections = max_connections
-        self.tls_context: ssl.SSLContext | None = None
+        self.tls_context: ServerContext | None = None
+        self._tls_stamp: tuple[float, ...] = ()
+        self._tls_checked = 0.0
         super().__init__(**kwargs)
 
     def load(self) -> None:
         super().load()
         self.tls_context = build_server_context(self.gateway_config.tls)
+        self._tls_stamp = tls_files_stamp(self.gateway_config.tls)
+        self._tls_checked = time.monotonic()
         self.ssl = None  # the listener accepts plain TCP; the guard starts TLS itself
         s = self.gateway_config.server
         HANDSHAKES.max_connections = self.max_connections
         HANDSHAKES.max_pending = min(s.max_pending_handshakes, self.max_connections)
         HANDSHAKES.max_pending_per_address = s.max_pending_handshakes_per_address
+
+
+    def current_tls_context(self) -> ServerContext:
+        """The server context, built again (at most once a second) after a CRL file changed; a CRL
+        that cannot be read keeps the previous context, and says so."""
+        assert self.tls_context is not None
+        now = time.monotonic()
+        if self.gateway_config.tls.crl_files and now - self._tls_checked >= 1.0:
+            self._tls_checked = now
+            stamp = tls_files_stamp(self.gateway_config.tls)
+            if stamp != self._tls_stamp:
+                try:
+                    self.tls_context = build_server_context(self.gateway_config.tls)
+                    log.warning("certificate revocation lists reloaded: %s", ", ".join(self.gateway_config.tls.crl_files))
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    log.error("certificate revocation lists changed but cannot be loaded (%s); keeping the previous ones",
+                              exc)
+                self._tls_stamp = stamp
+        return self.tls_context
 
 
 def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
@@ -99,19 +129,59 @@ class HandshakeGuard(asyncio.Protocol):
         if refused is not None:
             transport.abort()
             return
-        assert self.config.tls_context is not None
+        context = self.config.current_tls_context()
         http = TLSHttpToolsProtocol(config=self.config, server_state=self.server_state, app_state=self.app_state,
                                     _loop=self.loop)
         waiter = self.loop.create_future()
         # In this same call, before the first byte can be read: the loop's own TLS protocol with our
         # handshake timeout (what ``create_server(ssl=...)`` does, minus its 60 s default).
         tls = _ssl_protocol_class(self.loop)(
-            self.loop, http, self.config.tls_context, waiter, True, None,
+            self.loop, http, context, waiter, True, None,
             ssl_handshake_timeout=self.config.gateway_config.server.handshake_timeout_s)
         transport.set_protocol(tls)
-        tls.connection_made(transport)
+        alerting = AlertingTransport(transport, self.loop)
+        tls.connection_made(alerting)
+        alerting.outgoing = context.last_outgoing  # this connection's (wrapped in connection_made)
+        waiter.add_done_callback(alerting.handshake_done)
         waiter.add_done_callback(lambda done: HANDSHAKES.finished(
             address, None if done.cancelled() else done.exception()))
+
+
+class AlertingTransport:
+    """The TCP transport as the TLS protocol sees it, so that a failed handshake's alert is sent.
+
+    On a failed handshake the TLS protocol force-closes the transport with the alert still in its
+    outgoing buffer: the client sees the connection reset with no reason. Here that close sends
+    the alert first, then half-closes and keeps reading (and dropping) whatever the client had
+    already sent for up to ``LINGER_S``, so that a reset does not overtake the alert. Everything
+    else passes to the real transport."""
+
+    LINGER_S = 1.0
+
+    def __init__(self, real: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.real = real
+        self.loop = loop
+        self.outgoing: ssl.MemoryBIO | None = None
+
+    def handshake_done(self, done: asyncio.Future[None]) -> None:
+        if done.cancelled() or done.exception() is None:
+            self.outgoing = None  # from here on a forced close is what it says
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        alert = self.outgoing.read() if self.outgoing is not None else b""
+        self.outgoing = None
+        if not alert or self.real.is_closing():
+            self.real._force_close(exc)  # type: ignore[attr-defined]
+            return
+        # The TLS protocol stays the transport's protocol (swapping it inside its own read callback
+        # is not safe): after a failed handshake it drops what it receives.
+        self.real.write(alert)
+        if self.real.can_write_eof():
+            self.real.write_eof()
+        self.loop.call_later(self.LINGER_S, self.real.abort)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
 
 class TLSHttpToolsProtocol(BufferedBodyProtocol):
