@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -55,6 +56,31 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if warnings and args.strict else 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from gateway.config import ConfigError, load_config
+    from gateway.doctor import as_json, diagnose, exit_code
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    client_cert = None
+    if args.url and Path(args.credentials).is_file():  # the running gateway asks for a client certificate
+        creds = json.loads(Path(args.credentials).read_text())["principals"].get(args.principal, {})
+        client_cert = (creds["cert"], creds["key"]) if "cert" in creds else None
+        args.ca = args.ca or json.loads(Path(args.credentials).read_text()).get("ca", "")
+    findings = diagnose(config, args.url, args.ca, client_cert)
+    if args.json:
+        print(as_json(findings))
+    else:
+        for f in findings:
+            print(f"{f.severity:8s} {f.id}: {f.what}\n         fix: {f.fix}")
+        print(f"{len(findings)} finding(s)" + (f" ({args.url} checked too)" if args.url else
+                                                " (configuration and files; --url checks a running gateway too)"))
+    return exit_code(findings, args.strict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="Secure model-serving gateway.")
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
@@ -76,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="gateway.toml")
     p.add_argument("--strict", action="store_true", help="exit 1 if any setting weakens security")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("doctor", help="self-audit a configuration, its files and (--url) a running gateway")
+    p.add_argument("--config", default="gateway.toml")
+    p.add_argument("--url", default="", help="a running gateway to check too (readiness, TLS groups)")
+    p.add_argument("--ca", default="", help="the CA of its server certificate (default: tls.client_ca_file)")
+    p.add_argument("--credentials", default="credentials.json", help="--url: the client certificate to reach it with")
+    p.add_argument("--principal", default="admin", help="--url: whose certificate in the credentials file")
+    p.add_argument("--json", action="store_true", help="the findings as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 1 on any finding above info (default: critical, high)")
+    p.set_defaults(func=_cmd_doctor)
 
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.doctor import FLOORS
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "gateway"
 
@@ -74,7 +76,7 @@ def _version(dist: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version(dist))[:3])
 
 
-@pytest.mark.parametrize("dist,floor", [("onnx", (1, 21, 0)), ("starlette", (1, 3, 1))])
+@pytest.mark.parametrize("dist,floor", [(d, f) for d, f in FLOORS.items() if d != "python-multipart"])
 def test_security_advisory_version_floors(dist: str, floor: tuple[int, ...]) -> None:
     assert _version(dist) >= floor
 
@@ -90,7 +92,7 @@ def test_python_multipart_floor_where_it_is_installed() -> None:
     except PackageNotFoundError:
         assert "\npython-multipart==" not in lock
         return
-    assert installed >= (0, 0, 27)
+    assert installed >= FLOORS["python-multipart"]
 
 
 def _imports(path: Path) -> set[str]:
