@@ -96,6 +96,26 @@ def _cmd_principals(args: argparse.Namespace) -> int:
     return _with_client(args, work)
 
 
+def _cmd_token(args: argparse.Namespace) -> int:
+    """Sign in once and print the bearer token, for ``export GATEWAY_TOKEN=...`` (a TOTP code is
+    accepted once: commands that follow each other within 30 s share one sign-in)."""
+    from gateway.client import Client, ClientError
+
+    try:
+        with Client.from_credentials(args.credentials, args.principal) as client:
+            if client.auth is None:
+                print(f"gateway: {args.principal} has no token credentials in {args.credentials}", file=sys.stderr)
+                return 1
+            print(client.auth.token())
+    except ClientError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"gateway: {args.credentials}: {exc!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _credential_options(p: Any) -> None:
     p.add_argument("--credentials", default="credentials.json", help="written by `gateway init`")
     p.add_argument("--principal", default="admin", help="the operator's entry in the credentials file")
@@ -112,6 +132,10 @@ def add_parsers(sub: Any) -> None:
                    "(repeatable; you are always one)")
     _credential_options(p)
     p.set_defaults(func=_cmd_admin)
+
+    p = sub.add_parser("token", help="sign in with a credentials file's principal and print the bearer token")
+    _credential_options(p)
+    p.set_defaults(func=_cmd_token)
 
     p = sub.add_parser("principals", help="model-extraction alarms: list them, or clear a principal's")
     p.add_argument("action", choices=["list", "clear"])
