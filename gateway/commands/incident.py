@@ -63,6 +63,8 @@ def _cmd_admin(args: argparse.Namespace) -> int:
             print(f"new signing key {kid}; tokens signed by the previous key verify until they expire")
         else:
             body: dict[str, Any] = {"action": args.action, "reason": args.reason, **dict(zip(names, args.values))}
+            if str(body.get("sha256", "")).startswith("serial:"):  # a certificate by its serial number instead
+                body["serial"] = body.pop("sha256").removeprefix("serial:")
             if args.action == "lockdown":
                 body["break_glass"] = args.break_glass
             answer = client.request("POST", "/admin/incidents/actions", json_body=body).json()
@@ -126,7 +128,7 @@ def add_parsers(sub: Any) -> None:
                        "rotate the issuer's key, status")
     p.add_argument("action", choices=["status", "rotate-key", *ADMIN_ACTIONS])
     p.add_argument("values", nargs="*", help="revoke-token JTI | revoke-principal/reinstate-principal ISSUER|SUBJECT | "
-                   "revoke-certificate/reinstate-certificate SHA256 | quarantine/release MODEL VERSION")
+                   "revoke-certificate/reinstate-certificate SHA256 (or serial:HEX) | quarantine/release MODEL VERSION")
     p.add_argument("--reason", default="", help="why (required for every change; kept in the audit log)")
     p.add_argument("--break-glass", action="append", default=[], help="lockdown: a principal still served "
                    "(repeatable; you are always one)")

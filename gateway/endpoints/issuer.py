@@ -43,6 +43,9 @@ class IssuerEndpoints:
         if len(form) != len(pairs):
             raise BadRequest("a parameter appears more than once (RFC 6749 section 3.2)")
         peer = get_context(request.scope).peer
+        incidents = self.issuer.incidents
+        if incidents is not None and incidents.controls.refusal(None, peer) is not None:
+            raise OAuthError(400, "invalid_grant", "the client certificate is revoked")
         status, payload, headers = await self.issuer.respond(self.issuer.url + TOKEN_PATH, request.headers, form,
                                                              cert_thumbprint(peer) if peer else None)
         out = {k: v for k, v in headers if k.lower() != "content-type"}

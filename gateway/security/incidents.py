@@ -66,7 +66,8 @@ class Controls:
     """Revoked principals by ``issuer|subject``: every token of theirs is refused, and the built-in
     issuer issues them none, until reinstated."""
     certificates: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Revoked client certificates by SHA-256 fingerprint (lowercase hex)."""
+    """Revoked client certificates by SHA-256 fingerprint (lowercase hex), or ``serial:`` and the
+    serial number (lowercase hex)."""
     quarantined: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Model versions (``model/version``) answered 503 until released, whatever is reloaded."""
     lockdown: dict[str, Any] | None = None
@@ -86,7 +87,8 @@ class Controls:
     # -- what a request meets ---------------------------------------------------------------------
     def refusal(self, principal: Principal | None, peer: PeerIdentity | None) -> str | None:
         """Why this caller's credentials are refused, or None."""
-        if peer is not None and peer.fingerprint_sha256.lower() in self.certificates:
+        if peer is not None and (peer.fingerprint_sha256.lower() in self.certificates
+                                 or (peer.serial and f"serial:{peer.serial}" in self.certificates)):
             return "client certificate revoked"
         if principal is None:
             return None
@@ -123,10 +125,8 @@ class Controls:
             who = _text(params, "principal")
             changes["principals"] = _toggled(self.principals, who, stamp if action == "revoke-principal" else None)
         elif action in ("revoke-certificate", "reinstate-certificate"):
-            sha = _text(params, "sha256").lower().replace(":", "")
-            if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-                raise IncidentError('"sha256" must be the certificate\'s SHA-256 fingerprint (64 hex digits)')
-            changes["certificates"] = _toggled(self.certificates, sha, stamp if action == "revoke-certificate" else None)
+            key = _certificate_key(params)
+            changes["certificates"] = _toggled(self.certificates, key, stamp if action == "revoke-certificate" else None)
         elif action in ("quarantine", "release"):
             unit = f"{_text(params, 'model')}/{_text(params, 'version')}"
             changes["quarantined"] = _toggled(self.quarantined, unit, stamp if action == "quarantine" else None)
@@ -147,6 +147,19 @@ def _text(params: dict[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value or len(value) > 512:
         raise IncidentError(f'"{name}" is required (a string of at most 512 characters)')
     return value
+
+
+def _certificate_key(params: dict[str, Any]) -> str:
+    """``sha256`` (64 hex digits) or ``serial`` (hex, as ``openssl x509 -serial`` prints it)."""
+    if "serial" in params:
+        serial = _text(params, "serial").lower().replace(":", "").removeprefix("0x").lstrip("0") or "0"
+        if any(c not in "0123456789abcdef" for c in serial):
+            raise IncidentError('"serial" must be the certificate\'s serial number in hex')
+        return f"serial:{serial}"
+    sha = _text(params, "sha256").lower().replace(":", "")
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise IncidentError('"sha256" must be the certificate\'s SHA-256 fingerprint (64 hex digits), or give "serial"')
+    return sha
 
 
 def _toggled(table: dict[str, dict[str, Any]], key: str, stamp: dict[str, Any] | None) -> dict[str, dict[str, Any]]:

@@ -190,4 +190,5 @@ def identity_from_der(der: bytes) -> PeerIdentity:
         sans=_sans(cert),
         fingerprint_sha256=hashlib.sha256(der).hexdigest(),
         source="tls",
+        serial=format(cert.serial_number, "x"),
     )

@@ -22,10 +22,15 @@ class PeerIdentity:
     sans: tuple[str, ...]
     fingerprint_sha256: str
     source: str  # "tls" (verified by our handshake) or "xfcc" (asserted by a trusted proxy)
+    serial: str = ""
+    """The certificate's serial number, lowercase hex ("" when a proxy did not pass the certificate)."""
 
     def as_dict(self) -> dict[str, object]:
-        return {"subject": self.subject, "sans": list(self.sans),
-                "fingerprint_sha256": self.fingerprint_sha256, "source": self.source}
+        out: dict[str, object] = {"subject": self.subject, "sans": list(self.sans),
+                                  "fingerprint_sha256": self.fingerprint_sha256, "source": self.source}
+        if self.serial:
+            out["serial"] = self.serial
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -156,6 +156,11 @@ def test_each_control_applies_on_both_replicas_within_two_seconds(replicas: Repl
         fetch_token(b.url, b.pki, "demo")
     assert act(b, operator, action="reinstate-certificate", sha256=sha, reason="INC-3: laptop found").status_code == 200
     within(lambda: call(a, fresh).status_code == 200)
+    serial = format(x509.load_pem_x509_certificate((a.pki / "certs" / "client-demo.pem").read_bytes()).serial_number, "X")
+    assert act(a, operator, action="revoke-certificate", serial=serial, reason="INC-3b: by its serial").status_code == 200
+    within(lambda: call(b, fresh).status_code == 401)
+    assert act(b, operator, action="reinstate-certificate", serial=serial, reason="INC-3b: done").status_code == 200
+    within(lambda: call(a, fresh).status_code == 200)
 
     # A model version: 503 of a documented type on both, not ready, until released.
     assert act(a, operator, action="quarantine", model="digits", version="1", reason="INC-4: poisoned?").status_code == 200
@@ -181,7 +186,7 @@ def test_each_control_applies_on_both_replicas_within_two_seconds(replicas: Repl
     records = [r for gw in (a, b) for r in gw.audit_records() if r.get("path") == "/admin/incidents/actions"]
     assert sorted(r["action"]["reason"] for r in records) == sorted([
         "INC-1: token leaked in a log", "INC-2: client secret stolen", "INC-2: secret rotated", "INC-3: laptop lost",
-        "INC-3: laptop found", "INC-4: poisoned?", "INC-4: checked", "INC-5: breach in progress", "INC-5: contained"])
+        "INC-3: laptop found", "INC-3b: by its serial", "INC-3b: done", "INC-4: poisoned?", "INC-4: checked", "INC-5: breach in progress", "INC-5: contained"])
     assert all(r["principal"]["subject"] == "admin" and r["status"] == 200 for r in records)
 
 
