@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +27,23 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+MODERN_OPENSSL_CONF = Path(__file__).parent / "server" / "openssl-modern.cnf"
+
+
+def _modern_tls_groups() -> None:
+    """Key exchange over X25519, P-256 and P-384 only, in this process and the serving processes it
+    starts: OpenSSL reads its configuration once, when the ``ssl`` module is first imported, so it
+    is set before that (or the command runs again with it). An ``OPENSSL_CONF`` of the
+    environment's own is left as it is."""
+    if os.environ.get("OPENSSL_CONF"):
+        return
+    os.environ["OPENSSL_CONF"] = str(MODERN_OPENSSL_CONF)
+    if "ssl" in sys.modules:  # too late for this interpreter: start again with it
+        os.execv(sys.executable, [sys.executable, "-m", "gateway", *sys.argv[1:]])
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    _modern_tls_groups()
     from gateway.config import ConfigError
     from gateway.registry.manifest import ManifestError
     from gateway.server import serve

@@ -122,3 +122,19 @@ def test_negotiates_tls_1_3(gateway: Gateway) -> None:
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as raw:
         with client_context(gateway.pki).wrap_socket(raw, server_hostname="localhost") as tls:
             assert tls.version() == "TLSv1.3"
+
+
+@pytest.mark.parametrize("groups,accepted", [
+    ("X25519", True), ("prime256v1", True), ("secp384r1", True),
+    ("x448", False), ("secp521r1", False), ("ffdhe2048:ffdhe3072", False),
+])
+def test_key_exchange_only_over_mozilla_modern_groups(gateway: Gateway, groups: str, accepted: bool) -> None:
+    import subprocess
+
+    certs = gateway.pki / "certs"
+    out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{gateway.port}", "-servername", "localhost",
+                          "-groups", groups, "-brief", "-CAfile", str(certs / "ca.pem"),
+                          "-cert", str(certs / "client-demo.pem"), "-key", str(certs / "client-demo.key")],
+                         input=b"", capture_output=True, timeout=30)
+    text = (out.stdout + out.stderr).decode(errors="replace")
+    assert ("CONNECTION ESTABLISHED" in text) == accepted, text[-600:]
