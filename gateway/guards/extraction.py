@@ -8,7 +8,8 @@ this watches what they look like. Per principal and model (``Watch``), three sig
   distance set D, and the query joins the growing set when that distance exceeds the class's
   threshold (the running mean minus one standard deviation of the distances that admitted
   members). Natural queries give normally distributed distances; synthetic ones (Jacobian
-  augmentation) do not. Past ``PRADA_MIN`` distances, the Shapiro–Wilk W of D (outliers beyond
+  augmentation) do not. An exact repeat of an earlier query is counted but not watched: it
+  teaches a copy nothing. Past ``PRADA_MIN`` distances, the Shapiro–Wilk W of D (outliers beyond
   three standard deviations removed) below ``prada_delta`` raises the alarm.
 * ``ood``: the place of each query's anomaly score among the calibration data's (the guard's
   Mahalanobis distance, ``gateway.guards.detectors``). Clean queries place uniformly on [0, 1];
@@ -154,10 +155,11 @@ class Watch:
 
     def observe(self, obs: Observations) -> None:
         rows = obs.features.astype(np.float32)
-        for i in range(len(obs)):
-            self._prada(rows[i], int(obs.labels[i]))
-        self.ood.extend(obs.ood.tolist())
-        self.boundary.extend(obs.boundary.tolist())
+        fresh = [self._prada(rows[i], int(obs.labels[i])) for i in range(len(obs))]
+        # A query repeated exactly teaches nothing new: it is counted, not watched (a client that
+        # sends one input again and again is no extraction, whatever that input's places are).
+        self.ood.extend([v for v, keep in zip(obs.ood.tolist(), fresh) if keep])
+        self.boundary.extend([v for v, keep in zip(obs.boundary.tolist(), fresh) if keep])
         before, self.queries = self.queries, self.queries + len(obs)
         if self.queries // CHECK_EVERY != before // CHECK_EVERY:
             self.last_w = self._shapiro()
@@ -175,13 +177,16 @@ class Watch:
         self.members[label] = n + 1
         self.growing_rows += 1
 
-    def _prada(self, x: np.ndarray, label: int) -> None:
+    def _prada(self, x: np.ndarray, label: int) -> bool:
+        """PRADA's step for one query; False when it repeats a member of its class exactly."""
         n = self.members.get(label, 0)
         if n == 0:
             self._admit(x, label)
             self.threshold[label] = 0.0
-            return
+            return True
         d_min = float(np.sqrt(((self.growing[label][:n] - x) ** 2).sum(axis=1).min()))
+        if d_min == 0.0:
+            return False
         self.distances.append(d_min)
         if d_min > self.threshold[label]:
             self._admit(x, label)
@@ -191,6 +196,7 @@ class Watch:
             mean = s / count
             std = math.sqrt(max(ss / count - mean * mean, 0.0))
             self.threshold[label] = max(self.threshold[label], mean - std)
+        return True
 
     def _shapiro(self) -> float | None:
         if len(self.distances) <= PRADA_MIN:
@@ -199,7 +205,7 @@ class Watch:
         mean, std = d.mean(), d.std()
         kept = d[np.abs(d - mean) <= 3 * std] if std > 0 else d
         if len(kept) < 3 or np.ptp(kept) == 0:
-            return 0.0  # every distance the same: as far from a natural stream as it gets
+            return 0.0  # every distance the same (a walk in equal steps): as far from natural as it gets
         return float(stats.shapiro(kept).statistic)
 
     def assess(self, config: ExtractionConfig) -> Assessment:

@@ -83,6 +83,16 @@ def test_natural_streams_raise_no_alarm(monitor: ExtractionModel, victim: attack
         assert watch.last_w is not None and watch.last_w > WATCH.prada_delta  # PRADA tested, and passed
 
 
+def test_a_client_repeating_one_input_raises_no_alarm(monitor: ExtractionModel, victim: attackers.Oracle) -> None:
+    """A fixed probe, retries, a benchmark: the same input again and again teaches nothing. Even an
+    unusual-looking one (its anomaly place in the calibration data's top quarter) is no alarm."""
+    x = attackers.digits_split()["holdout"]
+    places = monitor.observations(x, victim(x)).ood
+    unusual = x[int(np.argmax(places > 0.75))][None]
+    fired, watch = first_alarm(monitor, victim, np.repeat(unusual, 400, axis=0))
+    assert fired is None and watch.queries == 400 and len(watch.ood) == 1 and not watch.distances
+
+
 def test_random_and_augmented_queries_raise_the_alarm_early(monitor: ExtractionModel, victim: attackers.Oracle) -> None:
     rng = np.random.default_rng(1)
     noise = rng.uniform(0, 16, (200, 64)).astype(np.float32)
