@@ -94,3 +94,28 @@ def test_explain_refusals(gateway: Gateway) -> None:
                              "data": [0.0] * (3 * 224 * 224)}]}
         r = c.post("/v2/models/resnetish/explain", json=image)
         assert r.status_code == 422 and "limited to 4096" in r.json()["error"]
+
+
+@pytest.mark.anyio
+async def test_a_model_whose_input_is_not_floating_point_gets_a_422_naming_it(models_root: Path) -> None:
+    import dataclasses
+
+    from starlette.datastructures import Headers
+
+    from gateway.catalog import ModelEntry
+    from gateway.config import ModelConfig
+    from gateway.context import RequestContext
+    from gateway.errors import InvalidInput
+    from gateway.protocol.codec import InferRequest
+    from gateway.registry.manifest import load_manifest
+    from gateway.stages import InferCall
+    from gateway.stages.explain import Explain
+    from gateway.units import Unit
+
+    manifest = load_manifest(models_root / "digits" / "1")
+    tokens = dataclasses.replace(manifest, inputs=(dataclasses.replace(manifest.inputs[0], name="ids", datatype="INT64"),))
+    call = InferCall(RequestContext("r1", 0.0, 1e12, "127.0.0.1", None), Headers(), {"name": "digits"}, None)  # type: ignore[arg-type]
+    call.entry = ModelEntry(Unit("digits"), tokens, ModelConfig("digits"))
+    call.request = InferRequest(inputs=[])
+    with pytest.raises(InvalidInput, match=r"one floating-point input; digits takes ids \(INT64\)"):
+        await Explain(None, None)(call)  # type: ignore[arg-type]
