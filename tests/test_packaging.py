@@ -175,3 +175,17 @@ def test_serve_refuses_a_model_file_that_does_not_match_its_manifest(pki: Path, 
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "resnetish/1: model.onnx has SHA-256" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_licensed_apache_2_and_typed() -> None:
+    import tomllib
+    from importlib.metadata import metadata
+
+    assert "Apache License\n                           Version 2.0" in (ROOT / "LICENSE").read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0" and project["project"]["license-files"] == ["LICENSE"]
+    assert metadata("gateway")["License-Expression"] == "Apache-2.0"
+    # SDK users get the type hints (PEP 561), and the serving processes their OpenSSL configuration.
+    data = project["tool"]["setuptools"]["package-data"]["gateway"]
+    assert {"py.typed", "server/openssl-modern.cnf"} <= set(data)
+    assert all((ROOT / "gateway" / name).is_file() for name in data)
