@@ -5,7 +5,7 @@
 FROM python:3.11.14-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY requirements.lock requirements-runtime.lock pyproject.toml README.md ./
+COPY requirements.lock requirements-runtime.lock pyproject.toml README.md LICENSE ./
 # The runtime environment gets only the locked runtime dependencies; the models are built
 # with the full lock (scikit-learn) in a separate environment that is not shipped.
 RUN python -m venv /opt/venv \
