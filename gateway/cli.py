@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models" and args.action != "reload" and not args.folder:
         parser.error(f"models {args.action} needs a model version folder")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "debug":  # a client library's request lines are noise on a command's output
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     from gateway.config import ConfigError
 
     try:

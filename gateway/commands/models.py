@@ -13,41 +13,94 @@ from gateway.commands import load
 __all__ = ["add_parsers"]
 
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 1, 2, 3, 4
+"""``gateway infer``'s exit codes: refused means the gateway said no (401, 403, 4xx)."""
+
+
+def _load_inputs(path: Path) -> Any:
+    """The inputs in ``path`` (``.npy``, ``.npz`` or ``.json``); ``ValueError`` saying what is wrong."""
+    import json as jsonlib
+
+    import numpy as np
+
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return {name: npz[name] for name in npz.files}
+        doc = jsonlib.loads(path.read_text())
+    except jsonlib.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc.msg} at line {exc.lineno}); expected an array or "
+                         "{name: array}") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot be read as {path.suffix or 'JSON'} ({exc})") from None
+
+    def array(value: object) -> np.ndarray:  # JSON numbers with a fraction are taken as FP32
+        a = np.asarray(value)
+        return a.astype(np.float32) if a.dtype.kind == "f" else a
+
+    if isinstance(doc, dict):
+        return {k: array(v) for k, v in doc.items()}
+    if not isinstance(doc, list):
+        raise ValueError(f"{path}: expected an array or {{name: array}}, not {type(doc).__name__}")
+    return array(doc)
+
+
 def _cmd_infer(args: argparse.Namespace) -> int:
     """``gateway infer MODEL --input x.npy|x.json``: one inference through the SDK."""
+    import difflib
     import json as jsonlib
 
     import numpy as np
 
     from gateway.client import Client, ClientError, RetryPolicy
+    from gateway.client.errors import GatewayError, NotFound
 
-    path = Path(args.input)
-    if path.suffix == ".npy":
-        inputs: dict[str, np.ndarray] | np.ndarray = np.load(path, allow_pickle=False)
-    elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            inputs = {name: npz[name] for name in npz.files}
-    else:
-        def array(value: object) -> np.ndarray:  # JSON numbers with a fraction are taken as FP32
-            a = np.asarray(value)
-            return a.astype(np.float32) if a.dtype.kind == "f" else a
-
-        doc = jsonlib.loads(path.read_text())
-        inputs = {k: array(v) for k, v in doc.items()} if isinstance(doc, dict) else array(doc)
     try:
-        with Client.from_credentials(args.credentials, args.principal,
-                                     retry=RetryPolicy(deadline_s=args.deadline)) as client:
-            outputs = client.infer(args.model, inputs, version=args.version, binary=not args.json)
-    except ClientError as exc:
+        inputs = _load_inputs(Path(args.input))
+    except ValueError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
+    try:
+        credentials = jsonlib.loads(Path(args.credentials).read_text())
+        known = sorted(credentials.get("principals", {}))
+        if args.principal not in known:
+            hint = difflib.get_close_matches(args.principal, known, 1)
+            print(f"gateway: {args.credentials} has no principal {args.principal!r} (it has: {', '.join(known)})"
+                  + (f"; did you mean {hint[0]!r}?" if hint else ""), file=sys.stderr)
+            return EXIT_USAGE
+        client = Client.from_credentials(args.credentials, args.principal, retry=RetryPolicy(deadline_s=args.deadline))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"gateway: {args.credentials}: {exc.strerror if isinstance(exc, OSError) else exc!r} "
+              "(`gateway init` writes it; --credentials names another)", file=sys.stderr)
+        return EXIT_USAGE
+    with client:
+        try:
+            outputs = client.infer(args.model, inputs, version=args.version, binary=not args.json)
+        except NotFound as exc:
+            try:
+                names = [m["name"] for m in client.models()]
+            except ClientError:
+                names = []
+            hint = difflib.get_close_matches(args.model, names, 1)
+            print(f"gateway: {exc}" + (f"; did you mean {hint[0]!r}?" if hint else ""), file=sys.stderr)
+            return EXIT_NOT_FOUND
+        except GatewayError as exc:
+            print(f"gateway: {exc}", file=sys.stderr)
+            return EXIT_REFUSED if 400 <= exc.status < 500 else EXIT_FAILED
+        except ClientError as exc:
+            print(f"gateway: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     if args.output:
         np.savez(args.output, **outputs)  # type: ignore[arg-type]
         print(f"wrote {', '.join(outputs)} to {args.output}")
     else:
         print(jsonlib.dumps({name: {"shape": list(a.shape), "dtype": str(a.dtype), "data": a.tolist()}
                              for name, a in outputs.items()}))
-    return 0
+    return EXIT_OK
 
 
 def _resign(folder: Path, signing_key: str) -> None:
@@ -178,7 +231,9 @@ def add_parsers(sub: Any) -> None:
                    "default: supply.trusted_keys)")
     p.set_defaults(func=_cmd_models)
 
-    p = sub.add_parser("infer", help="run one inference through the SDK")
+    p = sub.add_parser("infer", help="run one inference through the SDK",
+                       epilog="exit codes: 0 answered, 1 failed, 2 a mistake in the command (a file, the "
+                              "credentials), 3 no such model, 4 refused by the gateway")
     p.add_argument("model")
     p.add_argument("--input", required=True, help=".npy (one input), .npz (named inputs) or .json (array or {name: array})")
     p.add_argument("--version", default=None)

@@ -199,7 +199,7 @@ def test_the_infer_command(gateway: Gateway, creds: Path, tmp_path: Path, models
     assert main(["infer", "digits", "--input", str(tmp_path / "x.json"), "--credentials", str(creds), "--json",
                  "--output", str(tmp_path / "out.npz")]) == 0
     assert np.load(tmp_path / "out.npz")["probabilities"].shape == (2, 10)
-    assert main(["infer", "nope", "--input", str(tmp_path / "x.npy"), "--credentials", str(creds)]) == 1
+    assert main(["infer", "nope", "--input", str(tmp_path / "x.npy"), "--credentials", str(creds)]) == 3  # not found
     assert "404" in capsys.readouterr().err
 
 
