@@ -182,6 +182,23 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
 
     background = AuditBackground(writer, metrics, probes, config.audit.probe_summary_s)
 
+    lifespan = _lifespan(background, events, incidents, pool, decoder, validator, limiter, watches)
+
+    middleware = middleware_stack(config, writer, metrics, probes, limiter, validator, events, incidents)
+    handlers: dict[Any, Any] = {GatewayError: functools.partial(_gateway_error, config.server.debug),
+                                HTTPException: _http_exception}
+    app = Starlette(routes=starlette_routes(served, owners), middleware=middleware, exception_handlers=handlers,
+                    lifespan=lifespan)
+    app.router.redirect_slashes = False  # its redirects are built from the Host header
+    app.state.pool = pool
+    app.state.validator = validator
+    return app
+
+
+def _lifespan(background: AuditBackground, events: EventSink, incidents: IncidentStore, pool: WorkerPool,
+              decoder: Decoder, validator: TokenValidator, limiter: Limiter, watches: WatchStore) -> Any:
+    """What starts with the application and stops with it, in that order and the reverse."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await background.start()
@@ -203,15 +220,7 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
             await background.stop()
             await events.stop()
 
-    middleware = middleware_stack(config, writer, metrics, probes, limiter, validator, events, incidents)
-    handlers: dict[Any, Any] = {GatewayError: functools.partial(_gateway_error, config.server.debug),
-                                HTTPException: _http_exception}
-    app = Starlette(routes=starlette_routes(served, owners), middleware=middleware, exception_handlers=handlers,
-                    lifespan=lifespan)
-    app.router.redirect_slashes = False  # its redirects are built from the Host header
-    app.state.pool = pool
-    app.state.validator = validator
-    return app
+    return lifespan
 
 
 def app_from_environment() -> Starlette:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from gateway import __version__
-from gateway.commands import audit, identity, incident, models
+from gateway.commands import audit, identity, incident, load, models
 
 __all__ = ["main"]
 
@@ -59,13 +59,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from gateway.config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 2
+    config = load(args)  # a ConfigError is reported by main, exit 2
     warnings = config.insecure_settings()
     print(f"{args.config}: valid; {len(config.models)} model(s)")
     for w in warnings:
@@ -74,14 +68,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from gateway.config import ConfigError, load_config
     from gateway.doctor import as_json, diagnose, exit_code
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 2
+    config = load(args)
     client_cert = None
     if args.url and Path(args.credentials).is_file():  # the running gateway asks for a client certificate
         creds = json.loads(Path(args.credentials).read_text())["principals"].get(args.principal, {})

@@ -41,6 +41,7 @@ __all__ = ["ACTIONS", "Controls", "IncidentError", "IncidentStore"]
 log = logging.getLogger("gateway.incidents")
 POLL_S = 0.5
 KEY = "gateway:incidents"
+VERSION_KEY = "gateway:incidents:version"
 ACTIONS = ("revoke-token", "revoke-principal", "reinstate-principal", "revoke-certificate", "reinstate-certificate",
            "quarantine", "release", "lockdown", "lift")
 
@@ -234,8 +235,18 @@ class IncidentStore:
 
     # -- Redis ------------------------------------------------------------------------------------
     async def _shared(self) -> Controls | None:
+        """Redis's snapshot when it is newer than ours (one small read when it is not), else None."""
+        version = await asyncio.wait_for(self.redis.get(VERSION_KEY), self.timeout_s)
+        if version is not None and int(version) <= self.controls.version:
+            return None
         raw = await asyncio.wait_for(self.redis.get(KEY), self.timeout_s)
-        return Controls.from_dict(json.loads(raw)) if raw else None
+        return Controls.from_dict(json.loads(raw)) if raw else Controls()
+
+    async def _publish(self, controls: Controls) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(KEY, json.dumps(controls.as_dict()))
+        pipe.set(VERSION_KEY, controls.version)
+        await asyncio.wait_for(pipe.execute(), self.timeout_s)
 
     def _failed(self, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"[:200]
@@ -250,9 +261,10 @@ class IncidentStore:
             return
         try:
             shared = await self._shared()
-            if shared is None or shared.version < self.controls.version:
-                if not self.controls.empty or self.controls.version:
-                    await asyncio.wait_for(self.redis.set(KEY, json.dumps(self.controls.as_dict())), self.timeout_s)
+            if shared is None:
+                pass  # nothing newer there
+            elif shared.version < self.controls.version:  # Redis lost what we hold: put it back
+                await self._publish(self.controls)
             elif self._adopt(shared):
                 with self._locked():
                     self._write_file(shared)
@@ -312,6 +324,7 @@ class IncidentStore:
                         new = base.apply(action, params, by, reason)
                         pipe.multi()
                         pipe.set(KEY, json.dumps(new.as_dict()))
+                        pipe.set(VERSION_KEY, new.version)
                         await asyncio.wait_for(pipe.execute(), self.timeout_s)
                         return new
                     except WatchError:
