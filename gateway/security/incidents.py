@@ -185,6 +185,7 @@ class IncidentStore:
             self.redis = redis.asyncio.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.timeout_s = timeout_s
         self.degraded: str | None = None
+        self._acting = asyncio.Lock()
         self._mtime = -1.0
         self._task: asyncio.Task[None] | None = None
         self.refresh_file()
@@ -265,10 +266,9 @@ class IncidentStore:
                 pass  # nothing newer there
             elif shared.version < self.controls.version:  # Redis lost what we hold: put it back
                 await self._publish(self.controls)
-            elif self._adopt(shared):
+            elif shared.version > self.controls.version:
                 with self._locked():
-                    self._write_file(shared)
-                    self._mtime = self.path.stat().st_mtime
+                    self._keep(shared)
         except Exception as exc:  # never lifts what is in force
             self._failed(exc)
             return
@@ -296,19 +296,28 @@ class IncidentStore:
 
     # -- actions ----------------------------------------------------------------------------------
     async def act(self, action: str, params: dict[str, Any], by: str, reason: str) -> Controls:
-        """Apply an operator's action everywhere this store reaches; the new snapshot."""
-        with self._locked():
-            self.refresh_file()
+        """Apply an operator's action everywhere this store reaches; the new snapshot. The file lock
+        is never held across an await (the event loop would wait on itself)."""
+        async with self._acting:
             if self.redis is None:
-                new = self.controls.apply(action, params, by, reason)
-                self._write_file(new)
+                with self._locked():
+                    self.refresh_file()
+                    new = self.controls.apply(action, params, by, reason)
+                    self._keep(new)
             else:
                 new = await self._act_shared(action, params, by, reason)
-                self._write_file(new)
-            self._mtime = self.path.stat().st_mtime
-            self.controls = new
+                with self._locked():
+                    self._keep(new)
         log.warning("incident control %s by %s (%s): version %d", action, by, reason, new.version)
         return new
+
+    def _keep(self, new: Controls) -> None:
+        """``new`` into the file (unless the file holds a newer one) and in force here; under the lock."""
+        on_file = self._read_file()
+        if on_file is None or on_file.version < new.version:
+            self._write_file(new)
+            self._mtime = self.path.stat().st_mtime
+        self._adopt(new)
 
     async def _act_shared(self, action: str, params: dict[str, Any], by: str, reason: str) -> Controls:
         from redis.exceptions import WatchError

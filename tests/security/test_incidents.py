@@ -57,6 +57,20 @@ def test_actions_are_checked_and_versioned() -> None:
     assert revoked.refusal(None, peer) == "client certificate revoked"
 
 
+@pytest.mark.anyio
+async def test_concurrent_actions_in_one_process_are_all_kept(tmp_path: Path) -> None:
+    from gateway.security.incidents import IncidentStore
+
+    store = IncidentStore(tmp_path / "incidents.json")
+    import asyncio
+
+    await asyncio.wait_for(asyncio.gather(*(store.act("revoke-token", {"jti": f"t{i}", "expires_at": 9e9}, "op", "why")
+                                            for i in range(20))), 10)
+    again = IncidentStore(tmp_path / "incidents.json")  # another process reading the file
+    assert again.controls.version == 20 and len(again.controls.tokens) == 20
+    assert oct((tmp_path / "incidents.json").stat().st_mode & 0o777) == "0o600"
+
+
 # -- two replicas -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
