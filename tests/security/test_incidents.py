@@ -5,6 +5,7 @@ after a restart (and after Redis lost everything)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from gateway.security.incidents import Controls, IncidentError
+from gateway.security.incidents import Controls, IncidentError, IncidentStore
 from gateway.security.types import PeerIdentity, Principal
 from tests.conftest import TEST_LIMITS, Gateway, fetch_token, free_port, start_gateway
 from tests.security.test_limits import Redis
@@ -59,11 +60,7 @@ def test_actions_are_checked_and_versioned() -> None:
 
 @pytest.mark.anyio
 async def test_concurrent_actions_in_one_process_are_all_kept(tmp_path: Path) -> None:
-    from gateway.security.incidents import IncidentStore
-
     store = IncidentStore(tmp_path / "incidents.json")
-    import asyncio
-
     await asyncio.wait_for(asyncio.gather(*(store.act("revoke-token", {"jti": f"t{i}", "expires_at": 9e9}, "op", "why")
                                             for i in range(20))), 10)
     again = IncidentStore(tmp_path / "incidents.json")  # another process reading the file
