@@ -23,6 +23,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway import __version__
 from gateway.audit.background import AuditBackground
 from gateway.audit.chain import load_private_key
 from gateway.audit.middleware import AuditMiddleware, ProbeTally
@@ -45,6 +46,7 @@ from gateway.security.incidents import IncidentStore
 from gateway.security.issuer import BuiltinIssuer
 from gateway.security.ratelimit import Limiter
 from gateway.security.rbac import Policy
+from gateway.security.tls import certificate_expiries
 from gateway.security.tokens import TokenValidator
 from gateway.security.xfcc import TrustedProxies
 from gateway.stages import (
@@ -170,9 +172,12 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     probes = ProbeTally()
     writer = _audit_writer(config)
 
+    v2 = V2(models, pool, policy, limiter, stages, health, events,
+            explain_stages(config, models, policy, limiter, pool, decoder, in_flight, incidents), watches, incidents)
+    metrics.watch_state(lambda: {"degraded": v2.degraded(), "controls": incidents.controls.counts(),
+                                 "certificates": certificate_expiries(config.tls), "version": __version__})
     owners: dict[str, object] = {
-        "v2": V2(models, pool, policy, limiter, stages, health, events,
-                 explain_stages(config, models, policy, limiter, pool, decoder, in_flight, incidents), watches, incidents),
+        "v2": v2,
         "incident": IncidentEndpoints(watches, policy, incidents, issuer, config.issuer.token_ttl_s + config.auth.leeway_s),
     }
     if issuer is not None:

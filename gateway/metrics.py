@@ -1,17 +1,28 @@
-"""Prometheus metrics at ``/metrics`` (verb ``metrics``): requests, latency, workers, providers.
+"""Prometheus metrics at ``/metrics`` (verb ``metrics``): requests, latency, refusals, workers,
+providers, and the state an alert watches.
 
-Request counters and latency are observed by the audit middleware, which sees every request's
-final outcome. Worker figures (queue depth, batch sizes) are read from the workers' health at
-scrape time. Each serving process keeps its own registry: with ``server.processes > 1`` a scrape
-sees the process that answered it.
+Request counters, latency and refusals (by the problem type the caller got) are observed by the
+audit middleware, which sees every request's final outcome. Worker figures (queue depth, batch
+sizes) are read from the workers' health at scrape time, and so is the state: what is degraded
+(``gateway_degraded``), the incident controls in force, the certificates' expiry, the build, and
+the process's own CPU, memory and descriptors. Each serving process keeps its own registry: with
+``server.processes > 1`` a scrape sees the process that answered it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import platform
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -84,6 +95,34 @@ class _GuardCollector(Collector):
         yield queued
 
 
+class _StateCollector(Collector):
+    """What is degraded, the incident controls in force, certificate expiry and the build, at scrape time."""
+
+    def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.state()
+        degraded = GaugeMetricFamily("gateway_degraded", "1 while a part serves in a degraded way (limits, "
+                                     "incidents, extraction per process; guard, events failing)", labels=["area"])
+        for area in ("limits", "incidents", "extraction", "guard", "events"):
+            degraded.add_metric([area], 1.0 if area in state.get("degraded", {}) else 0.0)
+        yield degraded
+        controls = GaugeMetricFamily("gateway_incident_controls", "Incident controls in force, by kind "
+                                     "(lockdown: 1 while the gateway is locked down)", labels=["kind"])
+        for kind, count in state.get("controls", {}).items():
+            controls.add_metric([kind], float(count))
+        yield controls
+        expiry = GaugeMetricFamily("gateway_certificate_expiry_timestamp_seconds", "When a certificate the gateway "
+                                   "serves or trusts expires (Unix time)", labels=["certificate", "subject"])
+        for which, subject, when in state.get("certificates", []):
+            expiry.add_metric([which, subject], when)
+        yield expiry
+        info = GaugeMetricFamily("gateway_build_info", "The gateway's version and Python's", labels=["version", "python"])
+        info.add_metric([state.get("version", ""), platform.python_version()], 1.0)
+        yield info
+
+
 class Metrics:
     def __init__(self, pool: Any, health: Any = None, events: Any = None) -> None:
         self.pool = pool
@@ -98,12 +137,26 @@ class Metrics:
                                     registry=self.registry)
         self.security_events = Counter("gateway_security_events", "Security events by model, detector and action",
                                        ["model", "detector", "action"], registry=self.registry)
+        self.refusals = Counter("gateway_refusals", "Requests refused or failed, by route and the problem type the "
+                                "caller got (unauthorized, credential-revoked, rate-limited, budget-exhausted, "
+                                "not-found, invalid-input, adversarial-input, lockdown...)", ["route", "type"],
+                                registry=self.registry)
         self.registry.register(_WorkerCollector(pool))
         self.registry.register(_GuardCollector(health, events))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
 
-    def observe(self, route: str, model: str, outcome: str, status: int, seconds: float) -> None:
+    def watch_state(self, state: Callable[[], dict[str, Any]]) -> None:
+        """Read ``state()`` at each scrape: ``degraded`` (area: why), ``controls`` (kind: count),
+        ``certificates`` ([(which, subject, expiry timestamp)]), ``version``."""
+        self.registry.register(_StateCollector(state))
+
+    def observe(self, route: str, model: str, outcome: str, status: int, seconds: float,
+                problem: str | None = None) -> None:
         self.requests.labels(route, model, outcome, str(status)).inc()
         self.latency.labels(route, model).observe(seconds)
+        if problem is not None:
+            self.refusals.labels(route, problem).inc()
 
     async def render(self) -> bytes:
         await self.pool.refresh()  # fresh queue depths and batch statistics

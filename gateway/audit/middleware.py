@@ -156,7 +156,8 @@ class AuditMiddleware:
         spec = getattr(scope.get("route"), "spec", None)
         route = spec.handler if spec is not None else "none"
         model = ctx.model if ctx is not None and ctx.model in self.known_models else ""
-        self.metrics.observe(route, model or "-", result, status, seconds)
+        error = ctx.error if ctx is not None else None
+        self.metrics.observe(route, model or "-", result, status, seconds, error.type if error is not None else None)
         return route, result, seconds
 
     async def _record(self, scope: Scope, status: int, started: float) -> None:

@@ -111,8 +111,15 @@ class V2:
         if not self.pool.all_ready():
             raise Unavailable("not every model has a healthy worker yet", retry_after=1)
         body: dict[str, Any] = {"ready": True}
-        limits = self.limiter.status()
+        degraded = self.degraded()
+        if degraded:
+            body["degraded"] = degraded
+        return _json(body)
+
+    def degraded(self) -> dict[str, Any]:
+        """What serves in a degraded way now, by area (readiness says it, a metric counts it)."""
         degraded: dict[str, Any] = {}
+        limits = self.limiter.status()
         if "degraded" in limits:
             degraded["limits"] = limits["degraded"]  # still serving, with per-process limits
         guards = self.health.degraded()
@@ -124,9 +131,7 @@ class V2:
             degraded["extraction"] = f"monitor storage unreachable, watching per process: {self.watches.degraded}"
         if self.events is not None and self.events.enabled and self.events.last_error:
             degraded["events"] = f"webhook delivery failing: {self.events.last_error}"
-        if degraded:
-            body["degraded"] = degraded
-        return _json(body)
+        return degraded
 
     async def server_metadata(self, request: Request) -> Response:
         principal_of(get_context(request.scope))

@@ -81,6 +81,11 @@ class Controls:
     def from_dict(cls, data: dict[str, Any]) -> Controls:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
+    def counts(self) -> dict[str, int]:
+        """How many of each kind are in force (``lockdown``: 1 or 0)."""
+        return {"tokens": len(self.tokens), "principals": len(self.principals), "certificates": len(self.certificates),
+                "quarantined": len(self.quarantined), "lockdown": int(self.lockdown is not None)}
+
     @property
     def empty(self) -> bool:
         return not (self.tokens or self.principals or self.certificates or self.quarantined or self.lockdown)

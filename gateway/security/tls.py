@@ -158,6 +158,19 @@ def _load_crls(ctx: ssl.SSLContext, files: tuple[str, ...]) -> None:
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
+def certificate_expiries(tls: TLSConfig) -> list[tuple[str, str, float]]:
+    """(which, subject, expiry as Unix time) of the server certificate and the client CAs."""
+    files = [("server", tls.cert_file)] + ([("client-ca", tls.client_ca_file)] if tls.client_auth != "off" else [])
+    out = []
+    for which, name in files:
+        try:
+            certs = x509.load_pem_x509_certificates(Path(name).read_bytes())
+        except (OSError, ValueError):
+            continue
+        out += [(which, c.subject.rfc4514_string(), c.not_valid_after_utc.timestamp()) for c in certs]
+    return out
+
+
 def tls_files_stamp(tls: TLSConfig) -> tuple[float, ...]:
     """When the files a server context is built from last changed (a changed CRL means a rebuild)."""
     stamps = []
