@@ -211,12 +211,6 @@ class WatchStore:
 
         return await anyio.to_thread.run_sync(replay)
 
-    def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"watched": len(self.watches), "alarms_here": len(self.alarms)}
-        if self.degraded is not None:
-            out["degraded"] = self.degraded
-        return out
-
     async def close(self) -> None:
         if self.redis is not None:
             await self.redis.aclose()
