@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from gateway import __version__
-from gateway.commands import audit, identity, incident, load, models
+from gateway.commands import audit, config_option, identity, incident, load, models
 
 __all__ = ["main"]
 
@@ -101,16 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_init)
 
     p = sub.add_parser("serve", help="start the workers and serve HTTPS")
-    p.add_argument("--config", default="gateway.toml")
+    config_option(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("check", help="validate a configuration and list its insecure settings")
-    p.add_argument("--config", default="gateway.toml")
+    config_option(p)
     p.add_argument("--strict", action="store_true", help="exit 1 if any setting weakens security")
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("doctor", help="self-audit a configuration, its files and (--url) a running gateway")
-    p.add_argument("--config", default="gateway.toml")
+    config_option(p)
     p.add_argument("--url", default="", help="a running gateway to check too (readiness, TLS groups)")
     p.add_argument("--ca", default="", help="the CA of its server certificate (default: tls.client_ca_file)")
     p.add_argument("--credentials", default="credentials.json", help="--url: the client certificate to reach it with")
@@ -119,11 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 on any finding above info (default: critical, high)")
     p.set_defaults(func=_cmd_doctor)
 
-
-
-
     for module in (identity, audit, models, incident):
         module.add_parsers(sub)
+    for command in sub.choices.values():  # the global options after the command too
+        command.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"],
+                             help="how much to log (also before the command)")
     return parser
 
 

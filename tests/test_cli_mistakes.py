@@ -49,3 +49,15 @@ def test_an_answer_is_json_on_standard_output(here: Path) -> None:
                          capture_output=True, text=True, cwd=here, timeout=60)
     assert out.returncode == 0 and out.stderr == "", out.stderr
     assert json.loads(out.stdout)["probabilities"]["shape"] == [1, 10]
+
+
+def test_gateway_config_is_honoured_and_global_options_go_anywhere(pki: Path, tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "GATEWAY_CONFIG": str(pki / "gateway.toml")}
+    out = subprocess.run([sys.executable, "-m", "gateway", "check", "--log-level", "warning"], capture_output=True,
+                         text=True, cwd=tmp_path, env=env, timeout=60)  # no gateway.toml here
+    assert out.returncode == 0 and f"{pki / 'gateway.toml'}: valid" in out.stdout, out.stderr
+    missing = subprocess.run([sys.executable, "-m", "gateway", "check"], capture_output=True, text=True, cwd=tmp_path,
+                             env={k: v for k, v in env.items() if k != "GATEWAY_CONFIG"}, timeout=60)
+    assert missing.returncode == 2 and "gateway.toml: no such file" in missing.stderr

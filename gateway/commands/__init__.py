@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.config import Config
 
-__all__ = ["load"]
+__all__ = ["config_option", "load"]
 
 
 def load(args: argparse.Namespace) -> Config:
@@ -16,3 +17,9 @@ def load(args: argparse.Namespace) -> Config:
     from gateway.config import load_config
 
     return load_config(args.config)
+
+
+def config_option(p: Any) -> None:
+    """``--config``, defaulting to ``$GATEWAY_CONFIG``, else ``gateway.toml``."""
+    p.add_argument("--config", default=os.environ.get("GATEWAY_CONFIG") or "gateway.toml",
+                   help="the configuration file (default: $GATEWAY_CONFIG, else gateway.toml)")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.commands import load
+from gateway.commands import config_option, load
 
 __all__ = ["add_parsers"]
 
@@ -96,7 +96,7 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("audit", help="verify, tail or export the audit log")
     p.add_argument("action", choices=["verify", "tail", "export"])
     p.add_argument("paths", nargs="*", help="log files or directories (default: audit.directory of --config)")
-    p.add_argument("--config", default="gateway.toml")
+    config_option(p)
     p.add_argument("--public-key", default="", help="verify: the checkpoint key (default: audit.public_key)")
     p.add_argument("--allow-unsealed", action="store_true",
                    help="verify: accept streams that do not end with a shutdown checkpoint (a running gateway's, "

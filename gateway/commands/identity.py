@@ -7,7 +7,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway.commands import load
+from gateway.commands import config_option, load
 
 if TYPE_CHECKING:
     from gateway.security.issuer import IssuerStore
@@ -129,7 +129,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--roles", default="", help="comma-separated roles, e.g. admin")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     p.add_argument("--force", action="store_true", help="replace an existing user")
-    p.add_argument("--config", default="gateway.toml")
+    config_option(p)
     p.set_defaults(func=_cmd_users)
 
     p = sub.add_parser("clients", help="services of the built-in issuer (client credentials)")
@@ -138,12 +138,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--roles", default="", help="comma-separated roles, e.g. inference")
     p.add_argument("--description", default="")
     p.add_argument("--force", action="store_true", help="issue a new secret for an existing client")
-    p.add_argument("--config", default="gateway.toml")
+    config_option(p)
     p.set_defaults(func=_cmd_clients)
 
     p = sub.add_parser("keys", help="the built-in issuer's signing keys")
     p.add_argument("action", choices=["rotate", "list"])
-    p.add_argument("--config", default="gateway.toml")
+    config_option(p)
     p.set_defaults(func=_cmd_keys)
     p = sub.add_parser("policy", help="explain an access decision")
     p.add_argument("action", choices=["explain"])
@@ -155,5 +155,5 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--amr", default="", help="comma-separated amr values, e.g. pwd,otp,mfa")
     p.add_argument("--acr", default="")
     p.add_argument("--auth-age", type=float, default=None, help="seconds since the principal signed in")
-    p.add_argument("--config", default="gateway.toml")
+    config_option(p)
     p.set_defaults(func=_cmd_policy)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.commands import load
+from gateway.commands import config_option, load
 
 __all__ = ["add_parsers"]
 
@@ -217,7 +217,7 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("models", help="sign, verify, check, calibrate, encrypt or rewrap a model version folder; reload")
     p.add_argument("action", choices=["sign", "verify", "check", "calibrate", "encrypt", "rewrap", "reload"])
     p.add_argument("folder", nargs="?", default="", help="<models root>/<name>/<version> (not for reload)")
-    p.add_argument("--config", default="gateway.toml")
+    config_option(p)
     p.add_argument("--data", default="", help="calibrate: held-out clean inputs (.npy) the model was not trained on")
     p.add_argument("--squeezer", action="append", default=[], help="calibrate: bits:N, levels:N or median:K "
                    "(repeatable; default: the model's guard.squeezers)")
