@@ -30,7 +30,7 @@ def _json(body: Any) -> Response:
 
 
 class IncidentEndpoints:
-    def __init__(self, store: WatchStore, policy: Any, incidents: IncidentStore | None = None, issuer: Any = None,
+    def __init__(self, store: WatchStore, policy: Any, incidents: IncidentStore, issuer: Any = None,
                  keep_retired_s: float = 0.0) -> None:
         self.store = store
         self.policy = policy
@@ -62,7 +62,7 @@ class IncidentEndpoints:
     async def status(self, request: Request) -> Response:
         """``GET /admin/incidents``: the controls in force (revocations, quarantine, lockdown)."""
         authorize(get_context(request.scope), self.policy, "admin:incident")
-        incidents = self._incidents()
+        incidents = self.incidents
         body: dict[str, Any] = {"controls": incidents.controls.as_dict()}
         if incidents.degraded:
             body["degraded"] = f"incident-control storage unreachable: {incidents.degraded}"
@@ -76,7 +76,7 @@ class IncidentEndpoints:
         action, reason = doc.get("action"), _reason(doc)
         params = {k: v for k, v in doc.items() if k not in ("action", "reason")}
         try:
-            controls = await self._incidents().act(str(action), params, principal.key, reason)
+            controls = await self.incidents.act(str(action), params, principal.key, reason)
         except IncidentError as exc:
             raise _refusal(exc) from None
         ctx.action = {"action": action, **params, "reason": reason, "version": controls.version}
@@ -94,10 +94,6 @@ class IncidentEndpoints:
         ctx.action = {"action": "rotate-key", "kid": kid, "reason": reason}
         return _json({"kid": kid})
 
-    def _incidents(self) -> IncidentStore:
-        if self.incidents is None:  # pragma: no cover - the app always has one
-            raise _refusal(IncidentError("incident controls are not available in this process", 503))
-        return self.incidents
 
 
 async def _document(request: Request) -> dict[str, Any]:
