@@ -187,6 +187,33 @@ action = "record"
 """
 
 
+GUARDED_DEMO_MODELS = ("digits", "resnetish")
+"""The template's models with a guard (and, for digits, an extraction monitor), both of which need
+the model version's calibration."""
+
+
+def _calibratable(models_root: Path, name: str) -> bool:
+    """Whether ``name``'s version 1 has a calibration, or held-out data ``gateway init`` calibrates with."""
+    return (models_root / name / "1" / "calibration.json").exists() or (
+        models_root / "_data" / f"{name}-calibration.npy").exists()
+
+
+def _guard_off(text: str, name: str) -> str:
+    """The configuration with ``name``'s guard and extraction sections commented out, and why."""
+    out: list[str] = []
+    inside = noted = False
+    for line in text.splitlines(keepends=True):
+        header = line.strip() in (f"[models.{name}.guard]", f"[models.{name}.extraction]")
+        if header and not noted:
+            noted = True
+            out.append(f"# {name} has no calibration, so its guard and extraction monitor are off. To turn\n"
+                       f"# them on: `gateway models calibrate <root>/{name}/1 --data CLEAN.npy`, sign the\n"
+                       "# folder again, and uncomment these sections.\n")
+        inside = header or (inside and line.strip() != "")
+        out.append(f"# {line}" if inside and not line.startswith("#") else line)
+    return "".join(out)
+
+
 def _write_key_pair(private: Path, public: Path, key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey) -> None:
     """A private key (PEM, 0600, in a 0700 folder) and its public half beside it."""
     private.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -338,7 +365,11 @@ def init(directory: Path, models_root: Path, port: int = 8443, force: bool = Fal
         report.kept.append(str(config))
     else:
         root = os.path.relpath(models_root.resolve(), directory.resolve())
-        config.write_text(CONFIG_TEMPLATE.format(port=port, models_root=root))
+        text = CONFIG_TEMPLATE.format(port=port, models_root=root)
+        for name in GUARDED_DEMO_MODELS:
+            if not _calibratable(models_root, name):
+                text = _guard_off(text, name)
+        config.write_text(text)
         report.created.append(str(config))
     _audit_keys(directory / "keys", force, report)
     cred_path = directory / "credentials.json"

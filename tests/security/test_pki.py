@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import shutil
 import stat
 from pathlib import Path
 
@@ -77,3 +78,21 @@ def test_a_missing_client_certificate_is_reissued_by_the_existing_ca(tmp_path: P
 def test_client_certificates_name_their_principal(pki: Path, principal: str) -> None:
     cert = _cert(pki / "certs" / f"client-{principal}.pem")
     assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == principal
+
+
+def test_models_without_calibration_get_a_configuration_that_loads_with_their_guards_off(
+        tmp_path: Path, models_root: Path, pki: Path) -> None:
+    """`gateway init` over someone else's model repository (no held-out data to calibrate with)."""
+    bare = tmp_path / "models"
+    shutil.copytree(models_root / "digits", bare / "digits", ignore=shutil.ignore_patterns("calibration.json"))
+    init(tmp_path / "run", bare)
+    text = (tmp_path / "run" / "gateway.toml").read_text()
+    assert "# digits has no calibration, so its guard and extraction monitor are off" in text
+    assert "\n[models.digits.guard]" not in text and "\n# [models.digits.guard]" in text
+    config = load_config(tmp_path / "run" / "gateway.toml", environ={})
+    digits = next(m for m in config.models if m.name == "digits")
+    assert not digits.guard.enabled and not digits.extraction.enabled
+    assert not (bare / "digits" / "1" / "calibration.json").exists()
+    # with the held-out data there, the same command calibrated and kept the guard on
+    guarded = load_config(pki / "gateway.toml", environ={})
+    assert next(m for m in guarded.models if m.name == "digits").guard.enabled
