@@ -296,8 +296,15 @@ class AuditConfig:
     checkpoint_interval_s: float = 60.0
     max_file_bytes: int = 64 * 1024 * 1024
     rotate_interval_s: float = 86400.0
-    flush_window_ms: float = 2.0
-    """Records arriving within this window share one write and one fsync."""
+    durability: str = "process"
+    """When an answer may leave: ``process`` once its record is written to the file (it survives
+    ``kill -9`` of any process; fsync follows within ``fsync_interval_ms``), or ``fsync`` once its
+    record is also fsynced (it survives a power cut too, at one fsync per batch)."""
+    fsync_interval_ms: float = 50.0
+    """``process`` durability: the longest a written record waits for its fsync."""
+    flush_window_ms: float = 0.0
+    """``fsync`` durability: wait this long for more records before a batch's write and fsync (0: a
+    batch is whatever arrived while the previous fsync ran)."""
     probe_summary_s: float = 60.0
     """Health probes are not recorded one by one: every this many seconds, one ``probes`` record
     counts them by path, status and client address."""
@@ -555,6 +562,8 @@ def _key_checks(cfg: Config) -> list[Check]:
         (a.checkpoint_every >= 1 and a.checkpoint_interval_s > 0, "audit: checkpoint_every and checkpoint_interval_s must be positive"),
         (a.max_file_bytes >= 4096 and a.rotate_interval_s > 0, "audit: max_file_bytes must be >= 4096, rotate_interval_s positive"),
         (0 <= a.flush_window_ms <= 1000, "audit.flush_window_ms must be 0..1000"),
+        (a.durability in ("process", "fsync"), "audit.durability must be \"process\" or \"fsync\""),
+        (1 <= a.fsync_interval_ms <= 60_000, "audit.fsync_interval_ms must be 1..60000"),
         (0 < a.probe_summary_s <= 3600, "audit.probe_summary_s must be 0..3600"),
         (not a.enabled or Path(a.signing_key).is_file(), f"audit.signing_key: {a.signing_key} does not exist (run `gateway init`)"),
     ]

@@ -131,7 +131,8 @@ checkpoint_every = 1000                  # records between signed checkpoints
 checkpoint_interval_s = 60.0             # ... or seconds, whichever comes first
 max_file_bytes = 67108864                # rotate at 64 MiB ...
 rotate_interval_s = 86400.0              # ... or daily; the chain continues across files
-flush_window_ms = 2.0                    # records within this window share one write + fsync
+durability = "process"                   # the answer leaves once its record is in the file; "fsync": once on disk
+fsync_interval_ms = 50.0                 # "process": the fsync follows within this
 fail_closed = true                       # 503 rather than serve what cannot be recorded
 probe_summary_s = 60.0                   # health probes are counted into one record per this many seconds
 

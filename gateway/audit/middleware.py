@@ -170,9 +170,6 @@ class AuditMiddleware:
                 self.events.offer(event)
         if self.writer is None:
             return
-        for event in events:  # its own record kind, in the chain before the request's record
-            await self.writer.append(event)
-            self.metrics.audit_records.inc()
         record: dict[str, Any] = {
             "kind": "request",
             "request_id": ctx.request_id if ctx else None,
@@ -186,8 +183,8 @@ class AuditMiddleware:
         }
         if ctx is not None:
             _describe(record, ctx)
-        await self.writer.append(record)
-        self.metrics.audit_records.inc()
+        await self.writer.append(*events, record)  # events: their own record kind, before the request's
+        self.metrics.audit_records.inc(len(events) + 1)
 
 
 def _describe(record: dict[str, Any], ctx: RequestContext) -> None:

@@ -1,9 +1,16 @@
-"""The audit writer: one hash-chained stream per serving process, group-committed and fsynced.
+"""The audit writer: one hash-chained stream per serving process.
 
-``append`` returns once the record is on disk (written and fsynced together with whatever else
-arrived within ``audit.flush_window_ms``), so a response that reached its client always has its
-record, even after ``kill -9`` of the gateway. Checkpoints (signed) are added every
-``checkpoint_every`` records or ``checkpoint_interval_s``, at rotation, at start-up and at
+``append`` returns once the record is as durable as ``audit.durability`` asks, and the answer it
+records leaves only after that, so a response that reached its client always has its record:
+
+* ``process`` (the default): the record is written to the file at once, from the event loop (a
+  write to the kernel's page cache, microseconds); it survives ``kill -9`` of any process, and an
+  fsync follows within ``audit.fsync_interval_ms``. A power cut may lose that interval, as with
+  Linux auditd's default ``flush = INCREMENTAL_ASYNC``.
+* ``fsync``: records are group-committed: written and fsynced together with whatever arrived while
+  the previous batch was being synced (and within ``audit.flush_window_ms``), in a thread.
+
+Checkpoints (signed) are added every ``checkpoint_every`` records or ``checkpoint_interval_s``, at rotation, at start-up and at
 shutdown; files rotate by size or age and the chain continues across them.
 
 Every writer also keeps the log's signed stream manifest (``streams.json``, see
@@ -87,6 +94,7 @@ class AuditWriter:
         self._lock_fd = -1
         self._pending: list[_Pending] = []
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._sync_handle: asyncio.TimerHandle | None = None
         self._write_lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
         self.written = 0
@@ -131,6 +139,8 @@ class AuditWriter:
 
     def _open_file(self, path: Path | None) -> None:
         if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.fsync(self.fd)  # what ``process`` durability wrote and has not synced yet
             os.close(self.fd)
         if path is None:
             path = self.directory / f"{self.stream}-{self.state.seq + 1:012d}.jsonl"
@@ -151,12 +161,16 @@ class AuditWriter:
     async def close(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._sync_handle is not None:
+            self._sync_handle.cancel()
         try:
             await self.append(self._checkpoint("shutdown"))
             self._seal_manifest()
         except AuditUnavailable:
             pass  # the stream stays "open" in the manifest: a verifier reports it unsealed
         if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
         if self._lock_fd >= 0:
@@ -210,18 +224,73 @@ class AuditWriter:
             self.last_checkpoint_at = time.monotonic()
         self.written += len(lines)
 
-    async def append(self, record: dict[str, Any]) -> None:
-        """Durably append one record; raises ``AuditUnavailable`` when it cannot be written."""
+    async def append(self, *records: dict[str, Any]) -> None:
+        """Append records, in order; return once they are as durable as ``audit.durability`` asks.
+        Raises ``AuditUnavailable`` when they cannot be written."""
         if self.failed is not None and time.monotonic() < self.retry_at:
             raise AuditUnavailable(f"the audit log cannot be written ({self.failed}); nothing is served unrecorded",
                                    retry_after=int(RETRY_S) + 1)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(record, future))
+        if (self.config.durability == "process" and not self._pending and not self._write_lock.locked()
+                and not self._rotation_due()):
+            self._write_now(records)
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending.extend(_Pending(r) for r in records[:-1])
+        self._pending.append(_Pending(records[-1], future))
         if len(self._pending) >= 256:
             self._schedule(0.0)
         elif self._flush_handle is None:
             self._schedule(self.config.flush_window_ms / 1000)
         await future
+
+    def _write_now(self, records: tuple[dict[str, Any], ...]) -> None:
+        """``process`` durability: seal and write at once, in the event loop (a write to the page
+        cache); the fsync follows in a thread within ``fsync_interval_ms``."""
+        state = _State(self.state.seq, self.state.prev, self.state.since_checkpoint, self.state.last_kind)
+        lines = [self._seal(r, state) for r in records]
+        if state.since_checkpoint >= self.config.checkpoint_every:
+            lines.append(self._seal(self._checkpoint("count"), state))
+        try:
+            self._check_target()
+            self._write(b"".join(lines), sync=False)
+        except OSError as exc:
+            raise self._failure(exc) from None
+        self._recovered()
+        self.state = state
+        self._commit(lines)
+        if self._sync_handle is None:
+            loop = asyncio.get_running_loop()
+            self._sync_handle = loop.call_later(self.config.fsync_interval_ms / 1000,
+                                                lambda: loop.create_task(self._sync_later()))
+
+    async def _sync_later(self) -> None:
+        """The fsync that follows ``process``-durable writes (on a duplicate of the file's
+        descriptor: a rotation may close the original meanwhile, after its own fsync)."""
+        self._sync_handle = None
+        try:
+            fd = os.dup(self.fd)
+        except OSError:
+            return
+        try:
+            await anyio.to_thread.run_sync(os.fsync, fd)
+        except OSError as exc:
+            log.error("audit log %s cannot be fsynced: %s", self.path, exc)
+        finally:
+            os.close(fd)
+
+    def _failure(self, exc: OSError) -> AuditUnavailable:
+        """Note a failed write (retried after ``RETRY_S``) and the error its requests get."""
+        self.failed = f"{type(exc).__name__}: {exc.strerror or exc}"
+        self.retry_at = time.monotonic() + RETRY_S
+        log.error("audit log %s cannot be written: %s", self.path, self.failed)
+        return AuditUnavailable(f"the audit log cannot be written ({self.failed}); nothing is served unrecorded",
+                                retry_after=int(RETRY_S) + 1)
+
+    def _recovered(self) -> None:
+        if self.failed is not None:
+            log.warning("audit log %s is writable again", self.path)
+            self.failed = None
 
     def _schedule(self, delay: float) -> None:
         if self._flush_handle is not None:
@@ -248,18 +317,12 @@ class AuditWriter:
             try:
                 await anyio.to_thread.run_sync(self._write_batch, b"".join(head), b"".join(body), state.seq, rotate)
             except OSError as exc:
-                self.failed = f"{type(exc).__name__}: {exc.strerror or exc}"
-                self.retry_at = time.monotonic() + RETRY_S
-                log.error("audit log %s cannot be written: %s", self.path, self.failed)
-                error = AuditUnavailable(f"the audit log cannot be written ({self.failed}); "
-                                         "nothing is served unrecorded", retry_after=int(RETRY_S) + 1)
+                error = self._failure(exc)
                 for p in batch:
                     if p.future is not None and not p.future.done():
                         p.future.set_exception(error)
                 return
-            if self.failed is not None:
-                log.warning("audit log %s is writable again", self.path)
-                self.failed = None
+            self._recovered()
             self.state = state
             self._commit(head + body)
             for p in batch:
@@ -305,7 +368,7 @@ class AuditWriter:
         except OSError:
             pass
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, sync: bool = True) -> None:
         if not data:
             return
         view = memoryview(data)
@@ -313,7 +376,8 @@ class AuditWriter:
             while view:
                 n = os.write(self.fd, view)
                 view = view[n:]
-            os.fsync(self.fd)
+            if sync:
+                os.fsync(self.fd)
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, self.size)  # no half record left behind

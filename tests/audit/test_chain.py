@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -12,21 +13,28 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit.chain import AuditKey, canonical, digest, stream_files, verify_paths
-from gateway.audit.writer import AuditWriter
+from gateway.audit.writer import AuditUnavailable, AuditWriter
 from gateway.cli import main
 from gateway.config import AuditConfig
 
 KEY = AuditKey(Ed25519PrivateKey.generate())
 
 
+def request(i: int) -> dict[str, object]:
+    return {"kind": "request", "request_id": f"r{i}", "status": 200, "outcome": "allow", "path": "/v2/models/digits/infer"}
+
+
 async def write_log(directory: Path, records: int = 40, stream: str = "p0", key: AuditKey = KEY,
-                    close: bool = True) -> AuditWriter:
-    config = AuditConfig(directory=str(directory), checkpoint_every=7, max_file_bytes=4096, flush_window_ms=0.5)
+                    close: bool = True, durability: str = "process", together: bool = False) -> AuditWriter:
+    config = AuditConfig(directory=str(directory), checkpoint_every=7, max_file_bytes=4096, flush_window_ms=0.5,
+                         durability=durability)
     writer = AuditWriter(config, stream, key)
     writer.open()
-    for i in range(records):
-        await writer.append({"kind": "request", "request_id": f"r{i}", "status": 200, "outcome": "allow",
-                             "path": "/v2/models/digits/infer"})
+    if together:  # as concurrent requests do: batches, rotations and checkpoints interleave
+        await asyncio.gather(*(writer.append(request(i)) for i in range(records)))
+    else:
+        for i in range(records):
+            await writer.append(request(i))
     if close:
         await writer.close()
     return writer
@@ -50,12 +58,71 @@ def record_at(path: Path, i: int) -> dict[str, object]:
 
 
 @pytest.mark.anyio
-async def test_an_untouched_log_verifies(tmp_path: Path) -> None:
-    await write_log(tmp_path)
+@pytest.mark.parametrize("durability", ["process", "fsync"])
+@pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "concurrent"])
+async def test_an_untouched_log_verifies(tmp_path: Path, durability: str, together: bool) -> None:
+    await write_log(tmp_path, records=120, durability=durability, together=together)
     report = verify_paths([tmp_path], KEY.public)
     assert report.ok, report.problems
     assert len(stream_files([tmp_path])["p0"]) > 1  # it rotated, and the chain continued across files
-    assert report.records == sum(1 for _ in lines_of(tmp_path)) and report.checkpoints >= 6
+    assert report.records == sum(1 for _ in lines_of(tmp_path))
+    assert report.checkpoints >= (3 if together else 17)  # a batch ends with at most one count checkpoint
+    ids = [record_at(f, i).get("request_id") for f, i in lines_of(tmp_path)]
+    assert [x for x in ids if x is not None] == [f"r{i}" for i in range(120)]  # each once, in order
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("durability", ["process", "fsync"])
+async def test_an_append_returns_once_its_record_is_as_durable_as_configured(
+        tmp_path: Path, durability: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = AuditConfig(directory=str(tmp_path), durability=durability, fsync_interval_ms=100)
+    writer = AuditWriter(config, "p0", KEY)
+    writer.open()
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    inode = os.fstat(writer.fd).st_ino
+    await writer.append(request(1), request(2))
+    assert b'"request_id":"r2"' in Path(str(writer.path)).read_bytes()  # written before the answer, either way
+    if durability == "fsync":
+        assert synced == [inode]
+    else:
+        assert synced == []  # in the page cache: survives kill -9, not yet a power cut
+        await asyncio.sleep(0.3)
+        assert synced == [inode]  # ...until the fsync that follows within fsync_interval_ms
+    await writer.close()
+    assert verify_paths([tmp_path], KEY.public).ok
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("durability", ["process", "fsync"])
+async def test_a_write_that_fails_fails_its_requests_and_the_writer_recovers(
+        tmp_path: Path, durability: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = AuditWriter(AuditConfig(directory=str(tmp_path), durability=durability), "p0", KEY)
+    writer.open()
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(AuditUnavailable, match="No space left"):
+        await writer.append(request(1))
+    with pytest.raises(AuditUnavailable):  # refused at once until the retry time
+        await writer.append(request(2))
+    monkeypatch.setattr(os, "write", real_write)
+    writer.retry_at = 0.0
+    await writer.append(request(3))
+    await writer.close()
+    assert writer.failed is None
+    ids = [record_at(f, i).get("request_id") for f, i in lines_of(tmp_path)]
+    assert [x for x in ids if x is not None] == ["r3"]
+    assert verify_paths([tmp_path], KEY.public).ok
 
 
 def _request_line(directory: Path, n: int) -> tuple[Path, int]:
