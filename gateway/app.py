@@ -36,6 +36,7 @@ from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.events import EventSink
 from gateway.guards.stages import GuardHealth, GuardInputs, GuardVerdict
 from gateway.guards.watching import ExtractionGate, ExtractionWatch, WatchStore
+from gateway.httpserver import freeze_startup_heap
 from gateway.metrics import Metrics
 from gateway.middleware import AuthMiddleware, ContextMiddleware, ProblemMiddleware, ProblemResponse
 from gateway.middleware.limits import AddressLimitMiddleware, PrincipalLimitMiddleware
@@ -213,6 +214,7 @@ def _lifespan(background: AuditBackground, events: EventSink, incidents: Inciden
         warming = asyncio.get_running_loop().create_task(decoder.warm())
         for cache in validator.caches():  # warm the external providers' keys; failures are retried lazily
             await cache.refresh()
+        freeze_startup_heap()
         try:
             yield
         finally:

@@ -18,11 +18,12 @@ from 1.8 ms to 1.45 ms, and +13% requests/s at 16 clients. uvicorn is pinned for
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["BODY_HIGH_WATER", "BufferedBodyProtocol", "CoalescingTransport"]
+__all__ = ["BODY_HIGH_WATER", "BufferedBodyProtocol", "CoalescingTransport", "freeze_startup_heap"]
 
 BODY_HIGH_WATER = 1024 * 1024
 
@@ -71,3 +72,17 @@ class BufferedBodyProtocol(HttpToolsProtocol):
         if len(self.cycle.body) > BODY_HIGH_WATER:
             self.flow.pause_reading()
         self.cycle.message_event.set()
+
+
+def freeze_startup_heap() -> None:
+    """Move everything start-up allocated (the libraries, the model table, the keys: ~100,000
+    objects) out of the garbage collector's sight, once start-up is done.
+
+    A full collection walks every tracked object; with the start-up heap in it one took 64 ms on
+    the two-core machine, and under load it ran every few seconds, so one request in a hundred
+    waited for it (p99 at 16 clients ~90 ms against a p50 of 7 ms). ``gc.freeze`` is the CPython
+    documented remedy: frozen objects are never collected (they live as long as the process) and
+    what requests allocate is collected as before.
+    """
+    gc.collect()
+    gc.freeze()

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     _preload()
     import uvicorn
 
-    from gateway.httpserver import BufferedBodyProtocol
+    from gateway.httpserver import BufferedBodyProtocol, freeze_startup_heap
 
     listener = socket.socket(fileno=args.listen_fd)
     isolation = apply_isolation(args.uid, args.gid, args.memory_limit_mb, parent)
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.MODEL)
     del model
     app = WorkerApp(session, args.name, args, isolation)
+    freeze_startup_heap()
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on", http=BufferedBodyProtocol,
         loop="uvloop", ws="none", timeout_keep_alive=3600, backlog=1024, proxy_headers=False,
