@@ -15,6 +15,7 @@ bare certificate cannot step up and gets 403.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import time
 
 from gateway.config import VERBS, PolicyConfig, RuleConfig, StepUpRule
@@ -27,6 +28,7 @@ MODEL_VERBS = ("infer", "metadata", "explain")
 """Verbs aimed at one model: refusing them answers 404 unless the model is visible to the caller."""
 
 
+@functools.lru_cache(maxsize=4096)  # bounded: model names come from request paths
 def _match(patterns: tuple[str, ...], value: str) -> bool:
     return any(fnmatch.fnmatchcase(value, p) for p in patterns)
 

@@ -7,10 +7,12 @@ the key, by ``kid``, from that issuer's own JWKS and nowhere else; the signature
 (``iss``, ``aud``, ``exp``, ``nbf``, ``iat``, ``sub`` with bounded leeway); and, when the token is
 certificate-bound (RFC 8705), the presented client certificate's thumbprint.
 
-A token whose signature verified is remembered for ``VERIFIED_TTL_S`` (as Envoy's jwt_authn
-caches verified tokens): a signature check costs about 80 µs, most of a request's budget on a
-small model. The memory holds only while the issuer's key set is the same object (a rotation, a
-refetch or stale keys end it); claims (expiry above all) and binding are checked every time.
+A token that passed every check is remembered for ``VERIFIED_TTL_S`` (as Envoy's jwt_authn
+caches verified tokens), with the principal it stands for: a signature check costs about 80 µs,
+most of a request's budget on a small model, and parsing and checking the claims again another
+30. The memory holds only while the issuer's key set is the same object (a rotation, a refetch or
+stale keys end it); the claims that depend on the time (``exp``, ``nbf``, ``iat``) and the
+certificate binding are checked on every request.
 
 Keys of an external provider are fetched by OIDC discovery or from an explicit ``jwks_uri`` and
 cached. An unknown ``kid`` refetches at most once per ``jwks_refresh_s``; while the provider is
@@ -27,6 +29,7 @@ import ssl
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -215,6 +218,21 @@ def _b64json(segment: bytes) -> Any:
     return orjson.loads(base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4)))
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A token that passed every check: when, against which key set, and what it stands for."""
+
+    at: float
+    keys: KeySet | None
+    source: JWKSCache | LocalKeys
+    trust: IssuerTrust
+    principal: Principal
+    bound: str | None
+    exp: float
+    iat: float
+    nbf: float | None
+
+
 class TokenValidator:
     """Validates bearer tokens against the built-in issuer and every ``[[auth.issuers]]`` entry."""
 
@@ -222,7 +240,7 @@ class TokenValidator:
                  clock: Callable[[], float] = time.time) -> None:
         self.leeway = config.auth.leeway_s
         self.clock = clock
-        self._verified: dict[str, tuple[dict[str, Any], float, KeySet | None]] = {}
+        self._verified: dict[str, _Verified] = {}
         self.trusts: dict[str, tuple[IssuerTrust, JWKSCache | LocalKeys]] = {}
         if config.issuer.enabled and builtin_keys is not None:
             builtin = IssuerTrust(issuer=config.issuer_url, audience=config.audience, roles_claims=("roles",))
@@ -236,6 +254,13 @@ class TokenValidator:
         return [source for _, source in self.trusts.values() if isinstance(source, JWKSCache)]
 
     async def authenticate(self, token: str, peer: PeerIdentity | None) -> Principal:
+        known = self._verified.get(token)
+        if known is not None and time.monotonic() - known.at < VERIFIED_TTL_S and known.keys is known.source.current():
+            # verified moments ago against the same key set, so its header and claims passed every
+            # check that does not depend on the time; those that do, and the binding, are made again
+            self._check_times(known)
+            self._check_binding(known.bound, known.trust, peer)
+            return known.principal
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthorized(f"token longer than {MAX_TOKEN_BYTES} bytes")
         raw = token.encode("ascii", "replace")
@@ -263,19 +288,43 @@ class TokenValidator:
         typ = str(header.get("typ", "")).lower().removeprefix("application/")
         if trust.typ and typ != trust.typ:
             raise Unauthorized(f"token type {typ or 'none'!r} is not {trust.typ!r} (RFC 9068 access token)")
-        cached = self._verified.get(token)
-        now = time.monotonic()
-        if cached is not None and now - cached[1] < VERIFIED_TTL_S and cached[2] is source.current():
-            claims = cached[0]  # verified moments ago against the same key set; claims checked again below
-        else:
-            kid = header.get("kid")
-            key = await source.key(kid if isinstance(kid, str) else None, alg)
-            claims = self._verify_signature(raw, key, trust)
+        kid = header.get("kid")
+        keys = source.current()
+        key = await source.key(kid if isinstance(kid, str) else None, alg)
+        if source.current() is not keys:
+            keys = None  # refetched meanwhile: the next request verifies against the new set
+        claims = self._verify_signature(raw, key, trust)
+        self._check_claims(claims, trust)
+        cnf = claims.get("cnf")
+        bound = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+        self._check_binding(bound, trust, peer)
+        principal = self._principal(claims, trust, bound is not None)
+        if keys is not None:
             if len(self._verified) >= VERIFIED_MAX:
                 self._verified.clear()
-            self._verified[token] = (claims, now, source.current())
-        self._check_claims(claims, trust)
-        return self._principal(claims, trust, peer)
+            self._verified[token] = _Verified(
+                time.monotonic(), keys, source, trust, principal, bound, float(claims["exp"]),
+                float(claims["iat"]), float(claims["nbf"]) if isinstance(claims.get("nbf"), (int, float)) else None)
+        return principal
+
+    def _check_times(self, known: _Verified) -> None:
+        """``exp``, ``nbf`` and ``iat`` against the clock, as the claims registry checks them."""
+        now = int(self.clock())
+        if known.exp <= now - self.leeway:
+            raise Unauthorized("the token has expired")
+        if known.nbf is not None and known.nbf > now + self.leeway:
+            raise Unauthorized("the token's claims are not valid: The token is not yet valid")
+        if known.iat > now + self.leeway:
+            raise Unauthorized("the token's claims are not valid: The token was issued in the future")
+
+    @staticmethod
+    def _check_binding(bound: str | None, trust: IssuerTrust, peer: PeerIdentity | None) -> None:
+        """RFC 8705: a certificate-bound token only with the certificate it is bound to."""
+        if bound is not None or trust.require_cert_binding:
+            if bound is None:
+                raise Unauthorized("this issuer's tokens must be bound to a client certificate (cnf.x5t#S256)")
+            if peer is None or cert_thumbprint(peer) != bound:
+                raise Unauthorized("the token is bound to another client certificate")
 
     def _verify_signature(self, raw: bytes, key: Key, trust: IssuerTrust) -> dict[str, Any]:
         try:
@@ -310,14 +359,7 @@ class TokenValidator:
         except JoseError as exc:
             raise Unauthorized(f"the token's claims are not valid: {exc.description}") from None
 
-    def _principal(self, claims: dict[str, Any], trust: IssuerTrust, peer: PeerIdentity | None) -> Principal:
-        cnf = claims.get("cnf")
-        bound = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
-        if bound is not None or trust.require_cert_binding:
-            if bound is None:
-                raise Unauthorized("this issuer's tokens must be bound to a client certificate (cnf.x5t#S256)")
-            if peer is None or cert_thumbprint(peer) != bound:
-                raise Unauthorized("the token is bound to another client certificate")
+    def _principal(self, claims: dict[str, Any], trust: IssuerTrust, cert_bound: bool) -> Principal:
         amr = claims.get("amr")
         amr_values = tuple(v for v in amr if isinstance(v, str)) if isinstance(amr, list) else ()
         auth_time = claims.get("auth_time")
@@ -335,5 +377,5 @@ class TokenValidator:
             acr=acr if isinstance(acr, str) else None,
             auth_time=int(auth_time) if isinstance(auth_time, (int, float)) and not isinstance(auth_time, bool) else None,
             token_id=jti if isinstance(jti, str) else None,
-            cert_bound=bound is not None,
+            cert_bound=cert_bound,
         )
