@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from gateway.devsetup import init, model_signing
+from gateway.devsetup import init
 from gateway.security.issuer import totp_now
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,16 +45,16 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("digits", "resnetish"):
         shutil.copytree(MODELS / name, root / name, ignore=shutil.ignore_patterns("model.sig", "calibration.json"))
     shutil.copytree(MODELS / "_data", root / "_data")
-    # Signed once, with the key the session's PKI will trust (see ``pki``), before any test's own
-    # ``gateway init`` could sign them with a throwaway key.
-    model_signing(root.parent / f"{root.name}-keys", root)
+    # Calibrated and signed once, with the key the session's PKI will trust (see ``pki``), before
+    # any test's own ``gateway init`` could calibrate them and sign them with a throwaway key.
+    init(root.parent / f"{root.name}-setup", root)
     return root
 
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Path:
     directory = tmp_path_factory.mktemp("setup")
-    shutil.copytree(models_root.parent / f"{models_root.name}-keys", directory / "keys")
+    shutil.copytree(models_root.parent / f"{models_root.name}-setup" / "keys", directory / "keys")
     init(directory, models_root)
     return directory
 
