@@ -47,6 +47,12 @@ class _WorkerCollector(Collector):
                                       "providers per model (1 = active)", labels=["model", "provider"])
         batches = HistogramMetricFamily("gateway_batch_size", "Requests joined per session.run",
                                         labels=["model", "worker"])
+        queued = CounterMetricFamily("gateway_worker_queue_seconds", "Time requests waited in a worker for "
+                                     "their batch to start, summed", labels=["model", "worker"])
+        compute = CounterMetricFamily("gateway_worker_compute_seconds", "Time requests' batches ran in the "
+                                      "model, summed per request", labels=["model", "worker"])
+        restarts = CounterMetricFamily("gateway_worker_restarts", "Times the supervisor restarted a worker "
+                                       "process after it died or stopped answering", labels=["model", "worker"])
         for model, workers in self.pool.workers.items():
             for w in workers:
                 labels = [model, str(w.index)]
@@ -59,9 +65,12 @@ class _WorkerCollector(Collector):
                     cumulative.append((str(bound), float(sum(v for k, v in sizes.items() if k <= bound))))
                 cumulative.append(("+Inf", float(sum(sizes.values()))))
                 batches.add_metric(labels, cumulative, sum_value=float(sum(k * v for k, v in sizes.items())))
+                queued.add_metric(labels, float(w.info.get("queue_seconds", 0.0)))
+                compute.add_metric(labels, float(w.info.get("compute_seconds", 0.0)))
+                restarts.add_metric(labels, float(w.restarts))
             for provider in self.pool.providers(model):
                 providers.add_metric([model, provider], 1.0)
-        yield from (depth, inflight, healthy, batches, providers)
+        yield from (depth, inflight, healthy, batches, queued, compute, restarts, providers)
 
 
 class _GuardCollector(Collector):

@@ -4,6 +4,7 @@ got, what is degraded, the incident controls in force, certificate expiry, the b
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from cryptography import x509
@@ -52,3 +53,20 @@ def test_the_scrape_has_what_alerts_need(gateway: Gateway) -> None:
     assert expiry == pytest.approx(server.not_valid_after_utc.timestamp())
     assert value(text, "process_resident_memory_bytes") > 10 * 1024 * 1024
     assert value(text, "process_open_fds") > 0
+
+
+def test_workers_report_queue_and_compute_time(gateway: Gateway) -> None:
+    with gateway.client() as c:
+        for _ in range(5):
+            assert c.post("/v2/models/digits/infer", json=DIGITS).status_code == 200
+    deadline = time.monotonic() + 10
+    while True:  # the pool reads each worker's counters on its health probe
+        with gateway.client("admin") as admin:
+            text = admin.get("/metrics").text
+        compute = value(text, "gateway_worker_compute_seconds_total", model="digits", worker="0")
+        if compute > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert 0 < compute < 5
+    assert 0 <= value(text, "gateway_worker_queue_seconds_total", model="digits", worker="0") < 5
+    assert value(text, "gateway_worker_restarts_total", model="digits", worker="0") == 0

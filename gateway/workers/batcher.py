@@ -42,6 +42,7 @@ class _Item:
     rows: int
     key: tuple[object, ...]
     future: asyncio.Future[list[np.ndarray]]
+    queued_at: float
 
 
 @dataclass(slots=True)
@@ -50,6 +51,10 @@ class BatchStats:
     requests: int = 0
     sizes: dict[int, int] = field(default_factory=dict)
     """Batches by the number of requests joined in them."""
+    queue_seconds: float = 0.0
+    """Summed over requests: from arrival to the start of its batch's run."""
+    compute_seconds: float = 0.0
+    """Summed over requests: its batch's run (each request of a batch counts the whole run)."""
 
     def record(self, requests: int) -> None:
         self.batches += 1
@@ -101,7 +106,7 @@ class Batcher:
         # Only tensors that agree on everything but the batch dimension can be joined.
         key = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items()))
         future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Item(inputs, rows, key, future))
+        self._queue.put_nowait(_Item(inputs, rows, key, future, time.monotonic()))
         return await future
 
     async def _collect(self) -> list[_Item]:
@@ -155,6 +160,8 @@ class Batcher:
         else:
             joined = {n: _join([i.inputs[n] for i in live], pad) for n in live[0].inputs}
         self.stats.record(len(live))
+        started = time.monotonic()
+        self.stats.queue_seconds += sum(started - i.queued_at for i in live)
         try:
             if self._run_time_s < INLINE_BELOW_S:
                 outputs = self._timed_run(joined)
@@ -165,6 +172,8 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
+        finally:
+            self.stats.compute_seconds += (time.monotonic() - started) * len(live)
         if pad:
             outputs = [o[:rows] for o in outputs]
         offsets = np.cumsum([i.rows for i in live])[:-1]

@@ -62,6 +62,8 @@ class WorkerClient:
     healthy: bool = False
     inflight: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0
+    """Times the supervisor restarted this worker's process (from ``routes.json``)."""
 
     @property
     def name(self) -> str:
@@ -146,6 +148,7 @@ class WorkerPool:
             if route["generation"] == self.generations.get(key):
                 for client, entry in zip(self.workers.get(key, []), route["workers"]):
                     client.transport.expect(_credentials(entry))
+                    client.restarts = int(entry.get("restarts", 0))
                 continue
             await self._swap(key, route)
         for key in [k for k in self.workers if k in self.generations and k not in routes]:  # no longer served
@@ -161,7 +164,8 @@ class WorkerPool:
 
     async def _swap(self, key: str, route: dict[str, Any]) -> None:
         limit = self._max_inflight(key)
-        fresh = [WorkerClient(key, i, self.connect(entry, limit), limit) for i, entry in enumerate(route["workers"])]
+        fresh = [WorkerClient(key, i, self.connect(entry, limit), limit, restarts=int(entry.get("restarts", 0)))
+                 for i, entry in enumerate(route["workers"])]
         await asyncio.gather(*(w.probe() for w in fresh))
         old, self.workers[key] = self.workers.get(key, []), fresh
         first = key not in self.generations

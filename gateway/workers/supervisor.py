@@ -86,7 +86,8 @@ class Supervisor:
                 models[unit.key] = {
                     "version": manifest.version, "generation": gen, "sha256": manifest.sha256,
                     "manifest": str(manifest.path),
-                    "workers": [{"socket": str(w.socket), "pid": w.pid, "uid": w.uid if w.uid is not None else os.geteuid()}
+                    "workers": [{"socket": str(w.socket), "pid": w.pid, "uid": w.uid if w.uid is not None else os.geteuid(),
+                                 "restarts": w.restarts}
                                 for w in self.monitor.workers if w.unit == unit and w.generation == gen],
                 }
             tmp = self.runtime_dir / f".{ROUTES}.tmp"

@@ -120,7 +120,9 @@ class WorkerApp:
         if scope["path"] == "/health":
             body = {**self.health, "queue_depth": self.batcher.depth, "batches": self.batcher.stats.batches,
                     "requests": self.batcher.stats.requests,
-                    "batch_sizes": {str(k): v for k, v in self.batcher.stats.sizes.items()}}
+                    "batch_sizes": {str(k): v for k, v in self.batcher.stats.sizes.items()},
+                    "queue_seconds": self.batcher.stats.queue_seconds,
+                    "compute_seconds": self.batcher.stats.compute_seconds}
             await _respond(send, 200, orjson.dumps(body), b"application/json")
         elif scope["path"] == "/infer" and scope["method"] == "POST":
             await self._infer(scope, receive, send)

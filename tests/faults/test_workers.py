@@ -15,6 +15,7 @@ import pytest
 
 from gateway.workers.transport import fetch_health
 from tests.conftest import Gateway, onnx_reference, start_gateway
+from tests.test_metrics import value
 
 INFER = "/v2/models/digits/infer"
 
@@ -81,6 +82,10 @@ async def test_kill_9_of_a_worker_under_load(gw2: Gateway) -> None:
         await asyncio.sleep(1.0)
         for _ in range(20):
             assert (await c.post(INFER, json=_payload(np.full((1, 64), 3.0, np.float32)))).status_code == 200
+    with gw2.client("admin") as admin:  # and an alert on restarts can see it
+        scrape = admin.get("/metrics").text
+    assert value(scrape, "gateway_worker_restarts_total", model="digits", worker="0") == 1
+    assert value(scrape, "gateway_worker_restarts_total", model="digits", worker="1") == 0
 
 
 @pytest.mark.anyio
