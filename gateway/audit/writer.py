@@ -50,6 +50,8 @@ __all__ = ["AuditUnavailable", "AuditWriter", "utc_now"]
 
 log = logging.getLogger("gateway.audit")
 RETRY_S = 1.0
+ACCESS_CHECK_S = 1.0
+"""How often a writer checks that its directory is still writable (a path check runs per write)."""
 
 
 class AuditUnavailable(Unavailable):
@@ -57,8 +59,17 @@ class AuditUnavailable(Unavailable):
     title = "Audit log unavailable"
 
 
+_second: list[object] = [-1, ""]  # the last whole second formatted, and its text
+
+
 def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """Now in UTC, ISO 8601 to the microsecond (``2026-12-02T13:45:03.123456Z``); the date and
+    time are formatted once per second."""
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second[1]}.{int((now - whole) * 1e6):06d}Z"
 
 
 @dataclass
@@ -95,6 +106,7 @@ class AuditWriter:
         self._pending: list[_Pending] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._sync_handle: asyncio.TimerHandle | None = None
+        self._access_checked_at = -ACCESS_CHECK_S
         self._write_lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
         self.written = 0
@@ -357,8 +369,11 @@ class AuditWriter:
             raise OSError(exc.errno, f"the audit file {self.path} is gone") from None
         if st.st_ino != self.inode:
             raise OSError(0, f"the audit file {self.path} was replaced")
-        if not os.access(self.directory, os.W_OK):
-            raise PermissionError(13, f"the audit directory {self.directory} is not writable")
+        now = time.monotonic()
+        if now - self._access_checked_at >= ACCESS_CHECK_S:  # writes to the open file still land meanwhile
+            if not os.access(self.directory, os.W_OK):
+                raise PermissionError(13, f"the audit directory {self.directory} is not writable")
+            self._access_checked_at = now
 
     def _reopen_if_possible(self) -> None:
         """After the file vanished: continue in a new file (the chain state is in memory)."""

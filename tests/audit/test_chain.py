@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -310,3 +311,15 @@ def test_records_link_by_the_hash_of_the_whole_line(tmp_path: Path) -> None:
     for before, after in zip(lines, lines[1:]):
         assert json.loads(after)["prev"] == digest(before)
     shutil.rmtree(tmp_path)
+
+
+def test_record_times_are_utc_to_the_microsecond() -> None:
+    from datetime import UTC, datetime
+
+    from gateway.audit.writer import utc_now
+
+    for _ in range(3):
+        text = utc_now()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", text), text
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        assert abs((datetime.now(UTC) - parsed).total_seconds()) < 1

@@ -1,0 +1,144 @@
+"""Benchmark: the application's own cost per request, in-process, for A/B work on the request path.
+
+No TLS, no HTTP, no worker process: the ASGI app that ``gateway serve`` runs (every middleware
+layer and stage, audit on, every limit in memory with quotas too large to trip, a real token from
+the built-in issuer and a client certificate identity in the scope) is called directly, and the
+worker is an in-memory transport running the real ``digits`` model. What is left is the Python
+work the gateway adds to each inference, the part a profile of the serving process attributes to
+the application. Far steadier than a ``wrk`` run on a shared machine: compare two checkouts with it.
+
+    python bench/bench_app.py [--requests 20000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+import orjson
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.app import create_app  # noqa: E402
+from gateway.config import load_config  # noqa: E402
+from gateway.devsetup import init  # noqa: E402
+from gateway.security.tls import identity_from_der  # noqa: E402
+from gateway.workers.memory import InMemoryTransport  # noqa: E402
+from gateway.workers.pool import WorkerPool  # noqa: E402
+
+HUGE = "1000000000/minute"
+LIMITS = f"""
+[limits]
+storage = "memory://"
+per_address = "{HUGE}"
+per_principal = "{HUGE}"
+per_principal_model = "{HUGE}"
+global_limit = "{HUGE}"
+budget_inferences = "1000000000/day"
+budget_rows = "1000000000/day"
+"""
+
+
+async def _call(app: Any, scope: dict[str, Any], body: bytes) -> tuple[int, bytes]:
+    sent = False
+    status = 0
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            await asyncio.sleep(3600)
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(dict(scope), receive, send)
+    return status, b"".join(chunks)
+
+
+async def _token(app: Any, scope: dict[str, Any], client_id: str, secret: str) -> str:
+    form = f"grant_type=client_credentials&client_id={client_id}&client_secret={secret}".encode()
+    token_scope = {**scope, "path": "/oauth/token", "raw_path": b"/oauth/token",
+                   "headers": [(b"content-type", b"application/x-www-form-urlencoded"),
+                               (b"content-length", str(len(form)).encode())]}
+    status, body = await _call(app, token_scope, form)
+    if status != 200:
+        raise SystemExit(f"no token: {status} {body[:300]!r}")
+    return str(orjson.loads(body)["access_token"])
+
+
+async def measure(run: Path, requests: int, rounds: int) -> list[float]:
+    config = load_config(run / "gateway.toml")
+    session = ort.InferenceSession(str(Path(config.models_root) / "digits" / "1" / "model.onnx"))
+    worker = InMemoryTransport(lambda inputs: session.run(None, inputs), ["probabilities"])
+    pool = WorkerPool.of(config, {"digits": [worker]})
+    app = create_app(config, str(run), pool=pool)
+    creds = orjson.loads((run / "credentials.json").read_bytes())["principals"]["demo"]
+    der = x509.load_pem_x509_certificate(Path(creds["cert"]).read_bytes()).public_bytes(Encoding.DER)
+    base = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "https",
+            "server": ("127.0.0.1", config.server.port), "client": ("127.0.0.1", 40000), "root_path": "",
+            "query_string": b"", "extensions": {"tls": {"client_identity": identity_from_der(der)}}}
+    body = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [8.0] * 64}]})
+    per_request: list[float] = []
+    async with app.router.lifespan_context(app):
+        for client in pool.workers["digits"]:
+            client.healthy = True
+        token = await _token(app, {**base, "headers": []}, creds["client_id"], creds["client_secret"])
+        path = "/v2/models/digits/infer"
+        scope = {**base, "path": path, "raw_path": path.encode(),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                             (b"authorization", f"Bearer {token}".encode())]}
+        for _ in range(200):  # warm-up
+            status, answer = await _call(app, scope, body)
+            if status != 200:
+                raise SystemExit(f"inference refused: {status} {answer[:300]!r}")
+        for _ in range(rounds):
+            started = time.perf_counter()
+            for _ in range(requests):
+                await _call(app, scope, body)
+            per_request.append((time.perf_counter() - started) / requests * 1e6)
+    return per_request
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-app-"))
+    try:
+        models = tmp / "models"
+        for name in ("digits", "resnetish"):  # the configuration gateway init writes names both
+            shutil.copytree(ROOT / "models" / name, models / name,
+                            ignore=shutil.ignore_patterns("model.sig", "calibration.json"))
+        init(tmp / "run", models)  # no held-out data here: the guard is off, as the peer harness runs it
+        with open(tmp / "run" / "gateway.toml", "a") as f:
+            f.write(LIMITS)
+        results = asyncio.run(measure(tmp / "run", args.requests, args.rounds))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("µs per request, by round: " + ", ".join(f"{r:.1f}" for r in results))
+    print(f"median {statistics.median(results):.1f} µs per request ({1e6 / statistics.median(results):,.0f} requests/s "
+          "of application work on one core)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
