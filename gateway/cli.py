@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 from gateway import __version__
-from gateway.commands import audit, config_option, identity, incident, load, models
+from gateway.commands import audit, config_option, emit, identity, incident, load, models
 
 __all__ = ["main"]
 
@@ -77,8 +80,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         client_cert = (creds["cert"], creds["key"]) if "cert" in creds else None
         args.ca = args.ca or json.loads(Path(args.credentials).read_text()).get("ca", "")
     findings = diagnose(config, args.url, args.ca, client_cert)
-    if args.json:
+    if args.json or args.format == "json":
         print(as_json(findings))
+    elif args.format == "yaml":
+        emit(json.loads(as_json(findings)), "yaml")
     else:
         for f in findings:
             print(f"{f.severity:8s} {f.id}: {f.what}\n         fix: {f.fix}")
@@ -87,11 +92,40 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return exit_code(findings, args.strict)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with "did you mean" for a mistyped command, action or choice."""
+
+    def error(self, message: str) -> NoReturn:
+        match = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if match:
+            choices = re.findall(r"'([^']*)'", match.group(2))
+            hint = difflib.get_close_matches(match.group(1), choices, 1)
+            if hint:
+                message += f"; did you mean {hint[0]!r}?"
+        super().error(message)
+
+
+GLOBAL_HELP = {"--log-level": "how much to log (default info; debug shows library logs too)",
+               "--debug": "show the traceback of an unexpected error"}
+
+
+def _global_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """``--log-level`` and ``--debug`` on the command line's every level, before or after the rest."""
+    default: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help=GLOBAL_HELP["--log-level"],
+                        **({"default": "info"} if top else default))
+    parser.add_argument("--debug", action="store_true", help=GLOBAL_HELP["--debug"], **default)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                _global_options(child, top=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description="Secure model-serving gateway.")
+    parser = Parser(prog="gateway", description="Secure model-serving gateway.",
+                    epilog="exit codes: 0 ok, 1 failure, 2 usage or configuration, 3 not found, 4 refused by the gateway")
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     p = sub.add_parser("init", help="write a development PKI, configuration and credentials")
     p.add_argument("--dir", default=".", help="where to write certs/, gateway.toml, credentials.json")
@@ -115,29 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", default="", help="the CA of its server certificate (default: tls.client_ca_file)")
     p.add_argument("--credentials", default="credentials.json", help="--url: the client certificate to reach it with")
     p.add_argument("--principal", default="admin", help="--url: whose certificate in the credentials file")
-    p.add_argument("--json", action="store_true", help="the findings as JSON")
+    p.add_argument("-o", "--format", default="table", choices=["table", "json", "yaml"],
+                   help="print the findings as text (default), JSON or YAML")
+    p.add_argument("--json", action="store_true", help="the same as -o json")
     p.add_argument("--strict", action="store_true", help="exit 1 on any finding above info (default: critical, high)")
     p.set_defaults(func=_cmd_doctor)
 
     for module in (identity, audit, models, incident):
         module.add_parsers(sub)
-    for command in sub.choices.values():  # the global options after the command too
-        command.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"],
-                             help="how much to log (also before the command)")
+    _global_options(parser, top=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("users", "clients") and args.action in ("add", "remove") and not args.name:
-        parser.error(f"{args.command} {args.action} needs a name")
-    if args.command in ("users", "clients") and args.action == "add" and not args.roles:
-        parser.error(f"{args.command} add needs --roles")
-    if args.command == "models" and args.action == "rewrap" and not args.new_kek_file:
-        parser.error("models rewrap needs --new-kek-file")
-    if args.command == "models" and args.action != "reload" and not args.folder:
-        parser.error(f"models {args.action} needs a model version folder")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "debug":  # a client library's request lines are noise on a command's output
         for name in ("httpx", "httpcore"):
@@ -149,3 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 1
+    except Exception as exc:  # a mistake of ours or of the environment: one line, unless --debug
+        if args.debug:
+            raise
+        print(f"gateway: unexpected error: {type(exc).__name__}: {exc} (--debug shows the traceback)", file=sys.stderr)
+        return 1

@@ -61,3 +61,73 @@ def test_gateway_config_is_honoured_and_global_options_go_anywhere(pki: Path, tm
     missing = subprocess.run([sys.executable, "-m", "gateway", "check"], capture_output=True, text=True, cwd=tmp_path,
                              env={k: v for k, v in env.items() if k != "GATEWAY_CONFIG"}, timeout=60)
     assert missing.returncode == 2 and "gateway.toml: no such file" in missing.stderr
+
+
+def gateway_cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *arguments], capture_output=True, text=True, cwd=cwd,
+                          timeout=60)
+
+
+USAGE = [
+    # (arguments, what stderr says): mistakes argparse catches, each exit 2 with a usage line
+    (["usres", "list"], "did you mean 'users'?"),
+    (["users", "lst"], "did you mean 'list'?"),
+    (["audit", "verfy"], "did you mean 'verify'?"),
+    (["users", "add"], "the following arguments are required: name, --roles"),
+    (["models", "rewrap", "models/digits/1"], "the following arguments are required: --new-kek-file"),
+    (["models", "sign"], "the following arguments are required: folder"),
+    (["admin", "quarantine", "digits"], "the following arguments are required: VERSION, --reason"),
+    (["users", "list", "-o", "xml"], "argument -o/--format: invalid choice: 'xml'"),
+]
+
+
+@pytest.mark.parametrize("arguments,says", USAGE, ids=[" ".join(c[0]) for c in USAGE])
+def test_a_usage_mistake_says_what_and_exits_2(tmp_path: Path, arguments: list[str], says: str) -> None:
+    out = gateway_cli(*arguments, cwd=tmp_path)
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_each_action_has_its_own_help_and_options_go_anywhere(pki: Path, tmp_path: Path) -> None:
+    verify = gateway_cli("audit", "verify", "--help", cwd=tmp_path).stdout
+    assert "--allow-unsealed" in verify and "--follow" not in verify and "--since" not in verify
+    tail = gateway_cli("audit", "tail", "--help", cwd=tmp_path).stdout
+    assert "--follow" in tail and "--allow-unsealed" not in tail
+    log = tmp_path / "audit"
+    log.mkdir()
+    # options after the positional arguments and the global ones after the action
+    out = gateway_cli("audit", "verify", str(log), "--config", str(pki / "gateway.toml"), "--no-manifest",
+                      "--log-level", "warning", cwd=tmp_path)
+    assert out.returncode == 1 and "no audit log files" in out.stdout, out.stderr
+
+
+def test_lists_print_as_a_table_json_or_yaml(pki: Path, tmp_path: Path) -> None:
+    import yaml
+
+    config = ("--config", str(pki / "gateway.toml"))
+    table = gateway_cli("clients", "list", *config, cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split() == ["NAME", "ROLES", "DESCRIPTION"] and rows[0].split()[:2] == ["demo", "inference"]
+    as_json = json.loads(gateway_cli("clients", "list", "-o", "json", *config, cwd=tmp_path).stdout)
+    as_yaml = yaml.safe_load(gateway_cli("clients", "list", *config, "-o", "yaml", cwd=tmp_path).stdout)
+    assert as_json == as_yaml and as_json[0]["name"] == "demo" and as_json[0]["roles"] == ["inference"]
+    keys = json.loads(gateway_cli("keys", "list", *config, "-o", "json", cwd=tmp_path).stdout)
+    assert [k["state"] for k in keys].count("current") == 1
+
+
+def test_an_unexpected_error_is_one_line_unless_debug(pki: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway import cli
+    from gateway.commands import identity
+
+    def broken(args: object) -> object:
+        raise RuntimeError("the issuer's store is corrupt")
+
+    monkeypatch.setattr(identity, "_store", broken)
+    arguments = ["keys", "list", "--config", str(pki / "gateway.toml")]
+    assert cli.main(arguments) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "gateway: unexpected error: RuntimeError: the issuer's store is corrupt (--debug shows the traceback)"]
+    with pytest.raises(RuntimeError, match="corrupt"):
+        cli.main([*arguments, "--debug"])

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.commands import config_option, load
+from gateway.commands import add_area, config_opt, load, opt
 
 __all__ = ["add_parsers"]
 
@@ -93,24 +93,30 @@ def _follow(path: Path | None, keep: Any) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("audit", help="verify, tail or export the audit log")
-    p.add_argument("action", choices=["verify", "tail", "export"])
-    p.add_argument("paths", nargs="*", help="log files or directories (default: audit.directory of --config)")
-    config_option(p)
-    p.add_argument("--public-key", default="", help="verify: the checkpoint key (default: audit.public_key)")
-    p.add_argument("--allow-unsealed", action="store_true",
-                   help="verify: accept streams that do not end with a shutdown checkpoint (a running gateway's, "
-                        "or one cut short by a crash)")
-    p.add_argument("--manifest", default="", help="verify: the stream manifest (default: streams.json in the "
-                                                  "directory given)")
-    p.add_argument("--no-manifest", action="store_true",
-                   help="verify: do not require a stream manifest (logs written before it existed)")
-    p.add_argument("-n", "--lines", type=int, default=20, help="tail: how many records")
-    p.add_argument("-f", "--follow", action="store_true", help="tail: keep printing new records")
-    p.add_argument("--since", default="", help="ISO time, e.g. 2026-11-26T09:00")
-    p.add_argument("--until", default="")
-    p.add_argument("--principal", default="", help="subject")
-    p.add_argument("--model", default="")
-    p.add_argument("--outcome", default="", choices=["", "allow", "deny", "throttled", "rejected", "error"])
-    p.add_argument("--kind", default="", help="request, checkpoint, tls, start, recovery")
-    p.set_defaults(func=_cmd_audit)
+    paths = opt("paths", nargs="*", help="log files or directories (default: audit.directory of --config)")
+    filters = [
+        opt("--since", default="", help="records at or after this ISO time, e.g. 2026-11-26T09:00"),
+        opt("--until", default="", help="records before this ISO time"),
+        opt("--principal", default="", help="records of this subject"),
+        opt("--model", default="", help="records of this model"),
+        opt("--outcome", default="", choices=["", "allow", "deny", "throttled", "rejected", "error"],
+            help="records with this outcome"),
+        opt("--kind", default="", help="records of this kind: request, checkpoint, tls, start, recovery, ..."),
+    ]
+    add_area(sub, "audit", "verify, tail or export the audit log", _cmd_audit, {
+        "verify": ("check every chain, signature and the stream manifest; exit 1 on any problem", [
+            paths, config_opt(),
+            opt("--public-key", default="", help="the checkpoint key (default: audit.public_key)"),
+            opt("--allow-unsealed", action="store_true",
+                help="accept streams that do not end with a shutdown checkpoint (a running gateway's, or one "
+                     "cut short by a crash)"),
+            opt("--manifest", default="", help="the stream manifest (default: streams.json in the directory given)"),
+            opt("--no-manifest", action="store_true",
+                help="do not require a stream manifest (logs written before it existed)"),
+        ]),
+        "tail": ("print the last records as JSON lines, in time order across streams", [
+            paths, config_opt(), opt("-n", "--lines", type=int, default=20, help="how many records"),
+            opt("-f", "--follow", action="store_true", help="keep printing new records"), *filters,
+        ]),
+        "export": ("print every record that matches the filters as JSON lines", [paths, config_opt(), *filters]),
+    })

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway.commands import config_option, load
+from gateway.commands import add_area, config_opt, emit, format_opt, load, opt
 
 if TYPE_CHECKING:
     from gateway.security.issuer import IssuerStore
@@ -34,8 +34,10 @@ def _roles(text: str) -> list[str]:
 def _list_or_remove(store: IssuerStore, kind: str, args: argparse.Namespace) -> int:
     if args.action == "list":
         table = store.users() if kind == "user" else store.clients()
-        for name, record in sorted(table.items()):
-            print(f"{name}\troles={','.join(record.get('roles', []))}\t{record.get('description', '')}".rstrip())
+        rows = [{"name": name, "roles": list(record.get("roles", []))}
+                | ({"description": record.get("description", "")} if kind == "client" else {})
+                for name, record in sorted(table.items())]
+        emit(rows, args.format, f"no {kind}s")
         return 0
     if not store.remove(kind, args.name):
         print(f"gateway: no {kind} {args.name!r}", file=sys.stderr)
@@ -93,9 +95,8 @@ def _cmd_keys(args: argparse.Namespace) -> int:
         # Retired keys stay published until every token they signed has expired.
         kid = store.rotate(keep_retired_s=config.issuer.token_ttl_s + config.auth.leeway_s)
         print(f"new signing key {kid}; tokens signed by the previous key verify until they expire")
-    for k in store.signing_keys():
-        state = "retired" if k.get("retired_at") else "current"
-        print(f"{k['jwk'].get('kid')}\t{k['jwk'].get('alg')}\t{state}")
+    emit([{"kid": k["jwk"].get("kid"), "alg": k["jwk"].get("alg"), "state": "retired" if k.get("retired_at") else "current"}
+          for k in store.signing_keys()], args.format, "no signing keys")
     return 0
 
 
@@ -123,37 +124,37 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("users", help="people of the built-in issuer (password + TOTP)")
-    p.add_argument("action", choices=["add", "list", "remove"])
-    p.add_argument("name", nargs="?", default="")
-    p.add_argument("--roles", default="", help="comma-separated roles, e.g. admin")
-    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    p.add_argument("--force", action="store_true", help="replace an existing user")
-    config_option(p)
-    p.set_defaults(func=_cmd_users)
-
-    p = sub.add_parser("clients", help="services of the built-in issuer (client credentials)")
-    p.add_argument("action", choices=["add", "list", "remove"])
-    p.add_argument("name", nargs="?", default="")
-    p.add_argument("--roles", default="", help="comma-separated roles, e.g. inference")
-    p.add_argument("--description", default="")
-    p.add_argument("--force", action="store_true", help="issue a new secret for an existing client")
-    config_option(p)
-    p.set_defaults(func=_cmd_clients)
-
-    p = sub.add_parser("keys", help="the built-in issuer's signing keys")
-    p.add_argument("action", choices=["rotate", "list"])
-    config_option(p)
-    p.set_defaults(func=_cmd_keys)
-    p = sub.add_parser("policy", help="explain an access decision")
-    p.add_argument("action", choices=["explain"])
-    p.add_argument("--sub", required=True, help="the principal's subject")
-    p.add_argument("--roles", default="", help="comma-separated roles")
-    p.add_argument("--verb", required=True, help="infer, metadata, list, explain, admin:models, ...")
-    p.add_argument("--model", default=None)
-    p.add_argument("--kind", default="person", choices=["person", "service", "certificate"])
-    p.add_argument("--amr", default="", help="comma-separated amr values, e.g. pwd,otp,mfa")
-    p.add_argument("--acr", default="")
-    p.add_argument("--auth-age", type=float, default=None, help="seconds since the principal signed in")
-    config_option(p)
-    p.set_defaults(func=_cmd_policy)
+    name = opt("name", help="the account's name")
+    add_area(sub, "users", "people of the built-in issuer (password + TOTP)", _cmd_users, {
+        "add": ("add a person; prints the TOTP enrolment once", [
+            name, opt("--roles", required=True, help="comma-separated roles, e.g. admin"),
+            opt("--password-stdin", action="store_true", help="read the password from stdin"),
+            opt("--force", action="store_true", help="replace an existing user's password and TOTP"), config_opt()]),
+        "list": ("list the people and their roles", [config_opt(), format_opt()]),
+        "remove": ("remove a person (tokens already issued stay valid until they expire)", [name, config_opt()]),
+    })
+    add_area(sub, "clients", "services of the built-in issuer (client credentials)", _cmd_clients, {
+        "add": ("add a service; prints its secret once", [
+            name, opt("--roles", required=True, help="comma-separated roles, e.g. inference"),
+            opt("--description", default="", help="what the service is"),
+            opt("--force", action="store_true", help="issue a new secret for an existing client"), config_opt()]),
+        "list": ("list the services and their roles", [config_opt(), format_opt()]),
+        "remove": ("remove a service (tokens already issued stay valid until they expire)", [name, config_opt()]),
+    })
+    add_area(sub, "keys", "the built-in issuer's signing keys", _cmd_keys, {
+        "rotate": ("make a new signing key; the previous one verifies until its tokens expire", [config_opt()]),
+        "list": ("list the signing keys", [config_opt(), format_opt()]),
+    })
+    add_area(sub, "policy", "explain an access decision", _cmd_policy, {
+        "explain": ("which rule allows or denies a principal a verb on a model, and the answer it would get", [
+            opt("--sub", required=True, help="the principal's subject"),
+            opt("--roles", default="", help="comma-separated roles"),
+            opt("--verb", required=True, help="infer, metadata, list, explain, admin:models, ..."),
+            opt("--model", default=None, help="the model the verb is aimed at"),
+            opt("--kind", default="person", choices=["person", "service", "certificate"],
+                help="what the principal is (a service or certificate cannot step up)"),
+            opt("--amr", default="", help="comma-separated amr values, e.g. pwd,otp,mfa"),
+            opt("--acr", default="", help="the authentication context class"),
+            opt("--auth-age", type=float, default=None, help="seconds since the principal signed in"),
+            config_opt()]),
+    })

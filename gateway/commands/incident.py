@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from gateway.commands import Action, Opt, add_area, emit, format_opt, opt
+
 __all__ = ["add_parsers"]
 
 
@@ -50,19 +52,20 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     if args.action != "status" and not args.reason.strip():
         print(f"gateway: admin {args.action} needs --reason WHY (it is kept in the audit log)", file=sys.stderr)
         return 2
-    if args.action not in ("status", "rotate-key") and len(args.values) != len(names):
-        print(f"gateway: admin {args.action} takes {' '.join(n.upper() for n in names) or 'no arguments'}",
-              file=sys.stderr)
-        return 2
+    values = [getattr(args, f"target_{name}") for name in names]
 
     def work(client: Any) -> int:
         if args.action == "status":
-            print(json.dumps(client.request("GET", "/admin/incidents").json(), indent=2))
+            doc = client.request("GET", "/admin/incidents").json()
+            if args.format == "table":
+                print(json.dumps(doc, indent=2))  # nested: JSON is its table
+            else:
+                emit(doc, args.format)
         elif args.action == "rotate-key":
             kid = client.request("POST", "/admin/keys/rotate", json_body={"reason": args.reason}).json()["kid"]
             print(f"new signing key {kid}; tokens signed by the previous key verify until they expire")
         else:
-            body: dict[str, Any] = {"action": args.action, "reason": args.reason, **dict(zip(names, args.values))}
+            body: dict[str, Any] = {"action": args.action, "reason": args.reason, **dict(zip(names, values))}
             if str(body.get("sha256", "")).startswith("serial:"):  # a certificate by its serial number instead
                 body["serial"] = body.pop("sha256").removeprefix("serial:")
             if args.action == "lockdown":
@@ -75,20 +78,16 @@ def _cmd_admin(args: argparse.Namespace) -> int:
 
 
 def _cmd_principals(args: argparse.Namespace) -> int:
-    if args.action == "clear" and (not args.name or not args.reason.strip()):
+    if args.action == "clear" and not args.reason.strip():
         print("gateway: principals clear NAME --reason WHY (both are required)", file=sys.stderr)
         return 2
 
     def work(client: Any) -> int:
         if args.action == "list":
             alarms = client.alarms()
-            if args.json:
-                print(json.dumps(alarms, indent=2))
-            elif not alarms:
-                print("no extraction alarms in force")
-            for a in [] if args.json else alarms:
-                print(f"{a['time']}  {a['principal']}  {a['model']}  action={a['action']}  score={a['score']}  "
-                      f"after {a['queries']} queries  (request {a['request_id']})")
+            columns = ("time", "principal", "model", "action", "score", "queries", "request_id")
+            emit([{c: a.get(c) for c in columns} for a in alarms] if args.format == "table" and not args.json else alarms,
+                 "json" if args.json else args.format, "no extraction alarms in force")
             return 0
         cleared = client.clear_principal(args.name, args.reason, args.model or None)
         what = f"on {args.model}" if args.model else "on every model"
@@ -118,32 +117,41 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _credential_options(p: Any) -> None:
-    p.add_argument("--credentials", default="credentials.json", help="written by `gateway init`")
-    p.add_argument("--principal", default="admin", help="the operator's entry in the credentials file")
+def _credentials() -> list[Opt]:
+    return [opt("--credentials", default="credentials.json", help="written by `gateway init`"),
+            opt("--principal", default="admin", help="the operator's entry in the credentials file")]
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("admin", help="incident controls on a running gateway: revoke, quarantine, lockdown, "
-                       "rotate the issuer's key, status")
-    p.add_argument("action", choices=["status", "rotate-key", *ADMIN_ACTIONS])
-    p.add_argument("values", nargs="*", help="revoke-token JTI | revoke-principal/reinstate-principal ISSUER|SUBJECT | "
-                   "revoke-certificate/reinstate-certificate SHA256 (or serial:HEX) | quarantine/release MODEL VERSION")
-    p.add_argument("--reason", default="", help="why (required for every change; kept in the audit log)")
-    p.add_argument("--break-glass", action="append", default=[], help="lockdown: a principal still served "
-                   "(repeatable; you are always one)")
-    _credential_options(p)
-    p.set_defaults(func=_cmd_admin)
+    reason = opt("--reason", required=True, help="why (kept in the audit log)")
+    actions: dict[str, Action] = {
+        "status": ("the incident controls in force", [*_credentials(), format_opt()]),
+        "rotate-key": ("rotate the built-in issuer's signing key on the running gateway", [reason, *_credentials()]),
+    }
+    what = {"revoke-token": "refuse a token by its jti", "revoke-principal": "refuse every token of ISSUER|SUBJECT",
+            "reinstate-principal": "lift a principal's revocation",
+            "revoke-certificate": "refuse a client certificate by SHA256 (or serial:HEX)",
+            "reinstate-certificate": "lift a certificate's revocation", "quarantine": "stop serving MODEL VERSION",
+            "release": "serve a quarantined version again", "lockdown": "serve only break-glass principals",
+            "lift": "end the lockdown"}
+    for action, names in ADMIN_ACTIONS.items():
+        arguments = [opt(f"target_{name_}", metavar=name_.upper(), help=f"the {name_}") for name_ in names]
+        extra = [opt("--break-glass", action="append", default=[],
+                     help="a principal still served (repeatable; you are always one)")] if action == "lockdown" else []
+        actions[action] = (what[action], [*arguments, reason, *extra, *_credentials()])
+    add_area(sub, "admin", "incident controls on a running gateway: revoke, quarantine, lockdown, rotate the "
+             "issuer's key, status", _cmd_admin, actions)
 
     p = sub.add_parser("token", help="sign in with a credentials file's principal and print the bearer token")
-    _credential_options(p)
+    for option in _credentials():
+        p.add_argument(*option.flags, **option.kwargs)
     p.set_defaults(func=_cmd_token)
 
-    p = sub.add_parser("principals", help="model-extraction alarms: list them, or clear a principal's")
-    p.add_argument("action", choices=["list", "clear"])
-    p.add_argument("name", nargs="?", default="", help="clear: the principal as `principals list` names it (issuer|subject)")
-    p.add_argument("--model", default="", help="clear: only this model's alarm (default: all of the principal's)")
-    p.add_argument("--reason", default="", help="clear: why (required; kept in the audit log)")
-    _credential_options(p)
-    p.add_argument("--json", action="store_true", help="list: as JSON")
-    p.set_defaults(func=_cmd_principals)
+    add_area(sub, "principals", "model-extraction alarms: list them, or clear a principal's", _cmd_principals, {
+        "list": ("the extraction alarms in force", [
+            *_credentials(), format_opt(), opt("--json", action="store_true", help="the same as -o json")]),
+        "clear": ("lift a principal's alarms (its watched queries are forgotten too)", [
+            opt("name", help="the principal as `principals list` names it (issuer|subject)"),
+            opt("--model", default="", help="only this model's alarm (default: all of the principal's)"),
+            reason, *_credentials()]),
+    })

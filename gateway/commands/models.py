@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.commands import config_option, load
+from gateway.commands import add_area, config_opt, load, opt
 
 __all__ = ["add_parsers"]
 
@@ -79,7 +79,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     with client:
         try:
-            outputs = client.infer(args.model, inputs, version=args.version, binary=not args.json)
+            outputs = client.infer(args.model, inputs, version=args.version, binary=not args.json_tensors)
         except NotFound as exc:
             try:
                 names = [m["name"] for m in client.models()]
@@ -98,8 +98,13 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         np.savez(args.output, **outputs)  # type: ignore[arg-type]
         print(f"wrote {', '.join(outputs)} to {args.output}")
     else:
-        print(jsonlib.dumps({name: {"shape": list(a.shape), "dtype": str(a.dtype), "data": a.tolist()}
-                             for name, a in outputs.items()}))
+        doc = {name: {"shape": list(a.shape), "dtype": str(a.dtype), "data": a.tolist()} for name, a in outputs.items()}
+        if args.format == "yaml":
+            import yaml
+
+            print(yaml.safe_dump(doc, sort_keys=False), end="")
+        else:
+            print(jsonlib.dumps(doc))
     return EXIT_OK
 
 
@@ -214,32 +219,42 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("models", help="sign, verify, check, calibrate, encrypt or rewrap a model version folder; reload")
-    p.add_argument("action", choices=["sign", "verify", "check", "calibrate", "encrypt", "rewrap", "reload"])
-    p.add_argument("folder", nargs="?", default="", help="<models root>/<name>/<version> (not for reload)")
-    config_option(p)
-    p.add_argument("--data", default="", help="calibrate: held-out clean inputs (.npy) the model was not trained on")
-    p.add_argument("--squeezer", action="append", default=[], help="calibrate: bits:N, levels:N or median:K "
-                   "(repeatable; default: the model's guard.squeezers)")
-    p.add_argument("--image", default="", help="calibrate: HxW or CxHxW an input row is viewed as (default: guard.image)")
-    p.add_argument("--target-fpr", type=float, default=None, help="calibrate: false-positive rate the recorded "
-                   "thresholds are placed at (default: guard.target_fpr; the gateway places its own from the scores)")
-    p.add_argument("--keep-plaintext", action="store_true", help="encrypt: do not remove model.onnx afterwards")
-    p.add_argument("--new-kek-file", default="", help="rewrap: the new key-encryption key")
-    p.add_argument("--key", default="", help="sign: the EC private key (default: supply.signing_key)")
-    p.add_argument("--trusted-key", action="append", default=[], help="verify: a public key (repeatable; "
-                   "default: supply.trusted_keys)")
-    p.set_defaults(func=_cmd_models)
+    folder = opt("folder", help="the model version folder, <models root>/<name>/<version>")
+    add_area(sub, "models", "sign, verify, check, calibrate, encrypt or rewrap a model version folder; reload",
+             _cmd_models, {
+        "sign": ("sign the folder's files (model.sig)", [
+            folder, config_opt(), opt("--key", default="", help="the EC private key (default: supply.signing_key)")]),
+        "verify": ("verify the folder's signature", [
+            folder, config_opt(), opt("--trusted-key", action="append", default=[],
+                                      help="a public key (repeatable; default: supply.trusted_keys)")]),
+        "check": ("run the admission checks the gateway runs before serving", [folder, config_opt()]),
+        "calibrate": ("calibrate the adversarial-input guard on held-out clean inputs, and sign again", [
+            folder, config_opt(),
+            opt("--data", required=True, help="held-out clean inputs (.npy) the model was not trained on"),
+            opt("--squeezer", action="append", default=[],
+                help="bits:N, levels:N or median:K (repeatable; default: the model's guard.squeezers)"),
+            opt("--image", default="", help="HxW or CxHxW an input row is viewed as (default: guard.image)"),
+            opt("--target-fpr", type=float, default=None,
+                help="false-positive rate the recorded thresholds are placed at (default: guard.target_fpr; "
+                     "the gateway places its own from the scores)")]),
+        "encrypt": ("seal model.onnx with the key-encryption key, and sign again", [
+            folder, config_opt(), opt("--keep-plaintext", action="store_true", help="do not remove model.onnx")]),
+        "rewrap": ("wrap the sealed model's key with a new key-encryption key, and sign again", [
+            folder, config_opt(), opt("--new-kek-file", required=True, help="the new key-encryption key")]),
+        "reload": ("ask the running gateway to verify, admit and swap in changed versions", [config_opt()]),
+    })
 
-    p = sub.add_parser("infer", help="run one inference through the SDK",
+    p = sub.add_parser("infer", help="run one inference through the SDK", description="run one inference through the SDK",
                        epilog="exit codes: 0 answered, 1 failed, 2 a mistake in the command (a file, the "
                               "credentials), 3 no such model, 4 refused by the gateway")
-    p.add_argument("model")
+    p.add_argument("model", help="the model's name")
     p.add_argument("--input", required=True, help=".npy (one input), .npz (named inputs) or .json (array or {name: array})")
-    p.add_argument("--version", default=None)
+    p.add_argument("--version", default=None, help="a version of the model (default: the one served)")
     p.add_argument("--credentials", default="credentials.json", help="written by `gateway init`")
-    p.add_argument("--principal", default="demo")
+    p.add_argument("--principal", default="demo", help="whose entry in the credentials file")
     p.add_argument("--output", default="", help="save the outputs to this .npz instead of printing them")
-    p.add_argument("--json", action="store_true", help="send JSON tensors instead of binary ones")
+    p.add_argument("-o", "--format", default="json", choices=["json", "yaml"], help="how to print the outputs")
+    p.add_argument("--json-tensors", "--json", dest="json_tensors", action="store_true",
+                   help="send the inputs as JSON tensors instead of binary ones (--json is the old name)")
     p.add_argument("--deadline", type=float, default=30.0, help="seconds for the call, retries included")
     p.set_defaults(func=_cmd_infer)
