@@ -45,7 +45,16 @@ def _modern_tls_groups() -> None:
         os.execv(sys.executable, [sys.executable, "-m", "gateway", *sys.argv[1:]])
 
 
+ORT_MISSING = ("ONNX Runtime is not installed: install the gateway with `pip install 'gateway[gpu]'` "
+               "(onnxruntime-gpu: CUDA, with a CPU fallback) or `pip install 'gateway[cpu]'` (onnxruntime)")
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        print(f"gateway: {ORT_MISSING}", file=sys.stderr)
+        return 2
     _modern_tls_groups()
     from gateway.config import ConfigError
     from gateway.registry.manifest import ManifestError

@@ -51,23 +51,51 @@ def test_dockerfile_passes_hadolint() -> None:
     assert re.search(r'^CMD \[', text, re.M) and text.count("FROM ") >= 2 and ":latest" not in text
 
 
-def test_dependencies_are_pinned_and_locked() -> None:
+def _locked(path: Path) -> dict[str, str]:
+    return {m["name"].lower(): m["version"] for m in re.finditer(r"^(?P<name>[A-Za-z0-9_.-]+)==(?P<version>\S+) ",
+                                                                   path.read_text(), re.M)}
+
+
+def test_dependencies_state_ranges_and_every_lock_satisfies_them() -> None:
+    """pyproject.toml states compatible ranges (an application can install the gateway beside its
+    own pins); the lock files pin exactly, inside those ranges, and agree with one another."""
     import tomllib
 
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    specs = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
-    for spec in specs:
-        assert "==" in spec, f"unpinned: {spec}"
     from packaging.requirements import Requirement
 
-    lock = (ROOT / "requirements.lock").read_text()
-    platform = {"sys_platform": "linux", "platform_machine": "x86_64"}  # what the lock is resolved for
-    for spec in specs:
-        req = Requirement(spec)
-        if req.marker is not None and not req.marker.evaluate(platform):
-            continue
-        version = str(req.specifier).removeprefix("==")
-        assert re.search(rf"^{re.escape(req.name.lower())}=={re.escape(version)} ", lock, re.M | re.I), spec
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = [Requirement(spec) for spec in project["dependencies"]]
+    for req in runtime:
+        assert "==" not in str(req.specifier) and "<" in str(req.specifier), f"not a range: {req}"
+    extras = project["optional-dependencies"]
+    assert [Requirement(s).name for s in extras["gpu"]] == ["onnxruntime-gpu"]
+    assert [Requirement(s).name for s in extras["cpu"]] == ["onnxruntime"]
+    platform = {"sys_platform": "linux", "platform_machine": "x86_64"}  # what the locks are resolved for
+    full, gpu, cpu = (_locked(ROOT / name) for name in
+                      ("requirements.lock", "requirements-runtime.lock", "requirements-runtime-cpu.lock"))
+    for lock, variant in ((full, "gpu"), (gpu, "gpu"), (cpu, "cpu")):
+        for req in [*runtime, *(Requirement(s) for s in extras[variant])]:
+            if req.marker is not None and not req.marker.evaluate(platform):
+                continue
+            name = req.name.lower()
+            assert name in lock and req.specifier.contains(lock[name]), f"{req}: locked {lock.get(name)}"
+    assert "onnxruntime" not in gpu and "onnxruntime-gpu" not in cpu  # one ONNX Runtime per environment
+    assert cpu["onnxruntime"] == gpu["onnxruntime-gpu"]
+    for name in set(gpu) & set(cpu):
+        assert gpu[name] == cpu[name] == full[name], name
+
+
+def test_serve_without_onnx_runtime_says_which_extra_to_install(pki: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    from gateway import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    assert cli.main(["serve", "--config", str(pki / "gateway.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "gateway[gpu]" in err and "gateway[cpu]" in err
 
 
 def _version(dist: str) -> tuple[int, ...]:
