@@ -36,13 +36,21 @@ run: models setup  ## start the gateway with its workers (Ctrl-C stops it)
 
 OIDC := tests/oidc/node_modules/.installed
 
-test-tools: $(OIDC)  ## what the suite drives: curl, redis-server, Node and oidc-provider
+SSLYZE := tests/tls/.venv/bin/sslyze
+
+test-tools: $(OIDC) $(SSLYZE)  ## what the suite drives: curl, redis-server, Node and oidc-provider, sslyze
 	@command -v curl >/dev/null || { $(APT) update -qq && $(APT) install -y -qq curl; }
 	@command -v redis-server >/dev/null || { $(APT) update -qq && $(APT) install -y -qq redis-server; }
 
 $(OIDC): tests/oidc/package-lock.json
 	@command -v npm >/dev/null || { $(APT) update -qq && $(APT) install -y -qq nodejs npm; }
 	cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# sslyze pins a cryptography older than the gateway's: it gets an environment of its own.
+$(SSLYZE): tests/tls/sslyze.lock
+	python3 -m venv tests/tls/.venv
+	tests/tls/.venv/bin/python -m pip install -q --require-hashes -r tests/tls/sslyze.lock
 	@touch $@
 
 bench-tools:  ## the load generator and compiler the benchmark needs (wrk, cc)
