@@ -13,6 +13,7 @@ RUN python -m venv /opt/venv \
  && python -m venv /opt/build \
  && /opt/build/bin/pip install --require-hashes -r requirements.lock
 COPY gateway ./gateway
+COPY gateway_client ./gateway_client
 COPY models/build.py ./models/build.py
 RUN /opt/venv/bin/pip install --no-deps . \
  && /opt/build/bin/python models/build.py --root /opt/models

@@ -63,7 +63,7 @@ bench: models bench-tools  ## benchmark the gateway path against in-process ONNX
 	$(BIN)/python bench/bench_gateway.py $(BENCH_ARGS)
 
 lint: $(STAMP)  ## ruff, and mypy --strict on the package (the suite runs both too)
-	$(BIN)/ruff check gateway tests bench models && $(BIN)/mypy
+	$(BIN)/ruff check gateway gateway_client tests bench models && $(BIN)/mypy
 
 clean:  ## remove the virtual environment and generated files (keeps certs and config)
 	rm -rf $(VENV) .pytest_cache models/*/*/model.onnx models/*/*/manifest.json

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gateway import ROOT, _descendants, start_gateway  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from gateway.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
+from gateway_client.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
 
 MAX_BODY = 40 * 1024 * 1024
 BOUND = 6

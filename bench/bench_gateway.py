@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gateway.devsetup import init  # noqa: E402
-from gateway.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
+from gateway_client.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
 
 MODELS = {
     "digits": {"shape": (1, 64), "low": 0.0, "high": 16.0, "threads": 1, "batch": 64, "encoding": "json"},

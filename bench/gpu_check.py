@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_gateway  # noqa: E402
 
-from gateway.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
+from gateway_client.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
 
 
 def check_cuda_outputs(tmp: Path) -> dict[str, object]:

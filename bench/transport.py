@@ -28,8 +28,8 @@ import uvloop
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
 from gateway.workers.transport import UnixSocketTransport, fetch_health  # noqa: E402
+from gateway_client.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
 
 HEADER = "inference-header-content-length"
 

@@ -32,7 +32,7 @@ from gateway.catalog import ModelTable
 from gateway.config import Config, load_config
 from gateway.endpoints import V2, IssuerEndpoints, OpsEndpoints
 from gateway.endpoints.incident import IncidentEndpoints
-from gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound, bad_request
 from gateway.events import EventSink
 from gateway.guards.stages import GuardHealth, GuardInputs, GuardVerdict
 from gateway.guards.watching import ExtractionGate, ExtractionWatch, WatchStore
@@ -66,6 +66,7 @@ from gateway.stages.explain import Explain
 from gateway.stages.outputs import OutputPolicy
 from gateway.units import Unit
 from gateway.workers.pool import WorkerPool
+from gateway_client.protocol.errors import ProtocolError
 
 __all__ = ["app_from_environment", "create_app", "explain_stages", "infer_stages", "middleware_stack"]
 
@@ -139,6 +140,11 @@ def _gateway_error(debug: bool, request: Request, exc: Exception) -> Response:
     return ProblemResponse(exc, request.scope, debug)
 
 
+def _protocol_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProtocolError)
+    return ProblemResponse(bad_request(exc), request.scope)
+
+
 def _audit_writer(config: Config) -> AuditWriter | None:
     """This serving process's audit stream (``p`` and its index), when auditing is on."""
     if not config.audit.enabled:
@@ -192,7 +198,7 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
 
     middleware = middleware_stack(config, writer, metrics, probes, limiter, validator, events, incidents)
     handlers: dict[Any, Any] = {GatewayError: functools.partial(_gateway_error, config.server.debug),
-                                HTTPException: _http_exception}
+                                ProtocolError: _protocol_error, HTTPException: _http_exception}
     app = Starlette(routes=starlette_routes(served, owners), middleware=middleware, exception_handlers=handlers,
                     lifespan=lifespan)
     app.router.redirect_slashes = False  # its redirects are built from the Host header

@@ -36,8 +36,11 @@ from typing import Any
 
 import orjson
 
+from gateway_client.protocol.errors import ProtocolError
+
 __all__ = [
     "BadRequest",
+    "bad_request",
     "ClientClosedRequest",
     "CredentialRevoked",
     "GatewayError",
@@ -158,6 +161,11 @@ class BadRequest(GatewayError):
     status = 400
     type = "bad-request"
     title = "Malformed request"
+
+
+def bad_request(exc: ProtocolError) -> BadRequest:
+    """The codec's error (the SDK's ``ProtocolError``) as the answer it gets: 400, with its fields."""
+    return BadRequest(exc.detail, **exc.extensions)
 
 
 class UnsupportedEncoding(BadRequest):

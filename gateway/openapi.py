@@ -11,9 +11,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from gateway import __version__
-from gateway.protocol.datatypes import DATATYPES
 from gateway.registry.manifest import NAME_PATTERN
 from gateway.routes import RouteSpec
+from gateway_client.protocol.datatypes import DATATYPES
 
 __all__ = ["openapi_document"]
 

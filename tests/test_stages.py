@@ -22,7 +22,6 @@ from gateway.catalog import ModelTable
 from gateway.config import Config, IssuerConfig, LimitsConfig, ModelConfig, PolicyConfig, RuleConfig
 from gateway.context import Finding, RequestContext
 from gateway.errors import GatewayError, TooManyRequests, Unavailable
-from gateway.protocol.codec import Tensor
 from gateway.registry.manifest import load_manifest
 from gateway.security.ratelimit import Limiter
 from gateway.security.rbac import Policy
@@ -32,6 +31,7 @@ from gateway.units import Unit
 from gateway.workers.memory import InMemoryTransport
 from gateway.workers.pool import WorkerPool
 from gateway.workers.transport import WorkerConnectionLost
+from gateway_client.protocol.codec import Tensor
 
 DEMO = Principal("demo", "service", frozenset({"inference"}), issuer="https://gw")
 CONFIG = Config(

@@ -44,8 +44,8 @@ import attackers as A  # noqa: E402
 import bench_gateway  # noqa: E402
 from report import replace_section  # noqa: E402
 
-from gateway.client import Client  # noqa: E402
-from gateway.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
+from gateway_client import Client  # noqa: E402
+from gateway_client.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
 
 HEADING = "# Model extraction through the gateway"
 ADMIN = """

@@ -44,11 +44,11 @@ import bench_gateway  # noqa: E402
 from estimator import DigitsMLP  # noqa: E402
 from report import replace_section  # noqa: E402
 
-from gateway.client import Client, ssl_context  # noqa: E402
 from gateway.config import GuardConfig  # noqa: E402
 from gateway.guards.guard import check_guard  # noqa: E402
-from gateway.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
 from gateway.registry.manifest import load_manifest  # noqa: E402
+from gateway_client import Client, ssl_context  # noqa: E402
+from gateway_client.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
 
 HEADING = "# Adversarial-input detection through the gateway"
 TARGET_FPR = 0.05

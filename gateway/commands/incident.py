@@ -17,7 +17,7 @@ __all__ = ["add_parsers"]
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from gateway.client import Client, RetryPolicy
+    from gateway_client import Client, RetryPolicy
 
     # A token already held (GATEWAY_TOKEN) is used as is; otherwise the operator signs in with the
     # credentials file's password and a TOTP code (a code is accepted once: one sign-in per 30 s).
@@ -35,7 +35,7 @@ ADMIN_ACTIONS: dict[str, tuple[str, ...]] = {
 
 def _with_client(args: argparse.Namespace, work: Callable[[Any], int]) -> int:
     """``work(client)``, its refusals and unreadable credentials said in one line each."""
-    from gateway.client import ClientError
+    from gateway_client import ClientError
 
     try:
         with _client(args) as client:
@@ -100,7 +100,7 @@ def _cmd_principals(args: argparse.Namespace) -> int:
 def _cmd_token(args: argparse.Namespace) -> int:
     """Sign in once and print the bearer token, for ``export GATEWAY_TOKEN=...`` (a TOTP code is
     accepted once: commands that follow each other within 30 s share one sign-in)."""
-    from gateway.client import Client, ClientError
+    from gateway_client import Client, ClientError
 
     try:
         with Client.from_credentials(args.credentials, args.principal) as client:

@@ -56,8 +56,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from gateway.client import Client, ClientError, RetryPolicy
-    from gateway.client.errors import GatewayError, NotFound
+    from gateway_client import Client, ClientError, RetryPolicy
+    from gateway_client.errors import GatewayError, NotFound
 
     try:
         inputs = _load_inputs(Path(args.input))

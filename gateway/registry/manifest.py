@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.protocol.datatypes import DATATYPES
+from gateway_client.protocol.datatypes import DATATYPES
 
 __all__ = ["NAME_PATTERN", "Manifest", "ManifestError", "TensorSpec", "load_manifest", "load_manifests"]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from gateway.errors import InvalidInput
-from gateway.protocol.codec import RequestedOutput, Tensor
 from gateway.registry.manifest import Manifest, TensorSpec
+from gateway_client.protocol.codec import RequestedOutput, Tensor
 
 __all__ = ["Signature", "check_inputs", "check_outputs"]
 

@@ -12,7 +12,7 @@ from starlette.types import Receive
 
 from gateway.catalog import ModelEntry
 from gateway.context import RequestContext
-from gateway.protocol.codec import InferRequest, Tensor
+from gateway_client.protocol.codec import InferRequest, Tensor
 
 __all__ = ["Answer", "InferCall", "Stage", "elements", "offload", "run_stages"]
 

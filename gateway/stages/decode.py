@@ -27,12 +27,13 @@ import signal
 from concurrent.futures.process import BrokenProcessPool
 
 from gateway.config import ServerConfig
-from gateway.errors import PayloadTooLarge, Unavailable
-from gateway.protocol.codec import DecodeLimits, InferRequest, decode_infer_request
+from gateway.errors import PayloadTooLarge, Unavailable, bad_request
 from gateway.registry.manifest import TensorSpec
 from gateway.registry.signature import Signature
 from gateway.stages.base import InferCall
 from gateway.stages.body import byte_count
+from gateway_client.protocol.codec import DecodeLimits, InferRequest, decode_infer_request
+from gateway_client.protocol.errors import ProtocolError
 
 __all__ = ["INLINE_MAX_BYTES", "Decode", "Decoder", "decode_checked"]
 
@@ -94,12 +95,14 @@ class Decoder:
 
     async def decode(self, body: bytes, header_length: int | None, inputs: tuple[TensorSpec, ...],
                      model: str) -> InferRequest:
-        if inline(body, header_length):
-            return decode_checked(body, header_length, self.limits, inputs, model)
-        pool = self._pool()
         try:
+            if inline(body, header_length):
+                return decode_checked(body, header_length, self.limits, inputs, model)
+            pool = self._pool()
             return await asyncio.get_running_loop().run_in_executor(
                 pool, decode_checked, body, header_length, self.limits, inputs, model)
+        except ProtocolError as exc:
+            raise bad_request(exc) from None
         except MemoryError:
             raise PayloadTooLarge(f"decoding this body needs more than the {self.memory_mb} MiB a decoder may use; "
                                   "send it with the binary tensor extension, or in smaller batches") from None

@@ -19,11 +19,11 @@ import orjson
 
 from gateway.access import principal_of
 from gateway.errors import InvalidInput
-from gateway.protocol.codec import Tensor
 from gateway.security.ratelimit import Limiter
 from gateway.stages.base import Answer, InferCall, offload
 from gateway.stages.infer import tensor_digest
 from gateway.workers.pool import WorkerPool
+from gateway_client.protocol.codec import Tensor
 
 __all__ = ["MAX_FEATURES", "STEPS", "Explain"]
 

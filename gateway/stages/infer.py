@@ -7,9 +7,9 @@ import hashlib
 import numpy as np
 
 from gateway.context import TensorDigest
-from gateway.protocol.codec import RequestedOutput, Tensor, encode_infer_response
 from gateway.stages.base import Answer, InferCall, elements, offload
 from gateway.workers.pool import WorkerPool
+from gateway_client.protocol.codec import RequestedOutput, Tensor, encode_infer_response
 
 __all__ = ["Encode", "Infer", "tensor_digest"]
 

@@ -23,9 +23,9 @@ import numpy as np
 
 from gateway.access import principal_of
 from gateway.config import OUTPUT_POLICIES, OutputConfig
-from gateway.protocol.codec import Tensor
 from gateway.stages.base import InferCall, elements, offload
 from gateway.stages.infer import tensor_digest
+from gateway_client.protocol.codec import Tensor
 
 __all__ = ["OutputPolicy", "apply_policy", "stricter_policy"]
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from gateway.protocol.codec import Tensor
 from gateway.workers.transport import WorkerTransport
+from gateway_client.protocol.codec import Tensor
 
 __all__ = ["InMemoryTransport"]
 

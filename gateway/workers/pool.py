@@ -26,7 +26,6 @@ import orjson
 
 from gateway.config import Config
 from gateway.errors import GatewayError, GatewayTimeout, InvalidInput, Unavailable
-from gateway.protocol.codec import Tensor
 from gateway.units import Unit
 from gateway.workers.transport import (
     PeerCredentials,
@@ -37,6 +36,7 @@ from gateway.workers.transport import (
     WorkerRefused,
     WorkerTransport,
 )
+from gateway_client.protocol.codec import Tensor
 
 __all__ = ["ROUTES", "ModelExecutionError", "WorkerClient", "WorkerPool"]
 

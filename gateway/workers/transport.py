@@ -35,7 +35,7 @@ from typing import Any
 import httptools
 import orjson
 
-from gateway.protocol.codec import HEADER_LENGTH, Chunk, Tensor, decode_tensor_message, encode_tensor_parts
+from gateway_client.protocol.codec import HEADER_LENGTH, Chunk, Tensor, decode_tensor_message, encode_tensor_parts
 
 __all__ = [
     "HTTPTransport",

@@ -27,10 +27,11 @@ import numpy as np
 import orjson
 
 from gateway.errors import BadRequest
-from gateway.protocol.codec import HEADER_LENGTH, Tensor, decode_tensor_message, encode_tensor_message
 from gateway.workers.batcher import Batcher
 from gateway.workers.exits import ExitCode
 from gateway.workers.isolation import apply_isolation
+from gateway_client.protocol.codec import HEADER_LENGTH, Tensor, decode_tensor_message, encode_tensor_message
+from gateway_client.protocol.errors import ProtocolError
 
 log = logging.getLogger("gateway.worker")
 
@@ -153,7 +154,7 @@ class WorkerApp:
             header_length = int(raw_length)
             tensors = decode_tensor_message(b"".join(chunks), header_length, "inputs")
             outputs = await self.batcher.submit({t.name: t.array for t in tensors})
-        except BadRequest as exc:
+        except (BadRequest, ProtocolError) as exc:
             await _respond(send, 400, orjson.dumps({"error": exc.detail}), b"application/json")
             return
         except Exception as exc:  # onnxruntime's own errors: invalid argument or a failed run

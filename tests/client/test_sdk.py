@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gateway.cli import main
-from gateway.client import (
+from gateway_client import (
     AsyncClient,
     AuthenticationError,
     BudgetExhausted,
@@ -215,7 +215,7 @@ def test_connection_failures_are_retried_within_the_deadline(tmp_path: Path) -> 
 
 
 def test_importing_the_sdk_pulls_in_no_server_and_no_onnxruntime() -> None:
-    code = ("import sys, gateway.client; heavy = [m for m in ('onnxruntime', 'starlette', 'uvicorn', 'onnx', "
+    code = ("import sys, gateway_client; heavy = [m for m in ('onnxruntime', 'starlette', 'uvicorn', 'onnx', "
             "'limits', 'redis', 'prometheus_client', 'gateway.app', 'gateway.workers', 'gateway.security') "
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -106,11 +106,11 @@ async def test_a_model_whose_input_is_not_floating_point_gets_a_422_naming_it(mo
     from gateway.config import ModelConfig
     from gateway.context import RequestContext
     from gateway.errors import InvalidInput
-    from gateway.protocol.codec import InferRequest
     from gateway.registry.manifest import load_manifest
     from gateway.stages import InferCall
     from gateway.stages.explain import Explain
     from gateway.units import Unit
+    from gateway_client.protocol.codec import InferRequest
 
     manifest = load_manifest(models_root / "digits" / "1")
     tokens = dataclasses.replace(manifest, inputs=(dataclasses.replace(manifest.inputs[0], name="ids", datatype="INT64"),))

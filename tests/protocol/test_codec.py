@@ -8,8 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from gateway.errors import BadRequest
-from gateway.protocol import (
+from gateway_client.protocol import (
     DecodeLimits,
     Tensor,
     decode_infer_request,
@@ -17,13 +16,14 @@ from gateway.protocol import (
     encode_infer_response,
     encode_tensor_message,
 )
+from gateway_client.protocol.errors import ProtocolError
 
 ALL_TYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
 
 
 @pytest.mark.parametrize("datatype", ALL_TYPES)
 def test_binary_message_round_trip(datatype: str) -> None:
-    from gateway.protocol.datatypes import numpy_dtype
+    from gateway_client.protocol.datatypes import numpy_dtype
 
     array = (np.arange(12) % 2 if datatype == "BOOL" else np.arange(12)).astype(numpy_dtype(datatype)).reshape(3, 4)
     body, n = encode_tensor_message("inputs", [Tensor("x", array)])
@@ -76,13 +76,13 @@ def test_mixed_json_and_binary_inputs() -> None:
          "params-type", "output-type"],
 )
 def test_malformed_json_requests_are_refused(doc: dict[str, object], fragment: str) -> None:
-    with pytest.raises(BadRequest, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ProtocolError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         decode_infer_request(json.dumps(doc).encode(), None)
 
 
 def test_element_limit_applies_before_allocation() -> None:
     doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1 << 20, 1 << 20], "parameters": {"binary_data_size": 4}}]}
-    with pytest.raises(BadRequest, match="exceeds"):
+    with pytest.raises(ProtocolError, match="exceeds"):
         decode_infer_request(json.dumps(doc).encode() + b"\0" * 4, len(json.dumps(doc)), DecodeLimits())
 
 
@@ -90,7 +90,7 @@ def test_element_limit_applies_before_allocation() -> None:
 def test_malformed_bytes_elements(payload: bytes) -> None:
     header = json.dumps({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1],
                                      "parameters": {"binary_data_size": len(payload)}}]}).encode()
-    with pytest.raises(BadRequest):
+    with pytest.raises(ProtocolError):
         decode_infer_request(header + payload, len(header))
 
 

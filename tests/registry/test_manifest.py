@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from gateway.errors import InvalidInput
-from gateway.protocol import RequestedOutput, Tensor
 from gateway.registry import ManifestError, check_inputs, check_outputs, load_manifest
+from gateway_client.protocol import RequestedOutput, Tensor
 
 
 def _write(tmp: Path, **changes: object) -> Path:

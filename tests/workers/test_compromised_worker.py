@@ -61,7 +61,7 @@ FORGER = DROP + """
 import socket
 sys.path.insert(0, sys.argv[2])
 import numpy as np
-from gateway.protocol.codec import Tensor, encode_tensor_message
+from gateway_client.protocol.codec import Tensor, encode_tensor_message
 drop()
 body, n = encode_tensor_message("outputs", [Tensor("probabilities", np.full((1, 10), 0.5, np.float32))])
 answer = (b"HTTP/1.1 200 OK\\r\\ncontent-length: %d\\r\\ninference-header-content-length: %d\\r\\n\\r\\n" % (len(body), n)) + body

@@ -15,29 +15,29 @@ from typing import Any
 
 import numpy as np
 
-from gateway.errors import BadRequest
-from gateway.protocol.datatypes import DATATYPES, JSON_TYPES
+from gateway_client.protocol.datatypes import DATATYPES, JSON_TYPES
+from gateway_client.protocol.errors import ProtocolError
 
 __all__ = ["from_binary", "from_json"]
 
 
 def _bytes_elements(raw: memoryview, count: int, where: str, max_element: int) -> np.ndarray:
     if count * 4 > len(raw):  # each element is at least its 4-byte length: nothing allocated for a lie
-        raise BadRequest(f"{where}: {count} BYTES elements need at least {count * 4} bytes, "
+        raise ProtocolError(f"{where}: {count} BYTES elements need at least {count * 4} bytes, "
                          f"binary_data_size is {len(raw)}", field=where)
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
         if pos + 4 > len(raw):
-            raise BadRequest(f"{where}: BYTES data ends inside element {i}", field=where)
+            raise ProtocolError(f"{where}: BYTES data ends inside element {i}", field=where)
         (size,) = struct.unpack_from("<I", raw, pos)
         pos += 4
         if size > max_element or pos + size > len(raw):
-            raise BadRequest(f"{where}: BYTES element {i} has a bad length {size}", field=where)
+            raise ProtocolError(f"{where}: BYTES element {i} has a bad length {size}", field=where)
         out[i] = bytes(raw[pos : pos + size])
         pos += size
     if pos != len(raw):
-        raise BadRequest(f"{where}: {len(raw) - pos} trailing bytes after BYTES elements", field=where)
+        raise ProtocolError(f"{where}: {len(raw) - pos} trailing bytes after BYTES elements", field=where)
     return out
 
 
@@ -47,7 +47,7 @@ def from_binary(raw: memoryview, datatype: str, count: int, where: str, max_elem
         return _bytes_elements(raw, count, where, max_element)
     dtype = DATATYPES[datatype]
     if len(raw) != count * dtype.itemsize:
-        raise BadRequest(
+        raise ProtocolError(
             f"{where}: binary_data_size is {len(raw)} bytes but shape and datatype need "
             f"{count * dtype.itemsize}",
             field=where,
@@ -63,19 +63,19 @@ def _leaf_lists(data: list[Any], shape: tuple[int, ...], where: str) -> list[lis
         below: list[list[Any]] = []
         for node in level:
             if len(node) != dim or not all(type(x) is list for x in node):
-                raise BadRequest(f"{where}.data is not nested as its shape {list(shape)} (at depth {depth})",
+                raise ProtocolError(f"{where}.data is not nested as its shape {list(shape)} (at depth {depth})",
                                  field=where)
             below.extend(node)
         level = below
     if shape and any(len(node) != shape[-1] for node in level):
-        raise BadRequest(f"{where}.data is not nested as its shape {list(shape)}", field=where)
+        raise ProtocolError(f"{where}.data is not nested as its shape {list(shape)}", field=where)
     return level
 
 
 def from_json(data: Any, datatype: str, shape: tuple[int, ...], count: int, where: str) -> np.ndarray:
     """A JSON ``data`` list's array, in ``datatype``: flat, or nested exactly as ``shape``."""
     if not isinstance(data, list):
-        raise BadRequest(f"{where}.data must be a list", field=where)
+        raise ProtocolError(f"{where}.data must be a list", field=where)
     found = set(map(type, data))
     if list in found:  # nested: exactly as the shape says
         leaves = _leaf_lists(data, shape, where)
@@ -84,12 +84,12 @@ def from_json(data: Any, datatype: str, shape: tuple[int, ...], count: int, wher
             found.update(map(type, leaf))
     else:  # flat: one value per element
         if len(data) != count:
-            raise BadRequest(f"{where}.data has {len(data)} elements but its shape needs {count}", field=where)
+            raise ProtocolError(f"{where}.data has {len(data)} elements but its shape needs {count}", field=where)
         leaves = [data]
     allowed = JSON_TYPES[datatype]
     if not found <= allowed:
         kinds = ", ".join(sorted(t.__name__ for t in found - allowed))
-        raise BadRequest(f"{where}.data holds {kinds} values, not {datatype}", field=where)
+        raise ProtocolError(f"{where}.data holds {kinds} values, not {datatype}", field=where)
     if datatype == "BYTES":
         out = np.empty(count, dtype=object)
         out[:] = [s.encode() for leaf in leaves for s in leaf]
@@ -98,4 +98,4 @@ def from_json(data: Any, datatype: str, shape: tuple[int, ...], count: int, wher
         with np.errstate(over="ignore"):  # an infinity is refused by the signature check, not here
             return np.array(data, dtype=DATATYPES[datatype]).reshape(-1)
     except OverflowError:
-        raise BadRequest(f"{where}.data has values outside {datatype}'s range", field=where) from None
+        raise ProtocolError(f"{where}.data has values outside {datatype}'s range", field=where) from None

@@ -3,7 +3,7 @@
 https://github.com/kserve/open-inference-protocol/blob/main/specification/protocol/inference_rest.md
 """
 
-from gateway.protocol.codec import (
+from gateway_client.protocol.codec import (
     DecodeLimits,
     InferRequest,
     RequestedOutput,
@@ -13,7 +13,7 @@ from gateway.protocol.codec import (
     encode_infer_response,
     encode_tensor_message,
 )
-from gateway.protocol.datatypes import DATATYPES, numpy_dtype
+from gateway_client.protocol.datatypes import DATATYPES, numpy_dtype
 
 __all__ = [
     "DATATYPES",

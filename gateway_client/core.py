@@ -1,6 +1,6 @@
 """``Client`` and ``AsyncClient``: the gateway's Open Inference Protocol with tokens, mTLS and retries.
 
-    from gateway.client import Client
+    from gateway_client import Client
 
     with Client.from_credentials("credentials.json", principal="demo") as client:
         probabilities = client.infer("digits", np.full((1, 64), 8, np.float32))["probabilities"]
@@ -31,9 +31,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from gateway.client.auth import CallableToken, ClientCredentials, PasswordSignIn, StaticToken, TokenSource, totp_code
-from gateway.client.errors import ConnectionFailed, RateLimited, Timeout, Unavailable, from_response
-from gateway.protocol.codec import RequestedOutput, Tensor, decode_infer_response, encode_infer_request
+from gateway_client.auth import CallableToken, ClientCredentials, PasswordSignIn, StaticToken, TokenSource, totp_code
+from gateway_client.errors import ConnectionFailed, RateLimited, Timeout, Unavailable, from_response
+from gateway_client.protocol.codec import RequestedOutput, Tensor, decode_infer_response, encode_infer_request
 
 __all__ = ["AsyncClient", "Client", "RetryPolicy", "ssl_context"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from gateway.client.errors import AuthenticationError
+from gateway_client.errors import AuthenticationError
 
 __all__ = ["ClientCredentials", "PasswordSignIn", "StaticToken", "TokenSource", "totp_code"]
 

@@ -5,7 +5,7 @@ header of ``Inference-Header-Content-Length`` bytes is followed by the raw tenso
 order of the tensors whose ``parameters.binary_data_size`` is set.
 https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_binary_data.md
 
-Everything here is plain values: a malformed message raises ``BadRequest`` naming the offending
+Everything here is plain values: a malformed message raises ``ProtocolError`` naming the offending
 field, and nothing here knows a web framework.
 
 Decoding costs at most a small constant times the body: every shape is bounded (each dimension
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gateway.errors import BadRequest
-from gateway.protocol.datatypes import DATATYPES, datatype_of
-from gateway.protocol.elements import from_binary, from_json
+from gateway_client.protocol.datatypes import DATATYPES, datatype_of
+from gateway_client.protocol.elements import from_binary, from_json
+from gateway_client.protocol.errors import ProtocolError
 
 __all__ = [
     "HEADER_LENGTH",
@@ -95,7 +95,7 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memo
         header = body
     else:
         if header_length < 0 or header_length > len(body):
-            raise BadRequest(
+            raise ProtocolError(
                 f"Inference-Header-Content-Length is {header_length} but the body has "
                 f"{len(body)} bytes",
                 field="Inference-Header-Content-Length",
@@ -105,25 +105,25 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memo
     try:
         doc = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}", field="body") from None
+        raise ProtocolError(f"request body is not valid JSON: {exc}", field="body") from None
     if not isinstance(doc, dict):
-        raise BadRequest("request body must be a JSON object", field="body")
+        raise ProtocolError("request body must be a JSON object", field="body")
     return doc, rest
 
 
 def _shape(item: dict[str, Any], where: str, limits: DecodeLimits) -> tuple[tuple[int, ...], int]:
     shape = item.get("shape")
     if not isinstance(shape, list) or len(shape) > limits.max_rank:
-        raise BadRequest(f"{where}.shape must be a list of at most {limits.max_rank} integers", field=where)
+        raise ProtocolError(f"{where}.shape must be a list of at most {limits.max_rank} integers", field=where)
     count = 1
     for dim in shape:
         # bool is an int in Python; a shape of [true] is still malformed. Each dimension is bounded
         # on its own too: [0, 2**63 - 1] has no elements but no array can have that shape.
         if type(dim) is not int or dim < 0:
-            raise BadRequest(f"{where}.shape must hold non-negative integers, got {shape}"[:300], field=where)
+            raise ProtocolError(f"{where}.shape must hold non-negative integers, got {shape}"[:300], field=where)
         count *= dim
         if dim > limits.max_elements or count > limits.max_elements:
-            raise BadRequest(f"{where}.shape {shape} exceeds {limits.max_elements} elements"[:300], field=where)
+            raise ProtocolError(f"{where}.shape {shape} exceeds {limits.max_elements} elements"[:300], field=where)
     return tuple(shape), count
 
 
@@ -137,14 +137,14 @@ def _parameters(params: Any, allowed: frozenset[str], where: str) -> dict[str, A
     if params is None:
         return {}
     if not isinstance(params, dict):
-        raise BadRequest(f"{where} must be an object", field=where)
+        raise ProtocolError(f"{where} must be an object", field=where)
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise BadRequest(f"{where}: parameter {unknown[0][:64]!r} is not accepted "
+        raise ProtocolError(f"{where}: parameter {unknown[0][:64]!r} is not accepted "
                          f"(accepted: {', '.join(sorted(allowed))})", field=where)
     for name in ("binary_data_output", "binary_data"):
         if name in params and not isinstance(params[name], bool):
-            raise BadRequest(f"{where}.{name} must be true or false", field=where)
+            raise ProtocolError(f"{where}.{name} must be true or false", field=where)
     return params
 
 
@@ -156,19 +156,19 @@ def _tensors(
     items: Any, raw: memoryview, key: str, limits: DecodeLimits, expect: Expect | None = None
 ) -> list[Tensor]:
     if not isinstance(items, list) or not items or len(items) > limits.max_tensors:
-        raise BadRequest(f"'{key}' must be a list of 1 to {limits.max_tensors} tensors", field=key)
+        raise ProtocolError(f"'{key}' must be a list of 1 to {limits.max_tensors} tensors", field=key)
     tensors, offset, names = [], 0, set()
     for i, item in enumerate(items):
         where = f"{key}[{i}]"
         if not isinstance(item, dict):
-            raise BadRequest(f"{where} must be an object", field=where)
+            raise ProtocolError(f"{where} must be an object", field=where)
         name, datatype = item.get("name"), item.get("datatype")
         if not isinstance(name, str) or not name or name in names:
-            raise BadRequest(f"{where}.name must be a unique non-empty string", field=where)
+            raise ProtocolError(f"{where}.name must be a unique non-empty string", field=where)
         names.add(name)
         where = f"{key}[{name!r}]"[:200]
         if not isinstance(datatype, str) or datatype not in DATATYPES:
-            raise BadRequest(f"{where}.datatype {str(datatype)[:32]!r} is not a known datatype", field=where)
+            raise ProtocolError(f"{where}.datatype {str(datatype)[:32]!r} is not a known datatype", field=where)
         shape, count = _shape(item, where, limits)
         if expect is not None:
             expect(name, datatype, shape)
@@ -176,16 +176,16 @@ def _tensors(
         size = params.get("binary_data_size")
         if size is not None:
             if type(size) is not int or size < 0 or offset + size > len(raw):
-                raise BadRequest(f"{where}.binary_data_size {size} overruns the binary body", field=where)
+                raise ProtocolError(f"{where}.binary_data_size {size} overruns the binary body", field=where)
             array = from_binary(raw[offset : offset + size], datatype, count, where, limits.max_bytes_element)
             offset += size
         elif "data" in item:
             array = from_json(item["data"], datatype, shape, count, where)
         else:
-            raise BadRequest(f"{where} has neither data nor binary_data_size", field=where)
+            raise ProtocolError(f"{where} has neither data nor binary_data_size", field=where)
         tensors.append(Tensor(name, array.reshape(shape)))
     if offset != len(raw):
-        raise BadRequest(
+        raise ProtocolError(
             f"{len(raw) - offset} bytes of binary data follow the last tensor",
             field="Inference-Header-Content-Length",
         )
@@ -196,11 +196,11 @@ def _requested_outputs(items: Any) -> list[RequestedOutput]:
     if items is None:
         return []
     if not isinstance(items, list):
-        raise BadRequest("'outputs' must be a list", field="outputs")
+        raise ProtocolError("'outputs' must be a list", field="outputs")
     out = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise BadRequest(f"outputs[{i}] must be an object with a name", field=f"outputs[{i}]")
+            raise ProtocolError(f"outputs[{i}] must be an object with a name", field=f"outputs[{i}]")
         params = _parameters(item.get("parameters"), OUTPUT_PARAMETERS, f"outputs[{i}].parameters")
         binary = params.get("binary_data")
         out.append(RequestedOutput(item["name"], None if binary is None else bool(binary)))
@@ -216,10 +216,10 @@ def decode_infer_request(
     params = _parameters(doc.get("parameters"), REQUEST_PARAMETERS, "parameters")
     request_id = doc.get("id")
     if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 256):
-        raise BadRequest("'id' must be a string of at most 256 characters", field="id")
+        raise ProtocolError("'id' must be a string of at most 256 characters", field="id")
     unknown = sorted(set(doc) - {"id", "inputs", "outputs", "parameters"})
     if unknown:
-        raise BadRequest(f"unknown field {unknown[0][:64]!r} in the inference request", field=unknown[0][:64])
+        raise ProtocolError(f"unknown field {unknown[0][:64]!r} in the inference request", field=unknown[0][:64])
     return InferRequest(
         inputs=_tensors(doc.get("inputs"), raw, "inputs", limits, expect),
         outputs=_requested_outputs(doc.get("outputs")),

@@ -1,7 +1,7 @@
 """The gateway's Python SDK: tokens, mTLS, retries and typed errors over the Open Inference Protocol.
 
     import numpy as np
-    from gateway.client import Client
+    from gateway_client import Client
 
     with Client.from_credentials("credentials.json", principal="demo") as client:
         out = client.infer("digits", np.full((1, 64), 8, np.float32))
@@ -11,9 +11,9 @@ Imports neither the server (Starlette, uvicorn) nor onnxruntime: only httpx, aut
 the protocol codec.
 """
 
-from gateway.client.auth import CallableToken, ClientCredentials, StaticToken, TokenSource
-from gateway.client.core import AsyncClient, Client, InferResult, RetryPolicy, ssl_context
-from gateway.client.errors import (
+from gateway_client.auth import CallableToken, ClientCredentials, StaticToken, TokenSource
+from gateway_client.core import AsyncClient, Client, InferResult, RetryPolicy, ssl_context
+from gateway_client.errors import (
     AdversarialInputRefused,
     AuthenticationError,
     BudgetExhausted,
