@@ -5,12 +5,14 @@ Request counters, latency and refusals (by the problem type the caller got) are 
 audit middleware, which sees every request's final outcome. Worker figures (queue depth, batch
 sizes) are read from the workers' health at scrape time, and so is the state: what is degraded
 (``gateway_degraded``), the incident controls in force, the certificates' expiry, the build, and
-the process's own CPU, memory and descriptors. Each serving process keeps its own registry: with
-``server.processes > 1`` a scrape sees the process that answered it.
+the process's own CPU, memory and descriptors. With ``server.processes > 1`` the request
+counters, latency and refusals of every serving process are summed into each scrape
+(prometheus_client's multiprocess mode); ``process_*`` describe the process that answered.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,6 +26,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -150,15 +153,23 @@ class Metrics:
                                 "caller got (unauthorized, credential-revoked, rate-limited, budget-exhausted, "
                                 "not-found, invalid-input, adversarial-input, lockdown...)", ["route", "type"],
                                 registry=self.registry)
-        self.registry.register(_WorkerCollector(pool))
-        self.registry.register(_GuardCollector(health, events))
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
+        # With several serving processes (``PROMETHEUS_MULTIPROC_DIR``, set by ``gateway serve``)
+        # the counters and histograms above live in shared files and a scrape reads all of them;
+        # the collectors below report what the answering process sees (the same in every one:
+        # the workers, the state) and, for process_*, that process itself.
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.scrape = CollectorRegistry(auto_describe=True) if self.multiprocess else self.registry
+        if self.multiprocess:
+            MultiProcessCollector(self.scrape)  # type: ignore[no-untyped-call]
+        self.scrape.register(_WorkerCollector(pool))
+        self.scrape.register(_GuardCollector(health, events))
+        ProcessCollector(registry=self.scrape)
+        PlatformCollector(registry=self.scrape)
 
     def watch_state(self, state: Callable[[], dict[str, Any]]) -> None:
         """Read ``state()`` at each scrape: ``degraded`` (area: why), ``controls`` (kind: count),
         ``certificates`` ([(which, subject, expiry timestamp)]), ``version``."""
-        self.registry.register(_StateCollector(state))
+        self.scrape.register(_StateCollector(state))
 
     def observe(self, route: str, model: str, outcome: str, status: int, seconds: float,
                 problem: str | None = None) -> None:
@@ -169,4 +180,4 @@ class Metrics:
 
     async def render(self) -> bytes:
         await self.pool.refresh()  # fresh queue depths and batch statistics
-        return bytes(generate_latest(self.registry))
+        return bytes(generate_latest(self.scrape))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -56,6 +57,16 @@ def _uvicorn_config(config: Config) -> GatewayUvicornConfig:
     )
 
 
+def shared_metrics(runtime_dir: Path) -> None:
+    """Several serving processes count into one view: prometheus_client's multiprocess mode, its
+    files in a private directory of the runtime directory (emptied first: counts start at zero with
+    the gateway), named to the serving processes before they start."""
+    directory = runtime_dir / "metrics"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700, parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
 def serve(config_path: str) -> int:
     """Start the workers, wait for them, then serve HTTPS until interrupted."""
     from gateway.workers.supervisor import Supervisor
@@ -88,6 +99,7 @@ def serve(config_path: str) -> int:
         ucfg = _uvicorn_config(config)
         _announce(config)
         if config.server.processes > 1:
+            shared_metrics(runtime_dir)
             ServingProcesses(ucfg, config.server.processes).run()
         else:
             import uvloop

@@ -14,6 +14,7 @@ import pytest
 
 from gateway.workers.transport import fetch_health
 from tests.conftest import Gateway, start_gateway, write_config
+from tests.test_metrics import value
 
 ALLOWED_ENV = {"PATH", "LANG", "HOME", "PYTHONDONTWRITEBYTECODE", "OMP_NUM_THREADS", "PYTHONPATH",
                "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "TZ", "OPENBLAS_CORETYPE"}
@@ -106,5 +107,11 @@ def test_several_serving_processes_share_a_burst_of_connections(pki: Path, tmp_p
         assert set(asyncio.run(burst())) == {200}
         used = {p: _cpu_ticks(p) - before[p] for p in serving}
         assert min(used.values()) >= 0.2 * sum(used.values()), used
+        # every scrape, whichever process answers it, counts the requests of both
+        for _ in range(4):
+            with gw.client("admin") as admin:
+                text = admin.get("/metrics").text
+            served = value(text, "gateway_requests_total", route="infer", model="digits", status="200")
+            assert served == 800, served
     finally:
         gw.stop()
