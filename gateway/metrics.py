@@ -139,10 +139,10 @@ class Metrics:
     def __init__(self, pool: Any, health: Any = None, events: Any = None) -> None:
         self.pool = pool
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("gateway_requests", "Requests by route, model, outcome and status",
-                                ["route", "model", "outcome", "status"], registry=self.registry)
+        self.requests = Counter("gateway_requests", "Requests by route, model, model version, outcome and status",
+                                ["route", "model", "version", "outcome", "status"], registry=self.registry)
         self.latency = Histogram("gateway_request_duration_seconds", "Time from request to response",
-                                 ["route", "model"], registry=self.registry,
+                                 ["route", "model", "version"], registry=self.registry,
                                  buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.audit_records = Counter("gateway_audit_records", "Audit records written", registry=self.registry)
         self.tls_failures = Counter("gateway_tls_handshake_failures", "TLS handshakes that did not complete",
@@ -172,9 +172,9 @@ class Metrics:
         self.scrape.register(_StateCollector(state))
 
     def observe(self, route: str, model: str, outcome: str, status: int, seconds: float,
-                problem: str | None = None) -> None:
-        self.requests.labels(route, model, outcome, str(status)).inc()
-        self.latency.labels(route, model).observe(seconds)
+                problem: str | None = None, version: str = "-") -> None:
+        self.requests.labels(route, model, version, outcome, str(status)).inc()
+        self.latency.labels(route, model, version).observe(seconds)
         if problem is not None:
             self.refusals.labels(route, problem).inc()
 

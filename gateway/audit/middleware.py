@@ -157,7 +157,9 @@ class AuditMiddleware:
         route = spec.handler if spec is not None else "none"
         model = ctx.model if ctx is not None and ctx.model in self.known_models else ""
         error = ctx.error if ctx is not None else None
-        self.metrics.observe(route, model or "-", result, status, seconds, error.type if error is not None else None)
+        version = ctx.version if model and ctx is not None and ctx.version is not None else "-"
+        self.metrics.observe(route, model or "-", result, status, seconds, error.type if error is not None else None,
+                             version)
         return route, result, seconds
 
     async def _record(self, scope: Scope, status: int, started: float) -> None:

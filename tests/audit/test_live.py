@@ -81,8 +81,8 @@ def test_metrics_need_the_metrics_verb(gateway: Gateway) -> None:
         r = c.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    assert 'gateway_requests_total{model="digits",outcome="allow",route="infer",status="200"}' in text
-    assert 'gateway_request_duration_seconds_bucket{le="0.005",model="digits",route="infer"}' in text
+    assert 'gateway_requests_total{model="digits",outcome="allow",route="infer",status="200",version="1"}' in text
+    assert 'gateway_request_duration_seconds_bucket{le="0.005",model="digits",route="infer",version="1"}' in text
     assert 'gateway_model_execution_provider{model="digits",provider="CPUExecutionProvider"} 1.0' in text
     assert 'gateway_batch_size_count{model="digits",worker="0"}' in text
     assert "gateway_worker_queue_depth" in text and "gateway_audit_records_total" in text
