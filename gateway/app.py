@@ -182,7 +182,8 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     v2 = V2(models, pool, policy, limiter, stages, health, events,
             explain_stages(config, models, policy, limiter, pool, decoder, in_flight, incidents), watches, incidents)
     metrics.watch_state(lambda: {"degraded": v2.degraded(), "controls": incidents.controls.counts(),
-                                 "certificates": certificate_expiries(config.tls), "version": __version__})
+                                 "certificates": certificate_expiries(config.tls), "version": __version__,
+                                 "jwks": [cache.status() for cache in validator.caches()]})
     owners: dict[str, object] = {
         "v2": v2,
         "incident": IncidentEndpoints(watches, policy, incidents, issuer, config.issuer.token_ttl_s + config.auth.leeway_s),

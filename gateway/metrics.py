@@ -130,6 +130,15 @@ class _StateCollector(Collector):
         for which, subject, when in state.get("certificates", []):
             expiry.add_metric([which, subject], when)
         yield expiry
+        fetch_errors = CounterMetricFamily("gateway_jwks_fetch_errors", "Failed fetches of an external "
+                                           "provider's signing keys (discovery or JWKS)", labels=["issuer"])
+        fresh = GaugeMetricFamily("gateway_jwks_fresh", "1 while an external provider's keys are within "
+                                  "jwks_ttl_s of their last fetch (0: its tokens get 503)", labels=["issuer"])
+        for jwks in state.get("jwks", []):
+            fetch_errors.add_metric([jwks["issuer"]], float(jwks["fetch_errors"]))
+            fresh.add_metric([jwks["issuer"]], 1.0 if jwks["fresh"] else 0.0)
+        yield fetch_errors
+        yield fresh
         info = GaugeMetricFamily("gateway_build_info", "The gateway's version and Python's", labels=["version", "python"])
         info.add_metric([state.get("version", ""), platform.python_version()], 1.0)
         yield info

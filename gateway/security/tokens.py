@@ -103,6 +103,7 @@ class JWKSCache:
         self.attempted_at = -1e18
         self.jwks_uri = trust.jwks_uri
         self.last_error = ""
+        self.fetch_errors = 0
         self._lock = asyncio.Lock()
 
     def _client(self) -> httpx.AsyncClient:
@@ -132,6 +133,7 @@ class JWKSCache:
                 self.keys = await self._fetch()
             except (httpx.HTTPError, ValueError, JoseError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                self.fetch_errors += 1
                 log.warning("cannot fetch the keys of %s: %s", self.trust.issuer, self.last_error)
                 return False
             self.fetched_at = self.clock()
@@ -165,7 +167,7 @@ class JWKSCache:
 
     def status(self) -> dict[str, Any]:
         return {"issuer": self.trust.issuer, "keys": len(self.keys.keys) if self.keys else 0,
-                "fresh": self.fresh(), "error": self.last_error}
+                "fresh": self.fresh(), "error": self.last_error, "fetch_errors": self.fetch_errors}
 
 
 class LocalKeys:

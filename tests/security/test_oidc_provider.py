@@ -20,6 +20,7 @@ import pytest
 from joserfc.jwk import ECKey
 
 from tests.conftest import ROOT, Gateway, free_port, start_gateway
+from tests.test_metrics import value
 
 pytestmark = pytest.mark.slow
 
@@ -112,6 +113,11 @@ name = "ops"
 roles = ["ops"]
 verbs = ["metadata", "list"]
 models = ["*"]
+
+[[rbac.rules]]
+name = "monitoring"
+roles = ["admin"]
+verbs = ["metrics"]
 """
     gw = start_gateway(pki, tmp_path_factory.mktemp("gw-oidc"), models_root, sections=sections)
     yield gw
@@ -167,6 +173,10 @@ def test_provider_outage_serves_cached_keys_then_503_never_unverified(
     assert set(statuses) <= {200, 503}  # never a 500, never a 401 for a good token
     assert time.monotonic() - stopped >= TTL_S - 1  # not before the TTL ran out
     assert _call(oidc_gateway, token).status_code == 503
+    with oidc_gateway.client("admin") as admin:  # what an alert on the provider sees
+        scrape = admin.get("/metrics").text
+    assert value(scrape, "gateway_jwks_fetch_errors_total", issuer=provider.url) >= 1
+    assert value(scrape, "gateway_jwks_fresh", issuer=provider.url) == 0
     # The built-in issuer's tokens do not depend on the external provider.
     # (verified, then refused by this gateway's policy, which grants "inference" nothing: 404)
     assert _call(oidc_gateway, oidc_gateway.token("demo")).status_code == 404
