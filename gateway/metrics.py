@@ -158,6 +158,10 @@ class Metrics:
                                     registry=self.registry)
         self.security_events = Counter("gateway_security_events", "Security events by model, detector and action",
                                        ["model", "detector", "action"], registry=self.registry)
+        self.limit_refusals = Counter("gateway_limit_refusals", "Requests refused by a rate limit or query budget, "
+                                      "by route and policy (per-address, failed-auth, per-principal, global, "
+                                      "per-principal-model, budget-inferences, budget-rows...)", ["route", "policy"],
+                                      registry=self.registry)
         self.refusals = Counter("gateway_refusals", "Requests refused or failed, by route and the problem type the "
                                 "caller got (unauthorized, credential-revoked, rate-limited, budget-exhausted, "
                                 "not-found, invalid-input, adversarial-input, lockdown...)", ["route", "type"],
@@ -181,11 +185,13 @@ class Metrics:
         self.scrape.register(_StateCollector(state))
 
     def observe(self, route: str, model: str, outcome: str, status: int, seconds: float,
-                problem: str | None = None, version: str = "-") -> None:
+                problem: str | None = None, version: str = "-", policy: str | None = None) -> None:
         self.requests.labels(route, model, version, outcome, str(status)).inc()
         self.latency.labels(route, model, version).observe(seconds)
         if problem is not None:
             self.refusals.labels(route, problem).inc()
+        if policy is not None:
+            self.limit_refusals.labels(route, policy).inc()
 
     async def render(self) -> bytes:
         await self.pool.refresh()  # fresh queue depths and batch statistics

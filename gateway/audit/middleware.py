@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.audit.writer import AuditUnavailable, AuditWriter
 from gateway.context import SCOPE_KEY, RequestContext
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, TooManyRequests
 from gateway.events import EventSink
 from gateway.metrics import Metrics
 from gateway.middleware.problems import send_problem
@@ -158,8 +158,9 @@ class AuditMiddleware:
         model = ctx.model if ctx is not None and ctx.model in self.known_models else ""
         error = ctx.error if ctx is not None else None
         version = ctx.version if model and ctx is not None and ctx.version is not None else "-"
+        policy = error.extensions.get("policy") if isinstance(error, TooManyRequests) else None
         self.metrics.observe(route, model or "-", result, status, seconds, error.type if error is not None else None,
-                             version)
+                             version, str(policy) if policy is not None else None)
         return route, result, seconds
 
     async def _record(self, scope: Scope, status: int, started: float) -> None:

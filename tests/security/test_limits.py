@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import Gateway, free_port, start_gateway
+from tests.test_metrics import value
 
 pytestmark = pytest.mark.slow
 
@@ -151,6 +152,10 @@ budget_rows = "10/day"
         budget = [_status(gw, admin, "POST", "/v2/models/digits/infer", rows(4), "admin") for _ in range(3)]
         assert [r.status_code for r in budget] == [200, 200, 429]
         assert budget[-1].json()["policy"] == "budget-rows" and budget[-1].json()["error"]
+        with gw.client("admin") as c:  # an alert sees which policy refuses
+            scrape = c.get("/metrics").text
+        assert value(scrape, "gateway_limit_refusals_total", route="infer", policy="per-principal-model") == 1
+        assert value(scrape, "gateway_limit_refusals_total", route="infer", policy="budget-rows") == 1
         # Refused credentials from one address: five, then even a good token waits.
         bad = [_status(gw, "garbage").status_code for _ in range(5)]
         assert bad == [401] * 5
