@@ -74,6 +74,16 @@ class _WorkerCollector(Collector):
             for provider in self.pool.providers(model):
                 providers.add_metric([model, provider], 1.0)
         yield from (depth, inflight, healthy, batches, queued, compute, restarts, providers)
+        supervision = getattr(self.pool, "supervision", {}) or {}
+        refused = CounterMetricFamily("gateway_model_version_refusals", "Model versions a reload refused (signature, "
+                                      "admission, calibration), per model, since start-up", labels=["model"])
+        for model, count in (supervision.get("refused") or {}).items():
+            refused.add_metric([model], float(count))
+        quarantined = GaugeMetricFamily("gateway_model_version_quarantined", "Model versions whose workers died at "
+                                        "load (1 each; the previous version keeps serving)", labels=["model", "version"])
+        for entry in supervision.get("quarantined") or []:
+            quarantined.add_metric([str(entry["model"]), str(entry["version"])], 1.0)
+        yield from (refused, quarantined)
 
 
 class _GuardCollector(Collector):

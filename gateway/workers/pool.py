@@ -98,6 +98,8 @@ class WorkerPool:
         """Called with (unit key, manifest folder) when the supervisor swapped in, added (or, with
         None, removed) a model version."""
         self._routes_mtime = 0
+        self.supervision: dict[str, Any] = {}
+        """The supervisor's record of refused and quarantined model versions (from ``routes.json``)."""
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -138,10 +140,12 @@ class WorkerPool:
         if mtime == self._routes_mtime:
             return
         try:
-            routes = orjson.loads(self.routes_path.read_bytes())["models"]
-        except (OSError, ValueError, KeyError):
+            document = orjson.loads(self.routes_path.read_bytes())
+            routes = document["models"]
+        except (OSError, ValueError, KeyError, TypeError):
             return  # mid-replace or unreadable: next round
         self._routes_mtime = mtime
+        self.supervision = document.get("supervision") or {}
         for key, route in routes.items():
             if self.config.model(Unit.parse(key).model) is None:
                 continue  # not a model this process was configured with
@@ -182,7 +186,9 @@ class WorkerPool:
         await asyncio.gather(*(w.transport.aclose() for w in clients))
 
     async def refresh(self) -> None:
-        """Probe every worker now (fresh queue depth and batch statistics for metrics)."""
+        """Read the supervisor's routes and probe every worker now (fresh restarts, refusals, queue
+        depth and batch statistics for metrics)."""
+        await self._follow_routes()
         await asyncio.gather(*(w.probe() for ws in self.workers.values() for w in ws))
 
     # views ---------------------------------------------------------------------------------

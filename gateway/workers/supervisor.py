@@ -45,6 +45,8 @@ class Supervisor:
         self._reloading = threading.Lock()
         self.events: list[dict[str, object]] = []  # loads, refusals and swaps, for the audit log
         self.quarantined: set[tuple[Unit, str]] = set()  # (unit, sha256) whose workers died at load
+        self.quarantined_versions: set[tuple[str, str]] = set()  # the same, as (model, version), for metrics
+        self.refusals: dict[str, int] = {}  # versions refused by the checks, per model, since start-up
 
     def _model_bytes(self, w: WorkerProcess) -> bytes:
         return self._models[(w.unit, w.generation)]
@@ -91,7 +93,9 @@ class Supervisor:
                                 for w in self.monitor.workers if w.unit == unit and w.generation == gen],
                 }
             tmp = self.runtime_dir / f".{ROUTES}.tmp"
-            tmp.write_text(json.dumps({"models": models}, indent=1))
+            supervision = {"refused": self.refusals,
+                           "quarantined": [{"model": m, "version": v} for m, v in sorted(self.quarantined_versions)]}
+            tmp.write_text(json.dumps({"models": models, "supervision": supervision}, indent=1))
             os.replace(tmp, self.runtime_dir / ROUTES)
 
     # reload ----------------------------------------------------------------------------------
@@ -103,6 +107,12 @@ class Supervisor:
         self.events.append(event)
         (log.warning if kind in ("refuse", "quarantine") else log.info)(
             "model %s/%s: %s%s", manifest.name, manifest.version, kind, f" ({reason})" if reason else "")
+        if kind in ("refuse", "quarantine"):  # for the serving processes' metrics
+            if kind == "refuse":
+                self.refusals[manifest.name] = self.refusals.get(manifest.name, 0) + 1
+            else:
+                self.quarantined_versions.add((manifest.name, manifest.version))
+            self.publish_routes()
 
     def reload(self, config: Config) -> list[dict[str, object]]:
         """Swap in every configured model version that changed, each only once it is verified,

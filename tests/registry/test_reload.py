@@ -20,6 +20,7 @@ from gateway.cli import main
 from gateway.registry.signing import sign_model
 from tests.conftest import Gateway, onnx_reference, start_gateway
 from tests.registry.test_supply import HOSTILE, _replace_model
+from tests.test_metrics import value
 
 pytestmark = pytest.mark.slow
 
@@ -176,6 +177,10 @@ async def test_reload_under_load_swaps_versions_without_a_failed_request_and_ref
         assert main(["models", "reload", "--config", str(gw.config)]) == 0
         await _until(_logged(gw, "digits/4: quarantine"), "the failing version was not quarantined")
         assert _infer(gw)[2] == "2"
+        with gw.client("admin") as admin:  # what an alert on reloads sees
+            scrape = admin.get("/metrics").text
+        assert value(scrape, "gateway_model_version_refusals_total", model="digits") == 1
+        assert value(scrape, "gateway_model_version_quarantined", model="digits", version="4") == 1
         # Every signature failure and every hostile file of the admission table, through the
         # running gateway: each refused with its reason while version 2 answers.
         cases = [("tampered", _tamper), ("extra file", _extra_file), ("other signer", _other_signer)]
