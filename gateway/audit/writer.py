@@ -10,8 +10,9 @@ records leaves only after that, so a response that reached its client always has
 * ``fsync``: records are group-committed: written and fsynced together with whatever arrived while
   the previous batch was being synced (and within ``audit.flush_window_ms``), in a thread.
 
-Checkpoints (signed) are added every ``checkpoint_every`` records or ``checkpoint_interval_s``, at rotation, at start-up and at
-shutdown; files rotate by size or age and the chain continues across them.
+Checkpoints (signed) are added every ``checkpoint_every`` records or ``checkpoint_interval_s``, at
+rotation, at start-up and at shutdown; files rotate by size or age and the chain continues across
+them.
 
 Every writer also keeps the log's signed stream manifest (``streams.json``, see
 ``gateway.audit.chain``) true: its stream is ``open`` from start-up, and ``sealed`` at the last
@@ -86,6 +87,10 @@ class _State:
     last_kind: str = ""
     notes: list[str] = field(default_factory=list)
 
+    def draft(self) -> _State:
+        """A copy to seal a batch against, which becomes the state once the batch is written."""
+        return _State(self.seq, self.prev, self.since_checkpoint, self.last_kind)
+
 
 class AuditWriter:
     def __init__(self, config: AuditConfig, stream: str, key: AuditKey) -> None:
@@ -106,6 +111,7 @@ class AuditWriter:
         self._pending: list[_Pending] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._sync_handle: asyncio.TimerHandle | None = None
+        self._sync_task: asyncio.Task[None] | None = None
         self._access_checked_at = -ACCESS_CHECK_S
         self._write_lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
@@ -190,7 +196,7 @@ class AuditWriter:
 
     def append_now(self, record: dict[str, Any]) -> None:
         """Write one record at once, without an event loop (the supervisor's model events)."""
-        state = _State(self.state.seq, self.state.prev, self.state.since_checkpoint, self.state.last_kind)
+        state = self.state.draft()
         lines = [self._seal(record, state)]
         if record.get("kind") != "checkpoint":
             lines.append(self._seal(self._checkpoint("event"), state))  # rare events: seal each at once
@@ -259,7 +265,7 @@ class AuditWriter:
     def _write_now(self, records: tuple[dict[str, Any], ...]) -> None:
         """``process`` durability: seal and write at once, in the event loop (a write to the page
         cache); the fsync follows in a thread within ``fsync_interval_ms``."""
-        state = _State(self.state.seq, self.state.prev, self.state.since_checkpoint, self.state.last_kind)
+        state = self.state.draft()
         lines = [self._seal(r, state) for r in records]
         if state.since_checkpoint >= self.config.checkpoint_every:
             lines.append(self._seal(self._checkpoint("count"), state))
@@ -272,9 +278,11 @@ class AuditWriter:
         self.state = state
         self._commit(lines)
         if self._sync_handle is None:
-            loop = asyncio.get_running_loop()
-            self._sync_handle = loop.call_later(self.config.fsync_interval_ms / 1000,
-                                                lambda: loop.create_task(self._sync_later()))
+            self._sync_handle = asyncio.get_running_loop().call_later(self.config.fsync_interval_ms / 1000,
+                                                                      self._start_sync)
+
+    def _start_sync(self) -> None:
+        self._sync_task = asyncio.get_running_loop().create_task(self._sync_later())  # kept: a task needs a holder
 
     async def _sync_later(self) -> None:
         """The fsync that follows ``process``-durable writes (on a duplicate of the file's
@@ -316,7 +324,7 @@ class AuditWriter:
             batch, self._pending = self._pending, []
             if not batch:
                 return
-            state = _State(self.state.seq, self.state.prev, self.state.since_checkpoint, self.state.last_kind)
+            state = self.state.draft()
             lines: list[bytes] = []
             rotate = self._rotation_due()
             if rotate:
