@@ -22,6 +22,7 @@ def here(gateway: Gateway, tmp_path: Path) -> Path:
     (tmp_path / "credentials.json").write_text(json.dumps(creds))
     (tmp_path / "empty.json").write_text("")
     (tmp_path / "digit.json").write_text(json.dumps([[0.0] * 64]))
+    (tmp_path / "integers.json").write_text(json.dumps([[8] * 64]))  # as a person types pixels
     return tmp_path
 
 
@@ -49,6 +50,15 @@ def test_an_answer_is_json_on_standard_output(here: Path) -> None:
                          capture_output=True, text=True, cwd=here, timeout=60)
     assert out.returncode == 0 and out.stderr == "", out.stderr
     assert json.loads(out.stdout)["probabilities"]["shape"] == [1, 10]
+
+
+def test_integers_are_sent_as_the_floats_the_model_declares(here: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "gateway", "infer", "digits", "--input", "integers.json", "-o", "yaml"],
+                         capture_output=True, text=True, cwd=here, timeout=60)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    import yaml
+
+    assert yaml.safe_load(out.stdout)["probabilities"]["shape"] == [1, 10]
 
 
 def test_gateway_config_is_honoured_and_global_options_go_anywhere(pki: Path, tmp_path: Path) -> None:

@@ -79,7 +79,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     with client:
         try:
-            outputs = client.infer(args.model, inputs, version=args.version, binary=not args.json_tensors)
+            outputs = client.infer(args.model, _as_declared(client, args.model, args.version, inputs),
+                                   version=args.version, binary=not args.json_tensors)
         except NotFound as exc:
             try:
                 names = [m["name"] for m in client.models()]
@@ -106,6 +107,25 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         else:
             print(jsonlib.dumps(doc))
     return EXIT_OK
+
+
+def _as_declared(client: Any, model: str, version: str | None, inputs: Any) -> Any:
+    """Numbers as the model declares them: a JSON file's integers (or an .npy of float64) become
+    the FP32 a model asks for, as a program would have sent them; anything else is left to the
+    gateway's signature check."""
+    from gateway_client.protocol.datatypes import DATATYPES
+
+    declared = {i["name"]: i["datatype"] for i in client.model_metadata(model, version).get("inputs", [])}
+    named = inputs if isinstance(inputs, dict) else {next(iter(declared), ""): inputs}
+
+    def cast(name: str, array: Any) -> Any:
+        want = DATATYPES.get(declared.get(name, ""))
+        if want is None or want.kind not in "iuf" or array.dtype.kind not in "iuf" or array.dtype == want:
+            return array
+        return array.astype(want)
+
+    cast_named = {name: cast(name, array) for name, array in named.items()}
+    return cast_named if isinstance(inputs, dict) else next(iter(cast_named.values()))
 
 
 def _resign(folder: Path, signing_key: str) -> None:
