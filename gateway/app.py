@@ -146,10 +146,11 @@ def _protocol_error(request: Request, exc: Exception) -> Response:
 
 
 def _audit_writer(config: Config) -> AuditWriter | None:
-    """This serving process's audit stream (``p`` and its index), when auditing is on."""
+    """This serving process's audit stream (``p`` and its index, after the replica's name), when
+    auditing is on."""
     if not config.audit.enabled:
         return None
-    stream = f"p{os.environ.get('GATEWAY_PROCESS_INDEX', '0')}"
+    stream = config.audit.stream(f"p{os.environ.get('GATEWAY_PROCESS_INDEX', '0')}")
     return AuditWriter(config.audit, stream, load_private_key(config.audit.signing_key))
 
 

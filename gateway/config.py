@@ -296,6 +296,10 @@ class AuditConfig:
     checkpoint_interval_s: float = 60.0
     max_file_bytes: int = 64 * 1024 * 1024
     rotate_interval_s: float = 86400.0
+    replica: str = ""
+    """This gateway's name among replicas that share one audit directory (a pod's name, from the
+    Downward API): its streams are ``<replica>-p0``, ``<replica>-supervisor``..., so replicas never
+    contend for a stream. Empty: ``p0``, ``supervisor``... (one gateway per directory)."""
     durability: str = "process"
     """When an answer may leave: ``process`` once its record is written to the file (it survives
     ``kill -9`` of any process; fsync follows within ``fsync_interval_ms``), or ``fsync`` once its
@@ -310,6 +314,10 @@ class AuditConfig:
     counts them by path, status and client address."""
     fail_closed: bool = True
     """Answer 503 rather than serve a request that cannot be recorded; false is reported."""
+
+    def stream(self, name: str) -> str:
+        """The audit stream ``name`` (``p0``, ``supervisor``) of this replica."""
+        return f"{self.replica}-{name}" if self.replica else name
 
 
 @dataclass(frozen=True)
@@ -563,6 +571,8 @@ def _key_checks(cfg: Config) -> list[Check]:
         (a.max_file_bytes >= 4096 and a.rotate_interval_s > 0, "audit: max_file_bytes must be >= 4096, rotate_interval_s positive"),
         (0 <= a.flush_window_ms <= 1000, "audit.flush_window_ms must be 0..1000"),
         (a.durability in ("process", "fsync"), "audit.durability must be \"process\" or \"fsync\""),
+        (re.fullmatch(r"[A-Za-z0-9_-]{0,63}", a.replica) is not None,
+         "audit.replica must be at most 63 letters, digits, '-' or '_' (it names the audit streams)"),
         (1 <= a.fsync_interval_ms <= 60_000, "audit.fsync_interval_ms must be 1..60000"),
         (0 < a.probe_summary_s <= 3600, "audit.probe_summary_s must be 0..3600"),
         (not a.enabled or Path(a.signing_key).is_file(), f"audit.signing_key: {a.signing_key} does not exist (run `gateway init`)"),

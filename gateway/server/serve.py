@@ -121,7 +121,8 @@ class ModelEvents:
             from gateway.audit.chain import load_private_key
             from gateway.audit.writer import AuditWriter
 
-            self.writer = AuditWriter(config.audit, "supervisor", load_private_key(config.audit.signing_key))
+            self.writer = AuditWriter(config.audit, config.audit.stream("supervisor"),
+                                      load_private_key(config.audit.signing_key))
             self.writer.open()
         self._lock = threading.Lock()
 

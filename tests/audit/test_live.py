@@ -243,3 +243,26 @@ def test_fail_closed_off_serves_unrecorded_and_is_reported(
     finally:
         gw.stop()
     assert "could not be recorded" in gw.log.read_text() or "cannot be written" in gw.log.read_text()
+
+
+def test_replicas_share_one_audit_directory_without_contending(
+        pki: Path, tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> None:
+    """Two gateways on one audit volume (as replicas with a shared volume would be): each writes
+    streams of its own name, and the directory verifies as one log."""
+    shared = tmp_path_factory.mktemp("shared-audit")
+    gateways = []
+    try:
+        for name in ("gw-a", "gw-b"):
+            tmp = tmp_path_factory.mktemp(name)
+            (tmp / "audit").symlink_to(shared)
+            gateways.append(start_gateway(pki, tmp, models_root, audit=f'replica = "{name}"'))
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [1.0] * 64}]}
+        for gw in gateways:
+            with gw.client() as c:
+                assert c.post(INFER, json=body).status_code == 200
+    finally:
+        for gw in gateways:
+            gw.stop()
+    assert set(stream_files([shared])) == {"gw-a-p0", "gw-a-supervisor", "gw-b-p0", "gw-b-supervisor"}
+    report = verify_paths([shared], load_public_key(pki / "keys" / "audit-signing.pub"))
+    assert report.ok, report.problems
