@@ -10,7 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from gateway import __version__
 from gateway.commands import audit, config_option, emit, identity, incident, load, models
@@ -114,16 +114,14 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-GLOBAL_HELP = {"--log-level": "how much to log (default info; debug shows library logs too)",
-               "--debug": "show the traceback of an unexpected error"}
-
-
 def _global_options(parser: argparse.ArgumentParser, top: bool) -> None:
-    """``--log-level`` and ``--debug`` on the command line's every level, before or after the rest."""
-    default: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help=GLOBAL_HELP["--log-level"],
-                        **({"default": "info"} if top else default))
-    parser.add_argument("--debug", action="store_true", help=GLOBAL_HELP["--debug"], **default)
+    """``--log-level`` and ``--debug`` on the command line's every level, before or after the rest
+    (below the top, an option not given leaves the top's default in place)."""
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        default="info" if top else argparse.SUPPRESS,
+                        help="how much to log (default info; debug shows library logs too)")
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show the traceback of an unexpected error")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in dict.fromkeys(action.choices.values()):
