@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from gateway import __version__
-from gateway.commands import audit, config_option, emit, identity, incident, load, models
+from gateway.commands import add_options, audit, config_option, emit, identity, incident, json_alias, load, models
 
 __all__ = ["main"]
 
@@ -89,7 +89,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         client_cert = (creds["cert"], creds["key"]) if "cert" in creds else None
         args.ca = args.ca or json.loads(Path(args.credentials).read_text()).get("ca", "")
     findings = diagnose(config, args.url, args.ca, client_cert)
-    if args.json or args.format == "json":
+    if args.format == "json":
         print(as_json(findings))
     elif args.format == "yaml":
         emit(json.loads(as_json(findings)), "yaml")
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--principal", default="admin", help="--url: whose certificate in the credentials file")
     p.add_argument("-o", "--format", default="table", choices=["table", "json", "yaml"],
                    help="print the findings as text (default), JSON or YAML")
-    p.add_argument("--json", action="store_true", help="the same as -o json")
+    add_options(p, [json_alias()])
     p.add_argument("--strict", action="store_true", help="exit 1 on any finding above info (default: critical, high)")
     p.set_defaults(func=_cmd_doctor)
 

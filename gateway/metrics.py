@@ -74,7 +74,7 @@ class _WorkerCollector(Collector):
             for provider in self.pool.providers(model):
                 providers.add_metric([model, provider], 1.0)
         yield from (depth, inflight, healthy, batches, queued, compute, restarts, providers)
-        supervision = getattr(self.pool, "supervision", {}) or {}
+        supervision = self.pool.supervision
         refused = CounterMetricFamily("gateway_model_version_refusals", "Model versions a reload refused (signature, "
                                       "admission, calibration), per model, since start-up", labels=["model"])
         for model, count in (supervision.get("refused") or {}).items():

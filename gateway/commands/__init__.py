@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gateway.config import Config
 
-__all__ = ["Opt", "add_area", "config_option", "config_opt", "emit", "format_opt", "load", "opt"]
+__all__ = ["Opt", "add_area", "add_options", "config_opt", "config_option", "emit", "format_opt", "json_alias", "load",
+           "opt"]
 
 
 def load(args: argparse.Namespace) -> Config:
@@ -45,14 +46,23 @@ def config_opt() -> Opt:
                help="the configuration file (default: $GATEWAY_CONFIG, else gateway.toml)")
 
 
+def add_options(p: Any, options: Sequence[Opt]) -> None:
+    for option in options:
+        p.add_argument(*option.flags, **option.kwargs)
+
+
 def config_option(p: Any) -> None:
-    option = config_opt()
-    p.add_argument(*option.flags, **option.kwargs)
+    add_options(p, [config_opt()])
 
 
 def format_opt() -> Opt:
     return opt("-o", "--format", default="table", choices=["table", "json", "yaml"],
                help="print as an aligned table (default), JSON or YAML")
+
+
+def json_alias() -> Opt:
+    """``--json``, the older spelling of ``-o json``."""
+    return opt("--json", dest="format", action="store_const", const="json", help="the same as -o json")
 
 
 Action = tuple[str, Sequence[Opt]]

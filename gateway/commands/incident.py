@@ -5,13 +5,12 @@ required): the bearer token in ``GATEWAY_TOKEN``, or a sign-in with the credenti
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from gateway.commands import Action, Opt, add_area, emit, format_opt, opt
+from gateway.commands import Action, Opt, add_area, add_options, emit, format_opt, json_alias, opt
 
 __all__ = ["add_parsers"]
 
@@ -56,11 +55,7 @@ def _cmd_admin(args: argparse.Namespace) -> int:
 
     def work(client: Any) -> int:
         if args.action == "status":
-            doc = client.request("GET", "/admin/incidents").json()
-            if args.format == "table":
-                print(json.dumps(doc, indent=2))  # nested: JSON is its table
-            else:
-                emit(doc, args.format)
+            emit(client.request("GET", "/admin/incidents").json(), args.format)  # nested: its table is JSON
         elif args.action == "rotate-key":
             kid = client.request("POST", "/admin/keys/rotate", json_body={"reason": args.reason}).json()["kid"]
             print(f"new signing key {kid}; tokens signed by the previous key verify until they expire")
@@ -86,8 +81,8 @@ def _cmd_principals(args: argparse.Namespace) -> int:
         if args.action == "list":
             alarms = client.alarms()
             columns = ("time", "principal", "model", "action", "score", "queries", "request_id")
-            emit([{c: a.get(c) for c in columns} for a in alarms] if args.format == "table" and not args.json else alarms,
-                 "json" if args.json else args.format, "no extraction alarms in force")
+            table = [{c: a.get(c) for c in columns} for a in alarms]
+            emit(table if args.format == "table" else alarms, args.format, "no extraction alarms in force")
             return 0
         cleared = client.clear_principal(args.name, args.reason, args.model or None)
         what = f"on {args.model}" if args.model else "on every model"
@@ -143,13 +138,12 @@ def add_parsers(sub: Any) -> None:
              "issuer's key, status", _cmd_admin, actions)
 
     p = sub.add_parser("token", help="sign in with a credentials file's principal and print the bearer token")
-    for option in _credentials():
-        p.add_argument(*option.flags, **option.kwargs)
+    add_options(p, _credentials())
     p.set_defaults(func=_cmd_token)
 
     add_area(sub, "principals", "model-extraction alarms: list them, or clear a principal's", _cmd_principals, {
         "list": ("the extraction alarms in force", [
-            *_credentials(), format_opt(), opt("--json", action="store_true", help="the same as -o json")]),
+            *_credentials(), format_opt(), json_alias()]),
         "clear": ("lift a principal's alarms (its watched queries are forgotten too)", [
             opt("name", help="the principal as `principals list` names it (issuer|subject)"),
             opt("--model", default="", help="only this model's alarm (default: all of the principal's)"),
