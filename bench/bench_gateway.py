@@ -57,6 +57,7 @@ LIMITS = {
                "global_limit": HUGE, "budget_inferences": "1000000000/day", "budget_rows": "1000000000/day"},
 }
 LIMITS["redis"] = {**LIMITS["memory"], "storage": "redis://127.0.0.1:{redis_port}/0"}
+LIMITS["redis-before"] = {**LIMITS["redis"], "admission": "before"}
 POLICY = """
 [[rbac.rules]]
 name = "bench"

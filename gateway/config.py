@@ -270,6 +270,12 @@ class LimitsConfig:
     """Input rows (the batch dimension) per principal and model."""
     per_principal_explain: str = "10/minute"
     """Explanations per principal and model (each also costs its model evaluations in both budgets)."""
+    admission: Literal["concurrent", "before"] = "concurrent"
+    """With Redis, when an inference's limits are counted: ``concurrent`` sends its inputs to the
+    worker while the round trip to Redis runs, and answers only once it is admitted (a refused
+    request's outputs are discarded; the refusals a replica remembers stop the next ones before
+    any work); ``before`` waits for Redis first (a refused request never reaches a worker, at the
+    cost of that round trip in every inference's latency)."""
     storage_timeout_s: float = 0.25
     """A Redis call slower than this counts as a failure: local limits apply meanwhile."""
     storage_retry_s: float = 5.0

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from gateway.security.types import Decision, PeerIdentity, Principal
+from gateway.security.types import Charge, Decision, PeerIdentity, Principal
 
 if TYPE_CHECKING:
     from gateway.errors import GatewayError
@@ -138,6 +138,8 @@ class RequestContext:
     """The refusal or failure the request was answered with."""
     action: dict[str, Any] | None = None
     """What an administrative request changed, with its reason (incident controls)."""
+    charges: list[Charge] = field(default_factory=list)
+    """Limits gathered on the way in and not admitted yet (``gateway.security.ratelimit``)."""
 
 
 def get_context(scope: MutableMapping[str, Any]) -> RequestContext:

@@ -70,8 +70,9 @@ def credentials(pki: Path) -> dict[str, Any]:
     return dict(json.loads((pki / "credentials.json").read_text())["principals"])
 
 
-def fetch_token(url: str, pki: Path, principal: str = "demo", mfa: bool = True) -> str:
-    """Client credentials for the service "demo"; password (+ TOTP when ``mfa``) for the person "admin"."""
+def fetch_token(url: str, pki: Path, principal: str = "demo", mfa: bool = True, totp_at: float | None = None) -> str:
+    """Client credentials for the service "demo"; password (+ TOTP when ``mfa``, the code of the
+    time ``totp_at`` or now) for the person "admin"."""
     creds = credentials(pki)[principal]
     with httpx.Client(base_url=url, verify=client_context(pki, principal), timeout=30) as c:
         if "client_secret" in creds:
@@ -81,7 +82,7 @@ def fetch_token(url: str, pki: Path, principal: str = "demo", mfa: bool = True) 
             form = {"grant_type": "password", "client_id": "gateway-cli", "username": creds["username"],
                     "password": creds["password"]}
             if mfa:
-                form["totp"] = totp_now(creds["totp_secret"])
+                form["totp"] = totp_now(creds["totp_secret"], totp_at)
             r = c.post("/oauth/token", data=form)
         assert r.status_code == 200, r.text
         return str(r.json()["access_token"])

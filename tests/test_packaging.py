@@ -221,5 +221,5 @@ def test_licensed_apache_2_and_typed() -> None:
     assert metadata("gateway")["License-Expression"] == "Apache-2.0"
     # SDK users get the type hints (PEP 561), and the serving processes their OpenSSL configuration.
     data = project["tool"]["setuptools"]["package-data"]["gateway"]
-    assert {"py.typed", "server/openssl-modern.cnf"} <= set(data)
+    assert {"py.typed", "server/openssl-modern.cnf", "security/admit.lua"} <= set(data)
     assert all((ROOT / "gateway" / name).is_file() for name in data)

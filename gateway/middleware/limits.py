@@ -1,24 +1,41 @@
 """Rate limiting around authentication: by address before it, by principal after it.
 
-``AddressLimitMiddleware`` sits outside authentication: it counts health probes per client address
-in this process's memory (``per-address-probes``), and every other request per client address, refuses an address that has sent too many bad credentials lately
-(``failed-auth``), and counts each 401, and each refused sign-in at the token endpoint, against
-it. ``PrincipalLimitMiddleware`` sits inside authentication and counts per principal and
-globally. Model-level limits and budgets are applied by the inference handler, which knows the
-model and the number of input rows.
+Each layer adds its charges to the request's context and one admission counts them together
+(``gateway.security.ratelimit``: one Redis round trip). ``AddressLimitMiddleware`` sits outside
+authentication: it counts health probes per client address in this process's memory
+(``per-address-probes``); for every other request it refuses up front an address this process
+knows to be over its limit, and charges the request to its address and to the address's
+failed-auth limit (which needs room for one); it counts each 401, and each refused sign-in at the
+token endpoint, against that limit. ``PrincipalLimitMiddleware`` sits inside authentication and
+charges per principal and globally, then admits what the request owes so far, except for an
+inference or an explanation, whose model-level stage admits it with the model's limits and
+budgets. Whatever a request owes and was never admitted (it was refused on the way) is counted
+when it ends.
 """
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.context import get_context
+from gateway.context import RequestContext, get_context
 from gateway.errors import GatewayError
 from gateway.routes import PROBE_PATHS
 from gateway.security.issuer import TOKEN_PATH
-from gateway.security.ratelimit import Limiter
+from gateway.security.ratelimit import Charge, Limiter, RateLimited
 
-__all__ = ["AddressLimitMiddleware", "PrincipalLimitMiddleware"]
+__all__ = ["AddressLimitMiddleware", "PrincipalLimitMiddleware", "settle"]
+
+_MODEL_CALLS = ("/infer", "/explain")
+
+
+async def settle(limiter: Limiter, ctx: RequestContext, *extra: Charge) -> None:
+    """Count what ``ctx`` still owes (and ``extra``) for a request that is answered already: a
+    refusal now only makes this process refuse the next one up front."""
+    charges, ctx.charges = [*ctx.charges, *extra], []
+    try:
+        await limiter.admit(charges)
+    except RateLimited:
+        pass
 
 
 class AddressLimitMiddleware:
@@ -30,13 +47,16 @@ class AddressLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        address = get_context(scope).client_host or "unknown"
+        ctx = get_context(scope)
+        address = ctx.client_host or "unknown"
+        limiter = self.limiter
         if scope["path"] in PROBE_PATHS:
-            await self.limiter.hit(self.limiter.per_address_probes, address, local=True)
+            await limiter.hit(limiter.per_address_probes, address, local=True)
             await self.app(scope, receive, send)
             return
-        await self.limiter.exceeded(self.limiter.failed_auth, address)
-        await self.limiter.hit(self.limiter.per_address, address)
+        limiter.refuse_known(limiter.failed_auth, address)
+        limiter.refuse_known(limiter.per_address, address)
+        ctx.charges += (Charge(limiter.failed_auth, address, 0), Charge(limiter.per_address, address))
         refused = False
 
         async def watch(message: Message) -> None:
@@ -49,14 +69,14 @@ class AddressLimitMiddleware:
         try:
             await self.app(scope, receive, watch)
         except GatewayError as exc:
-            refused = exc.status == 401
+            if exc.status == 401:  # not answered yet: an address over its limits hears 429 instead
+                charges, ctx.charges = ctx.charges, []
+                await limiter.admit([*charges, Charge(limiter.failed_auth, address)])
             raise
         finally:
-            if refused:
-                try:
-                    await self.limiter.hit(self.limiter.failed_auth, address)
-                except GatewayError:
-                    pass  # over the limit now: the next request from this address is refused up front
+            failed = (Charge(limiter.failed_auth, address),) if refused else ()
+            if ctx.charges or failed:
+                await settle(limiter, ctx, *failed)
 
 
 class PrincipalLimitMiddleware:
@@ -65,9 +85,17 @@ class PrincipalLimitMiddleware:
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            principal = get_context(scope).principal
-            if principal is not None:
-                await self.limiter.hit(self.limiter.per_principal, principal.key)
-                await self.limiter.hit(self.limiter.global_, "all")
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = get_context(scope)
+        limiter = self.limiter
+        principal = ctx.principal
+        if principal is not None:
+            limiter.refuse_known(limiter.per_principal, principal.key)
+            limiter.refuse_known(limiter.global_, "all")
+            ctx.charges += (Charge(limiter.per_principal, principal.key), Charge(limiter.global_, "all"))
+        if principal is None or not scope["path"].endswith(_MODEL_CALLS):
+            charges, ctx.charges = ctx.charges, []
+            await limiter.admit(charges)
         await self.app(scope, receive, send)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+import anyio.from_thread
 import anyio.to_thread
 from authlib.oauth2.rfc6749 import AuthorizationServer, ClientMixin, OAuth2Payload, OAuth2Request
 from authlib.oauth2.rfc6749.errors import InvalidGrantError
@@ -196,7 +197,7 @@ class BuiltinIssuer:
         self.store = IssuerStore(config.issuer.directory)
         self.limiter = limiter or Limiter(config.limits, config.issuer.max_failed_logins, config.issuer.lockout_s)
         self.max_failed_otp = config.issuer.max_failed_otp
-        self._used_codes: dict[str, int] = {}  # last accepted TOTP step per user: no replays
+        self._used_codes: dict[str, int] = {}  # last accepted TOTP step per user: no replays (and Redis)
         self.server = self._authorization_server()
 
     def _authorization_server(self) -> AuthorizationServer:
@@ -267,6 +268,8 @@ class BuiltinIssuer:
             if self._used_codes.get(username, -1) >= step:
                 return False  # a code is good for one sign-in only
             self._used_codes[username] = step
+            if self.limiter.shared is not None:  # nor on another replica (runs in the grant's thread)
+                return anyio.from_thread.run(self.limiter.first_use, f"totp/{username}/{step}", 3 * TOTP_STEP)
             return True
         return False
 

@@ -23,7 +23,30 @@ policy                       key                             where
 ``budget-rows``              principal + model               inference, cost = input rows
 ===========================  ==============================  =========================================
 
-Account lockout (the built-in issuer's consecutive failed sign-ins) uses the same storage.
+Account lockout (the built-in issuer's consecutive failed sign-ins) and the one use of each
+one-time code use the same storage.
+
+**One round trip per request.** A request's limits are *charges* (policy, key, cost) gathered on
+its way in and admitted together: by address and failed-auth before authentication, by principal
+and globally after it, by principal and model and both budgets once the inputs are checked. With
+Redis the admission is one Lua script (``admit.lua``): it counts each limit in order, as separate
+calls did, up to the first without room, and returns that limit's wait in the same reply (so a
+request refused by its budget still counts against its address and principal, and one refused
+per address spends no budget). The memory storage does the same with ``limits``' strategies. Routes
+without model limits are admitted right after authentication; an inference, where the model-level
+limits are; a request refused on the way (a bad body, a 403) still has its charges counted.
+
+Since the address and principal limits are then known only after authentication (and, for an
+inference, after decoding), each process remembers a refusal it received until its wait is over
+(``_denied``; only refusals that a smaller request could not escape): the next request of that
+address or principal is refused up front, before its token is checked or its body read, without a
+round trip. The failed-auth limit still refuses an address as soon as its count is reached.
+
+The script counts as ``limits`` does for each strategy (a fixed window from its first hit, the
+moving window's list of timestamps), except that its sliding-window counter keeps both windows in
+one hash and aligns them to the clock (a few Redis calls per limit instead of seven); the local
+fallback's windows start at a key's first hit. All of a request's keys go to one Redis: a single server, or a
+primary with replicas (Sentinel); Redis Cluster would need every key in one slot, which it is not.
 """
 
 from __future__ import annotations
@@ -32,13 +55,11 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from limits import RateLimitItem, parse_many
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits import RateLimitItem
 from limits.aio.strategies import (
     FixedWindowRateLimiter,
     MovingWindowRateLimiter,
@@ -48,8 +69,10 @@ from limits.aio.strategies import (
 
 from gateway.config import LimitsConfig
 from gateway.errors import TooManyRequests
+from gateway.security.limitstores import Limit, MemoryCounts, RedisCounts, window_s
+from gateway.security.types import Charge, LimitPolicy
 
-__all__ = ["BudgetExhausted", "LimitPolicy", "Limiter", "RateLimited"]
+__all__ = ["BudgetExhausted", "Charge", "LimitPolicy", "Limiter", "RateLimited"]
 
 log = logging.getLogger("gateway.limits")
 T = TypeVar("T")
@@ -59,22 +82,8 @@ _STRATEGIES: dict[str, type[RateLimiter]] = {
     "moving-window": MovingWindowRateLimiter,
     "fixed-window": FixedWindowRateLimiter,
 }
-
-
-@dataclass(frozen=True, slots=True)
-class LimitPolicy:
-    name: str
-    items: tuple[RateLimitItem, ...]
-    budget: bool = False
-    """Budgets count in fixed windows (a day is a day), whatever the rate-limit strategy."""
-
-    @classmethod
-    def parse(cls, name: str, text: str, budget: bool = False) -> LimitPolicy | None:
-        return cls(name, tuple(parse_many(text)), budget) if text else None
-
-
-def _window_s(item: RateLimitItem) -> int:
-    return int(item.get_expiry())
+BATCH_MAX = 64
+"""Admissions sent in one script call at most."""
 
 
 class RateLimited(TooManyRequests):
@@ -85,7 +94,7 @@ class RateLimited(TooManyRequests):
         super().__init__(detail or f"{policy.name}: more than {item} (try again in {retry_after} s)",
                          retry_after=retry_after, policy=policy.name, limit=str(item))
         # draft-ietf-httpapi-ratelimit-headers: the policy's quota and window, and what remains.
-        self.headers["RateLimit-Policy"] = f'"{policy.name}";q={item.amount};w={_window_s(item)}'
+        self.headers["RateLimit-Policy"] = f'"{policy.name}";q={item.amount};w={window_s(item)}'
         self.headers["RateLimit"] = f'"{policy.name}";r=0;t={retry_after}'
 
 
@@ -100,29 +109,41 @@ class BudgetExhausted(RateLimited):
         self.extensions["reset"] = reset
 
 
+
+def _refusal(unit: Limit, wait_s: float) -> RateLimited:
+    retry_after = max(1, math.ceil(wait_s))
+    cls = BudgetExhausted if unit.policy.budget else RateLimited
+    return cls(unit.policy, unit.item, retry_after)
+
+
+
+
+_Backend = MemoryCounts | RedisCounts
+
+
+def _retrieve(admission: asyncio.Future[None]) -> None:
+    if not admission.cancelled():
+        admission.exception()
+DENIED_MAX = 65536
+"""Refusals remembered per process (addresses and principals over a limit); beyond it the oldest go."""
+
+
 class Limiter:
     """Every policy of ``[limits]`` over one storage, with the local fallback described above."""
 
     def __init__(self, config: LimitsConfig, max_failed_logins: int = 100, lockout_s: float = 900) -> None:
         self.config = config
-        self.local: Storage = MemoryStorage()
-        self.shared: Storage | None = None
+        self.local = MemoryCounts(_STRATEGIES[config.strategy])
+        self.shared: RedisCounts | None = None
         if config.storage.startswith(("redis://", "rediss://")):
-            timeout = config.storage_timeout_s
-            self.shared = RedisStorage(
-                "async+" + config.storage, implementation="redispy", wrap_exceptions=True,
-                socket_timeout=timeout, socket_connect_timeout=timeout,
-            )
+            self.shared = RedisCounts(config.storage, config.strategy, config.storage_timeout_s)
         self.degraded: str | None = None
         self.retry_at = 0.0
         self.max_failed_logins = max_failed_logins
         self.lockout_s = lockout_s
-        strategy = _STRATEGIES[config.strategy]
-        self._limiters: dict[tuple[int, bool], RateLimiter] = {}
-        for storage in (self.local, self.shared):
-            if storage is not None:
-                self._limiters[(id(storage), False)] = strategy(storage)
-                self._limiters[(id(storage), True)] = FixedWindowRateLimiter(storage)
+        self._denied: dict[tuple[str, str], float] = {}
+        self._queue: list[tuple[list[Limit], asyncio.Future[tuple[int, float] | None]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
         c = config
         self.per_address = LimitPolicy.parse("per-address", c.per_address)
         self.failed_auth = LimitPolicy.parse("failed-auth", c.failed_auth_per_address)
@@ -134,79 +155,168 @@ class Limiter:
         self.budget_rows = LimitPolicy.parse("budget-rows", c.budget_rows, budget=True)
         self.per_principal_explain = LimitPolicy.parse("per-principal-explain", c.per_principal_explain)
 
-    async def _run(self, call: Callable[[Storage], Awaitable[T]]) -> T:
+    def _shared_now(self) -> RedisCounts | None:
+        return self.shared if self.shared is not None and time.monotonic() >= self.retry_at else None
+
+    async def _run(self, call: Callable[[_Backend], Awaitable[T]]) -> T:
         """Run against Redis when it is healthy, else (and on any failure) against local memory."""
-        if self.shared is not None and time.monotonic() >= self.retry_at:
+        shared = self._shared_now()
+        if shared is not None:
             try:
-                result = await asyncio.wait_for(call(self.shared), self.config.storage_timeout_s)
+                async with asyncio.timeout(self.config.storage_timeout_s):
+                    result = await call(shared)
             except Exception as exc:  # any storage failure: never a 500, never unenforced
-                reason = f"{type(exc).__name__}: {exc}"[:200]
-                if self.degraded is None:
-                    log.warning("rate-limit storage unreachable (%s); enforcing local limits per process", reason)
-                self.degraded = reason
-                self.retry_at = time.monotonic() + self.config.storage_retry_s
+                self._failed(exc)
             else:
-                if self.degraded is not None:
-                    log.warning("rate-limit storage is back; shared limits apply again")
-                    self.degraded = None
+                self._succeeded()
                 return result
         return await call(self.local)
 
-    def _limiter(self, storage: Storage, policy: LimitPolicy) -> RateLimiter:
-        return self._limiters[(id(storage), policy.budget)]
+    def _failed(self, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"[:200]
+        if self.degraded is None:
+            log.warning("rate-limit storage unreachable (%s); enforcing local limits per process", reason)
+            self._denied.clear()  # what Redis refused is not what this process counts
+        self.degraded = reason
+        self.retry_at = time.monotonic() + self.config.storage_retry_s
+
+    def _succeeded(self) -> None:
+        if self.degraded is not None:
+            log.warning("rate-limit storage is back; shared limits apply again")
+            self.degraded = None
+            self._denied.clear()
+
+    async def _admit(self, units: list[Limit]) -> tuple[int, float] | None:
+        """Admit ``units`` with whatever other requests ask in the same turn of the event loop: one
+        script call for them all."""
+        if self._shared_now() is None:
+            return await self.local.admit(units)
+        waiting: asyncio.Future[tuple[int, float] | None] = asyncio.get_running_loop().create_future()
+        self._queue.append((units, waiting))
+        if len(self._queue) == 1:
+            flush = asyncio.get_running_loop().create_task(self._flush())
+            self._flushes.add(flush)
+            flush.add_done_callback(self._flushes.discard)
+        return await waiting
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
+            try:
+                assert self.shared is not None
+                async with asyncio.timeout(self.config.storage_timeout_s):
+                    results = await self.shared.admit_many([units for units, _ in batch])
+            except asyncio.CancelledError:  # shutting down: nobody waits forever
+                for _, waiting in [*batch, *self._queue]:
+                    waiting.cancel()
+                self._queue = []
+                raise
+            except Exception as exc:  # any storage failure: never a 500, never unenforced
+                self._failed(exc)
+                results = [await self.local.admit(units) for units, _ in batch]
+            else:
+                self._succeeded()
+            for (_, waiting), result in zip(batch, results, strict=True):
+                if not waiting.done():
+                    waiting.set_result(result)
+
+    def refuse_known(self, policy: LimitPolicy | None, key: str) -> None:
+        """Raise the refusal this process last received for ``policy`` and ``key`` while its wait
+        lasts; no round trip."""
+        if policy is None or not self._denied:
+            return
+        until = self._denied.get((policy.name, key))
+        if until is None:
+            return
+        wait = until - time.monotonic()
+        if wait <= 0:
+            del self._denied[(policy.name, key)]
+            return
+        raise _refusal(Limit(policy, policy.items[0], key, 1), wait)
+
+    def _remember(self, unit: Limit, wait_s: float) -> None:
+        if len(self._denied) >= DENIED_MAX:
+            now = time.monotonic()
+            self._denied = {k: v for k, v in self._denied.items() if v > now}
+            while len(self._denied) >= DENIED_MAX:
+                del self._denied[next(iter(self._denied))]
+        self._denied[(unit.policy.name, unit.key)] = time.monotonic() + wait_s
+
+    def _units(self, charges: Iterable[Charge]) -> list[Limit]:
+        """Each limit of each charge; a refusal this process remembers raises here, before any I/O."""
+        units: list[Limit] = []
+        for c in charges:
+            if c.policy is not None:
+                self.refuse_known(c.policy, c.key)
+                units += (Limit(c.policy, item, c.key, c.cost) for item in c.policy.items)
+        return units
+
+    async def _settle(self, units: list[Limit], local: bool) -> None:
+        refused = await (self.local.admit(units) if local else self._admit(units))
+        if refused is not None:
+            unit, wait_s = units[refused[0]], max(refused[1], 0.0)
+            # Remembered when a cheaper request could not get through either, and not while Redis
+            # is down: those local counts are forgotten when it is back.
+            if unit.cost <= 1 and wait_s > 0 and (local or self.degraded is None):
+                self._remember(unit, wait_s)
+            raise _refusal(unit, wait_s)
+
+    async def admit(self, charges: Iterable[Charge], local: bool = False) -> None:
+        """Count each charge in order, as separate calls would, and raise 429 for the first limit
+        without room (the charges after it are not counted).
+        ``local`` counts in this process's memory, whatever the configured storage."""
+        units = self._units(charges)
+        if units:
+            await self._settle(units, local)
+
+    def admit_soon(self, charges: Iterable[Charge]) -> asyncio.Future[None] | None:
+        """``admit``, with the Redis round trip left running for the caller to await when it must
+        know (None when there is nothing to count); a refusal this process remembers raises now."""
+        units = self._units(charges)
+        if not units:
+            return None
+        admission = asyncio.ensure_future(self._settle(units, False))
+        admission.add_done_callback(_retrieve)  # awaited by the caller, unless it failed before that
+        return admission
+
+    @property
+    def concurrent(self) -> bool:
+        """An inference's model-level admission may run while its inputs travel to the worker."""
+        return self.config.admission == "concurrent" and self.shared is not None and self.degraded is None
 
     async def hit(self, policy: LimitPolicy | None, key: str, cost: int = 1, local: bool = False) -> None:
-        """Count ``cost`` against every limit of ``policy`` for ``key``; 429 when one is exceeded.
-        ``local`` counts in this process's memory, whatever the configured storage."""
-        if policy is None:
-            return
-        for item in policy.items:
-            def call(storage: Storage, item: RateLimitItem = item) -> Awaitable[bool]:
-                return self._limiter(storage, policy).hit(item, policy.name, key, cost=cost)
-
-            if not (await call(self.local) if local else await self._run(call)):
-                raise await self._refusal(policy, item, key, local)
+        """Count ``cost`` against every limit of ``policy`` for ``key``; 429 when one is exceeded."""
+        await self.admit((Charge(policy, key, cost),), local)
 
     async def exceeded(self, policy: LimitPolicy | None, key: str) -> None:
         """Raise 429 if ``policy`` is already used up for ``key``, without counting anything."""
-        if policy is None:
-            return
-        for item in policy.items:
-            def call(storage: Storage, item: RateLimitItem = item) -> Awaitable[bool]:
-                return self._limiter(storage, policy).test(item, policy.name, key)
-
-            if not await self._run(call):
-                raise await self._refusal(policy, item, key)
-
-    async def _refusal(self, policy: LimitPolicy, item: RateLimitItem, key: str, local: bool = False) -> RateLimited:
-        def window(s: Storage) -> Awaitable[Any]:
-            return self._limiter(s, policy).get_window_stats(item, policy.name, key)
-
-        stats = await (window(self.local) if local else self._run(window))
-        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
-        return BudgetExhausted(policy, item, retry_after) if policy.budget else RateLimited(policy, item, retry_after)
+        await self.admit((Charge(policy, key, 0),))
 
     # -- consecutive failed sign-ins per account (NIST SP 800-63B section 5.2.2) -------------------
     async def account_locked(self, account: str, limit: int | None = None) -> int:
         """Seconds until ``account`` may try again (``limit`` failures, by default
         ``max_failed_logins``), or 0."""
         key = f"gateway/lockout/{account}"
-        count = await self._run(lambda s: s.get(key))
+        count = await self._run(lambda b: b.get(key))
         if count < (limit or self.max_failed_logins):
             return 0
-        expiry = await self._run(lambda s: s.get_expiry(key))
-        return max(1, math.ceil(expiry - time.time()))
+        return max(1, math.ceil(await self._run(lambda b: b.ttl(key))))
 
     async def account_failed(self, account: str, limit: int | None = None) -> None:
         key = f"gateway/lockout/{account}"
-        count = await self._run(lambda s: s.incr(key, int(self.lockout_s)))
+        count = await self._run(lambda b: b.incr(key, int(self.lockout_s)))
         if count == (limit or self.max_failed_logins):
             log.warning("account %r locked for up to %d s after %d consecutive failures",
                         account, self.lockout_s, count)
 
     async def account_succeeded(self, account: str) -> None:
         key = f"gateway/lockout/{account}"
-        await self._run(lambda s: s.clear(key))
+        await self._run(lambda b: b.clear(key))
+
+    async def first_use(self, key: str, ttl_s: int) -> bool:
+        """True the first time ``key`` is used within ``ttl_s`` (by any replica sharing Redis):
+        a one-time code is good for one sign-in only."""
+        return await self._run(lambda b: b.incr(f"gateway/once/{key}", ttl_s)) == 1
 
     def status(self) -> dict[str, Any]:
         storage = "redis" if self.shared is not None else "memory"
@@ -216,7 +326,4 @@ class Limiter:
 
     async def close(self) -> None:
         if self.shared is not None:
-            bridge: Any = getattr(self.shared, "bridge", None)
-            storage: Any = getattr(bridge, "storage", None)
-            if storage is not None and hasattr(storage, "aclose"):
-                await storage.aclose()
+            await self.shared.close()

@@ -7,9 +7,12 @@ Frozen dataclasses with no web framework and no I/O, so the decision functions i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-__all__ = ["Decision", "PeerIdentity", "Principal", "PrincipalKind"]
+if TYPE_CHECKING:
+    from limits import RateLimitItem
+
+__all__ = ["Charge", "Decision", "LimitPolicy", "PeerIdentity", "Principal", "PrincipalKind"]
 
 PrincipalKind = Literal["person", "service", "certificate"]
 
@@ -75,3 +78,29 @@ class Decision:
     def as_dict(self) -> dict[str, Any]:
         return {"allowed": self.allowed, "verb": self.verb, "model": self.model, "rule": self.rule,
                 "reason": self.reason, "step_up": self.step_up}
+
+
+@dataclass(frozen=True, slots=True)
+class LimitPolicy:
+    """One policy of ``[limits]``: its name and its limits (``"10/second;500/hour"``)."""
+
+    name: str
+    items: tuple[RateLimitItem, ...]
+    budget: bool = False
+    """Budgets count in fixed windows (a day is a day), whatever the rate-limit strategy."""
+
+    @classmethod
+    def parse(cls, name: str, text: str, budget: bool = False) -> LimitPolicy | None:
+        from limits import parse_many
+
+        return cls(name, tuple(parse_many(text)), budget) if text else None
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What one request owes one policy: ``cost`` under ``key``; cost 0 only asks that there is
+    room for one (the failed-auth limit, tested before authentication and counted after a failure)."""
+
+    policy: LimitPolicy | None
+    key: str
+    cost: int = 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -57,6 +58,9 @@ class InferCall:
     """An output policy at least this strict, whatever the caller's roles (an extraction alarm's)."""
     extraction_alarm: bool = False
     """An extraction alarm is in force for the caller on this model (its state is not watched further)."""
+    admission: asyncio.Future[None] | None = None
+    """From ``ModelLimits`` when it is left running (``[limits] admission = "concurrent"``):
+    ``Infer`` waits for it before it uses any output."""
     answer: Answer | None = None
     """From ``Encode``."""
     cleanup: list[Callable[[], None]] = field(default_factory=list)

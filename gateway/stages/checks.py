@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway.access import principal_of
 from gateway.registry.signature import check_inputs, check_outputs
-from gateway.security.ratelimit import Limiter
+from gateway.security.ratelimit import Charge, Limiter
 from gateway.stages.base import InferCall, elements, offload
 
 __all__ = ["CheckSignature", "ModelLimits"]
@@ -24,7 +24,8 @@ class CheckSignature:
 
 class ModelLimits:
     """The per-principal-and-model rate limit and the query budgets (inferences and input rows),
-    counted only for requests that passed validation."""
+    admitted with what the request owes its address and principal: one round trip, which with
+    Redis runs while ``Infer`` sends the inputs to the worker (``[limits] admission``)."""
 
     name = "model-limits"
 
@@ -35,6 +36,11 @@ class ModelLimits:
         key = f"{principal_of(call.ctx).key}|{call.model.unit.model}"
         first = call.inputs[0].array if call.inputs else None
         rows = int(first.shape[0]) if first is not None and first.ndim else 1
-        await self.limiter.hit(self.limiter.per_principal_model, key)
-        await self.limiter.hit(self.limiter.budget_inferences, key)
-        await self.limiter.hit(self.limiter.budget_rows, key, cost=max(1, rows))
+        limiter = self.limiter
+        charges = [*call.ctx.charges, Charge(limiter.per_principal_model, key), Charge(limiter.budget_inferences, key),
+                   Charge(limiter.budget_rows, key, max(1, rows))]
+        call.ctx.charges = []
+        if limiter.concurrent:
+            call.admission = limiter.admit_soon(charges)
+        else:
+            await limiter.admit(charges)

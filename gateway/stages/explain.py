@@ -19,7 +19,7 @@ import orjson
 
 from gateway.access import principal_of
 from gateway.errors import InvalidInput
-from gateway.security.ratelimit import Limiter
+from gateway.security.ratelimit import Charge, Limiter
 from gateway.stages.base import Answer, InferCall, offload
 from gateway.stages.infer import tensor_digest
 from gateway.workers.pool import WorkerPool
@@ -75,9 +75,11 @@ class Explain:
         batch = await offload(2 * STEPS * features * features, _path_batch, flat, baseline, h)
         evaluations = len(batch)
         key = f"{principal_of(call.ctx).key}|{call.model.unit.model}"
-        await self.limiter.hit(self.limiter.per_principal_explain, key)
-        await self.limiter.hit(self.limiter.budget_inferences, key, cost=evaluations)
-        await self.limiter.hit(self.limiter.budget_rows, key, cost=evaluations)
+        limiter = self.limiter
+        charges, call.ctx.charges = call.ctx.charges, []
+        await limiter.admit([*charges, Charge(limiter.per_principal_explain, key),
+                             Charge(limiter.budget_inferences, key, evaluations),
+                             Charge(limiter.budget_rows, key, evaluations)])
         shaped = batch.reshape(evaluations, *x.shape[1:]).astype(x.dtype, copy=False)
         call.ctx.inputs = [tensor_digest(call.inputs[0])]  # the record: what was explained, where
 

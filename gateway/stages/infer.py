@@ -52,12 +52,21 @@ class Infer:
         def picked(worker: str) -> None:
             ctx.worker = worker
 
+        admission, call.admission = call.admission, None
+        try:
+            if not call.riders:
+                outputs = await self.pool.infer(call.model.unit.key, call.inputs, ctx.deadline, picked)
+            else:
+                joined = await offload(elements(call.inputs) + elements(call.riders), _with_riders,
+                                       call.inputs, call.riders)
+                outputs = await self.pool.infer(call.model.unit.key, joined, ctx.deadline, picked)
+        finally:
+            if admission is not None:
+                await admission  # refused: its 429, and these outputs are never used
         if not call.riders:
-            call.outputs = await self.pool.infer(call.model.unit.key, call.inputs, ctx.deadline, picked)
+            call.outputs = outputs
         else:
             rows = call.inputs[0].array.shape[0]
-            joined = await offload(elements(call.inputs) + elements(call.riders), _with_riders, call.inputs, call.riders)
-            outputs = await self.pool.infer(call.model.unit.key, joined, ctx.deadline, picked)
             call.outputs = [Tensor(t.name, t.array[:rows]) for t in outputs]
             call.rider_outputs = [Tensor(t.name, t.array[rows:]) for t in outputs]
         ctx.outputs = await offload(elements(call.outputs), _digests, call.outputs)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TEST_LIMITS, Gateway, free_port, start_gateway
+from tests.conftest import TEST_LIMITS, Gateway, fetch_token, free_port, start_gateway
 from tests.security.test_limits import Redis
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,9 @@ def test_an_alarm_on_one_replica_holds_on_both_until_an_operator_clears_it(
     assert [x["principal"] for x in json.loads(listed.stdout)] == [principal]
     missing = cli("principals", "clear", principal, "--credentials", str(credentials))
     assert missing.returncode == 2 and "--reason" in missing.stderr
-    operator = a.token("admin")  # a TOTP code is accepted once per replica: the CLI's sign-in used B's
+    # A one-time code signs in once on all replicas (Redis): the CLI's sign-in used this step's, so
+    # this one uses the next step's (one step of clock drift is allowed).
+    operator = fetch_token(a.url, a.pki, "admin", totp_at=time.time() + 30)
     with b.client("admin", token=False, headers={"Authorization": f"Bearer {operator}"}) as c:
         bad = c.post("/admin/principals/clear", json={"principal": principal})
         assert bad.status_code == 400 and "reason" in bad.json()["detail"]

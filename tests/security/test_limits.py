@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Gateway, free_port, start_gateway
+from gateway.security.issuer import totp_now
+from tests.conftest import Gateway, credentials, free_port, start_gateway
 from tests.test_metrics import value
 
 pytestmark = pytest.mark.slow
@@ -37,13 +38,26 @@ class Redis:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+             "--enable-debug-command", "local", "--dir", str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True).stdout.strip() == "PONG":
                 return
             time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True,
+                              check=True).stdout
+
+    def calls(self) -> dict[str, int]:
+        """Calls per command since the last ``config resetstat``."""
+        out = {}
+        for line in self.cli("info", "commandstats").splitlines():
+            if line.startswith("cmdstat_"):
+                name, _, stats = line[len("cmdstat_"):].partition(":")
+                out[name] = int(stats.split(",")[0].split("=")[1])
+        return out
 
     def kill(self) -> None:
         if self.proc is not None:
@@ -81,6 +95,7 @@ budget_inferences = "6/day"
 budget_rows = ""
 storage_timeout_s = 0.25
 storage_retry_s = 1.0
+admission = "before"
 """
     gws = [start_gateway(pki, tmp_path_factory.mktemp(f"gw-redis-{i}"), models_root, limits=limits,
                          issuer_url=issuer_url) for i in range(2)]
@@ -102,13 +117,24 @@ storage_retry_s = 1.0
         for gw in gws:
             with gw.client(token=False) as c:
                 assert "degraded" not in c.get("/v2/health/ready").json()
+        # A one-time code signs in once, on whichever replica sees it first.
+        creds = credentials(pki)["admin"]
+        form = {"grant_type": "password", "client_id": "gateway-cli", "username": creds["username"],
+                "password": creds["password"], "totp": totp_now(creds["totp_secret"])}
+        signed = []
+        for gw in gws:
+            with gw.client("admin", token=False) as c:
+                signed.append(c.post("/oauth/token", data=form))
+        assert [r.status_code for r in signed] == [200, 400], signed[1].text
 
         redis.kill()
         # Redis is gone: no 500, limits still enforced, per process now (10 on this replica alone).
+        # Each replica may first refuse from memory, with no round trip, the principal it saw over the
+        # shared limit (unless a slow Redis call on this busy machine already made it count alone).
         local = [_status(gws[0], token).status_code for _ in range(12)]
-        assert local == [200] * 10 + [429, 429]
-        other = [_status(gws[1], token).status_code for _ in range(3)]
-        assert other == [200] * 3
+        assert local in ([429] + [200] * 10 + [429], [200] * 10 + [429, 429])
+        other = [_status(gws[1], token).status_code for _ in range(4)]
+        assert other[0] in (200, 429) and other[1:] == [200] * 3
         with gws[0].client(token=False) as c:
             ready = c.get("/v2/health/ready")
         assert ready.status_code == 200 and "using local limits" in ready.json()["degraded"]["limits"]
@@ -188,18 +214,134 @@ failed_auth_per_address = "100000/minute"
         gw.stop()
 
 
+def test_an_inference_is_one_round_trip_to_redis(
+        pki: Path, tmp_path_factory: pytest.TempPathFactory, models_root: Path, redis: Redis) -> None:
+    """Every policy on: per address, failed-auth, per principal, global, per principal and model,
+    both budgets. Each request is one script call, whatever it is (an inference's runs while the
+    worker computes, and a refused one's outputs are discarded); a refused principal's next
+    request is refused by the replica without one."""
+    limits = f"""
+storage = "redis://127.0.0.1:{redis.port}/0"
+per_address = "100000/minute"
+per_principal = "100000/minute"
+global_limit = "100000/minute"
+per_principal_model = "100000/minute"
+failed_auth_per_address = "100000/minute"
+budget_inferences = "8/day"
+budget_rows = "100000/day"
+storage_timeout_s = 2.0
+"""
+    gw = start_gateway(pki, tmp_path_factory.mktemp("gw-one-trip"), models_root, limits=limits)
+    try:
+        token = gw.token("demo")
+        assert _status(gw, token, "POST", "/v2/models/digits/infer", DIGITS).status_code == 200  # loads the script
+        redis.cli("config", "resetstat")
+        answers = [_status(gw, token, "POST", "/v2/models/digits/infer", DIGITS).status_code for _ in range(5)]
+        answers += [_status(gw, token).status_code for _ in range(3)]  # no model: admitted after authentication
+        answers.append(_status(gw, token, "POST", "/v2/models/nosuch/infer", DIGITS).status_code)  # counted anyway
+        assert answers == [200] * 8 + [404]
+        calls = redis.calls()  # the commands inside the script count too: they are not round trips
+        assert calls["evalsha"] == 9 and "eval" not in calls
+        # The budget of 8 is used up (the first inference and these 5, then 2 more); the refusal is
+        # remembered: the next two are refused without a round trip.
+        over = [_status(gw, token, "POST", "/v2/models/digits/infer", DIGITS) for _ in range(5)]
+        assert [r.status_code for r in over] == [200, 200, 429, 429, 429]
+        assert all(r.json()["policy"] == "budget-inferences" for r in over[2:])
+        assert redis.calls()["evalsha"] == 9 + 3
+        with gw.client(token=False) as c:
+            assert "degraded" not in c.get("/v2/health/ready").json()
+    finally:
+        gw.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def storage(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory://"
+    r: Redis = request.getfixturevalue("redis")
+    r.cli("flushall")
+    return f"redis://127.0.0.1:{r.port}/0"
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("strategy", ["sliding-window", "moving-window", "fixed-window"])
-async def test_every_strategy_enforces_its_limit(strategy: str) -> None:
+async def test_every_strategy_enforces_its_limit(strategy: str, storage: str) -> None:
     from gateway.config import LimitsConfig
     from gateway.security.ratelimit import Limiter, RateLimited
 
-    limiter = Limiter(LimitsConfig(strategy=strategy, per_principal="4/minute"))  # type: ignore[arg-type]
-    allowed = 0
+    limiter = Limiter(LimitsConfig(strategy=strategy, storage=storage, per_principal="4/minute",  # type: ignore[arg-type]
+                                   per_principal_model="3/second"))
+    allowed, waits = 0, []
     for _ in range(6):
         try:
-            await limiter.hit(limiter.per_principal, "p")
+            await limiter.hit(limiter.per_principal, f"p{strategy}")
             allowed += 1
         except RateLimited as exc:
-            assert int(exc.headers["Retry-After"]) >= 1
-    assert allowed == 4
+            waits.append(int(exc.headers["Retry-After"]))
+    assert allowed == 4 and limiter.degraded is None
+    # The sliding-window counter still weighs this window's 4 hits in the next one: up to 2 windows.
+    assert len(waits) == 2 and all(1 <= w <= 120 for w in waits), waits
+    # A cost larger than what is left is refused; a smaller one still fits.
+    with pytest.raises(RateLimited):
+        await limiter.hit(limiter.per_principal_model, "m", cost=4)
+    await limiter.hit(limiter.per_principal_model, "m", cost=3)
+    await limiter.close()
+
+
+@pytest.mark.anyio
+async def test_an_admission_counts_in_order_up_to_its_refusal(storage: str) -> None:
+    from gateway.config import LimitsConfig
+    from gateway.security.ratelimit import BudgetExhausted, Charge, Limiter, RateLimited
+
+    limiter = Limiter(LimitsConfig(storage=storage, per_principal="3/minute", per_principal_model="2/minute",
+                                   budget_rows="5/day", failed_auth_per_address="1/minute"))
+    pp, ppm, rows = limiter.per_principal, limiter.per_principal_model, limiter.budget_rows
+
+    def request(n: int) -> list[Charge]:
+        return [Charge(pp, "p"), Charge(ppm, "p|m"), Charge(rows, "p|m", n)]
+
+    await limiter.admit(request(2))
+    await limiter.admit(request(2))
+    with pytest.raises(RateLimited) as refused:
+        await limiter.admit(request(1))  # the model's limit: the principal's counted, the rows not
+    assert refused.value.extensions["policy"] == "per-principal-model"
+    with pytest.raises(BudgetExhausted):
+        await limiter.admit([Charge(rows, "p|m", 2)])  # 4 of 5 rows used: 2 do not fit...
+    limiter.refuse_known(rows, "p|m")  # ...and a smaller request is not refused from memory
+    await limiter.admit([Charge(rows, "p|m", 1)])
+    with pytest.raises(RateLimited):
+        await limiter.admit([Charge(pp, "p")])  # 3 of 3
+    with pytest.raises(RateLimited):
+        limiter.refuse_known(pp, "p")  # remembered, no storage call
+    # A test (cost 0) needs room for one and counts nothing.
+    await limiter.exceeded(limiter.failed_auth, "a")
+    await limiter.exceeded(limiter.failed_auth, "a")
+    await limiter.hit(limiter.failed_auth, "a")
+    with pytest.raises(RateLimited):
+        await limiter.exceeded(limiter.failed_auth, "a")
+    assert limiter.degraded is None
+    await limiter.close()
+
+
+@pytest.mark.anyio
+async def test_a_slow_redis_counts_as_down(redis: Redis) -> None:
+    import asyncio
+
+    from gateway.config import LimitsConfig
+    from gateway.security.ratelimit import Limiter
+
+    limiter = Limiter(LimitsConfig(storage=f"redis://127.0.0.1:{redis.port}/0", storage_timeout_s=0.2,
+                                   per_principal="5/minute"))
+    await limiter.hit(limiter.per_principal, "slow")
+    assert limiter.degraded is None
+    sleeper = subprocess.Popen(["redis-cli", "-p", str(redis.port), "debug", "sleep", "1.5"], stdout=subprocess.DEVNULL)
+    try:
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await limiter.hit(limiter.per_principal, "slow")  # answered from local counts, without waiting for Redis
+        assert time.monotonic() - started < 1.0
+        assert limiter.degraded is not None and "Timeout" in limiter.degraded
+        assert "using local limits" in limiter.status()["degraded"]
+    finally:
+        sleeper.wait()
+        await limiter.close()
