@@ -13,7 +13,18 @@ from pathlib import Path
 from typing import NoReturn
 
 from gateway import __version__
-from gateway.commands import add_options, audit, config_option, emit, identity, incident, json_alias, load, models
+from gateway.commands import (
+    add_options,
+    audit,
+    config_option,
+    emit,
+    identity,
+    incident,
+    json_alias,
+    load,
+    models,
+    workers,
+)
 
 __all__ = ["main"]
 
@@ -162,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 on any finding above info (default: critical, high)")
     p.set_defaults(func=_cmd_doctor)
 
-    for module in (identity, audit, models, incident):
+    for module in (identity, audit, models, incident, workers):
         module.add_parsers(sub)
     _global_options(parser, top=True)
     return parser

@@ -33,7 +33,8 @@ from gateway.units import Unit
 __all__ = [
     "EXTRACTION_ACTIONS", "EXTRACTION_SIGNALS", "GUARD_ACTIONS", "OUTPUT_POLICIES", "AuditConfig", "AuthConfig",
     "Config", "ConfigError", "EventsConfig", "ExtractionConfig", "GuardConfig", "IssuerConfig", "IssuerTrust",
-    "LimitsConfig", "ModelConfig", "OutputConfig", "PolicyConfig", "RuleConfig", "ServerConfig", "StepUpRule",
+    "LimitsConfig", "ModelConfig", "OutputConfig", "PolicyConfig", "RemoteWorkersConfig", "RuleConfig", "ServerConfig",
+    "StepUpRule", "WorkerHostConfig",
     "SupplyConfig", "TLSConfig", "load_config",
 ]
 
@@ -184,6 +185,27 @@ class AuthConfig:
     issuers: tuple[IssuerTrust, ...] = ()
     certificate_roles: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """Roles a verified client certificate brings: ``"URI:spiffe://..."`` or ``"subject:CN=..."`` → roles."""
+
+
+@dataclass(frozen=True)
+class RemoteWorkersConfig:
+    """``[remote_workers]``: how this gateway reaches worker hosts (``[models.NAME] endpoints``)."""
+
+    cert_file: str = ""
+    """The gateway's client certificate towards worker hosts (``gateway pki issue gateway``)."""
+    key_file: str = ""
+    ca_file: str = ""
+    """The CA of the worker hosts' certificates (default: ``tls.client_ca_file``)."""
+    identity: str = "spiffe://gateway.local/worker/"
+    """A worker host's certificate must carry a URI SAN that starts with this."""
+
+
+@dataclass(frozen=True)
+class WorkerHostConfig:
+    """``[worker_host]``, on a worker host only (``gateway worker serve``)."""
+
+    clients: tuple[str, ...] = ("spiffe://gateway.local/gateway",)
+    """The URI SANs of the gateways' client certificates it serves; any other is refused."""
 
 
 @dataclass(frozen=True)
@@ -361,6 +383,11 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     supply: SupplyConfig = field(default_factory=SupplyConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    remote_workers: RemoteWorkersConfig = field(default_factory=RemoteWorkersConfig)
+    worker_host: WorkerHostConfig = field(default_factory=WorkerHostConfig)
+    is_worker_host: bool = False
+    """The file has a ``[worker_host]`` section: it configures ``gateway worker serve``, which
+    authenticates no callers (its settings for tokens, limits and RBAC are not checked)."""
 
     @property
     def issuer_url(self) -> str:
@@ -514,7 +541,8 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{p}: {exc}"]) from None
     _env_overrides(data, dict(os.environ if environ is None else environ))
-    for section in set(data) - {"server", "tls", "models", "auth", "issuer", "rbac", "limits", "audit", "supply", "events"}:
+    for section in set(data) - {"server", "tls", "models", "auth", "issuer", "rbac", "limits", "audit", "supply", "events",
+                                  "remote_workers", "worker_host"}:
         problems.append(f"[{section}]: unknown section")
     server = ServerConfig(**_coerce(ServerConfig, data.get("server", {}), "server", problems))
     server = dataclasses.replace(server, pid_file=_resolve(base, server.pid_file))
@@ -542,9 +570,16 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     supply = dataclasses.replace(supply, kek_file=_resolve(base, supply.kek_file),
                                  signing_key=_resolve(base, supply.signing_key),
                                  trusted_keys=tuple(_resolve(base, k) for k in supply.trusted_keys))
+    remote = RemoteWorkersConfig(**_coerce(RemoteWorkersConfig, data.get("remote_workers", {}), "remote_workers",
+                                           problems))
+    remote = dataclasses.replace(remote, cert_file=_resolve(base, remote.cert_file),
+                                 key_file=_resolve(base, remote.key_file),
+                                 ca_file=_resolve(base, remote.ca_file) if remote.ca_file else tls.client_ca_file)
+    worker_host = WorkerHostConfig(**_coerce(WorkerHostConfig, data.get("worker_host", {}), "worker_host", problems))
     cfg = Config(server, tls, _resolve(base, str(root)), tuple(models), str(path or ""), auth, issuer, rbac, limits,
-                 audit, supply, _events(data.get("events", {}), base, problems))
-    from gateway.configchecks import check_ranges, crl_problems  # they read the classes above
+                 audit, supply, _events(data.get("events", {}), base, problems), remote, worker_host,
+                 "worker_host" in data)
+    from gateway.configchecks import check_ranges, crl_problems, remote_worker_problems  # they read the classes above
 
     check_ranges(cfg, problems)
     if not cfg.models:
@@ -553,6 +588,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
         if not Path(getattr(tls, name)).is_file():
             problems.append(f"tls.{name}: {getattr(tls, name)} does not exist (run `gateway init`)")
     problems.extend(crl_problems(tls.crl_files))
+    problems.extend(remote_worker_problems(cfg))
     if problems:
         raise ConfigError(problems)
     return cfg

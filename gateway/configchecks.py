@@ -52,7 +52,10 @@ def _server_checks(cfg: Config) -> list[Check]:
         for v in (m.version, *m.versions):
             checks.append((bool(_IDENTIFIER.fullmatch(v)) and ".." not in v, f"{where}: version {v!r} is not a valid identifier"))
         checks += [
-            (1 <= m.workers <= 64, f"{where}.workers must be 1..64"),
+            (0 <= m.workers <= 64 and (m.workers > 0 or bool(m.endpoints)),
+             f"{where}.workers must be 1..64 (0 only with endpoints)"),
+            (all(_address(a) for a in (*m.endpoints, *([m.listen] if m.listen else []))),
+             f"{where}: endpoints and listen are host:port"),
             (1 <= m.max_batch_size <= 4096, f"{where}.max_batch_size must be 1..4096"),
             (0 <= m.max_queue_delay_ms <= 1000, f"{where}.max_queue_delay_ms must be 0..1000"),
             (m.intra_op_threads >= 0, f"{where}.intra_op_threads must be >= 0"),
@@ -61,6 +64,26 @@ def _server_checks(cfg: Config) -> list[Check]:
              f'{where}.batch_buckets must be "auto", "off" or comma-separated sizes'),
         ]
     return checks
+
+
+def _address(address: str) -> bool:
+    from gateway.workers.remote import split_address
+
+    try:
+        split_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def remote_worker_problems(cfg: Config) -> list[str]:
+    """With ``endpoints``, the gateway's client certificate towards worker hosts must be there."""
+    if not any(m.endpoints for m in cfg.models):
+        return []
+    r = cfg.remote_workers
+    return [f"remote_workers.{name}: {path or 'not set'}: no such file (`gateway pki issue gateway` makes one)"
+            for name, path in (("cert_file", r.cert_file), ("key_file", r.key_file), ("ca_file", r.ca_file))
+            if not path or not Path(path).is_file()]
 
 
 def _identity_checks(cfg: Config) -> list[Check]:
@@ -142,12 +165,15 @@ def _limit_checks(cfg: Config) -> list[Check]:
     ]
 
 
+def _trusted_key_checks(cfg: Config) -> list[Check]:
+    return [(Path(key).is_file(), f"supply.trusted_keys: {key} does not exist (run `gateway init`)")
+            for key in (cfg.supply.trusted_keys if cfg.supply.require_signature else ())]
+
+
 def _key_checks(cfg: Config) -> list[Check]:
     """The audit log's and the models' keys, and the audit settings."""
     a = cfg.audit
-    checks = [(Path(key).is_file(), f"supply.trusted_keys: {key} does not exist (run `gateway init`)")
-              for key in (cfg.supply.trusted_keys if cfg.supply.require_signature else ())]
-    return checks + [
+    return _trusted_key_checks(cfg) + [
         (a.checkpoint_every >= 1 and a.checkpoint_interval_s > 0, "audit: checkpoint_every and checkpoint_interval_s must be positive"),
         (a.max_file_bytes >= 4096 and a.rotate_interval_s > 0, "audit: max_file_bytes must be >= 4096, rotate_interval_s positive"),
         (0 <= a.flush_window_ms <= 1000, "audit.flush_window_ms must be 0..1000"),
@@ -162,7 +188,9 @@ def _key_checks(cfg: Config) -> list[Check]:
 
 def check_ranges(cfg: Config, problems: list[str]) -> None:
     """Every value out of range, every file missing, every inconsistency, into ``problems``."""
-    for area in (_server_checks, _identity_checks, _policy_checks, _limit_checks, _key_checks, _events_checks):
+    areas = (_server_checks, _identity_checks, _policy_checks, _limit_checks, _key_checks, _events_checks)
+    # A worker host authenticates no callers and keeps no audit log: its server and its models' keys.
+    for area in areas if not cfg.is_worker_host else (_server_checks, _trusted_key_checks):
         problems.extend(msg for ok, msg in area(cfg) if not ok)
     for m in cfg.models:
         if "throttle" in (m.guard.action, *(a for _, a in m.guard.roles)) and not cfg.limits.budget_inferences:

@@ -58,7 +58,7 @@ class _WorkerCollector(Collector):
                                        "process after it died or stopped answering", labels=["model", "worker"])
         for model, workers in self.pool.workers.items():
             for w in workers:
-                labels = [model, str(w.index)]
+                labels = [model, w.endpoint or str(w.index)]  # a worker host by its address
                 depth.add_metric(labels, float(w.info.get("queue_depth", 0)))
                 inflight.add_metric(labels, float(w.inflight))
                 healthy.add_metric(labels, 1.0 if w.healthy else 0.0)

@@ -131,6 +131,12 @@ class ModelConfig:
     versions: tuple[str, ...] = ()
     """Other versions served beside it, each with its own workers (``/versions/{v}``)."""
     workers: int = 1
+    """Local worker processes (0: only the remote ``endpoints`` serve it)."""
+    endpoints: tuple[str, ...] = ()
+    """Worker hosts that serve this model too ("host:port" of ``gateway worker serve``), reached
+    over mutual TLS (``[remote_workers]``)."""
+    listen: str = ""
+    """On a worker host only: where ``gateway worker serve`` serves this model ("host:port")."""
     device: Device = "auto"
     """"cuda" fails loudly when the CUDA execution provider is not active."""
     max_batch_size: int = 32

@@ -221,9 +221,10 @@ def write_config(
     pki: Path, tmp: Path, models_root: Path, port: int, extra: str = "", digits_workers: int = 1,
     timeout_s: float = 20.0, digits_device: str = "auto", auth: str = "", sections: str = "", limits: str = "",
     issuer_url: str = "", audit: str = "", supply: str = "", max_body: int = 8 * 1024 * 1024,
-    runtime: Path | None = None, tls: str = "",
+    runtime: Path | None = None, tls: str = "", digits: str = "",
 ) -> Path:
-    """A test configuration: both demo models, the session's PKI, a private runtime directory."""
+    """A test configuration: both demo models, the session's PKI, a private runtime directory;
+    ``digits`` goes into its model's table."""
     config = tmp / "gateway.toml"
     config.write_text(f"""
 [server]
@@ -270,6 +271,7 @@ root = "{models_root}"
 workers = {digits_workers}
 max_batch_size = 64
 device = "{digits_device}"
+{digits}
 
 [models.resnetish]
 workers = 1
@@ -284,11 +286,12 @@ def start_gateway(
     pki: Path, tmp: Path, models_root: Path, extra: str = "", digits_workers: int = 1, timeout_s: float = 20.0,
     auth: str = "", sections: str = "", limits: str = "", issuer_url: str = "", audit: str = "", supply: str = "",
     max_body: int = 8 * 1024 * 1024, preexec: Any = None, runtime: Path | None = None, tls: str = "",
+    digits: str = "",
 ) -> Gateway:
     port = free_port()
     config = write_config(pki, tmp, models_root, port, extra, digits_workers, timeout_s, auth=auth, sections=sections,
                           limits=limits, issuer_url=issuer_url, audit=audit, supply=supply, max_body=max_body,
-                          runtime=runtime, tls=tls)
+                          runtime=runtime, tls=tls, digits=digits)
     log = tmp / "gateway.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:

@@ -155,4 +155,10 @@ class V2:
         m, key = entry.manifest, entry.unit.key
         if not self.pool.ready(key):
             raise Unavailable(f"model {m.name!r} version {m.version!r} has no healthy worker", retry_after=1)
-        return _json({"name": m.name, "ready": True, "parameters": {"execution_providers": self.pool.providers(key)}})
+        parameters: dict[str, Any] = {"execution_providers": self.pool.providers(key)}
+        remote = [w for w in self.pool.workers.get(key, ()) if w.endpoint]
+        if remote:  # each worker host: in rotation or not, and whether it runs this version's model
+            parameters["endpoints"] = [{"endpoint": w.endpoint, "ready": w.healthy,
+                                        "same_model": w.info.get("model_sha256") == m.sha256,
+                                        "providers": w.info.get("providers", [])} for w in remote]
+        return _json({"name": m.name, "ready": True, "parameters": parameters})

@@ -27,6 +27,7 @@ import orjson
 from gateway.config import Config
 from gateway.errors import GatewayError, GatewayTimeout, InvalidInput, Unavailable
 from gateway.units import Unit
+from gateway.workers.remote import TLSTransport, client_context
 from gateway.workers.transport import (
     PeerCredentials,
     UnixSocketTransport,
@@ -64,10 +65,15 @@ class WorkerClient:
     info: dict[str, Any] = field(default_factory=dict)
     restarts: int = 0
     """Times the supervisor restarted this worker's process (from ``routes.json``)."""
+    endpoint: str = ""
+    """A remote worker host's address; "" for a local worker."""
+    failures: int = 0
+    """Probes failed in a row since it left rotation; each doubles the wait before the next."""
+    retry_at: float = 0.0
 
     @property
     def name(self) -> str:
-        return f"{self.unit}-{self.index}"
+        return f"{self.unit}@{self.endpoint}" if self.endpoint else f"{self.unit}-{self.index}"
 
     async def probe(self) -> bool:
         self.info = await self.transport.health(timeout=2.0) or {}
@@ -85,13 +91,17 @@ def unix_socket(entry: dict[str, Any], max_inflight: int) -> WorkerTransport:
 
 class WorkerPool:
     probe_interval_s = 0.5
+    backoff_max_s = 8.0
 
     def __init__(self, config: Config, runtime_dir: str | Path | None, connect: Connect = unix_socket) -> None:
         self.config = config
         self.routes_path = Path(runtime_dir) / ROUTES if runtime_dir is not None else None
         """The supervisor's routes; None for a pool over given transports (``of``)."""
         self.connect = connect
-        self.workers: dict[str, list[WorkerClient]] = {unit.key: [] for unit, _ in config.units()}
+        self.remote = remote_clients(config) if runtime_dir is not None else {}
+        """The worker hosts of each model's ``endpoints``, beside whatever local workers it has."""
+        self.workers: dict[str, list[WorkerClient]] = {unit.key: list(self.remote.get(unit.key, []))
+                                                       for unit, _ in config.units()}
         """Keyed by unit (``Unit.key``): the model's name for its default version, ``name@version``."""
         self.generations: dict[str, int] = {}
         self.on_swap: list[Callable[[str, str | None], None]] = []
@@ -124,9 +134,24 @@ class WorkerPool:
         while True:
             await asyncio.sleep(self.probe_interval_s)
             await self._follow_routes()
-            down = [w for ws in self.workers.values() for w in ws if not w.healthy]
-            if down:
-                await asyncio.gather(*(w.probe() for w in down))
+            await self._probe_down()
+
+    async def _probe_down(self) -> None:
+        """Probe the workers out of rotation whose back-off is over: back in rotation when one
+        answers ready, else the wait doubles (up to ``backoff_max_s``)."""
+        now = time.monotonic()
+        down = [w for ws in self.workers.values() for w in ws if not w.healthy and w.retry_at <= now]
+        if not down:
+            return
+        await asyncio.gather(*(w.probe() for w in down))
+        for w in down:
+            if w.healthy:
+                if w.failures:
+                    log.warning("worker %s back in rotation", w.name)
+                w.failures = 0
+            else:
+                w.failures += 1
+                w.retry_at = time.monotonic() + min(self.backoff_max_s, self.probe_interval_s * 2 ** min(w.failures, 8))
 
     async def _follow_routes(self) -> None:
         """Swap to the workers the supervisor's routes name, once they answer; old clients drain.
@@ -156,7 +181,7 @@ class WorkerPool:
                 continue
             await self._swap(key, route)
         for key in [k for k in self.workers if k in self.generations and k not in routes]:  # no longer served
-            old = self.workers.pop(key)
+            old = [w for w in self.workers.pop(key) if not w.endpoint]
             self.generations.pop(key, None)
             for callback in self.on_swap:
                 callback(key, None)
@@ -171,7 +196,8 @@ class WorkerPool:
         fresh = [WorkerClient(key, i, self.connect(entry, limit), limit, restarts=int(entry.get("restarts", 0)))
                  for i, entry in enumerate(route["workers"])]
         await asyncio.gather(*(w.probe() for w in fresh))
-        old, self.workers[key] = self.workers.get(key, []), fresh
+        old = [w for w in self.workers.get(key, []) if not w.endpoint]
+        self.workers[key] = fresh + self.remote.get(key, [])
         first = key not in self.generations
         self.generations[key] = route["generation"]
         if not first:
@@ -254,6 +280,17 @@ class WorkerPool:
             raise ModelExecutionError(f"model {worker.unit!r} failed: {exc.detail}") from None
         finally:
             worker.inflight -= 1
+
+
+def remote_clients(config: Config) -> dict[str, list[WorkerClient]]:
+    """A client per worker host of each model's ``endpoints``, over mutual TLS."""
+    served = [m for m in config.models if m.endpoints]
+    if not served:
+        return {}
+    r = config.remote_workers
+    context = client_context(r.cert_file, r.key_file, r.ca_file)
+    return {m.name: [WorkerClient(m.name, i, TLSTransport(e, context, r.identity, m.max_inflight), m.max_inflight,
+                                  endpoint=e) for i, e in enumerate(m.endpoints)] for m in served}
 
 
 def _credentials(entry: dict[str, Any]) -> PeerCredentials | None:

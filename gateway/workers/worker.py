@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import logging
 import os
 import socket
@@ -233,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"model {args.name} does not load: {type(exc).__name__}: {exc}", file=sys.stderr)
         return int(ExitCode.MODEL)
+    digest = hashlib.sha256(model).hexdigest()  # which signed model this is, for a remote gateway to see
     del model
     app = WorkerApp(session, args.name, args, isolation)
+    app.health["model_sha256"] = digest
     freeze_startup_heap()
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on", http=BufferedBodyProtocol,
