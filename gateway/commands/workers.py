@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,9 @@ def _issue(args: argparse.Namespace) -> int:
         return 2
     ca = load_ca(certs)
     if args.kind == "worker":
-        if not args.name:
-            print("error: a worker certificate needs a NAME (gateway pki issue worker gpu-node-1)", file=sys.stderr)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", args.name) or ".." in args.name:
+            print("error: a worker certificate needs a NAME of letters, digits, '.', '_' or '-' "
+                  "(gateway pki issue worker gpu-node-1)", file=sys.stderr)
             return 2
         stem, spiffe = f"worker-{args.name}", f"spiffe://{args.trust_domain}/worker/{args.name}"
         make = functools.partial(issue_certificate, ca, args.name, server=True, dns=tuple(args.dns) or ("localhost",),

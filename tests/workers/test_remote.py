@@ -304,3 +304,16 @@ def test_a_worker_host_that_answers_garbage_is_ejected_without_a_500(
     finally:
         gw.stop()
         host.stop()
+
+
+def test_worker_host_commands_refuse_mistakes_in_one_line(pki: Path, tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60)
+
+    for args, says in [
+        (("pki", "issue", "worker", "../etc", "--certs", str(pki / "certs")), "needs a NAME of letters"),
+        (("pki", "issue", "worker", "a", "--certs", str(tmp_path)), "ca.key is missing"),
+        (("worker", "serve", "--config", str(pki / "gateway.toml")), "is not a worker host's configuration"),
+    ]:
+        out = run(*args)
+        assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
