@@ -38,9 +38,10 @@ OIDC := tests/oidc/node_modules/.installed
 
 SSLYZE := tests/tls/.venv/bin/sslyze
 
-test-tools: $(OIDC) $(SSLYZE)  ## what the suite drives: curl, redis-server, Node and oidc-provider, sslyze
+test-tools: $(OIDC) $(SSLYZE)  ## what the suite drives: curl, redis-server, iproute2, Node and oidc-provider, sslyze
 	@command -v curl >/dev/null || { $(APT) update -qq && $(APT) install -y -qq curl; }
 	@command -v redis-server >/dev/null || { $(APT) update -qq && $(APT) install -y -qq redis-server; }
+	@command -v ip >/dev/null || { $(APT) update -qq && $(APT) install -y -qq iproute2; }  # the namespace network
 
 $(OIDC): tests/oidc/package-lock.json
 	@command -v npm >/dev/null || { $(APT) update -qq && $(APT) install -y -qq nodejs npm; }
