@@ -275,6 +275,8 @@ class WorkerPool:
                 f"the worker serving {worker.unit!r} failed during the request; retry shortly", retry_after=1,
             ) from None
         except WorkerRefused as exc:
+            if exc.status == 504:  # the worker dropped it: the deadline passed while it queued
+                raise GatewayTimeout(f"model {worker.unit!r} did not answer within {timeout:.1f}s") from None
             if exc.status in (400, 422):
                 raise InvalidInput(f"model {worker.unit!r} rejected the input: {exc.detail}") from None
             raise ModelExecutionError(f"model {worker.unit!r} failed: {exc.detail}") from None

@@ -38,6 +38,7 @@ import orjson
 from gateway_client.protocol.codec import HEADER_LENGTH, Chunk, Tensor, decode_tensor_message, encode_tensor_parts
 
 __all__ = [
+    "DEADLINE_HEADER",
     "HTTPTransport",
     "PeerCredentials",
     "UnixSocketTransport",
@@ -52,6 +53,10 @@ __all__ = [
 
 
 log = logging.getLogger("gateway.pool")
+
+DEADLINE_HEADER = "gateway-deadline-ms"
+"""What is left of the gateway's deadline when it sends an inference, in milliseconds: the worker
+drops a request still queued when it passes (504) instead of running it for nobody."""
 
 
 class WorkerConnectError(ConnectionError):
@@ -220,7 +225,9 @@ class HTTPTransport(WorkerTransport):
 
     async def infer(self, inputs: list[Tensor], timeout: float) -> list[Tensor]:
         body, header_length = encode_tensor_parts("inputs", inputs)
-        response = await self.request("POST", "/infer", body, {HEADER_LENGTH: str(header_length)}, timeout=timeout)
+        response = await self.request("POST", "/infer", body, {HEADER_LENGTH: str(header_length),
+                                                                DEADLINE_HEADER: str(int(timeout * 1000))},
+                                      timeout=timeout)
         if response.status != 200:
             raise WorkerRefused(response.status, _error_text(response))
         try:

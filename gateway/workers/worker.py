@@ -19,24 +19,28 @@ import argparse
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 import numpy as np
 import orjson
 
 from gateway.errors import BadRequest
-from gateway.workers.batcher import Batcher
+from gateway.workers.batcher import Batcher, DeadlineExceeded
 from gateway.workers.exits import ExitCode
 from gateway.workers.isolation import apply_isolation
+from gateway.workers.transport import DEADLINE_HEADER
 from gateway_client.protocol.codec import HEADER_LENGTH, Tensor, decode_tensor_message, encode_tensor_message
 from gateway_client.protocol.errors import ProtocolError
 
 log = logging.getLogger("gateway.worker")
 
 HEADER = HEADER_LENGTH.encode()
+DEADLINE = DEADLINE_HEADER.encode()
 
 
 def _cuda_driver_present() -> bool:
@@ -124,7 +128,7 @@ class WorkerApp:
                     "requests": self.batcher.stats.requests,
                     "batch_sizes": {str(k): v for k, v in self.batcher.stats.sizes.items()},
                     "queue_seconds": self.batcher.stats.queue_seconds,
-                    "compute_seconds": self.batcher.stats.compute_seconds}
+                    "compute_seconds": self.batcher.stats.compute_seconds, "expired": self.batcher.stats.expired}
             await _respond(send, 200, orjson.dumps(body), b"application/json")
         elif scope["path"] == "/infer" and scope["method"] == "POST":
             await self._infer(scope, receive, send)
@@ -148,15 +152,21 @@ class WorkerApp:
             message = await receive()
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
-        raw_length = next((v for k, v in scope["headers"] if k == HEADER), b"")
+        headers = dict(scope["headers"])
+        raw_length, raw_deadline = headers.get(HEADER, b""), headers.get(DEADLINE, b"")
         try:
             if not raw_length.isdigit():
                 raise BadRequest("missing or malformed Inference-Header-Content-Length")
             header_length = int(raw_length)
+            # The gateway's deadline, as what is left of it (clocks of two hosts need not agree).
+            expires = time.monotonic() + int(raw_deadline) / 1000 if raw_deadline.isdigit() else math.inf
             tensors = decode_tensor_message(b"".join(chunks), header_length, "inputs")
-            outputs = await self.batcher.submit({t.name: t.array for t in tensors})
+            outputs = await self.batcher.submit({t.name: t.array for t in tensors}, expires)
         except (BadRequest, ProtocolError) as exc:
             await _respond(send, 400, orjson.dumps({"error": exc.detail}), b"application/json")
+            return
+        except DeadlineExceeded as exc:
+            await _respond(send, 504, orjson.dumps({"error": str(exc)}), b"application/json")
             return
         except Exception as exc:  # onnxruntime's own errors: invalid argument or a failed run
             status = 422 if "INVALID_ARGUMENT" in str(exc) or "Invalid" in type(exc).__name__ else 500

@@ -137,3 +137,24 @@ async def test_microsecond_runs_stay_on_the_loop_and_slow_runs_use_the_session_t
             break
     assert where[-1].startswith("session")
     await b.stop()
+
+
+@pytest.mark.anyio
+async def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_not_run() -> None:
+    import time
+
+    from gateway.workers.batcher import DeadlineExceeded
+
+    rec = Recorder()
+    b = Batcher(rec.run, batchable=True, max_batch_size=8, max_queue_delay_s=0.0)
+    b.start()
+    held = asyncio.ensure_future(b.submit({"x": np.ones((1, 4), np.float32)}))  # its run waits for the gate
+    await asyncio.sleep(0.02)
+    late = asyncio.ensure_future(b.submit({"x": np.ones((3, 4), np.float32)}, time.monotonic() + 0.01))
+    await asyncio.sleep(0.05)
+    rec.gate.set()
+    assert (await held)[0].shape == (1, 4)
+    with pytest.raises(DeadlineExceeded):
+        await late
+    assert rec.calls == [1] and b.stats.expired == 1  # the late one never ran
+    await b.stop()
