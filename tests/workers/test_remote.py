@@ -337,3 +337,15 @@ async def test_a_worker_drops_a_request_whose_deadline_has_passed(gateway: Gatew
         await worker.aclose()
     assert gone.status == 504 and b"deadline" in gone.body
     assert fresh.status == 200
+
+
+@pytest.mark.parametrize("identity", ["spiffe://gateway.local/", "spiffe://gateway.local/worker", "worker"])
+def test_a_worker_identity_must_be_a_spiffe_path_prefix(pki: Path, tmp_path: Path, models_root: Path,
+                                                        identity: str) -> None:
+    from gateway.config import ConfigError, load_config
+
+    _issue(pki, "gateway")
+    config = write_config(pki, tmp_path, models_root, free_port(), digits='endpoints = ["127.0.0.1:9443"]\n',
+                          sections=REMOTE_SECTION.format(pki=pki) + f'identity = "{identity}"\n')
+    with pytest.raises(ConfigError, match="remote_workers.identity"):
+        load_config(config)
