@@ -125,8 +125,12 @@ def network() -> Iterator[Network]:
 class Hosts:
     """The processes of the five hosts, their configurations and logs."""
 
-    def __init__(self, net: Network, pki: Path, tmp: Path, models_root: Path) -> None:
+    def __init__(self, net: Network, pki: Path, tmp: Path, models_root: Path, budget_rows: str = "10000/day") -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(pki, tmp / "pki")  # certificates are issued into it: the session's stays as it is
+        pki = tmp / "pki"
         self.net, self.pki, self.tmp, self.models_root = net, pki, tmp, models_root
+        self.budget_rows = budget_rows
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         ca = load_ca(pki / "certs")
         certs = tmp / "certs"
@@ -176,7 +180,7 @@ per_address = "1000000/minute"
 per_principal = "1000000/minute"
 failed_auth_per_address = "1000000/minute"
 budget_inferences = ""
-budget_rows = "10000/day"
+budget_rows = "{self.budget_rows}"
 storage_timeout_s = 0.25
 storage_retry_s = 1.0
 [supply]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gateway.workers.batcher import Batcher
+from tests.conftest import Gateway
 
 
 class Recorder:
@@ -158,3 +159,23 @@ async def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_not_run()
         await late
     assert rec.calls == [1] and b.stats.expired == 1  # the late one never ran
     await b.stop()
+
+
+@pytest.mark.anyio
+async def test_a_worker_drops_a_request_whose_deadline_has_passed(gateway: Gateway) -> None:
+    """The gateway sends what is left of its deadline; a worker (local or behind a worker host)
+    answers 504 rather than run a request nobody waits for any more."""
+    from gateway.workers.transport import DEADLINE_HEADER, UnixSocketTransport
+    from gateway_client.protocol.codec import HEADER_LENGTH, Tensor, encode_tensor_parts
+
+    worker = UnixSocketTransport(str(gateway.routes()["digits"]["workers"][0]["socket"]))
+    body, length = encode_tensor_parts("inputs", [Tensor("input", np.ones((1, 64), np.float32))])
+    try:
+        gone = await worker.request("POST", "/infer", body, {HEADER_LENGTH: str(length), DEADLINE_HEADER: "0"},
+                                    timeout=10)
+        fresh = await worker.request("POST", "/infer", body, {HEADER_LENGTH: str(length), DEADLINE_HEADER: "5000"},
+                                     timeout=10)
+    finally:
+        await worker.aclose()
+    assert gone.status == 504 and b"deadline" in gone.body
+    assert fresh.status == 200
