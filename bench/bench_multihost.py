@@ -60,13 +60,14 @@ def main() -> int:
     proc, _, token = start_gateway(tmp, 1, "cpu")  # the PKI, keys and signed models of this run
     proc.terminate()
     proc.wait(30)
-    net = Network()
-    net.up()
-    hosts = Hosts(net, tmp, tmp / "hosts", tmp / "models", budget_rows="1000000000/day")
     script = tmp / "bench.lua"
     script.write_text(LUA)
     body = bodies["digits"]
+    net = Network()
+    net.up()
     try:
+        hosts = Hosts(net, tmp, Path(tempfile.mkdtemp(prefix="gateway-bench-hosts-")), tmp / "models",
+                      budget_rows="1000000000/day")
         hosts.start_redis()
         for host in ("wk1", "wk2"):
             hosts.start_worker_host(host)
@@ -95,7 +96,8 @@ def main() -> int:
                 print(f"round {round_} {mode:12s} {rps:9.1f} req/s  cpu % {cpu}", flush=True)
                 results[mode].append(rps)
     finally:
-        hosts.stop()
+        if "hosts" in locals():
+            hosts.stop()
         net.down()
     one = statistics.mean(results["one gateway"])
     two = statistics.mean(results["two gateways"])
