@@ -556,7 +556,8 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     )
     models_raw = dict(data.get("models", {}))
     root = models_raw.pop("root", "models")
-    models = [m for name, table in models_raw.items() if (m := parse_model(name, table, problems)) is not None]
+    models = [dataclasses.replace(m, kek_file=_resolve(base, m.kek_file))
+              for name, table in models_raw.items() if (m := parse_model(name, table, problems)) is not None]
     auth = _auth(data.get("auth", {}), base, problems)
     issuer = IssuerConfig(**_coerce(IssuerConfig, data.get("issuer", {}), "issuer", problems))
     issuer = dataclasses.replace(issuer, directory=_resolve(base, issuer.directory),

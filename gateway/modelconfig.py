@@ -137,6 +137,10 @@ class ModelConfig:
     over mutual TLS (``[remote_workers]``)."""
     listen: str = ""
     """On a worker host only: where ``gateway worker serve`` serves this model ("host:port")."""
+    kek_file: str = ""
+    """This model's own key-encryption key (a sealed model), instead of ``supply.kek_file``: a
+    worker host holds the keys of the models it serves and no other; a gateway that serves a model
+    only through worker hosts needs none (it checks the signature, never unseals)."""
     device: Device = "auto"
     """"cuda" fails loudly when the CUDA execution provider is not active."""
     max_batch_size: int = 32

@@ -14,15 +14,21 @@ from gateway.registry.signing import SignatureError, verify_model
 __all__ = ["load_model_bytes"]
 
 
-def load_model_bytes(manifest: Manifest, supply: SupplyConfig) -> bytes:
-    """The verified, admitted model bytes, in memory; ``ManifestError`` with the reason otherwise."""
+def load_model_bytes(manifest: Manifest, supply: SupplyConfig, kek_file: str = "", remote: bool = False) -> bytes:
+    """The verified, admitted model bytes, in memory; ``ManifestError`` with the reason otherwise.
+    ``kek_file``: the model's own key-encryption key, instead of ``supply``'s. ``remote``: the model
+    runs on worker hosts only: its signature is checked here, its bytes are neither unsealed nor
+    returned (b"")."""
     sealed = manifest.path / SEALED_NAME
     where = f"{manifest.name}/{manifest.version}"
     try:
         if supply.require_signature:
             verify_model(manifest.path, [Path(k) for k in supply.trusted_keys])
+        if remote:
+            return b""
         if sealed.exists():
-            plaintext = unseal(sealed.read_bytes(), manifest.name, manifest.version, key_provider(supply))
+            plaintext = unseal(sealed.read_bytes(), manifest.name, manifest.version,
+                               key_provider(supply, kek_file or None))
             data = manifest.read_verified(plaintext)
         else:
             data = manifest.read_verified()

@@ -56,7 +56,9 @@ class Supervisor:
         self.monitor.prepare()
         configured = dict(self.config.units())
         for unit, manifest in self.manifests.items():
-            self._models[(unit, 0)] = load_model_bytes(manifest, self.config.supply)
+            settings = configured[unit]
+            self._models[(unit, 0)] = load_model_bytes(manifest, self.config.supply, settings.kek_file,
+                                                       remote=settings.workers == 0)
             check_guard(manifest, configured[unit].guard)  # its calibration, signed with the model
             check_extraction(manifest, configured[unit].extraction)
             self._event("load", manifest, 0)
@@ -147,7 +149,7 @@ class Supervisor:
             if (unit, manifest.sha256) in self.quarantined:
                 raise ManifestError(f"{unit}/{manifest.version} is quarantined (its worker died at load); "
                                     "change the model to try again")
-            data = load_model_bytes(manifest, config.supply)
+            data = load_model_bytes(manifest, config.supply, settings.kek_file, remote=settings.workers == 0)
             check_guard(manifest, settings.guard)
             check_extraction(manifest, settings.extraction)
         except ManifestError as exc:

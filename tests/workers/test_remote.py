@@ -50,7 +50,8 @@ def _issue(pki: Path, *args: str) -> None:
 
 
 class WorkerHost:
-    def __init__(self, pki: Path, tmp: Path, models_root: Path, cert: str, port: int | None = None) -> None:
+    def __init__(self, pki: Path, tmp: Path, models_root: Path, cert: str, port: int | None = None,
+                 digits: str = "") -> None:
         self.port = port or free_port()
         self.log = tmp / "worker-host.log"
         self.config = tmp / "worker.toml"
@@ -71,6 +72,7 @@ root = "{models_root}"
 [models.digits]
 listen = "127.0.0.1:{self.port}"
 max_batch_size = 64
+{digits}
 """)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -338,3 +340,43 @@ def test_a_worker_identity_must_be_a_spiffe_path_prefix(pki: Path, tmp_path: Pat
                           sections=REMOTE_SECTION.format(pki=pki) + f'identity = "{identity}"\n')
     with pytest.raises(ConfigError, match="remote_workers.identity"):
         load_config(config)
+
+
+def test_a_sealed_model_is_opened_only_on_its_worker_host(pki: Path, tmp_path: Path, models_root: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker host holds the model's own key-encryption key; the gateway, which serves the
+    model only through it, checks the signature and holds no key at all."""
+    import base64
+    import os
+
+    monkeypatch.delenv("GATEWAY_MODEL_KEK", raising=False)
+    root = tmp_path / "models"
+    shutil.copytree(models_root / "digits", root / "digits")
+    kek = tmp_path / "digits.kek"
+    kek.write_bytes(base64.b64encode(os.urandom(32)))
+    (tmp_path / "cli").mkdir()
+    cli = write_config(pki, tmp_path / "cli", root, free_port(), supply=f'kek_file = "{kek}"')
+    sealed = subprocess.run([sys.executable, "-m", "gateway", "models", "encrypt", str(root / "digits" / "1"),
+                             "--config", str(cli)], capture_output=True, text=True)
+    assert sealed.returncode == 0 and not (root / "digits" / "1" / "model.onnx").exists(), sealed.stderr
+    _issue(pki, "worker", "host-a")
+    _issue(pki, "gateway")
+    host = WorkerHost(pki, tmp_path, root, "worker-host-a", digits=f'kek_file = "{kek}"')
+    host.start()
+    (tmp_path / "gw").mkdir()
+    shutil.copytree(models_root / "resnetish", root / "resnetish")  # served locally, as it is
+    try:
+        # The gateway reads the same sealed folder, without a key-encryption key.
+        gw = start_gateway(pki, tmp_path / "gw", root, digits_workers=0, digits=_remote(pki, host.port),
+                           sections=REMOTE_SECTION.format(pki=pki))
+    except BaseException:
+        host.stop()
+        raise
+    try:
+        r = _infer(gw, gw.token("demo"))
+        assert r.status_code == 200, r.text  # type: ignore[attr-defined]
+        got = np.asarray(r.json()["outputs"][0]["data"], dtype=np.float32)  # type: ignore[attr-defined]
+        np.testing.assert_allclose(got, onnx_reference(models_root, "digits", ROW[None]).reshape(-1), rtol=1e-5)
+    finally:
+        gw.stop()
+        host.stop()
