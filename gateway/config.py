@@ -198,6 +198,9 @@ class RemoteWorkersConfig:
     """The CA of the worker hosts' certificates (default: ``tls.client_ca_file``)."""
     identity: str = "spiffe://gateway.local/worker/"
     """A worker host's certificate must carry a URI SAN that starts with this."""
+    eject_after: int = 1
+    """Requests in a row that fail on an endpoint (a connection lost mid-request, a garbled
+    answer) before it leaves rotation; a refused connection or a wrong identity ejects it at once."""
 
 
 @dataclass(frozen=True)

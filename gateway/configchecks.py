@@ -84,6 +84,8 @@ def remote_worker_problems(cfg: Config) -> list[str]:
     problems = [f"remote_workers.{name}: {path or 'not set'}: no such file (`gateway pki issue gateway` makes one)"
                 for name, path in (("cert_file", r.cert_file), ("key_file", r.key_file), ("ca_file", r.ca_file))
                 if not path or not Path(path).is_file()]
+    if not 1 <= r.eject_after <= 100:
+        problems.append("remote_workers.eject_after must be 1..100")
     if not re.fullmatch(r"spiffe://[^/]+/\S+/", r.identity):  # a path below the trust domain, ending a segment
         problems.append(f"remote_workers.identity: {r.identity!r} must be a SPIFFE ID prefix ending in '/' "
                         "(spiffe://gateway.local/worker/)")

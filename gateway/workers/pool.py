@@ -69,6 +69,8 @@ class WorkerClient:
     """A remote worker host's address; "" for a local worker."""
     failures: int = 0
     """Probes failed in a row since it left rotation; each doubles the wait before the next."""
+    strikes: int = 0
+    """Requests failed in a row on it (an endpoint leaves rotation at ``remote_workers.eject_after``)."""
     retry_at: float = 0.0
 
     @property
@@ -148,7 +150,7 @@ class WorkerPool:
             if w.healthy:
                 if w.failures:
                     log.warning("worker %s back in rotation", w.name)
-                w.failures = 0
+                w.failures = w.strikes = 0
             else:
                 w.failures += 1
                 w.retry_at = time.monotonic() + min(self.backoff_max_s, self.probe_interval_s * 2 ** min(w.failures, 8))
@@ -266,11 +268,15 @@ class WorkerPool:
             timeout = max(0.001, deadline - time.monotonic())
         worker.inflight += 1
         try:
-            return await worker.transport.infer(inputs, timeout)
+            outputs = await worker.transport.infer(inputs, timeout)
+            worker.strikes = 0
+            return outputs
         except TimeoutError:
             raise GatewayTimeout(f"model {worker.unit!r} did not answer within {timeout:.1f}s") from None
         except WorkerConnectionLost as exc:
-            self._mark_down(worker, str(exc))
+            worker.strikes += 1
+            if not worker.endpoint or worker.strikes >= self.config.remote_workers.eject_after:
+                self._mark_down(worker, str(exc))
             raise Unavailable(
                 f"the worker serving {worker.unit!r} failed during the request; retry shortly", retry_after=1,
             ) from None

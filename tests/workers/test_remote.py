@@ -291,24 +291,24 @@ class FakeWorkerHost:
         self.loop.close()
 
 
-@pytest.mark.parametrize("behaviour", ["garbage", "close"])
+@pytest.mark.parametrize("behaviour,eject_after", [("garbage", 1), ("close", 1), ("garbage", 3)])
 def test_a_worker_host_that_answers_garbage_is_ejected_without_a_500(
-        pki: Path, tmp_path: Path, models_root: Path, behaviour: str) -> None:
+        pki: Path, tmp_path: Path, models_root: Path, behaviour: str, eject_after: int) -> None:
     _issue(pki, "worker", "fake")
     _issue(pki, "gateway")
     host = FakeWorkerHost(pki, behaviour)
     host.start()
     (tmp_path / "gw").mkdir()
     gw = start_gateway(pki, tmp_path / "gw", models_root, digits_workers=0, digits=_remote(pki, host.port),
-                       sections=REMOTE_SECTION.format(pki=pki))
+                       sections=REMOTE_SECTION.format(pki=pki) + f"eject_after = {eject_after}\n")
     try:
         token = gw.token("demo")
         first = _infer(gw, token)
         assert first.status_code == 503 and first.headers["retry-after"], first.text  # type: ignore[attr-defined]
         assert first.json()["error"]  # type: ignore[attr-defined]
-        # Out of rotation: the next requests are refused here, without reaching it.
-        assert [_infer(gw, token).status_code for _ in range(3)] == [503] * 3  # type: ignore[attr-defined]
-        assert host.infers == 1
+        # Out of rotation after eject_after failures in a row: the next requests are refused here.
+        assert [_infer(gw, token).status_code for _ in range(eject_after + 2)] == [503] * (eject_after + 2)  # type: ignore[attr-defined]
+        assert host.infers == eject_after
         with gw.client() as c:
             assert c.get("/v2/models/digits/ready").status_code == 503
         assert "Traceback" not in gw.log.read_text()
