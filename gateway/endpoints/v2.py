@@ -158,7 +158,7 @@ class V2:
         parameters: dict[str, Any] = {"execution_providers": self.pool.providers(key)}
         remote = [w for w in self.pool.workers.get(key, ()) if w.endpoint]
         if remote:  # each worker host: in rotation or not, and whether it runs this version's model
-            parameters["endpoints"] = [{"endpoint": w.endpoint, "ready": w.healthy,
+            parameters["endpoints"] = [{"endpoint": w.endpoint, "ready": w.healthy, "version": w.info.get("version"),
                                         "same_model": w.info.get("model_sha256") == m.sha256,
                                         "providers": w.info.get("providers", [])} for w in remote]
         return _json({"name": m.name, "ready": True, "parameters": parameters})

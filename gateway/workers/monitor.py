@@ -192,7 +192,7 @@ class ProcessMonitor:
         # -P: the working directory is not put on the import path.
         cmd = [
             sys.executable, "-P", "-m", "gateway.workers.worker",
-            "--listen-fd", str(fd), "--name", w.unit.key, "--device", m.device,
+            "--listen-fd", str(fd), "--name", w.unit.key, "--model-version", m.version, "--device", m.device,
             "--max-batch-size", str(m.max_batch_size),
             "--max-queue-delay-ms", str(m.max_queue_delay_ms),
             "--intra-op-threads", str(m.intra_op_threads),

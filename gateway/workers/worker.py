@@ -200,6 +200,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gateway-worker", description=__doc__.split("\n\n")[0])
     p.add_argument("--listen-fd", type=int, required=True, help="a bound Unix socket to listen on")
     p.add_argument("--name", required=True)
+    p.add_argument("--model-version", default="", help="the version of the model it runs (reported in its health)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     digest = hashlib.sha256(model).hexdigest()  # which signed model this is, for a remote gateway to see
     del model
     app = WorkerApp(session, args.name, args, isolation)
-    app.health["model_sha256"] = digest
+    app.health.update(model_sha256=digest, version=args.model_version)
     freeze_startup_heap()
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on", http=BufferedBodyProtocol,

@@ -134,11 +134,13 @@ def test_a_gateway_serves_a_model_through_a_worker_host(
         with gw.client() as c:
             ready = c.get("/v2/models/digits/ready").json()
         assert ready["ready"] is True
-        assert ready["parameters"]["endpoints"] == [{"endpoint": f"127.0.0.1:{host.port}", "ready": True,
+        assert ready["parameters"]["endpoints"] == [{"endpoint": f"127.0.0.1:{host.port}", "ready": True, "version": "1",
                                                      "same_model": True, "providers": ["CPUExecutionProvider"]}]
         with gw.client("admin") as c:
             scrape = c.get("/metrics").text
         assert value(scrape, "gateway_worker_healthy", model="digits", worker=f"127.0.0.1:{host.port}") == 1
+        assert value(scrape, "gateway_worker_model_version", model="digits", worker=f"127.0.0.1:{host.port}",
+                     version="1") == 1
 
         # Only the gateway's identity gets through the worker host: a principal's certificate is
         # cut off after the handshake, no certificate fails it.
