@@ -68,12 +68,7 @@ def main() -> int:
     try:
         hosts = Hosts(net, tmp, Path(tempfile.mkdtemp(prefix="gateway-bench-hosts-")), tmp / "models",
                       budget_rows="1000000000/day")
-        hosts.start_redis()
-        for host in ("wk1", "wk2"):
-            hosts.start_worker_host(host)
-        for host in ("gw1", "gw2"):
-            hosts.start_gateway(host)
-        hosts.wait_ready("gw1", "gw2")
+        hosts.start_all()
         secret = __import__("json").loads((tmp / "credentials.json").read_text())["principals"]["demo"]["client_secret"]
         env = {**os.environ, "LD_PRELOAD": str(shim), "WRK_CLIENT_CERT": str(tmp / "certs/client-demo.pem"),
                "WRK_CLIENT_KEY": str(tmp / "certs/client-demo.key"), "BENCH_BODY": str(body[0]),

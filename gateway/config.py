@@ -529,6 +529,12 @@ def _resolve(base: Path, value: str) -> str:
     return value if not value or Path(value).is_absolute() else str((base / value).resolve())
 
 
+def _remote_workers(raw: Any, base: Path, tls: TLSConfig, problems: list[str]) -> RemoteWorkersConfig:
+    remote = RemoteWorkersConfig(**_coerce(RemoteWorkersConfig, raw, "remote_workers", problems))
+    return dataclasses.replace(remote, cert_file=_resolve(base, remote.cert_file), key_file=_resolve(base, remote.key_file),
+                               ca_file=_resolve(base, remote.ca_file) if remote.ca_file else tls.client_ca_file)
+
+
 def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> Config:
     """Load, override from the environment, validate and freeze. Raises ``ConfigError``."""
     problems: list[str] = []
@@ -574,14 +580,10 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     supply = dataclasses.replace(supply, kek_file=_resolve(base, supply.kek_file),
                                  signing_key=_resolve(base, supply.signing_key),
                                  trusted_keys=tuple(_resolve(base, k) for k in supply.trusted_keys))
-    remote = RemoteWorkersConfig(**_coerce(RemoteWorkersConfig, data.get("remote_workers", {}), "remote_workers",
-                                           problems))
-    remote = dataclasses.replace(remote, cert_file=_resolve(base, remote.cert_file),
-                                 key_file=_resolve(base, remote.key_file),
-                                 ca_file=_resolve(base, remote.ca_file) if remote.ca_file else tls.client_ca_file)
-    worker_host = WorkerHostConfig(**_coerce(WorkerHostConfig, data.get("worker_host", {}), "worker_host", problems))
     cfg = Config(server, tls, _resolve(base, str(root)), tuple(models), str(path or ""), auth, issuer, rbac, limits,
-                 audit, supply, _events(data.get("events", {}), base, problems), remote, worker_host,
+                 audit, supply, _events(data.get("events", {}), base, problems),
+                 _remote_workers(data.get("remote_workers", {}), base, tls, problems),
+                 WorkerHostConfig(**_coerce(WorkerHostConfig, data.get("worker_host", {}), "worker_host", problems)),
                  "worker_host" in data)
     from gateway.configchecks import check_ranges, crl_problems, remote_worker_problems  # they read the classes above
 

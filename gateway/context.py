@@ -141,6 +141,11 @@ class RequestContext:
     charges: list[Charge] = field(default_factory=list)
     """Limits gathered on the way in and not admitted yet (``gateway.security.ratelimit``)."""
 
+    def take_charges(self, *more: Charge) -> list[Charge]:
+        """What the request still owes (and ``more``), for one admission; the request then owes nothing."""
+        charges, self.charges = [*self.charges, *more], []
+        return charges
+
 
 def get_context(scope: MutableMapping[str, Any]) -> RequestContext:
     ctx: RequestContext = scope[SCOPE_KEY]

@@ -31,9 +31,8 @@ _MODEL_CALLS = ("/infer", "/explain")
 async def settle(limiter: Limiter, ctx: RequestContext, *extra: Charge) -> None:
     """Count what ``ctx`` still owes (and ``extra``) for a request that is answered already: a
     refusal now only makes this process refuse the next one up front."""
-    charges, ctx.charges = [*ctx.charges, *extra], []
     try:
-        await limiter.admit(charges)
+        await limiter.admit(ctx.take_charges(*extra))
     except RateLimited:
         pass
 
@@ -70,8 +69,7 @@ class AddressLimitMiddleware:
             await self.app(scope, receive, watch)
         except GatewayError as exc:
             if exc.status == 401:  # not answered yet: an address over its limits hears 429 instead
-                charges, ctx.charges = ctx.charges, []
-                await limiter.admit([*charges, Charge(limiter.failed_auth, address)])
+                await limiter.admit(ctx.take_charges(Charge(limiter.failed_auth, address)))
             raise
         finally:
             failed = (Charge(limiter.failed_auth, address),) if refused else ()
@@ -96,6 +94,5 @@ class PrincipalLimitMiddleware:
             limiter.refuse_known(limiter.global_, "all")
             ctx.charges += (Charge(limiter.per_principal, principal.key), Charge(limiter.global_, "all"))
         if principal is None or not scope["path"].endswith(_MODEL_CALLS):
-            charges, ctx.charges = ctx.charges, []
-            await limiter.admit(charges)
+            await limiter.admit(ctx.take_charges())
         await self.app(scope, receive, send)

@@ -37,9 +37,8 @@ class ModelLimits:
         first = call.inputs[0].array if call.inputs else None
         rows = int(first.shape[0]) if first is not None and first.ndim else 1
         limiter = self.limiter
-        charges = [*call.ctx.charges, Charge(limiter.per_principal_model, key), Charge(limiter.budget_inferences, key),
-                   Charge(limiter.budget_rows, key, max(1, rows))]
-        call.ctx.charges = []
+        charges = call.ctx.take_charges(Charge(limiter.per_principal_model, key), Charge(limiter.budget_inferences, key),
+                                        Charge(limiter.budget_rows, key, max(1, rows)))
         if limiter.concurrent:
             call.admission = limiter.admit_soon(charges)
         else:

@@ -76,10 +76,9 @@ class Explain:
         evaluations = len(batch)
         key = f"{principal_of(call.ctx).key}|{call.model.unit.model}"
         limiter = self.limiter
-        charges, call.ctx.charges = call.ctx.charges, []
-        await limiter.admit([*charges, Charge(limiter.per_principal_explain, key),
-                             Charge(limiter.budget_inferences, key, evaluations),
-                             Charge(limiter.budget_rows, key, evaluations)])
+        await limiter.admit(call.ctx.take_charges(Charge(limiter.per_principal_explain, key),
+                                                  Charge(limiter.budget_inferences, key, evaluations),
+                                                  Charge(limiter.budget_rows, key, evaluations)))
         shaped = batch.reshape(evaluations, *x.shape[1:]).astype(x.dtype, copy=False)
         call.ctx.inputs = [tensor_digest(call.inputs[0])]  # the record: what was explained, where
 

@@ -240,6 +240,15 @@ max_batch_size = 64
         self.procs[host] = self.net.start(host, [sys.executable, "-m", "gateway", "serve", "--config",
                                                  str(self.tmp / host / "gateway.toml")], self.tmp / host / "gateway.log")
 
+    def start_all(self) -> None:
+        """Redis, both worker hosts, then both gateways, ready."""
+        self.start_redis()
+        for host in ("wk1", "wk2"):
+            self.start_worker_host(host)
+        for host in ("gw1", "gw2"):
+            self.start_gateway(host)
+        self.wait_ready("gw1", "gw2")
+
     def url(self, host: str) -> str:
         return f"https://{ADDRESSES[host]}:8443"
 
@@ -306,12 +315,7 @@ def test_two_gateways_two_worker_hosts_and_redis_survive_losing_each(
     hosts = Hosts(network, pki, tmp_path, models_root)
     every: list[dict[str, object]] = []
     try:
-        hosts.start_redis()
-        for host in ("wk1", "wk2"):
-            hosts.start_worker_host(host)
-        for host in ("gw1", "gw2"):
-            hosts.start_gateway(host)
-        hosts.wait_ready("gw1", "gw2")
+        hosts.start_all()
         secret = json.loads((pki / "credentials.json").read_text())["principals"]["demo"]["client_secret"]
         token = hosts.token("demo", secret)
 
