@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,39 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gateway import MODELS, _bodies, _descendants, build_shim, start_gateway, wrk  # noqa: E402
 
 from tests.conftest import free_port  # noqa: E402
-
-
-def _worker_host(tmp: Path, port: int) -> subprocess.Popen[bytes]:
-    spec = MODELS["digits"]
-    (tmp / "worker.toml").write_text(f"""
-[server]
-runtime_dir = "{tmp / 'worker-run'}"
-pid_file = "{tmp / 'worker.pid'}"
-[tls]
-cert_file = "{tmp}/certs/worker-bench.pem"
-key_file = "{tmp}/certs/worker-bench.key"
-client_ca_file = "{tmp}/certs/ca.pem"
-[worker_host]
-clients = ["spiffe://gateway.local/gateway"]
-[supply]
-trusted_keys = ["{tmp}/keys/model-signing.pub"]
-[models]
-root = "{tmp}/models"
-[models.digits]
-listen = "127.0.0.1:{port}"
-intra_op_threads = {spec['threads']}
-max_batch_size = {spec['batch']}
-max_queue_delay_ms = 1.0
-""")
-    log = open(tmp / "worker-host.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "worker", "serve", "--config", str(tmp / "worker.toml")],
-                            stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while "Worker host ready" not in (tmp / "worker-host.log").read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"worker host did not start: {(tmp / 'worker-host.log').read_text()[-2000:]}")
-        time.sleep(0.2)
-    return proc
+from tests.workers.test_remote import WorkerHost  # noqa: E402
 
 
 def main() -> int:
@@ -70,7 +37,7 @@ def main() -> int:
     shim, bodies = build_shim(tmp), _bodies(tmp)
     results: dict[str, list[dict[str, object]]] = {"local": [], "remote": []}
     port = free_port()
-    host: subprocess.Popen[bytes] | None = None
+    host: WorkerHost | None = None
     for round_ in range(args.rounds):
         for mode in results:
             extra, tables = "", {}
@@ -82,12 +49,15 @@ def main() -> int:
                     for kind in (["worker", "bench"], ["gateway"]):
                         subprocess.run([sys.executable, "-m", "gateway", "pki", "issue", *kind, "--certs",
                                         str(tmp / "certs")], check=True, capture_output=True)
-                    host = _worker_host(tmp, port)
+                    spec = MODELS["digits"]  # the local worker's batching, on the worker host
+                    host = WorkerHost(tmp, tmp, tmp / "models", "worker-bench", port,
+                                      f"intra_op_threads = {spec['threads']}\nmax_queue_delay_ms = 1.0\n")
+                    host.start()
             proc, gw_port, token = start_gateway(tmp, 1, "cpu", extra=extra, model_tables=tables)
             try:
                 pids = _descendants(proc.pid)
-                if mode == "remote" and host is not None:
-                    pids.update({pid: f"host:{role}" for pid, role in _descendants(host.pid).items()})
+                if mode == "remote" and host is not None and host.proc is not None:
+                    pids.update({pid: f"host:{role}" for pid, role in _descendants(host.proc.pid).items()})
                 url = f"https://127.0.0.1:{gw_port}"
                 wrk(url, "digits", args.clients, 2, bodies["digits"], tmp / "certs", shim, pids, token)
                 row = wrk(url, "digits", args.clients, args.seconds, bodies["digits"], tmp / "certs", shim, pids, token)
@@ -98,8 +68,7 @@ def main() -> int:
                 proc.terminate()
                 proc.wait(30)
     if host is not None:
-        host.terminate()
-        host.wait(30)
+        host.stop()
     means = {mode: statistics.mean(float(r["rps"]) for r in rows) for mode, rows in results.items()}  # type: ignore[arg-type]
     print(f"\n{'worker':8s} {'req/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'/local':>7s}")
     for mode, rows in results.items():
