@@ -178,6 +178,33 @@ def _calibrate(args: argparse.Namespace, config: Any, folder: Path) -> int:
     return 0
 
 
+def _pull(args: argparse.Namespace) -> int:
+    """``gateway models pull --from DIR``: deliver signed versions into ``models.root``, verified.
+    With ``--to`` and ``--trusted-key`` it needs no configuration (an init container holds only
+    the public key, not the gateway's certificates)."""
+    from gateway.registry.pull import PullError, pull_models
+
+    if args.to and args.trusted_key:
+        root, keys = Path(args.to), [Path(k) for k in args.trusted_key]
+    else:
+        config = load(args)
+        root = Path(args.to or config.models_root)
+        keys = [Path(k) for k in (args.trusted_key or config.supply.trusted_keys)]
+    try:
+        results = pull_models(Path(args.source), root, keys,
+                              progress=lambda r: print(f"{r.name}/{r.version}: {r.outcome}", flush=True))
+    except PullError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    refused = [r for r in results if r.outcome.startswith("refused")]
+    if not results:
+        print(f"gateway: no model version (<name>/<version>/manifest.json) under {args.source}", file=sys.stderr)
+        return 1
+    print(f"{len(results) - len(refused)} of {len(results)} version(s) in {root}"
+          + (f"; {len(refused)} refused" if refused else ""))
+    return 1 if refused else 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     """``sign``, ``verify``, ``check``, ``encrypt`` and ``rewrap`` a model version folder
     (``<root>/<name>/<version>``)."""
@@ -188,6 +215,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from gateway.registry.sealing import SEALED_NAME, SealError, key_provider, rewrap, seal
     from gateway.registry.signing import SignatureError, sign_model, verify_model
 
+    if args.action == "pull":
+        return _pull(args)
     config = load(args)
     supply = config.supply
     if args.action == "reload":
@@ -240,7 +269,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     folder = opt("folder", help="the model version folder, <models root>/<name>/<version>")
-    add_area(sub, "models", "sign, verify, check, calibrate, encrypt or rewrap a model version folder; reload",
+    add_area(sub, "models", "sign, verify, check, calibrate, encrypt or rewrap a model version folder; reload; pull",
              _cmd_models, {
         "sign": ("sign the folder's files (model.sig)", [
             folder, config_opt(), opt("--key", default="", help="the EC private key (default: supply.signing_key)")]),
@@ -262,6 +291,13 @@ def add_parsers(sub: Any) -> None:
         "rewrap": ("wrap the sealed model's key with a new key-encryption key, and sign again", [
             folder, config_opt(), opt("--new-kek-file", required=True, help="the new key-encryption key")]),
         "reload": ("ask the running gateway to verify, admit and swap in changed versions", [config_opt()]),
+        "pull": ("copy signed versions from a delivery folder into models.root, verified before they appear", [
+            opt("--from", dest="source", required=True,
+                help="a model repository (<name>/<version>/...), e.g. a volume mounted read-only"),
+            opt("--to", default="", help="the serving model root (default: the configuration's models.root)"),
+            opt("--trusted-key", action="append", default=[],
+                help="a public key (repeatable; default: supply.trusted_keys); with --to, no configuration is read"),
+            config_opt()]),
     })
 
     p = sub.add_parser("infer", help="run one inference through the SDK", description="run one inference through the SDK",

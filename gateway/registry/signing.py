@@ -31,6 +31,7 @@ def sign_model(folder: Path, private_key: Path) -> Path:
     """Sign ``folder`` with an EC private key (PEM); returns the signature's path."""
     from model_signing import signing
 
+    folder = folder.resolve()  # the library ignores model.sig only by its absolute path
     signature = folder / SIGNATURE_NAME
     config: Any = signing.Config()  # type: ignore[no-untyped-call]
     config.use_elliptic_key_signer(private_key=private_key).set_hashing_config(_hashing(folder)).sign(folder, signature)
@@ -41,6 +42,7 @@ def verify_model(folder: Path, trusted_keys: list[Path]) -> Path:
     """The trusted key that signed ``folder``; ``SignatureError`` with the reason otherwise."""
     from model_signing import verifying
 
+    folder = folder.resolve()
     signature = folder / SIGNATURE_NAME
     if not signature.exists():
         raise SignatureError(f"unsigned: {signature} does not exist (sign it with `gateway models sign`)")
