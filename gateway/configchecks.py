@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import os
 import pwd
 import re
 from pathlib import Path
@@ -211,6 +212,11 @@ def check_ranges(cfg: Config, problems: list[str]) -> None:
             pwd.getpwnam(cfg.server.worker_user)
         except KeyError:
             problems.append(f"server.worker_user: no user named {cfg.server.worker_user!r} on this system")
+    helper = cfg.server.worker_exec
+    if helper and not (os.path.isfile(helper) and os.access(helper, os.X_OK)):
+        problems.append(f"server.worker_exec: {helper} is not an executable file")
+    elif helper and not cfg.server.worker_user:
+        problems.append('server.worker_exec needs server.worker_user (the workers\' group)')
     if not 1 <= cfg.tls.xfcc_hops <= 8:
         problems.append("tls.xfcc_hops must be 1..8")
     for proxy in cfg.tls.trusted_proxies:

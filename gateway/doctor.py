@@ -96,9 +96,10 @@ def _settings(c: Config) -> Iterator[Finding]:
     if not c.server.worker_user and os.geteuid() == 0:
         yield Finding("workers-not-isolated", "high", "workers run as root, the gateway's own user",
                       'set server.worker_user (and worker_uid_base) to an unprivileged user')
-    elif not c.server.worker_user and not c.server.worker_uid_base:
-        yield Finding("workers-not-isolated", "medium", "workers run as the gateway's own user",
-                      "run as root with server.worker_user set, so that workers drop to their own user")
+    elif os.geteuid() != 0 and not (c.server.worker_exec and c.server.worker_user):
+        yield Finding("workers-not-isolated", "medium", "workers run as the gateway's own user and can read its keys",
+                      "in the image keep server.worker_exec (its set-user-ID helper); elsewhere run as root "
+                      "with server.worker_user set, so that workers drop to their own user")
     if not c.limits.per_address and not c.limits.per_principal:
         yield Finding("limits-off", "high", "neither limits.per_address nor limits.per_principal is set",
                       'set limits.per_principal (e.g. "100/second") and limits.per_address')

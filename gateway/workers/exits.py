@@ -14,8 +14,11 @@ class ExitCode(IntEnum):
     """The configured device (``cuda``) is not available."""
     MODEL = 4
     """The model does not load."""
+    CANNOT_DROP = 126
+    """``server.worker_exec`` could not start the worker as its own user (the container lacks the
+    capabilities it needs): the gateway refuses rather than run the worker as itself."""
 
     @classmethod
     def permanent(cls, code: int) -> bool:
         """An exit a restart will not fix."""
-        return code in (cls.DEVICE, cls.MODEL)
+        return code in (cls.DEVICE, cls.MODEL, cls.CANNOT_DROP)

@@ -17,10 +17,13 @@ import os
 import resource
 import signal
 
-__all__ = ["apply_isolation", "die_with_parent"]
+__all__ = ["apply_isolation", "die_with_parent", "drop_capabilities"]
 
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
 def _limit(which: int, value: int) -> None:
@@ -35,6 +38,27 @@ def _libc() -> ctypes.CDLL:
 
 def _unshare_network() -> bool:
     return bool(_libc().unshare(CLONE_NEWNET) == 0)
+
+
+def drop_capabilities() -> bool:
+    """A gateway that is not root holds no capability: a runtime that grants the container
+    CAP_SETUID and CAP_SETGID (for the image's worker helper) hands them to its non-root process
+    as ambient capabilities too, enough to become root. Clear the effective, permitted,
+    inheritable and ambient sets; the bounding set stays, so the set-user-ID helper still works.
+    True when nothing is left."""
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    libc = _libc()
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    if libc.capset(ctypes.byref(Header(_LINUX_CAPABILITY_VERSION_3, 0)), (Data * 2)()) != 0:
+        return False
+    with open("/proc/self/status") as status:
+        held = {k: v.strip() for k, _, v in (line.partition(":") for line in status) if k.startswith("Cap")}
+    return all(int(held.get(k, "0"), 16) == 0 for k in ("CapInh", "CapPrm", "CapEff", "CapAmb"))
 
 
 def die_with_parent(parent_pid: int) -> None:

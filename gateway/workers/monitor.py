@@ -95,7 +95,10 @@ class ProcessMonitor:
         self.on_spawn = on_spawn
         """Called after a worker (re)starts: its process, and so its credentials, changed."""
         self.root = os.geteuid() == 0
-        user = config.server.worker_user if self.root else ""
+        self.helper = "" if self.root else config.server.worker_exec
+        """Not root: the image's set-user-ID helper starts each worker as its own user."""
+        self.drops = self.root or bool(self.helper)
+        user = config.server.worker_user if self.drops else ""
         self.gid = pwd.getpwnam(user).pw_gid if user else None
         self.shared_uid = pwd.getpwnam(user).pw_uid if user else None
         self.workers: list[WorkerProcess] = []
@@ -149,7 +152,7 @@ class ProcessMonitor:
         for w in workers:
             self._terminate(w)
             w.socket.unlink(missing_ok=True)
-            if self.root and w.uid is not None and w.uid != self.shared_uid:
+            if self.drops and w.uid is not None and w.uid != self.shared_uid:
                 self._slots.discard(w.uid - self.config.server.worker_uid_base)
 
     def stop(self) -> None:
@@ -157,16 +160,18 @@ class ProcessMonitor:
         if self._thread is not None:
             self._thread.join(timeout=5)
         for w in self.workers:
-            if w.proc and w.proc.poll() is None:
-                w.proc.terminate()
+            self._signal(w, signal.SIGTERM)
         deadline = time.monotonic() + 5
         for w in self.workers:
             if w.proc:
                 try:
                     w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    w.proc.kill()
-                    w.proc.wait()
+                    self._signal(w, signal.SIGKILL)
+                    try:
+                        w.proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:  # never hang the shutdown: it dies with us (PDEATHSIG)
+                        log.error("worker %s (pid %d) did not stop", w.name, w.proc.pid)
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def pids(self) -> dict[str, list[int]]:
@@ -178,7 +183,7 @@ class ProcessMonitor:
 
     # internals ---------------------------------------------------------------------------------
     def _allocate_uid(self) -> int | None:
-        if not self.root or self.shared_uid is None:
+        if not self.drops or self.shared_uid is None:
             return None
         base = self.config.server.worker_uid_base
         if not base:
@@ -200,6 +205,8 @@ class ProcessMonitor:
             "--batch-buckets", m.batch_buckets,
         ]
         cmd += ["--cuda-tf32"] if m.cuda_tf32 else []
+        if self.helper and w.uid is not None:  # the helper drops to the user and runs the same module
+            return [self.helper, str(w.uid), "--", *cmd[4:]]
         if w.uid is not None and self.gid is not None:
             cmd += ["--uid", str(w.uid), "--gid", str(self.gid)]
         return cmd
@@ -246,13 +253,26 @@ class ProcessMonitor:
         log.info("worker %s started (pid %d%s)", w.name, w.proc.pid, f", uid {w.uid}" if w.uid is not None else "")
         self.on_spawn()
 
+    def _signal(self, w: WorkerProcess, sig: signal.Signals) -> None:
+        """TERM or KILL a worker. A worker started by ``server.worker_exec`` runs as another user,
+        whom only the helper may signal (its own child workers, nothing else)."""
+        if w.proc is None or w.proc.poll() is not None:
+            return
+        if self.helper:
+            subprocess.run([self.helper, "--signal", str(w.proc.pid), sig.name.removeprefix("SIG")],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+        elif sig == signal.SIGKILL:
+            os.killpg(w.proc.pid, signal.SIGKILL)
+        else:
+            w.proc.send_signal(sig)
+
     def _terminate(self, w: WorkerProcess) -> None:
         if w.proc and w.proc.poll() is None:
-            w.proc.terminate()
+            self._signal(w, signal.SIGTERM)
             try:
                 w.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                w.proc.kill()
+                self._signal(w, signal.SIGKILL)
 
     def _ping(self, w: WorkerProcess) -> bool | None:
         """True or False by the worker's answer; None when this process could not ask."""
@@ -295,7 +315,7 @@ class ProcessMonitor:
         limit = self.hang_timeout_s if w.ready else self.start_timeout_s
         if now - max(w.last_ok, w.started_at) > limit:
             log.warning("worker %s unresponsive for %.0fs; killing it", w.name, limit)
-            os.killpg(w.proc.pid, signal.SIGKILL)
+            self._signal(w, signal.SIGKILL)
 
     def _monitor(self) -> None:
         while not self._stop.is_set():
