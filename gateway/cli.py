@@ -66,7 +66,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("onnxruntime") is None:
         print(f"gateway: {ORT_MISSING}", file=sys.stderr)
         return 2
+    if os.environ.get("GATEWAY_REQUIRE_CUDA") == "1":  # the cuda image: no silent CPU fallback
+        from gateway.workers.worker import cuda_problem
+
+        if problem := cuda_problem():
+            print(f"gateway: GATEWAY_REQUIRE_CUDA=1 but {problem}", file=sys.stderr)
+            return 2
     _modern_tls_groups()
+    if os.geteuid() != 0:
+        from gateway.workers.isolation import drop_capabilities
+
+        drop_capabilities()
     from gateway.config import ConfigError
     from gateway.registry.manifest import ManifestError
     from gateway.server import serve

@@ -47,8 +47,13 @@ def test_dockerfile_passes_hadolint() -> None:
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^USER 10001", text, re.M) and "HEALTHCHECK" in text
-    assert re.search(r'^CMD \[', text, re.M) and text.count("FROM ") >= 2 and ":latest" not in text
+    assert re.search(r"^ARG GATEWAY_UID=10001$", text, re.M) and re.search(r"^USER \$\{GATEWAY_UID\}", text, re.M)
+    assert "HEALTHCHECK" in text and re.search(r'^CMD \[', text, re.M) and ":latest" not in text
+    assert {m for m in re.findall(r"^FROM \S+ AS (\S+)$", text, re.M)} >= {"build", "runtime", "cpu", "cuda"}
+    assert re.search(r"^ARG BASE=\S+@sha256:[0-9a-f]{64}$", text, re.M)  # the public base, pinned by digest
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignored[1:2] == ["*"] or "*" in ignored  # an allowlist: no key or certificate can enter the context
+    assert not [line for line in ignored if line.startswith("!") and any(k in line for k in ("cert", "key", "issuer"))]
 
 
 def _locked(path: Path) -> dict[str, str]:

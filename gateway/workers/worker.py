@@ -24,6 +24,7 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,35 @@ def _cuda_driver_present() -> bool:
     return True
 
 
+def _preload_cuda_wheels() -> None:
+    """Load the CUDA and cuDNN libraries of NVIDIA's wheels (the cuda image installs them, from
+    onnxruntime-gpu's ``[cuda,cudnn]`` extras), which the dynamic loader would not find alone."""
+    import importlib.util
+
+    import onnxruntime as ort
+
+    if importlib.util.find_spec("nvidia") is not None and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls(directory="")
+
+
+def cuda_problem() -> str | None:
+    """Why the CUDA execution provider cannot load here, or None: the driver, then the provider
+    library with every CUDA and cuDNN library it links (the check the cuda image runs at start)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"this ONNX Runtime has no CUDA provider (available: {ort.get_available_providers()})"
+    if not _cuda_driver_present():
+        return "libcuda.so.1 does not load: no NVIDIA driver is visible (run with a GPU and the NVIDIA runtime)"
+    _preload_cuda_wheels()
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as exc:
+        return f"the CUDA provider does not load: {exc}"
+    return None
+
+
 def providers_for(device: str, available: list[str], tf32: bool = False) -> list[Any]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -77,6 +107,8 @@ def load_session(model: bytes, device: str, intra_op_threads: int, tf32: bool = 
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     wanted = providers_for(device, ort.get_available_providers(), tf32)
+    if wanted[0] != "CPUExecutionProvider":
+        _preload_cuda_wheels()
     session = ort.InferenceSession(model, sess_options=options, providers=wanted)
     # Asking for CUDA where it cannot run only logs and falls back to the CPU: check what is active.
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
