@@ -181,7 +181,8 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     writer = _audit_writer(config)
 
     v2 = V2(models, pool, policy, limiter, stages, health, events,
-            explain_stages(config, models, policy, limiter, pool, decoder, in_flight, incidents), watches, incidents)
+            explain_stages(config, models, policy, limiter, pool, decoder, in_flight, incidents), watches, incidents,
+            ready_when=config.server.ready_when)
     metrics.watch_state(lambda: {"degraded": v2.degraded(), "controls": incidents.controls.counts(),
                                  "certificates": certificate_expiries(config.tls), "version": __version__,
                                  "jwks": [cache.status() for cache in validator.caches()]})

@@ -108,6 +108,14 @@ class ServerConfig:
     """When the gateway runs as root, each worker gets a user id of its own from this one up (systemd's
     range for dynamic users), so that no worker can signal or trace another; 0 gives every worker
     ``worker_user``'s id (reported)."""
+    ready_when: Literal["all", "any"] = "all"
+    """``/v2/health/ready`` answers 200 when every model has a healthy worker ("all"), or when one
+    has ("any": a replica whose one model's workers are away stays in rotation for the others,
+    which readiness lists under ``degraded.models``)."""
+    worker_exec: str = ""
+    """When the gateway does not run as root: a set-user-ID helper (the image's
+    ``/usr/local/libexec/gateway/worker-exec``) that starts each worker as a user of its own from
+    ``worker_uid_base`` and ``worker_user``'s group. Empty: workers run as the gateway's user (reported)."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     debug: bool = False
     """Show internal error details to clients. Never in production."""
@@ -278,6 +286,9 @@ class LimitsConfig:
     request's outputs are discarded; the refusals a replica remembers stop the next ones before
     any work); ``before`` waits for Redis first (a refused request never reaches a worker, at the
     cost of that round trip in every inference's latency)."""
+    storage_password_file: str = ""
+    """A file holding Redis's password (a mounted Secret), put into ``storage``'s URL at load, so
+    that the password need not be in the configuration or the environment."""
     storage_timeout_s: float = 0.25
     """A Redis call slower than this counts as a failure: local limits apply meanwhile."""
     storage_retry_s: float = 5.0
@@ -512,6 +523,28 @@ def _remote_workers(raw: Any, base: Path, tls: TLSConfig, problems: list[str]) -
                                ca_file=_resolve(base, remote.ca_file) if remote.ca_file else tls.client_ca_file)
 
 
+def _limits_with_password(limits: LimitsConfig, base: Path, problems: list[str]) -> LimitsConfig:
+    """``limits.storage_password_file``'s password, URL-quoted into ``limits.storage``."""
+    if not limits.storage_password_file:
+        return limits
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    path = _resolve(base, limits.storage_password_file)
+    url = urlsplit(limits.storage)
+    if url.scheme not in ("redis", "rediss"):
+        problems.append("limits.storage_password_file needs a redis:// or rediss:// limits.storage")
+        return limits
+    try:
+        password = Path(path).read_text().strip()
+    except OSError as exc:
+        problems.append(f"limits.storage_password_file: {exc.strerror or exc}: {path}")
+        return limits
+    user = url.username or ""
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{url.hostname or ''}" + (f":{url.port}" if url.port else "")
+    return dataclasses.replace(limits, storage=urlunsplit((url.scheme, netloc, url.path, url.query, url.fragment)),
+                               storage_password_file=path)
+
+
 def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> Config:
     """Load, override from the environment, validate and freeze. Raises ``ConfigError``."""
     problems: list[str] = []
@@ -524,6 +557,8 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
             data = tomllib.loads(p.read_text())
         except FileNotFoundError:
             raise ConfigError([f"{p}: no such file (create one with `gateway init`)"]) from None
+        except IsADirectoryError:
+            raise ConfigError([f"{p}: a folder, not a configuration file (is a volume mounted over it?)"]) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{p}: {exc}"]) from None
     _env_overrides(data, dict(os.environ if environ is None else environ))
@@ -549,7 +584,8 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     issuer = dataclasses.replace(issuer, directory=_resolve(base, issuer.directory),
                                  incidents_file=_resolve(base, issuer.incidents_file))
     rbac = _policy(data.get("rbac", {}), problems)
-    limits = LimitsConfig(**_coerce(LimitsConfig, data.get("limits", {}), "limits", problems))
+    limits = _limits_with_password(LimitsConfig(**_coerce(LimitsConfig, data.get("limits", {}), "limits", problems)),
+                                   base, problems)
     audit = AuditConfig(**_coerce(AuditConfig, data.get("audit", {}), "audit", problems))
     audit = dataclasses.replace(audit, directory=_resolve(base, audit.directory),
                                 signing_key=_resolve(base, audit.signing_key), public_key=_resolve(base, audit.public_key))

@@ -18,8 +18,9 @@ __all__ = ["ProbeApp", "probe_app_from_environment"]
 
 
 class ProbeApp:
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, ready_when: str = "all") -> None:
         self.pool = pool
+        self.ready_when = ready_when
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -38,7 +39,7 @@ class ProbeApp:
         if path == LIVENESS_PATH:
             status, body = 200, b'{"live":true}'
         elif path == READINESS_PATH:
-            ok = self.pool.all_ready()
+            ok = self.pool.is_ready(self.ready_when)
             status, body = (200, b'{"ready":true}') if ok else (503, b'{"ready":false}')
         else:
             status, body = 404, b'{"error":"not found"}'
@@ -49,4 +50,4 @@ class ProbeApp:
 
 def probe_app_from_environment() -> ProbeApp:
     config = load_config(os.environ["GATEWAY_CONFIG"])
-    return ProbeApp(WorkerPool(config, os.environ["GATEWAY_RUNTIME_DIR"]))
+    return ProbeApp(WorkerPool(config, os.environ["GATEWAY_RUNTIME_DIR"]), config.server.ready_when)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -31,6 +32,10 @@ def serve_worker_host(config_path: str) -> int:
     from gateway.workers.supervisor import Supervisor
 
     log = logging.getLogger("gateway.worker_host")
+    if os.geteuid() != 0:
+        from gateway.workers.isolation import drop_capabilities
+
+        drop_capabilities()
     config = load_config(config_path)
     if not config.is_worker_host:
         print(f"error: {config_path} is not a worker host's configuration: add a [worker_host] section "
@@ -103,6 +108,34 @@ def _issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _owner(text: str) -> Any:
+    from gateway.deployfiles import Owner
+
+    uid, _, gid = text.partition(":")
+    return Owner(int(uid), int(gid or uid))
+
+
+def _export(args: argparse.Namespace) -> int:
+    from gateway.deployfiles import ExportError, export_serving_files
+
+    try:
+        files = export_serving_files(Path(args.source), Path(args.to), _owner(args.owner),
+                                     _owner(args.worker_owner), args.worker)
+    except (ExportError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in files:
+        print(f"wrote {path}")
+    print(f"{args.to}: what a serving container needs, owned by {args.owner}"
+          + (f" (worker-certs/ by {args.worker_owner})" if args.worker else "")
+          + "; no CA key, model-signing key or client credentials")
+    return 0
+
+
+def _cmd_pki(args: argparse.Namespace) -> int:
+    return _export(args) if args.action == "export" else _issue(args)
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     load(args)  # the configuration's errors, all at once, before anything starts
     return serve_worker_host(args.config)
@@ -112,7 +145,8 @@ def add_parsers(sub: Any) -> None:
     add_area(sub, "worker", "run this host as a worker host: the models' workers, served to gateways over mTLS",
              _cmd_worker, {"serve": ("start the workers of the models with a listen address and serve them "
                                      "to gateways over mutual TLS", [config_opt()])})
-    add_area(sub, "pki", "certificates from the CA of `gateway init` for worker hosts and the gateway", _issue, {
+    add_area(sub, "pki", "certificates from the CA of `gateway init` for worker hosts and the gateway; "
+             "the files a serving container may hold", _cmd_pki, {
         "issue": ("issue a worker host's certificate (spiffe://<trust domain>/worker/NAME) or the gateway's "
                   "client certificate towards worker hosts (spiffe://<trust domain>/gateway)", [
                       opt("kind", choices=["worker", "gateway"], help="worker, or gateway"),
@@ -121,4 +155,14 @@ def add_parsers(sub: Any) -> None:
                       opt("--trust-domain", default=TRUST_DOMAIN, help=f"default: {TRUST_DOMAIN}"),
                       opt("--dns", action="append", default=[], help="a DNS name of the worker host (repeatable)"),
                       opt("--ip", action="append", default=[], help="an IP address of the worker host (repeatable)"),
+                  ]),
+        "export": ("copy what a serving container may hold (no CA key, model-signing key or client "
+                   "credentials) out of a `gateway init` folder, owned by the container's users", [
+                      opt("--from", dest="source", default=".", help="the `gateway init` folder (default: .)"),
+                      opt("--to", required=True, help="the folder to write: certs/, keys/, issuer/, audit/, "
+                                                      "gateway.toml and, with --worker, worker-certs/"),
+                      opt("--owner", default="10001:10001", help="the gateway's uid:gid in the image (default 10001)"),
+                      opt("--worker", default="", help="also worker-certs/ from certs/worker-NAME.pem and .key"),
+                      opt("--worker-owner", default="10002:10002",
+                          help="the worker host's uid:gid in the image (default 10002)"),
                   ])})

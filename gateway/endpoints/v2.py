@@ -44,7 +44,8 @@ class V2:
     def __init__(self, models: ModelTable, pool: WorkerPool, policy: Policy, limiter: Limiter,
                  stages: Sequence[Stage], health: GuardHealth | None = None, events: EventSink | None = None,
                  explain_stages: Sequence[Stage] = (), watches: WatchStore | None = None,
-                 incidents: IncidentStore | None = None) -> None:
+                 incidents: IncidentStore | None = None, ready_when: str = "all") -> None:
+        self.ready_when = ready_when
         self.explain_stages = explain_stages
         self.watches = watches
         self.incidents = incidents
@@ -108,10 +109,13 @@ class V2:
         return _json({"live": True})
 
     async def ready(self, request: Request) -> Response:
-        if not self.pool.all_ready():
-            raise Unavailable("not every model has a healthy worker yet", retry_after=1)
+        if not self.pool.is_ready(self.ready_when):
+            raise Unavailable("not every model has a healthy worker yet" if self.ready_when == "all"
+                              else "no model has a healthy worker yet", retry_after=1)
         body: dict[str, Any] = {"ready": True}
         degraded = self.degraded()
+        if waiting := self.pool.not_ready():  # ready_when = "any": the others still serve
+            degraded["models"] = waiting
         if degraded:
             body["degraded"] = degraded
         return _json(body)

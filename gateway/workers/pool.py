@@ -226,6 +226,13 @@ class WorkerPool:
     def all_ready(self) -> bool:
         return all(self.ready(k) for k in self.workers)
 
+    def is_ready(self, when: str) -> bool:
+        """Readiness as ``server.ready_when`` asks: every model servable ("all"), or one ("any")."""
+        return self.all_ready() if when == "all" else any(self.ready(k) for k in self.workers)
+
+    def not_ready(self) -> list[str]:
+        return sorted(k for k in self.workers if not self.ready(k))
+
     def providers(self, key: str) -> list[str]:
         return next((w.info.get("providers", []) for w in self.workers.get(key, ()) if w.healthy), [])
 

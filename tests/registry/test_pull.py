@@ -60,8 +60,9 @@ def test_pull_refuses_what_does_not_verify_and_leaves_nothing(delivery: Path, tm
     elif tamper == "link":
         os.symlink("/etc/passwd", folder / "extra")
     else:
-        from gateway.devsetup import _write_key_pair
         from cryptography.hazmat.primitives.asymmetric import ec
+
+        from gateway.devsetup import _write_key_pair
 
         _write_key_pair(tmp_path / "other.key", tmp_path / "other.pub", ec.generate_private_key(ec.SECP256R1()))
         sign_model(folder, tmp_path / "other.key")
