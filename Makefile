@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT    := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 
-.PHONY: run test install models setup test-tools bench-tools bench lint clean help containers image image-cuda redis-image kube-files kube-play kube-down compose-up
+.PHONY: run test install models setup test-tools bench-tools bench lint clean help containers image image-cuda redis-image kube-files kube-play kube-down compose-up compose-down
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -97,9 +97,16 @@ kube-down:  ## stop the played single-node pod and remove its emptyDir volumes
 	podman kube down $(KUBE_DIR)/single-node.yaml
 	podman volume rm -f $(KUBE_VOLUMES) >/dev/null
 
-compose-up: image setup models  ## one host with compose (podman-compose or docker compose): deploy/compose.yaml
+COMPOSE = $(shell command -v podman-compose >/dev/null && echo podman-compose || echo docker compose)
+
+compose-up: image setup models  ## one host with Compose (deploy/compose.yaml): https://localhost:8443
+	@command -v podman-compose >/dev/null || command -v docker >/dev/null || { $(APT) update -qq && $(APT) install -y -qq podman-compose; }
 	deploy/dev/kube-files . deploy/dev/serving
-	cd deploy && { command -v podman-compose >/dev/null && podman-compose up -d || docker compose up -d; }
+	cd deploy && $(COMPOSE) up -d
+	@echo "gateway on https://localhost:8443 (credentials.json); make compose-down stops it"
+
+compose-down:  ## stop the Compose gateway (its audit log stays in deploy/dev/serving/audit)
+	cd deploy && $(COMPOSE) down
 
 bench-tools:  ## the load generator and compiler the benchmark needs (wrk, cc)
 	@command -v wrk >/dev/null && command -v cc >/dev/null || { $(APT) update -qq && $(APT) install -y -qq wrk gcc libc6-dev; }

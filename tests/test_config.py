@@ -106,3 +106,29 @@ partner = "everything"
     text = str(info.value)
     for fragment in ("models.digits.output.policy", "top_k must be 1..1000", "models.digits.output.roles"):
         assert fragment in text, fragment
+
+
+def test_the_redis_password_comes_from_a_file_quoted_into_the_url(pki: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("p@ss:w/rd#1\n")
+    env = {"GATEWAY__LIMITS__STORAGE": "rediss://redis.internal:6380/0?ssl_ca_certs=/ca.pem",
+           "GATEWAY__LIMITS__STORAGE_PASSWORD_FILE": str(secret)}
+    storage = load_config(pki / "gateway.toml", environ=env).limits.storage
+    import redis
+
+    kwargs = redis.Redis.from_url(storage).connection_pool.connection_kwargs
+    assert kwargs["password"] == "p@ss:w/rd#1" and kwargs["host"] == "redis.internal" and kwargs["port"] == 6380
+    with pytest.raises(ConfigError, match="storage_password_file"):
+        load_config(pki / "gateway.toml", environ={**env, "GATEWAY__LIMITS__STORAGE_PASSWORD_FILE": str(tmp_path / "no")})
+    with pytest.raises(ConfigError, match="storage_password_file needs a redis"):
+        load_config(pki / "gateway.toml", environ={"GATEWAY__LIMITS__STORAGE_PASSWORD_FILE": str(secret)})
+
+
+def test_a_folder_given_as_the_configuration_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="a folder, not a configuration file"):
+        load_config(tmp_path)
+
+
+def test_worker_exec_must_be_an_executable_and_needs_a_worker_user(pki: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="server.worker_exec: .* is not an executable file"):
+        load_config(pki / "gateway.toml", environ={"GATEWAY__SERVER__WORKER_EXEC": str(tmp_path / "missing")})

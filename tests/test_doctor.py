@@ -277,3 +277,19 @@ def test_a_gateway_that_is_not_ready_or_degraded_is_named(tmp_path: Path, pki: P
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_gateway_that_is_not_root_needs_the_image_helper_to_isolate_its_workers(
+        tmp_path: Path, pki: Path, models_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a container the gateway is not root: its workers are isolated only through
+    server.worker_exec (the image's helper); without it the self-audit says so."""
+    import os
+
+    config = hardened(tmp_path, pki, models_root)
+    monkeypatch.setattr(os, "geteuid", lambda: 10001)
+    assert "workers-not-isolated" in ids(diagnose(load_config(config, environ={})))
+    helper = tmp_path / "worker-exec"
+    helper.write_text("#!/bin/sh\n")
+    helper.chmod(0o755)
+    found = diagnose(load_config(config, environ={"GATEWAY__SERVER__WORKER_EXEC": str(helper)}))
+    assert "workers-not-isolated" not in ids(found)

@@ -76,3 +76,33 @@ def test_probe_port_with_several_processes_is_refused(pki: Path) -> None:
 
     with pytest.raises(ConfigError, match="probe_port"):
         load_config(pki / "gateway.toml", environ={"GATEWAY__SERVER__PROBE_PORT": "8081", "GATEWAY__SERVER__PROCESSES": "2"})
+
+
+def test_ready_when_any_keeps_a_replica_in_rotation_while_one_model_is_away() -> None:
+    """server.ready_when: "all" (default) answers 503 while any model has no healthy worker;
+    "any" stays 200 as long as one model can serve."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from gateway.probes import ProbeApp
+    from gateway.workers.pool import WorkerPool
+
+    healthy = {"digits": True, "resnetish": False}
+    pool = SimpleNamespace(workers=healthy, ready=lambda key: healthy[key])
+    pool.all_ready = lambda: WorkerPool.all_ready(pool)  # type: ignore[arg-type]
+    pool.is_ready = lambda when: WorkerPool.is_ready(pool, when)  # type: ignore[arg-type]
+
+    def status(when: str) -> int:
+        sent: list[dict[str, object]] = []
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/v2/health/ready"}
+        asyncio.run(ProbeApp(pool, when)(scope, None, send))  # type: ignore[arg-type]
+        return int(sent[0]["status"])  # type: ignore[call-overload]
+
+    assert status("all") == 503 and status("any") == 200
+    assert WorkerPool.not_ready(pool) == ["resnetish"]  # type: ignore[arg-type]
+    healthy["digits"] = False
+    assert status("any") == 503

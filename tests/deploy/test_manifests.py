@@ -160,3 +160,17 @@ def test_the_rendered_configurations_load(rendered: dict[str, Path], tmp_path: P
                 except ConfigError as exc:
                     unexpected = [p for p in exc.problems if not any(s in p.lower() for s in ("does not exist", "no such file"))]
                     assert not unexpected, (overlay, name, unexpected)
+
+
+def test_compose_mounts_only_the_serving_folder_read_only_where_it_can() -> None:
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    gateway = compose["services"]["gateway"]
+    assert gateway["read_only"] is True and gateway["cap_drop"] == ["ALL"]
+    assert sorted(gateway["cap_add"]) == ["SETGID", "SETUID"]  # the worker helper's, dropped by the gateway itself
+    assert gateway["ports"] == ["127.0.0.1:8443:8443"]
+    sources = {v.split(":")[0]: v.split(":")[1:] for v in gateway["volumes"]}
+    assert sources.pop("gateway-run") == ["/run/gateway"]  # the pid file's place: a volume its user owns
+    assert all(s.startswith("./dev/serving/") for s in sources), sources
+    writable = {s for s, rest in sources.items() if "ro" not in rest}
+    assert writable == {"./dev/serving/issuer", "./dev/serving/audit"}
+    assert not any(k in s for s in sources for k in ("ca.key", "model-signing.key", "credentials"))
