@@ -174,3 +174,30 @@ def test_compose_mounts_only_the_serving_folder_read_only_where_it_can() -> None
     writable = {s for s, rest in sources.items() if "ro" not in rest}
     assert writable == {"./dev/serving/issuer", "./dev/serving/audit"}
     assert not any(k in s for s in sources for k in ("ca.key", "model-signing.key", "credentials"))
+
+
+def test_the_cert_manager_component_replaces_the_hand_made_certificates(tmp_path: Path) -> None:
+    import os
+
+    overlay = tmp_path / "with-cert-manager"
+    overlay.mkdir()
+    base = ROOT / "deploy/kubernetes"
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{os.path.relpath(base / 'overlays/production', overlay)}]\n"
+        f"components: [{os.path.relpath(base / 'components/cert-manager', overlay)}]\n")
+    out = subprocess.run([str(TOOLS / "kubectl"), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    certificates = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
+    assert certificates["gateway-client"]["uris"] == ["spiffe://gateway.local/gateway"]
+    assert certificates["gateway-worker"]["uris"][0].startswith("spiffe://gateway.local/worker/")
+    assert all(d["metadata"]["namespace"] == "gateway" for d in docs if d["kind"] in ("Certificate", "Issuer"))
+    volumes = {d["metadata"]["name"]: {v["name"]: v for v in d["spec"]["template"]["spec"]["volumes"]}
+               for d in docs if d["kind"] == "Deployment"}
+    tls = volumes["gateway"]["tls"]
+    assert "secret" not in tls
+    paths = {i["path"] for s in tls["projected"]["sources"] for i in s["secret"]["items"]}
+    assert paths == {"server.pem", "server.key", "ca.pem", "gateway-client.pem", "gateway-client.key"}
+    assert volumes["gateway-workers"]["worker-tls"]["secret"]["secretName"] == "gateway-worker-cert"
