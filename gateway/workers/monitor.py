@@ -259,8 +259,14 @@ class ProcessMonitor:
         if w.proc is None or w.proc.poll() is not None:
             return
         if self.helper:
-            subprocess.run([self.helper, "--signal", str(w.proc.pid), sig.name.removeprefix("SIG")],
-                           stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+            try:
+                done = subprocess.run([self.helper, "--signal", str(w.proc.pid), sig.name.removeprefix("SIG")],
+                                      stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.error("cannot signal worker %s through %s: %s", w.name, self.helper, exc)
+                return
+            if done.returncode not in (0, 3):  # 3: it had already exited
+                log.error("cannot signal worker %s: %s", w.name, done.stderr.strip() or f"exit {done.returncode}")
         elif sig == signal.SIGKILL:
             os.killpg(w.proc.pid, signal.SIGKILL)
         else:
