@@ -32,7 +32,7 @@ and globally after it, by principal and model and both budgets once the inputs a
 Redis the admission is one Lua script (``admit.lua``): it counts each limit in order, as separate
 calls did, up to the first without room, and returns that limit's wait in the same reply (so a
 request refused by its budget still counts against its address and principal, and one refused
-per address spends no budget). The memory storage does the same with ``limits``' strategies. Routes
+per address spends no budget). The memory storage runs the same algorithm over dictionaries. Routes
 without model limits are admitted right after authentication; an inference, where the model-level
 limits are; a request refused on the way (a bad body, a 403) still has its charges counted.
 
@@ -43,10 +43,11 @@ address or principal is refused up front, before its token is checked or its bod
 round trip. The failed-auth limit still refuses an address as soon as its count is reached.
 
 The script counts as ``limits`` does for each strategy (a fixed window from its first hit, the
-moving window's list of timestamps), except that its sliding-window counter keeps both windows in
-one hash and aligns them to the clock (a few Redis calls per limit instead of seven); the local
-fallback's windows start at a key's first hit. All of a request's keys go to one Redis: a single server, or a
-primary with replicas (Sentinel); Redis Cluster would need every key in one slot, which it is not.
+sliding-window counter's two windows aligned to the clock, the moving window's list of
+timestamps), with both sliding windows in one hash (a few Redis calls per limit instead of seven);
+``tests/security/test_limits.py`` holds the memory counts to ``limits``' own strategies hit by hit.
+All of a request's keys go to one Redis: a single server, or a primary with replicas (Sentinel);
+Redis Cluster would need every key in one slot, which it is not.
 """
 
 from __future__ import annotations
@@ -60,12 +61,6 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from limits import RateLimitItem
-from limits.aio.strategies import (
-    FixedWindowRateLimiter,
-    MovingWindowRateLimiter,
-    RateLimiter,
-    SlidingWindowCounterRateLimiter,
-)
 
 from gateway.config import LimitsConfig
 from gateway.errors import TooManyRequests
@@ -77,11 +72,6 @@ __all__ = ["BudgetExhausted", "Charge", "LimitPolicy", "Limiter", "RateLimited"]
 log = logging.getLogger("gateway.limits")
 T = TypeVar("T")
 
-_STRATEGIES: dict[str, type[RateLimiter]] = {
-    "sliding-window": SlidingWindowCounterRateLimiter,
-    "moving-window": MovingWindowRateLimiter,
-    "fixed-window": FixedWindowRateLimiter,
-}
 BATCH_MAX = 64
 """Admissions sent in one script call at most."""
 
@@ -133,7 +123,7 @@ class Limiter:
 
     def __init__(self, config: LimitsConfig, max_failed_logins: int = 100, lockout_s: float = 900) -> None:
         self.config = config
-        self.local = MemoryCounts(_STRATEGIES[config.strategy])
+        self.local = MemoryCounts(config.strategy)
         self.shared: RedisCounts | None = None
         if config.storage.startswith(("redis://", "rediss://")):
             self.shared = RedisCounts(config.storage, config.strategy, config.storage_timeout_s)
@@ -190,7 +180,7 @@ class Limiter:
         """Admit ``units`` with whatever other requests ask in the same turn of the event loop: one
         script call for them all."""
         if self._shared_now() is None:
-            return await self.local.admit(units)
+            return self.local.admit_now(units)
         waiting: asyncio.Future[tuple[int, float] | None] = asyncio.get_running_loop().create_future()
         self._queue.append((units, waiting))
         if len(self._queue) == 1:
@@ -213,7 +203,7 @@ class Limiter:
                 raise
             except Exception as exc:  # any storage failure: never a 500, never unenforced
                 self._failed(exc)
-                results = [await self.local.admit(units) for units, _ in batch]
+                results = [self.local.admit_now(units) for units, _ in batch]
             else:
                 self._succeeded()
             for (_, waiting), result in zip(batch, results, strict=True):
@@ -252,7 +242,7 @@ class Limiter:
         return units
 
     async def _settle(self, units: list[Limit], local: bool) -> None:
-        refused = await (self.local.admit(units) if local else self._admit(units))
+        refused = self.local.admit_now(units) if local or self._shared_now() is None else await self._admit(units)
         if refused is not None:
             unit, wait_s = units[refused[0]], max(refused[1], 0.0)
             # Remembered when a cheaper request could not get through either, and not while Redis
