@@ -152,7 +152,7 @@ class AuditWriter:
         lines = [self._seal(r) for r in start]
         lines.append(self._seal(self._checkpoint("start")))
         self._write(b"".join(lines))
-        self._commit(lines)
+        self._commit(lines, self.state)
         update_manifest(Path(self.config.directory), self.stream, None, self.key)
 
     def _open_file(self, path: Path | None) -> None:
@@ -203,7 +203,7 @@ class AuditWriter:
         self._check_target()
         self._write(b"".join(lines))
         self.state = state
-        self._commit(lines)
+        self._commit(lines, state)
 
     def close_now(self) -> None:
         """``close`` without an event loop."""
@@ -237,8 +237,9 @@ class AuditWriter:
         s.since_checkpoint = 0 if full["kind"] == "checkpoint" else s.since_checkpoint + 1
         return line + b"\n"
 
-    def _commit(self, lines: list[bytes]) -> None:
-        if any(b'"kind":"checkpoint"' in line for line in lines):
+    def _commit(self, lines: list[bytes], state: _State) -> None:
+        """Account for ``lines``, written after sealing them against ``state``."""
+        if state.since_checkpoint < len(lines):  # a checkpoint among them (its seal resets the count)
             self.last_checkpoint_at = time.monotonic()
         self.written += len(lines)
 
@@ -276,7 +277,7 @@ class AuditWriter:
             raise self._failure(exc) from None
         self._recovered()
         self.state = state
-        self._commit(lines)
+        self._commit(lines, state)
         if self._sync_handle is None:
             self._sync_handle = asyncio.get_running_loop().call_later(self.config.fsync_interval_ms / 1000,
                                                                       self._start_sync)
@@ -344,7 +345,7 @@ class AuditWriter:
                 return
             self._recovered()
             self.state = state
-            self._commit(head + body)
+            self._commit(head + body, state)
             for p in batch:
                 if p.future is not None and not p.future.done():
                     p.future.set_result(None)
