@@ -101,6 +101,35 @@ async def test_an_append_returns_once_its_record_is_as_durable_as_configured(
 
 
 @pytest.mark.anyio
+async def test_records_of_one_loop_turn_share_a_write_and_each_waits_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = AuditWriter(AuditConfig(directory=str(tmp_path)), "p0", KEY)
+    writer.open()
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def counted(fd: int, data: bytes) -> int:
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counted)
+    path = Path(str(writer.path))
+
+    async def answer(i: int) -> None:
+        await writer.append(request(i))
+        assert f'"request_id":"r{i}"'.encode() in path.read_bytes()  # never before its record is written
+
+    await asyncio.gather(*(answer(i) for i in range(10)))  # ten requests answered in one turn
+    assert [w.count(b'"kind":"request"') for w in writes] == [1, 9]  # the first at once, the rest together
+    await writer.append(request(10))  # a later turn: at once again
+    assert len(writes) == 3
+    await writer.close()
+    assert verify_paths([tmp_path], KEY.public).ok
+    ids = [record_at(f, i).get("request_id") for f, i in lines_of(tmp_path)]
+    assert [x for x in ids if x is not None] == [f"r{i}" for i in range(11)]
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("durability", ["process", "fsync"])
 async def test_a_write_that_fails_fails_its_requests_and_the_writer_recovers(
         tmp_path: Path, durability: str, monkeypatch: pytest.MonkeyPatch) -> None:
