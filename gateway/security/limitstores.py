@@ -46,7 +46,7 @@ class MemoryCounts:
     ``limits``' strategies do: a fixed window from its first hit, the sliding-window counter's two
     clock-aligned windows, the moving window's timestamps) over dictionaries: an admission is a few
     lookups and no awaits (``limits``' async memory storage took ~48 µs for a request's six limits,
-    this ~5; bench/RESULTS.md). Memory and Redis therefore count alike, and a local fallback
+    this ~7; bench/RESULTS.md). Memory and Redis therefore count alike, and a local fallback
     refuses where Redis would. The rare counters (account lockout, one-time codes) stay in
     ``limits``' memory storage. Expired entries are dropped every ``SWEEP_S``."""
 
@@ -88,9 +88,6 @@ class MemoryCounts:
             if wait is not None:
                 return i, wait
         return None
-
-    async def admit(self, units: Sequence[Limit]) -> tuple[int, float] | None:
-        return self.admit_now(units)
 
     def _fixed(self, key: tuple[str, int, int, str], quota: int, window: int, need: int, cost: int,
                now: float) -> float | None:
@@ -218,9 +215,6 @@ class RedisCounts:
             raise
         finally:
             await pool.release(connection)
-
-    async def admit(self, units: Sequence[Limit]) -> tuple[int, float] | None:
-        return (await self.admit_many([units]))[0]
 
     async def get(self, key: str) -> int:
         return int(await self.client.get(self.PREFIX + key) or 0)

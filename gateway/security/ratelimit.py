@@ -45,7 +45,7 @@ round trip. The failed-auth limit still refuses an address as soon as its count 
 The script counts as ``limits`` does for each strategy (a fixed window from its first hit, the
 sliding-window counter's two windows aligned to the clock, the moving window's list of
 timestamps), with both sliding windows in one hash (a few Redis calls per limit instead of seven);
-``tests/security/test_limits.py`` holds the memory counts to ``limits``' own strategies hit by hit.
+``tests/security/test_limit_counts.py`` holds the memory counts to ``limits``' own strategies.
 All of a request's keys go to one Redis: a single server, or a primary with replicas (Sentinel);
 Redis Cluster would need every key in one slot, which it is not.
 """
@@ -177,10 +177,8 @@ class Limiter:
             self._denied.clear()
 
     async def _admit(self, units: list[Limit]) -> tuple[int, float] | None:
-        """Admit ``units`` with whatever other requests ask in the same turn of the event loop: one
-        script call for them all."""
-        if self._shared_now() is None:
-            return self.local.admit_now(units)
+        """Admit ``units`` in Redis with whatever other requests ask in the same turn of the event
+        loop: one script call for them all."""
         waiting: asyncio.Future[tuple[int, float] | None] = asyncio.get_running_loop().create_future()
         self._queue.append((units, waiting))
         if len(self._queue) == 1:
