@@ -134,15 +134,19 @@ def install_timers() -> dict[str, int]:
 
     totals: dict[str, int] = collections.Counter()
 
+    class TimedStage:
+        def __init__(self, stage: Any) -> None:
+            self.stage = stage
+
+        async def __call__(self, call: Any) -> None:
+            started = time.perf_counter_ns()
+            await self.stage(call)
+            totals[f"stage {self.stage.name}"] += time.perf_counter_ns() - started
+
+    run = v2_module.run_stages
+
     async def run_stages(stages: Any, call: Any) -> None:
-        try:
-            for stage in stages:
-                started = time.perf_counter_ns()
-                await stage(call)
-                totals[f"stage {stage.name}"] += time.perf_counter_ns() - started
-        finally:
-            for release in reversed(call.cleanup):
-                release()
+        await run([TimedStage(stage) for stage in stages], call)
 
     v2_module.run_stages = run_stages  # type: ignore[assignment]
 

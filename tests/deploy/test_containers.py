@@ -29,9 +29,10 @@ from tests.deploy.containers import (
     wait_for,
 )
 
-# Skipped where podman cannot run, but never in CI (root, where `make test` sets podman up).
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(bool(podman_unusable()) and not os.environ.get("CI"), reason=podman_unusable() or "-")]
+# Skipped where podman cannot run (the reason says why), but never in CI: there `make test` runs
+# as root and sets podman up, so a podman that does not work is a failure.
+UNUSABLE = podman_unusable()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(UNUSABLE) and not os.environ.get("CI"), reason=UNUSABLE)]
 
 GATEWAY_UID = 10001
 WORKER_GROUP = 10002

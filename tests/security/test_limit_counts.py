@@ -30,8 +30,8 @@ class Clock:
         return self.now
 
 
-def copy(counts: MemoryCounts) -> MemoryCounts:
-    twin = MemoryCounts(counts.kind and next(k for k in STRATEGIES if k[0] == counts.kind))
+def copy(counts: MemoryCounts, strategy: str) -> MemoryCounts:
+    twin = MemoryCounts(strategy)
     twin.fixed = {k: list(v) for k, v in counts.fixed.items()}
     twin.sliding = {k: list(v) for k, v in counts.sliding.items()}
     twin.moving = {k: list(v) for k, v in counts.moving.items()}
@@ -64,10 +64,10 @@ def test_memory_counts_decide_as_the_limits_strategies(strategy: str, monkeypatc
             assert 0 <= wait <= 16, wait  # 0: refused at the very edge of a window
             saved = clock.now
             clock.now = saved + wait - 0.01  # the wait is true: not before it (a copy of the state)...
-            assert wait < 0.01 or copy(ours).admit_now([Limit(policy, policy.items[0], key, cost)]) is not None \
+            assert wait < 0.01 or copy(ours, strategy).admit_now([Limit(policy, policy.items[0], key, cost)]) is not None \
                 or strategy == "sliding-window"  # its weight falls continuously: room may come sooner
             clock.now = saved + wait + 0.01  # ...and after it
-            assert copy(ours).admit_now([Limit(policy, policy.items[0], key, cost)]) is None, (step, wait)
+            assert copy(ours, strategy).admit_now([Limit(policy, policy.items[0], key, cost)]) is None, (step, wait)
             clock.now = saved
     assert 300 < refusals < 2700, refusals  # both answers were exercised
 
