@@ -3,7 +3,9 @@
 A transport carries already-checked tensors to one worker and its outputs back, and asks the
 worker for its health. ``HTTPTransport`` speaks binary tensors over HTTP/1.1 keep-alive (the
 small subset the worker serves, parsed with ``httptools``: ``Content-Length`` bodies, one request
-at a time per connection); ``UnixSocketTransport`` connects it to a local worker's socket.
+at a time per connection); ``UnixSocketTransport`` reaches a local worker's socket, and sends its
+inferences as frames over one connection instead (``gateway.workers.frames``: many at once, the
+requests of one event-loop turn in one write), keeping HTTP for health.
 ``gateway.workers.memory.InMemoryTransport`` runs a function in-process, for tests. A remote worker
 is another ``HTTPTransport`` that connects over TCP with mutual TLS.
 
@@ -29,12 +31,22 @@ import logging
 import socket
 import struct
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httptools
 import orjson
 
+from gateway.workers.frames import (
+    MAX_ANSWER_BYTES,
+    NO_DEADLINE,
+    PREFACE,
+    FrameError,
+    FrameReader,
+    FrameWriter,
+    frame_head,
+)
 from gateway_client.protocol.codec import HEADER_LENGTH, Chunk, Tensor, decode_tensor_message, encode_tensor_parts
 
 __all__ = [
@@ -53,6 +65,9 @@ __all__ = [
 
 
 log = logging.getLogger("gateway.pool")
+
+HEADER_KEY = HEADER_LENGTH.encode()
+P = TypeVar("P", bound=asyncio.Protocol)
 
 DEADLINE_HEADER = "gateway-deadline-ms"
 """What is left of the gateway's deadline when it sends an inference, in milliseconds: the worker
@@ -116,6 +131,11 @@ class WorkerTransport(ABC):
         """Close whatever the transport keeps open."""
 
 
+def _expire(waiter: asyncio.Future[WorkerResponse]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -166,7 +186,7 @@ class _Connection(asyncio.Protocol):
         self.waiter = waiter = loop.create_future()
         self.transport.writelines(message)
         # A timer on the future itself: cheaper per request than asyncio.timeout's task machinery.
-        timer = loop.call_later(timeout, self._expire, waiter) if timeout else None
+        timer = loop.call_later(timeout, _expire, waiter) if timeout else None
         try:
             response: WorkerResponse = await waiter
             return response
@@ -174,15 +194,72 @@ class _Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
 
-    @staticmethod
-    def _expire(waiter: asyncio.Future[WorkerResponse]) -> None:
-        if not waiter.done():
-            waiter.set_exception(TimeoutError())
-
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+
+class _Framed(asyncio.Protocol):
+    """The gateway's side of a connection that speaks frames (``gateway.workers.frames``)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.writer: FrameWriter | None = None
+        self.reader = FrameReader(limit=MAX_ANSWER_BYTES)
+        self.waiting: dict[int, asyncio.Future[WorkerResponse]] = {}
+        self.next_id = 0
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.writer = FrameWriter(self.transport)  # type: ignore[arg-type]
+        self.transport.write(PREFACE)  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+        except FrameError as exc:
+            self._fail(WorkerConnectionLost(f"malformed answer from worker: {exc}"))
+            return
+        for request_id, status, header_length, payload in frames:
+            waiter = self.waiting.pop(request_id, None)
+            if waiter is None:  # timed out or cancelled meanwhile (or never asked: ignored)
+                continue
+            if not waiter.done():
+                waiter.set_result(WorkerResponse(status, {HEADER_KEY: str(header_length).encode()}, payload))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(WorkerConnectionLost("worker closed the connection"))
+
+    def _fail(self, exc: Exception) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        waiting, self.waiting = self.waiting, {}
+        for waiter in waiting.values():
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+    async def exchange(self, parts: list[Chunk], header_length: int, timeout: float) -> WorkerResponse:
+        assert self.writer is not None
+        if self.closed:
+            raise WorkerConnectionLost("worker closed the connection")
+        loop = asyncio.get_running_loop()
+        request_id = self.next_id = (self.next_id + 1) & 0xFFFFFFFF
+        waiter: asyncio.Future[WorkerResponse] = loop.create_future()
+        self.waiting[request_id] = waiter
+        deadline_ms = min(int(timeout * 1000), NO_DEADLINE - 1)
+        self.writer.write(frame_head(sum(map(len, parts)), request_id, deadline_ms, header_length), parts)
+        timer = loop.call_later(timeout, _expire, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self.waiting.pop(request_id, None)
+
+    def close(self) -> None:
+        self._fail(WorkerConnectionLost("the connection was closed"))
 
 
 class HTTPTransport(WorkerTransport):
@@ -228,10 +305,13 @@ class HTTPTransport(WorkerTransport):
         response = await self.request("POST", "/infer", body, {HEADER_LENGTH: str(header_length),
                                                                 DEADLINE_HEADER: str(int(timeout * 1000))},
                                       timeout=timeout)
+        return self._outputs(response)
+
+    def _outputs(self, response: WorkerResponse) -> list[Tensor]:
         if response.status != 200:
             raise WorkerRefused(response.status, _error_text(response))
         try:
-            return decode_tensor_message(response.body, int(response.headers[HEADER_LENGTH.encode()]), "outputs")
+            return decode_tensor_message(response.body, int(response.headers[HEADER_KEY]), "outputs")
         except (KeyError, ValueError) as exc:
             raise WorkerConnectionLost(f"malformed answer from worker {self.address}: {exc}") from None
 
@@ -270,6 +350,8 @@ class UnixSocketTransport(HTTPTransport):
     def __init__(self, path: str, max_connections: int = 256, credentials: PeerCredentials | None = None) -> None:
         super().__init__(path, max_connections)
         self.credentials = credentials
+        self._channel: _Framed | None = None
+        self._opening = asyncio.Lock()
 
     def expect(self, credentials: PeerCredentials | None) -> None:
         if credentials != self.credentials:
@@ -277,11 +359,17 @@ class UnixSocketTransport(HTTPTransport):
             for conn in self._idle:  # made with the previous process: never reuse them
                 conn.close()
             self._idle.clear()
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
 
     async def _connect(self) -> _Connection:
+        return await self._open(_Connection)
+
+    async def _open(self, protocol: Callable[[], P]) -> P:
         loop = asyncio.get_running_loop()
         try:
-            transport, conn = await loop.create_unix_connection(_Connection, self.address)
+            transport, conn = await loop.create_unix_connection(protocol, self.address)
         except OSError as exc:
             raise WorkerConnectError(f"cannot connect to {self.address}: {exc.strerror or exc}") from None
         if self.credentials is not None:
@@ -294,6 +382,27 @@ class UnixSocketTransport(HTTPTransport):
                 log.error("SECURITY: %s; nothing was sent to it", error)
                 raise error
         return conn
+
+    async def infer(self, inputs: list[Tensor], timeout: float) -> list[Tensor]:
+        """Over the worker's framed connection (opened, and verified, on first use)."""
+        channel = self._channel
+        if channel is None or channel.closed:
+            channel = await self._open_channel()
+        body, header_length = encode_tensor_parts("inputs", inputs)
+        response = await channel.exchange(body, header_length, timeout)
+        return self._outputs(response)
+
+    async def _open_channel(self) -> _Framed:
+        async with self._opening:  # one connection, however many requests arrive meanwhile
+            if self._channel is None or self._channel.closed:
+                self._channel = await self._open(_Framed)
+            return self._channel
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
 
 def fetch_health(path: str, timeout: float = 2.0) -> dict[str, object] | None:

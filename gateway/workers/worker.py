@@ -5,10 +5,12 @@ handed over as descriptor ``N``: the worker needs no write access anywhere. It a
 isolation (see ``isolation``), then listens on the socket (so the socket's peer credentials are
 its own unprivileged process, which the gateway verifies), reads the verified model bytes from its
 standard input (so it needs no read access to the model repository and no plaintext copy on
-disk), builds the session with the configured providers, and serves two routes to the gateway:
+disk), builds the session with the configured providers, and serves the gateway:
 
 * ``GET /health``: readiness, active execution providers, queue depth and batch statistics;
-* ``POST /infer``: all-binary tensors in, all-binary tensors out.
+* ``POST /infer``: all-binary tensors in, all-binary tensors out (what a worker host's front passes on);
+* frames (``gateway.workers.frames``) on a connection that opens with their preface: the local
+  gateway's inferences, many at once.
 
 Exit codes are ``gateway.workers.exits.ExitCode``.
 """
@@ -16,6 +18,7 @@ Exit codes are ``gateway.workers.exits.ExitCode``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import hashlib
 import logging
@@ -30,18 +33,20 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gateway.errors import BadRequest
 from gateway.workers.batcher import Batcher, DeadlineExceeded
 from gateway.workers.exits import ExitCode
+from gateway.workers.frames import NO_DEADLINE, PREFACE, FrameError, FrameReader, FrameWriter, frame_head
 from gateway.workers.isolation import apply_isolation
 from gateway.workers.transport import DEADLINE_HEADER
-from gateway_client.protocol.codec import HEADER_LENGTH, Tensor, decode_tensor_message, encode_tensor_message
+from gateway_client.protocol.codec import HEADER_LENGTH, Chunk, Tensor, decode_tensor_message, encode_tensor_parts
 from gateway_client.protocol.errors import ProtocolError
 
 log = logging.getLogger("gateway.worker")
 
 HEADER = HEADER_LENGTH.encode()
 DEADLINE = DEADLINE_HEADER.encode()
+MAX_REQUEST_BYTES = 0xFFFFFFFF
+"""Frames from the gateway are as large as the gateway allows (``server.max_body_bytes``)."""
 
 
 def _cuda_driver_present() -> bool:
@@ -186,28 +191,62 @@ class WorkerApp:
             more = message.get("more_body", False)
         headers = dict(scope["headers"])
         raw_length, raw_deadline = headers.get(HEADER, b""), headers.get(DEADLINE, b"")
+        if not raw_length.isdigit():
+            await _respond(send, 400, orjson.dumps({"error": "missing or malformed Inference-Header-Content-Length"}),
+                           b"application/json")
+            return
+        # The gateway's deadline, as what is left of it (clocks of two hosts need not agree).
+        expires = time.monotonic() + int(raw_deadline) / 1000 if raw_deadline.isdigit() else math.inf
+        status, payload, length = await self.answer(b"".join(chunks), int(raw_length), expires)
+        if status != 200:
+            await _respond(send, status, b"".join(payload), b"application/json")
+            return
+        await _respond(send, 200, b"".join(payload), b"application/octet-stream", [(HEADER, str(length).encode())])
+
+    async def answer(self, message: bytes, header_length: int, expires: float) -> tuple[int, list[Chunk], int]:
+        """One inference: a binary tensor message of inputs in; its status, payload (the outputs'
+        tensor message, or ``{"error": ...}``) and the payload's JSON header length out."""
         try:
-            if not raw_length.isdigit():
-                raise BadRequest("missing or malformed Inference-Header-Content-Length")
-            header_length = int(raw_length)
-            # The gateway's deadline, as what is left of it (clocks of two hosts need not agree).
-            expires = time.monotonic() + int(raw_deadline) / 1000 if raw_deadline.isdigit() else math.inf
-            tensors = decode_tensor_message(b"".join(chunks), header_length, "inputs")
+            tensors = decode_tensor_message(message, header_length, "inputs")
             outputs = await self.batcher.submit({t.name: t.array for t in tensors}, expires)
-        except (BadRequest, ProtocolError) as exc:
-            await _respond(send, 400, orjson.dumps({"error": exc.detail}), b"application/json")
-            return
+        except ProtocolError as exc:
+            return 400, [orjson.dumps({"error": exc.detail})], 0
         except DeadlineExceeded as exc:
-            await _respond(send, 504, orjson.dumps({"error": str(exc)}), b"application/json")
-            return
+            return 504, [orjson.dumps({"error": str(exc)})], 0
         except Exception as exc:  # onnxruntime's own errors: invalid argument or a failed run
             status = 422 if "INVALID_ARGUMENT" in str(exc) or "Invalid" in type(exc).__name__ else 500
-            await _respond(send, status, orjson.dumps({"error": f"{type(exc).__name__}: {exc}"}), b"application/json")
-            return
-        body, length = encode_tensor_message(
-            "outputs", [Tensor(n, a) for n, a in zip(self.output_names, outputs)]
-        )
-        await _respond(send, 200, body, b"application/octet-stream", [(HEADER, str(length).encode())])
+            return status, [orjson.dumps({"error": f"{type(exc).__name__}: {exc}"})], 0
+        payload, length = encode_tensor_parts("outputs", [Tensor(n, a) for n, a in zip(self.output_names, outputs)])
+        return 200, payload, length
+
+
+class FramedChannel:
+    """The worker's side of a connection that speaks frames (``gateway.workers.frames``): each
+    request runs as its own task, so they batch together; answers leave as they finish."""
+
+    def __init__(self, app: WorkerApp, transport: Any) -> None:
+        self.app = app
+        self.reader = FrameReader(limit=MAX_REQUEST_BYTES)
+        self.writer = FrameWriter(transport)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def feed(self, data: bytes) -> None:
+        """Raises ``FrameError`` when the bytes are not frames."""
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        for request_id, deadline_ms, header_length, payload in self.reader.feed(data):
+            expires = math.inf if deadline_ms == NO_DEADLINE else now + deadline_ms / 1000
+            task = loop.create_task(self._serve(request_id, payload, header_length, expires))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, request_id: int, message: bytes, header_length: int, expires: float) -> None:
+        status, payload, length = await self.app.answer(message, header_length, expires)
+        self.writer.write(frame_head(sum(map(len, payload)), request_id, status, length), payload)
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
 
 
 async def _respond(
@@ -216,6 +255,51 @@ async def _respond(
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def protocol_for(app: WorkerApp) -> type:
+    """uvicorn's HTTP protocol for the worker's socket, which also speaks frames to a connection
+    that opens with ``PREFACE``."""
+    from gateway.httpserver import BufferedBodyProtocol
+
+    class WorkerProtocol(BufferedBodyProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.sniffed = b""
+            self.channel: FramedChannel | None = None
+            self.http = False
+
+        def data_received(self, data: bytes) -> None:
+            if self.channel is not None:
+                self._frames(data)
+            elif self.http:
+                super().data_received(data)
+            else:
+                self.sniffed += data
+                if len(self.sniffed) < len(PREFACE) and PREFACE.startswith(self.sniffed):
+                    return  # too little yet to tell
+                data, self.sniffed = self.sniffed, b""
+                if data.startswith(PREFACE):
+                    self.channel = FramedChannel(app, self.transport)
+                    self._frames(data[len(PREFACE):])
+                else:
+                    self.http = True
+                    super().data_received(data)
+
+        def _frames(self, data: bytes) -> None:
+            assert self.channel is not None
+            try:
+                self.channel.feed(data)
+            except FrameError as exc:
+                log.warning("closing a connection that sent no frames: %s", exc)
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.channel is not None:
+                self.channel.close()
+            super().connection_lost(exc)
+
+    return WorkerProtocol
 
 
 def batch_buckets(setting: str, max_batch_size: int, providers: list[str]) -> tuple[int, ...]:
@@ -267,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     _preload()
     import uvicorn
 
-    from gateway.httpserver import BufferedBodyProtocol, freeze_startup_heap
+    from gateway.httpserver import freeze_startup_heap
 
     listener = socket.socket(fileno=args.listen_fd)
     isolation = apply_isolation(args.uid, args.gid, args.memory_limit_mb, parent)
@@ -283,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     app.health.update(model_sha256=digest, version=args.model_version)
     freeze_startup_heap()
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", http=BufferedBodyProtocol,
+        app, log_level="warning", access_log=False, lifespan="on", http=protocol_for(app),
         loop="uvloop", ws="none", timeout_keep_alive=3600, backlog=1024, proxy_headers=False,
     )
     uvicorn.Server(config).run(sockets=[listener])
