@@ -40,10 +40,8 @@ PREFACE = b"TENSORS/1\r\n"
 HEAD = struct.Struct("<IIII")
 NO_DEADLINE = 0xFFFFFFFF
 MAX_ANSWER_BYTES = 1 << 28
-"""The largest answer payload the gateway reads from a worker (256 MiB); a longer one closes the
-connection, failing what it carried, as a malformed HTTP answer did."""
-
-MAX_ID = 0xFFFFFFFF
+"""The largest answer payload the gateway reads from a worker (256 MiB): a longer one closes the
+connection before any of it is buffered, and fails every request the connection carried."""
 
 
 class FrameError(ValueError):
