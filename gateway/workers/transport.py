@@ -100,6 +100,8 @@ class WorkerResponse:
     status: int
     headers: dict[bytes, bytes]
     body: bytes
+    header_length: int | None = None
+    """A frame's JSON header length of its tensor message (over HTTP it is a header)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +229,7 @@ class _Framed(asyncio.Protocol):
             if waiter is None:  # timed out or cancelled meanwhile (or never asked: ignored)
                 continue
             if not waiter.done():
-                waiter.set_result(WorkerResponse(status, {HEADER_KEY: str(header_length).encode()}, payload))
+                waiter.set_result(WorkerResponse(status, {}, payload, header_length))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(WorkerConnectionLost("worker closed the connection"))
@@ -311,7 +313,10 @@ class HTTPTransport(WorkerTransport):
         if response.status != 200:
             raise WorkerRefused(response.status, _error_text(response))
         try:
-            return decode_tensor_message(response.body, int(response.headers[HEADER_KEY]), "outputs")
+            length = response.header_length
+            if length is None:
+                length = int(response.headers[HEADER_KEY])
+            return decode_tensor_message(response.body, length, "outputs")
         except (KeyError, ValueError) as exc:
             raise WorkerConnectionLost(f"malformed answer from worker {self.address}: {exc}") from None
 
