@@ -7,7 +7,12 @@ worker is an in-memory transport running the real ``digits`` model. What is left
 work the gateway adds to each inference, the part a profile of the serving process attributes to
 the application. Far steadier than a ``wrk`` run on a shared machine: compare two checkouts with it.
 
-    python bench/bench_app.py [--requests 20000] [--rounds 3] [--breakdown]
+    python bench/bench_app.py [--requests 20000] [--rounds 3] [--clients 1] [--audit process] [--breakdown]
+
+``--clients N`` keeps N requests in flight, as N keep-alive clients would: their answers complete
+in the same turns of the event loop, and the audit log writes each turn's records together.
+``--audit off|process|fsync`` sets ``[audit]`` (``off``: no log; the others its ``durability``):
+the log's cost is the difference between two runs.
 
 ``--breakdown`` also times each middleware layer, each stage and the audit record (inclusive
 microseconds per request; a layer's own cost is its time less the next one's; the audit record is
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import statistics
 import sys
@@ -89,7 +95,7 @@ async def _token(app: Any, scope: dict[str, Any], client_id: str, secret: str) -
     return str(orjson.loads(body)["access_token"])
 
 
-async def measure(run: Path, requests: int, rounds: int) -> list[float]:
+async def measure(run: Path, requests: int, rounds: int, clients: int = 1) -> list[float]:
     config = load_config(run / "gateway.toml")
     session = ort.InferenceSession(str(Path(config.models_root) / "digits" / "1" / "model.onnx"))
     worker = InMemoryTransport(lambda inputs: session.run(None, inputs), ["probabilities"])
@@ -114,11 +120,14 @@ async def measure(run: Path, requests: int, rounds: int) -> list[float]:
             status, answer = await _call(app, scope, body)
             if status != 200:
                 raise SystemExit(f"inference refused: {status} {answer[:300]!r}")
+        async def client(n: int) -> None:
+            for _ in range(n):
+                await _call(app, scope, body)
+
         for _ in range(rounds):
             started = time.perf_counter()
-            for _ in range(requests):
-                await _call(app, scope, body)
-            per_request.append((time.perf_counter() - started) / requests * 1e6)
+            await asyncio.gather(*(client(requests // clients) for _ in range(clients)))
+            per_request.append((time.perf_counter() - started) / (requests // clients * clients) * 1e6)
     return per_request
 
 
@@ -178,6 +187,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=1, help="requests in flight at once")
+    parser.add_argument("--audit", choices=["off", "process", "fsync"], default="process")
     parser.add_argument("--breakdown", action="store_true", help="time each layer, stage and the audit record")
     args = parser.parse_args()
     totals = install_timers() if args.breakdown else None
@@ -190,7 +201,10 @@ def main() -> int:
         init(tmp / "run", models)  # no held-out data here: the guard is off, as the peer harness runs it
         with open(tmp / "run" / "gateway.toml", "a") as f:
             f.write(LIMITS)
-        results = asyncio.run(measure(tmp / "run", args.requests, args.rounds))
+        os.environ["GATEWAY__AUDIT__ENABLED"] = str(args.audit != "off").lower()
+        if args.audit != "off":
+            os.environ["GATEWAY__AUDIT__DURABILITY"] = args.audit
+        results = asyncio.run(measure(tmp / "run", args.requests, args.rounds, args.clients))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("µs per request, by round: " + ", ".join(f"{r:.1f}" for r in results))
