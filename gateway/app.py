@@ -179,6 +179,8 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
     metrics = Metrics(pool, health, events)
     probes = ProbeTally()
     writer = _audit_writer(config)
+    if writer is not None:
+        writer.count = metrics.audit_records.inc
 
     v2 = V2(models, pool, policy, limiter, stages, health, events,
             explain_stages(config, models, policy, limiter, pool, decoder, in_flight, incidents), watches, incidents,

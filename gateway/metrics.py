@@ -168,7 +168,8 @@ class Metrics:
         self.latency = Histogram("gateway_request_duration_seconds", "Time from request to response",
                                  ["route", "model", "version"], registry=self.registry,
                                  buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.audit_records = Counter("gateway_audit_records", "Audit records written", registry=self.registry)
+        self.audit_records = Counter("gateway_audit_records", "Audit records written (requests, security events, "
+                                     "checkpoints and the rest)", registry=self.registry)
         self.tls_failures = Counter("gateway_tls_handshake_failures", "TLS handshakes that did not complete",
                                     registry=self.registry)
         self.security_events = Counter("gateway_security_events", "Security events by model, detector and action",

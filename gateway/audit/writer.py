@@ -4,11 +4,11 @@
 records leaves only after that, so a response that reached its client always has its record:
 
 * ``process`` (the default): the record is written to the file from the event loop (a write to
-  the kernel's page cache, microseconds): the first of a turn of the loop at once, those appended
-  later in the same turn together at its end (one write and one path check for all: under load,
-  answers complete in bursts); it survives ``kill -9`` of any process, and an fsync follows
-  within ``audit.fsync_interval_ms``. A power cut may lose that interval, as with
-  Linux auditd's default ``flush = INCREMENTAL_ASYNC``.
+  the kernel's page cache, microseconds), with the others appended in the same turn of the loop,
+  at its end: one write and one path check for all of them (under load, answers complete in
+  bursts, and a write costs as much as sealing a few records); it survives ``kill -9`` of any
+  process, and an fsync follows within ``audit.fsync_interval_ms``. A power cut may lose that
+  interval, as with Linux auditd's default ``flush = INCREMENTAL_ASYNC``.
 * ``fsync``: records are group-committed: written and fsynced together with whatever arrived while
   the previous batch was being synced (and within ``audit.flush_window_ms``), in a thread.
 
@@ -37,6 +37,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -120,6 +121,8 @@ class AuditWriter:
         self._write_lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
         self.written = 0
+        self.count: Callable[[int], object] | None = None
+        """Told how many records each write added (the ``gateway_audit_records`` counter)."""
 
     # -- start-up ---------------------------------------------------------------------------------
     def open(self) -> None:
@@ -246,6 +249,8 @@ class AuditWriter:
         if state.since_checkpoint < len(lines):  # a checkpoint among them (its seal resets the count)
             self.last_checkpoint_at = time.monotonic()
         self.written += len(lines)
+        if self.count is not None:
+            self.count(len(lines))
 
     async def append(self, *records: dict[str, Any]) -> None:
         """Append records, in order; return once they are as durable as ``audit.durability`` asks.
@@ -256,12 +261,10 @@ class AuditWriter:
         loop = asyncio.get_running_loop()
         if (self.config.durability == "process" and not self._pending and not self._write_lock.locked()
                 and not self._rotation_due()):
-            if self._turn is None:  # the first records of this turn of the event loop: written at once
-                self._write_now(records)
+            if self._turn is None:  # the first records of this turn of the event loop
                 self._turn = []
                 loop.call_soon(self._write_turn)
-                return
-            turn: asyncio.Future[None] = loop.create_future()  # later ones: together, at the turn's end
+            turn: asyncio.Future[None] = loop.create_future()  # all of the turn's: together, at its end
             self._turn.append((records, turn))
             await turn
             return
@@ -275,8 +278,8 @@ class AuditWriter:
         await future
 
     def _write_now(self, records: tuple[dict[str, Any], ...]) -> None:
-        """``process`` durability: seal and write at once, in the event loop (a write to the page
-        cache); the fsync follows in a thread within ``fsync_interval_ms``."""
+        """``process`` durability: seal and write, in the event loop (a write to the page cache);
+        the fsync follows in a thread within ``fsync_interval_ms``."""
         state = self.state.draft()
         lines = [self._seal(r, state) for r in records]
         if state.since_checkpoint >= self.config.checkpoint_every:
@@ -294,8 +297,8 @@ class AuditWriter:
                                                                       self._start_sync)
 
     def _write_turn(self) -> None:
-        """The records appended after the first in one turn of the event loop: one write and one
-        path check for all of them, then their answers may leave."""
+        """The records appended in one turn of the event loop: one write and one path check for
+        all of them, then their answers may leave."""
         batch, self._turn = self._turn or [], None
         if not batch:
             return

@@ -14,9 +14,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit.chain import AuditKey, canonical, digest, stream_files, verify_paths
+from gateway.audit.middleware import _client, _part
 from gateway.audit.writer import AuditUnavailable, AuditWriter
 from gateway.cli import main
 from gateway.config import AuditConfig
+from gateway.security.types import Decision, PeerIdentity, Principal
 
 KEY = AuditKey(Ed25519PrivateKey.generate())
 
@@ -120,13 +122,40 @@ async def test_records_of_one_loop_turn_share_a_write_and_each_waits_for_it(
         assert f'"request_id":"r{i}"'.encode() in path.read_bytes()  # never before its record is written
 
     await asyncio.gather(*(answer(i) for i in range(10)))  # ten requests answered in one turn
-    assert [w.count(b'"kind":"request"') for w in writes] == [1, 9]  # the first at once, the rest together
-    await writer.append(request(10))  # a later turn: at once again
-    assert len(writes) == 3
+    assert [w.count(b'"kind":"request"') for w in writes] == [10]  # one write for the turn's records
+    await writer.append(request(10))  # a later turn: a write of its own
+    assert len(writes) == 2
     await writer.close()
     assert verify_paths([tmp_path], KEY.public).ok
     ids = [record_at(f, i).get("request_id") for f, i in lines_of(tmp_path)]
     assert [x for x in ids if x is not None] == [f"r{i}" for i in range(11)]
+
+
+@pytest.mark.anyio
+async def test_parts_that_many_records_share_are_serialized_once_and_write_the_same_bytes(tmp_path: Path) -> None:
+    peer = PeerIdentity("CN=demo,O=Gateway", tuple(f"URI:spiffe://gw/{i}" for i in range(10)), "ab" * 32, "tls")
+    principal = Principal("alice", "person", frozenset({"viewer", "inference"}), issuer="https://idp.example",
+                          amr=("pwd", "otp"), auth_time=1700000000, token_id="t1")
+    decision = Decision(True, "infer", "digits", "analysts", "granted by analysts")
+    shared = {**request(1), "client": _client("10.0.0.7", peer), "principal": _part(principal),
+              "decision": _part(decision)}
+    plain = {**request(1), "principal": principal.as_dict(), "decision": decision.as_dict(),
+             "client": {"address": "10.0.0.7", "cert_sha256": "ab" * 32, "subject": "CN=demo,O=Gateway",
+                        "sans": [f"URI:spiffe://gw/{i}" for i in range(8)], "source": "tls"}}
+    assert canonical(shared) == canonical(plain)
+    assert _client("10.0.0.7", peer) is _client("10.0.0.7", peer) and _part(principal) is _part(principal)
+    assert canonical({"client": _client(None, None)}) == b'{"client":{"address":null}}'
+
+    writer = AuditWriter(AuditConfig(directory=str(tmp_path)), "p0", KEY)
+    counted: list[int] = []
+    writer.count = counted.append
+    writer.open()
+    await writer.append(shared)
+    await writer.close()
+    assert verify_paths([tmp_path], KEY.public).ok  # canonical form included
+    written = [record_at(f, i) for f, i in lines_of(tmp_path)]
+    assert [r for r in written if r["kind"] == "request"][0]["principal"] == json.loads(canonical(principal.as_dict()))
+    assert sum(counted) == len(written)  # every record, start-up and checkpoints included
 
 
 @pytest.mark.anyio
