@@ -104,12 +104,15 @@ def providers_for(device: str, available: list[str], tf32: bool = False) -> list
     return ["CPUExecutionProvider"]
 
 
-def load_session(model: bytes, device: str, intra_op_threads: int, tf32: bool = False) -> Any:
+def load_session(model: bytes, device: str, intra_op_threads: int, tf32: bool = False, spinning: bool = False) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
+    # ONNX Runtime's own default is to spin: right for a process that owns its cores, wasteful for
+    # a worker sharing them with the gateway (models.NAME.intra_op_spinning).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3
     wanted = providers_for(device, ort.get_available_providers(), tf32)
     if wanted[0] != "CPUExecutionProvider":
@@ -150,6 +153,7 @@ class WorkerApp:
             "providers": session.get_providers(),
             "batchable": batchable,
             "batch_buckets": list(self.batcher.buckets),
+            "threads": {"intra_op": args.intra_op_threads, "spinning": args.intra_op_spinning},
             "isolation": isolation,
         }
 
@@ -323,6 +327,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--intra-op-threads", type=int, default=1)
     p.add_argument("--memory-limit-mb", type=int, default=0)
     p.add_argument("--cuda-tf32", action="store_true", help="allow TF32 maths on CUDA")
+    p.add_argument("--intra-op-spinning", action="store_true", help="let ONNX Runtime's threads spin for work")
     p.add_argument("--batch-buckets", default="auto", help="auto, off, or comma-separated batch sizes")
     p.add_argument("--uid", type=int, default=None, help="drop to this user id when started as root")
     p.add_argument("--gid", type=int, default=None, help="... and this group id")
@@ -357,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     isolation = apply_isolation(args.uid, args.gid, args.memory_limit_mb, parent)
     listener.listen(1024)  # after the drop: the socket's peer credentials are this process's
     try:
-        session = load_session(model, args.device, args.intra_op_threads, args.cuda_tf32)
+        session = load_session(model, args.device, args.intra_op_threads, args.cuda_tf32, args.intra_op_spinning)
     except Exception as exc:
         print(f"model {args.name} does not load: {type(exc).__name__}: {exc}", file=sys.stderr)
         return int(ExitCode.MODEL)

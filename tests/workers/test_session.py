@@ -1,0 +1,35 @@
+"""How a worker builds its ONNX Runtime session: threads that do not spin unless a model asks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.workers.transport import fetch_health
+from gateway.workers.worker import load_session
+from tests.conftest import start_gateway
+
+SPINNING = "session.intra_op.allow_spinning"
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_the_session_spins_only_when_asked(models_root: Path, spinning: bool) -> None:
+    model = (models_root / "resnetish" / "1" / "model.onnx").read_bytes()
+    session = load_session(model, "cpu", 2, spinning=spinning)
+    assert session.get_session_options().intra_op_num_threads == 2
+    assert session.get_session_options().get_session_config_entry(SPINNING) == ("1" if spinning else "0")
+
+
+def test_a_model_that_asks_for_spinning_gets_it_and_the_others_do_not(
+        pki: Path, tmp_path: Path, models_root: Path) -> None:
+    gw = start_gateway(pki, tmp_path, models_root, digits="intra_op_threads = 2\nintra_op_spinning = true")
+    try:
+        threads = {}
+        for model in ("digits", "resnetish"):
+            health = fetch_health(str(gw.routes()[model]["workers"][0]["socket"]))
+            assert health is not None
+            threads[model] = health["threads"]
+        assert threads == {"digits": {"intra_op": 2, "spinning": True}, "resnetish": {"intra_op": 1, "spinning": False}}
+    finally:
+        gw.stop()
