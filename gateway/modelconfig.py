@@ -146,11 +146,12 @@ class ModelConfig:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     intra_op_threads: int = 1
-    intra_op_spinning: bool = False
-    """Let ONNX Runtime's intra-op threads spin while they wait for work: a little less latency where
-    the worker has its cores to itself; where it shares them (with the gateway, other workers, TLS),
-    the spinning takes the CPU the others need (binary ``resnetish`` at 16 clients on two cores
-    served 8-12% more with it off)."""
+    intra_op_spinning: bool = True
+    """Let ONNX Runtime's intra-op threads spin while they wait for work (its own default): less
+    latency inside a run; false stops them burning CPU between runs, for a worker whose cores other
+    busy processes need (on two shared cores neither was measurably faster for binary
+    ``resnetish`` at 16 clients, and spinning was 11% faster for JSON ``resnetish`` at one).
+    """
     memory_limit_mb: int = 0
     """Address-space limit for each worker process; 0 means none (CUDA reserves a lot)."""
     max_inflight: int = 256

@@ -205,7 +205,7 @@ class ProcessMonitor:
             "--batch-buckets", m.batch_buckets,
         ]
         cmd += ["--cuda-tf32"] if m.cuda_tf32 else []
-        cmd += ["--intra-op-spinning"] if m.intra_op_spinning else []
+        cmd += [] if m.intra_op_spinning else ["--no-intra-op-spinning"]
         if self.helper and w.uid is not None:  # the helper drops to the user and runs the same module
             return [self.helper, str(w.uid), "--", *cmd[4:]]
         if w.uid is not None and self.gid is not None:
