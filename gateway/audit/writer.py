@@ -4,11 +4,13 @@
 records leaves only after that, so a response that reached its client always has its record:
 
 * ``process`` (the default): the record is written to the file from the event loop (a write to
-  the kernel's page cache, microseconds), with the others appended in the same turn of the loop,
-  at its end: one write and one path check for all of them (under load, answers complete in
-  bursts, and a write costs as much as sealing a few records); it survives ``kill -9`` of any
-  process, and an fsync follows within ``audit.fsync_interval_ms``. A power cut may lose that
-  interval, as with Linux auditd's default ``flush = INCREMENTAL_ASYNC``.
+  the kernel's page cache, microseconds). Under load answers complete in bursts, and a write
+  costs as much as sealing a few records: after a turn of the loop that appended more than once,
+  the next turn's records are all written together at its end (one write and one path check);
+  after a quiet turn, its first record is written at once (one client waits for nothing) and
+  only the others wait for the end. It survives ``kill -9`` of any process, and an fsync follows
+  within ``audit.fsync_interval_ms``. A power cut may lose that interval, as with Linux auditd's
+  default ``flush = INCREMENTAL_ASYNC``.
 * ``fsync``: records are group-committed: written and fsynced together with whatever arrived while
   the previous batch was being synced (and within ``audit.flush_window_ms``), in a thread.
 
@@ -117,6 +119,9 @@ class AuditWriter:
         self._sync_task: asyncio.Task[None] | None = None
         self._turn: list[tuple[tuple[dict[str, Any], ...], asyncio.Future[None]]] | None = None
         """``process`` durability: None, or the records waiting for the end of this loop turn."""
+        self._turn_appends = 0
+        self._busy = False
+        """The last turn of the loop appended more than once: this one's records all wait for its end."""
         self._access_checked_at = -ACCESS_CHECK_S
         self._write_lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
@@ -262,9 +267,14 @@ class AuditWriter:
         if (self.config.durability == "process" and not self._pending and not self._write_lock.locked()
                 and not self._rotation_due()):
             if self._turn is None:  # the first records of this turn of the event loop
-                self._turn = []
+                self._turn, self._turn_appends = [], 0
                 loop.call_soon(self._write_turn)
-            turn: asyncio.Future[None] = loop.create_future()  # all of the turn's: together, at its end
+                if not self._busy:  # the last turn had one: likely alone again, written at once
+                    self._turn_appends = 1
+                    self._write_now(records)
+                    return
+            self._turn_appends += 1
+            turn: asyncio.Future[None] = loop.create_future()  # the others: together, at the turn's end
             self._turn.append((records, turn))
             await turn
             return
@@ -297,9 +307,10 @@ class AuditWriter:
                                                                       self._start_sync)
 
     def _write_turn(self) -> None:
-        """The records appended in one turn of the event loop: one write and one path check for
-        all of them, then their answers may leave."""
+        """The records of one turn of the event loop not written at once: one write and one path
+        check for all of them, then their answers may leave."""
         batch, self._turn = self._turn or [], None
+        self._busy = self._turn_appends > 1
         if not batch:
             return
         try:

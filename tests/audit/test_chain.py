@@ -121,14 +121,28 @@ async def test_records_of_one_loop_turn_share_a_write_and_each_waits_for_it(
         await writer.append(request(i))
         assert f'"request_id":"r{i}"'.encode() in path.read_bytes()  # never before its record is written
 
+    def waits(i: int) -> bool:
+        """Whether appending request i must wait for the end of the turn (or was written at once)."""
+        step = writer.append(request(i)).__await__()
+        try:
+            next(step)
+        except StopIteration:
+            return False
+        step.close()
+        writer._turn = None
+        return True
+
     await asyncio.gather(*(answer(i) for i in range(10)))  # ten requests answered in one turn
-    assert [w.count(b'"kind":"request"') for w in writes] == [10]  # one write for the turn's records
-    await writer.append(request(10))  # a later turn: a write of its own
-    assert len(writes) == 2
+    assert [w.count(b'"kind":"request"') for w in writes] == [1, 9]  # after a quiet turn: the first at once
+    await asyncio.gather(*(answer(i) for i in range(10, 20)))
+    assert [w.count(b'"kind":"request"') for w in writes[2:]] == [10]  # after a busy one: all together
+    assert waits(20)  # the turn after a busy one: even a lone record waits for its end...
+    await asyncio.sleep(0)
+    assert not waits(21)  # ...and after that quiet turn, one is written at once again
     await writer.close()
     assert verify_paths([tmp_path], KEY.public).ok
     ids = [record_at(f, i).get("request_id") for f, i in lines_of(tmp_path)]
-    assert [x for x in ids if x is not None] == [f"r{i}" for i in range(11)]
+    assert [x for x in ids if x is not None] == [f"r{i}" for i in (*range(20), 21)]  # 20 was never let finish
 
 
 @pytest.mark.anyio
