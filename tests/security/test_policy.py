@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,14 +54,15 @@ def test_refusals_hide_models_the_caller_cannot_see() -> None:
     assert isinstance(policy.refusal(person("inference"), admin), Forbidden)
 
 
-@pytest.mark.parametrize("who,expect", [
-    (person("admin"), None),
-    (person("admin", amr=("pwd",)), StepUpRequired),
-    (person("admin", age=3600), StepUpRequired),
-    (Principal("svc", "service", frozenset({"admin"})), Forbidden),
-    (Principal("cert", "certificate", frozenset({"admin"})), Forbidden),
+@pytest.mark.parametrize("make,expect", [  # made when the test runs: a sign-in's age counts from then
+    (lambda: person("admin"), None),
+    (lambda: person("admin", amr=("pwd",)), StepUpRequired),
+    (lambda: person("admin", age=3600), StepUpRequired),
+    (lambda: Principal("svc", "service", frozenset({"admin"})), Forbidden),
+    (lambda: Principal("cert", "certificate", frozenset({"admin"})), Forbidden),
 ], ids=["mfa-recent", "pwd-only", "too-old", "service", "certificate"])
-def test_step_up(who: Principal, expect: type[Exception] | None) -> None:
+def test_step_up(make: Callable[[], Principal], expect: type[Exception] | None) -> None:
+    who = make()
     policy = Policy(POLICY)
     decision = policy.decide(who, "admin:models", None)
     if expect is None:
