@@ -311,9 +311,11 @@ def test_a_worker_host_that_answers_garbage_is_ejected_without_a_500(
         # Out of rotation after eject_after failures in a row: the next requests are refused here.
         assert [_infer(gw, token).status_code for _ in range(eject_after + 2)] == [503] * (eject_after + 2)  # type: ignore[attr-defined]
         assert host.infers == eject_after
-        with gw.client() as c:
-            assert c.get("/v2/models/digits/ready").status_code == 503
-        assert "Traceback" not in gw.log.read_text()
+        # Its health still answers ready, so the next probe (within 0.5 s) brings it back: readiness
+        # would race that probe; the gateway's log says when it left.
+        log = gw.log.read_text()
+        assert log.count(f"worker digits@127.0.0.1:{host.port} out of rotation") == 1, log[-2000:]
+        assert "Traceback" not in log
     finally:
         gw.stop()
         host.stop()
