@@ -125,7 +125,6 @@ class AuditWriter:
         self._access_checked_at = -ACCESS_CHECK_S
         self._write_lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
-        self.written = 0
         self.count: Callable[[int], object] | None = None
         """Told how many records each write added (the ``gateway_audit_records`` counter)."""
 
@@ -253,7 +252,6 @@ class AuditWriter:
         """Account for ``lines``, written after sealing them against ``state``."""
         if state.since_checkpoint < len(lines):  # a checkpoint among them (its seal resets the count)
             self.last_checkpoint_at = time.monotonic()
-        self.written += len(lines)
         if self.count is not None:
             self.count(len(lines))
 
