@@ -411,6 +411,9 @@ class Config:
         if self.limits.storage.startswith("redis://") and "@" not in self.limits.storage.split("/")[2] \
                 and not self.limits.storage.startswith("redis://127.0.0.1") and not self.limits.storage.startswith("redis://localhost"):
             out.append("limits.storage: plain redis:// to another host (no TLS, no password); use rediss://")
+        if self.server.processes > 1 and not self.limits.storage.startswith(("redis://", "rediss://")):
+            out.append(f"server.processes = {self.server.processes} without Redis: each process counts limits, "
+                       "lockouts and one-time codes alone")
         if not self.limits.per_address and not self.limits.per_principal:
             out.append("limits: neither per_address nor per_principal is limited")
         if not self.supply.require_signature:

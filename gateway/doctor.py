@@ -103,6 +103,12 @@ def _settings(c: Config) -> Iterator[Finding]:
     if not c.limits.per_address and not c.limits.per_principal:
         yield Finding("limits-off", "high", "neither limits.per_address nor limits.per_principal is set",
                       'set limits.per_principal (e.g. "100/second") and limits.per_address')
+    if c.server.processes > 1 and not c.limits.storage.startswith(("redis://", "rediss://")):
+        yield Finding("state-per-process", "high", f"server.processes = {c.server.processes} with limits.storage = "
+                      f'"{c.limits.storage}": each serving process counts alone, so every rate limit, budget and '
+                      f"sign-in lockout is {c.server.processes} times what it says and a one-time code can be "
+                      "used once in each process", "set limits.storage to a Redis server the processes share "
+                      "(redis:// on loopback, rediss:// elsewhere), or server.processes = 1")
     if not c.limits.budget_inferences and not c.limits.budget_rows:
         yield Finding("budgets-off", "medium", "no query budget (limits.budget_inferences, budget_rows)",
                       'set limits.budget_inferences (e.g. "100000/day"): budgets bound model extraction')

@@ -40,6 +40,12 @@ def test_environment_overrides_and_insecure_settings(pki: Path) -> None:
     assert config.server.port == 9443 and config.tls.client_auth == "optional"
     warnings = "\n".join(config.insecure_settings())
     assert "client_auth" in warnings and "1.2" in warnings and "trusted_proxies" in warnings
+    assert "server.processes" not in warnings
+    several = load_config(pki / "gateway.toml", environ={**env, "GATEWAY__SERVER__PROCESSES": "2"})
+    assert "server.processes = 2 without Redis" in "\n".join(several.insecure_settings())
+    shared = load_config(pki / "gateway.toml", environ={
+        "GATEWAY__SERVER__PROCESSES": "2", "GATEWAY__LIMITS__STORAGE": '"redis://127.0.0.1:6379/0"'})
+    assert not any("server.processes" in w for w in shared.insecure_settings())
 
 
 def test_relative_paths_resolve_against_the_config_file(pki: Path) -> None:

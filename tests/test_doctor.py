@@ -187,6 +187,7 @@ CASES: dict[str, Callable[[Path], None]] = {
     "doctor-check-failed": _unreadable_audit_key,
     "redis-unreachable": edit('storage = "memory://"', 'storage = "redis://127.0.0.1:1/0"'),
     "redis-plaintext": edit('storage = "memory://"', 'storage = "redis://redis.example:6379/0"'),
+    "state-per-process": edit("[server]\n", "[server]\nprocesses = 2\n"),
 }
 
 
@@ -293,3 +294,13 @@ def test_a_gateway_that_is_not_root_needs_the_image_helper_to_isolate_its_worker
     helper.chmod(0o755)
     found = diagnose(load_config(config, environ={"GATEWAY__SERVER__WORKER_EXEC": str(helper)}))
     assert "workers-not-isolated" not in ids(found)
+
+
+def test_several_serving_processes_are_clean_only_when_they_share_redis(tmp_path: Path, pki: Path,
+                                                                        models_root: Path) -> None:
+    config = hardened(tmp_path, pki, models_root)
+    edit("[server]\n", "[server]\nprocesses = 4\n")(config)
+    alone = next(f for f in diagnose(load_config(config, environ={})) if f.id == "state-per-process")
+    assert "4 times" in alone.what and alone.severity == "high"
+    edit('storage = "memory://"', 'storage = "redis://127.0.0.1:1/0"')(config)
+    assert "state-per-process" not in ids(diagnose(load_config(config, environ={})))
