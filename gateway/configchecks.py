@@ -87,6 +87,8 @@ def remote_worker_problems(cfg: Config) -> list[str]:
                 if not path or not Path(path).is_file()]
     if not 1 <= r.eject_after <= 100:
         problems.append("remote_workers.eject_after must be 1..100")
+    if not 1 <= r.max_ejection_s <= 3600:
+        problems.append("remote_workers.max_ejection_s must be 1..3600")
     if not re.fullmatch(r"spiffe://[^/]+/\S+/", r.identity):  # a path below the trust domain, ending a segment
         problems.append(f"remote_workers.identity: {r.identity!r} must be a SPIFFE ID prefix ending in '/' "
                         "(spiffe://gateway.local/worker/)")

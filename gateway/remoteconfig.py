@@ -22,6 +22,10 @@ class RemoteWorkersConfig:
     eject_after: int = 1
     """Requests in a row that fail on an endpoint (a connection lost mid-request, a garbled
     answer) before it leaves rotation; a refused connection or a wrong identity ejects it at once."""
+    max_ejection_s: float = 60.0
+    """The longest an endpoint is held out of rotation. One that fails again before it has served
+    a request since it returned is held out for 1 s, then 2, 4 ... up to this, whatever its health
+    checks say (a host that answers health but fails every request); a served request ends that."""
 
 
 @dataclass(frozen=True)

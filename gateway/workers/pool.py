@@ -71,6 +71,9 @@ class WorkerClient:
     """Probes failed in a row since it left rotation; each doubles the wait before the next."""
     strikes: int = 0
     """Requests failed in a row on it (an endpoint leaves rotation at ``remote_workers.eject_after``)."""
+    ejections: int = 0
+    """Times an endpoint left rotation for failed requests with none served since; from the
+    second, each doubles how long it is held out (up to ``remote_workers.max_ejection_s``)."""
     retry_at: float = 0.0
 
     @property
@@ -148,7 +151,7 @@ class WorkerPool:
         await asyncio.gather(*(w.probe() for w in down))
         for w in down:
             if w.healthy:
-                if w.failures:
+                if w.failures or w.ejections:
                     log.warning("worker %s back in rotation", w.name)
                 w.failures = w.strikes = 0
             else:
@@ -269,6 +272,19 @@ class WorkerPool:
             log.warning("worker %s out of rotation: %s", worker.name, why)
         worker.healthy = False
 
+    def _eject(self, worker: WorkerClient, why: str) -> None:
+        """An endpoint out of rotation for failing requests: probed back at once the first time,
+        held out for 1, 2, 4 ... s when it fails again before serving one (outlier ejection: its
+        health checks alone cannot be trusted then)."""
+        if not worker.healthy:
+            return  # already out: the other requests that were on it when it failed
+        worker.ejections += 1
+        if worker.ejections > 1:
+            hold = min(self.config.remote_workers.max_ejection_s, 2.0 ** (worker.ejections - 2))
+            worker.retry_at = time.monotonic() + hold
+            why = f"{why}; held out for {hold:g} s (ejection {worker.ejections} with no request served between)"
+        self._mark_down(worker, why)
+
     async def _send(self, worker: WorkerClient, inputs: list[Tensor], deadline: float | None) -> list[Tensor]:
         timeout = self.config.server.request_timeout_s
         if deadline is not None:
@@ -276,14 +292,16 @@ class WorkerPool:
         worker.inflight += 1
         try:
             outputs = await worker.transport.infer(inputs, timeout)
-            worker.strikes = 0
+            worker.strikes = worker.ejections = 0
             return outputs
         except TimeoutError:
             raise GatewayTimeout(f"model {worker.unit!r} did not answer within {timeout:.1f}s") from None
         except WorkerConnectionLost as exc:
             worker.strikes += 1
-            if not worker.endpoint or worker.strikes >= self.config.remote_workers.eject_after:
+            if not worker.endpoint:
                 self._mark_down(worker, str(exc))
+            elif worker.strikes >= self.config.remote_workers.eject_after:
+                self._eject(worker, str(exc))
             raise Unavailable(
                 f"the worker serving {worker.unit!r} failed during the request; retry shortly", retry_after=1,
             ) from None

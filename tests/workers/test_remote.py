@@ -311,10 +311,22 @@ def test_a_worker_host_that_answers_garbage_is_ejected_without_a_500(
         # Out of rotation after eject_after failures in a row: the next requests are refused here.
         assert [_infer(gw, token).status_code for _ in range(eject_after + 2)] == [503] * (eject_after + 2)  # type: ignore[attr-defined]
         assert host.infers == eject_after
-        # Its health still answers ready, so the next probe (within 0.5 s) brings it back: readiness
-        # would race that probe; the gateway's log says when it left.
+        # Its health still answers ready, so the next probe (within 0.5 s) brings it back the first
+        # time: readiness would race that probe; the gateway's log says when it left.
+        name = f"worker digits@127.0.0.1:{host.port}"
         log = gw.log.read_text()
-        assert log.count(f"worker digits@127.0.0.1:{host.port} out of rotation") == 1, log[-2000:]
+        assert log.count(f"{name} out of rotation") == 1, log[-2000:]
+        # Back within a second, it fails again before serving anything: held out for 1 s this time,
+        # however ready its health checks say it is.
+        deadline = time.monotonic() + 5
+        while f"{name} back in rotation" not in gw.log.read_text():
+            assert time.monotonic() < deadline, gw.log.read_text()[-2000:]
+            time.sleep(0.1)
+        assert [_infer(gw, token).status_code for _ in range(eject_after)] == [503] * eject_after  # type: ignore[attr-defined]
+        assert host.infers == 2 * eject_after
+        log = gw.log.read_text()
+        assert "held out for 1 s (ejection 2 with no request served between)" in log, log[-2000:]
+        assert _infer(gw, token).status_code == 503 and host.infers == 2 * eject_after  # type: ignore[attr-defined]
         assert "Traceback" not in log
     finally:
         gw.stop()
