@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,6 +38,20 @@ def _name(pid: int, role: str) -> str:
     return role
 
 
+def settle(pids: dict[int, str], timeout_s: float = 30.0) -> None:
+    """Wait until no process's resident set moves for a second: the decoder processes finish
+    starting (imports, ~80 MiB) a few seconds after the gateway answers ready, which would read
+    as growth between the two readings."""
+    deadline = time.monotonic() + timeout_s
+    last: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        now = {pid: rss_kib(pid) for pid in pids}
+        if now == last:
+            return
+        last = now
+        time.sleep(1.0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--warm", type=int, default=1000, help="requests before the first reading")
@@ -49,6 +64,7 @@ def main() -> int:
     try:
         pids = {pid: _name(pid, role) for pid, role in _descendants(proc.pid).items()
                 if role == "gateway" or role.startswith("worker:")}
+        settle(pids)
         url = f"https://127.0.0.1:{port}"
         done = 0
         readings: list[dict[int, int]] = []
