@@ -56,6 +56,8 @@ class _WorkerCollector(Collector):
                                       "model, summed per request", labels=["model", "worker"])
         restarts = CounterMetricFamily("gateway_worker_restarts", "Times the supervisor restarted a worker "
                                        "process after it died or stopped answering", labels=["model", "worker"])
+        ejected = CounterMetricFamily("gateway_worker_ejections", "Times a worker host left rotation for failed "
+                                      "requests (outlier ejection)", labels=["model", "worker"])
         versions = GaugeMetricFamily("gateway_worker_model_version", "The model version each worker (a worker "
                                      "host's, by its address) says it runs", labels=["model", "worker", "version"])
         for model, workers in self.pool.workers.items():
@@ -73,11 +75,13 @@ class _WorkerCollector(Collector):
                 queued.add_metric(labels, float(w.info.get("queue_seconds", 0.0)))
                 compute.add_metric(labels, float(w.info.get("compute_seconds", 0.0)))
                 restarts.add_metric(labels, float(w.restarts))
+                if w.endpoint:
+                    ejected.add_metric(labels, float(w.ejected))
                 if w.info.get("version"):
                     versions.add_metric([*labels, str(w.info["version"])], 1.0)
             for provider in self.pool.providers(model):
                 providers.add_metric([model, provider], 1.0)
-        yield from (depth, inflight, healthy, batches, queued, compute, restarts, versions, providers)
+        yield from (depth, inflight, healthy, batches, queued, compute, restarts, ejected, versions, providers)
         supervision = self.pool.supervision
         refused = CounterMetricFamily("gateway_model_version_refusals", "Model versions a reload refused (signature, "
                                       "admission, calibration), per model, since start-up", labels=["model"])

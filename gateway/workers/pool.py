@@ -74,6 +74,8 @@ class WorkerClient:
     ejections: int = 0
     """Times an endpoint left rotation for failed requests with none served since; from the
     second, each doubles how long it is held out (up to ``remote_workers.max_ejection_s``)."""
+    ejected: int = 0
+    """Times an endpoint left rotation for failed requests since start-up (a metric)."""
     retry_at: float = 0.0
 
     @property
@@ -279,6 +281,7 @@ class WorkerPool:
         if not worker.healthy:
             return  # already out: the other requests that were on it when it failed
         worker.ejections += 1
+        worker.ejected += 1
         if worker.ejections > 1:
             hold = min(self.config.remote_workers.max_ejection_s, 2.0 ** (worker.ejections - 2))
             worker.retry_at = time.monotonic() + hold

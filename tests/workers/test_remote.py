@@ -305,29 +305,41 @@ def test_a_worker_host_that_answers_garbage_is_ejected_without_a_500(
                        sections=REMOTE_SECTION.format(pki=pki) + f"eject_after = {eject_after}\n")
     try:
         token = gw.token("demo")
-        first = _infer(gw, token)
-        assert first.status_code == 503 and first.headers["retry-after"], first.text  # type: ignore[attr-defined]
-        assert first.json()["error"]  # type: ignore[attr-defined]
-        # Out of rotation after eject_after failures in a row: the next requests are refused here.
-        assert [_infer(gw, token).status_code for _ in range(eject_after + 2)] == [503] * (eject_after + 2)  # type: ignore[attr-defined]
-        assert host.infers == eject_after
-        # Its health still answers ready, so the next probe (within 0.5 s) brings it back the first
-        # time: readiness would race that probe; the gateway's log says when it left.
-        name = f"worker digits@127.0.0.1:{host.port}"
-        log = gw.log.read_text()
-        assert log.count(f"{name} out of rotation") == 1, log[-2000:]
-        # Back within a second, it fails again before serving anything: held out for 1 s this time,
-        # however ready its health checks say it is.
-        deadline = time.monotonic() + 5
-        while f"{name} back in rotation" not in gw.log.read_text():
-            assert time.monotonic() < deadline, gw.log.read_text()[-2000:]
-            time.sleep(0.1)
-        assert [_infer(gw, token).status_code for _ in range(eject_after)] == [503] * eject_after  # type: ignore[attr-defined]
-        assert host.infers == 2 * eject_after
-        log = gw.log.read_text()
-        assert "held out for 1 s (ejection 2 with no request served between)" in log, log[-2000:]
-        assert _infer(gw, token).status_code == 503 and host.infers == 2 * eject_after  # type: ignore[attr-defined]
-        assert "Traceback" not in log
+        # One keep-alive connection: requests milliseconds apart, well inside the probe's 0.5 s.
+        with gw.client(headers={"Authorization": f"Bearer {token}"}, token=False) as client:
+            def infer() -> int:
+                answer = client.post("/v2/models/digits/infer", json={"inputs": [
+                    {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ROW.tolist()}]})
+                assert answer.status_code == 503 and answer.headers["retry-after"] and answer.json()["error"], answer.text
+                return answer.status_code
+
+            infer()
+            # Out of rotation after eject_after failures in a row: the next requests are refused here.
+            for _ in range(eject_after + 2):
+                infer()
+            assert host.infers == eject_after
+            # Its health still answers ready, so the next probe (within 0.5 s) brings it back the
+            # first time: readiness would race that probe; the gateway's log says when it left.
+            name = f"worker digits@127.0.0.1:{host.port}"
+            log = gw.log.read_text()
+            assert log.count(f"{name} out of rotation") == 1, log[-2000:]
+            # Back within a second, it fails again before serving anything: held out for 1 s this
+            # time, however ready its health checks say it is.
+            deadline = time.monotonic() + 5
+            while f"{name} back in rotation" not in gw.log.read_text():
+                assert time.monotonic() < deadline, gw.log.read_text()[-2000:]
+                time.sleep(0.1)
+            for _ in range(eject_after):
+                infer()
+            assert host.infers == 2 * eject_after
+            log = gw.log.read_text()
+            assert "held out for 1 s (ejection 2 with no request served between)" in log, log[-2000:]
+            infer()
+            assert host.infers == 2 * eject_after
+            assert "Traceback" not in log
+        with gw.client("admin") as admin:  # what an alert on outlier ejections reads
+            scrape = admin.get("/metrics").text
+        assert value(scrape, "gateway_worker_ejections_total", model="digits", worker=f"127.0.0.1:{host.port}") == 2
     finally:
         gw.stop()
         host.stop()
