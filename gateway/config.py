@@ -392,6 +392,11 @@ class Config:
     def audience(self) -> str:
         return self.auth.audience or self.issuer_url
 
+    @property
+    def state_per_process(self) -> bool:
+        """Several serving processes without Redis: each counts limits, lockouts and one-time codes alone."""
+        return self.server.processes > 1 and not self.limits.storage.startswith(("redis://", "rediss://"))
+
     def insecure_settings(self) -> list[str]:
         out = []
         if self.tls.client_auth != "required":
@@ -411,7 +416,7 @@ class Config:
         if self.limits.storage.startswith("redis://") and "@" not in self.limits.storage.split("/")[2] \
                 and not self.limits.storage.startswith("redis://127.0.0.1") and not self.limits.storage.startswith("redis://localhost"):
             out.append("limits.storage: plain redis:// to another host (no TLS, no password); use rediss://")
-        if self.server.processes > 1 and not self.limits.storage.startswith(("redis://", "rediss://")):
+        if self.state_per_process:
             out.append(f"server.processes = {self.server.processes} without Redis: each process counts limits, "
                        "lockouts and one-time codes alone")
         if not self.limits.per_address and not self.limits.per_principal:

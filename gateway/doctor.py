@@ -103,7 +103,7 @@ def _settings(c: Config) -> Iterator[Finding]:
     if not c.limits.per_address and not c.limits.per_principal:
         yield Finding("limits-off", "high", "neither limits.per_address nor limits.per_principal is set",
                       'set limits.per_principal (e.g. "100/second") and limits.per_address')
-    if c.server.processes > 1 and not c.limits.storage.startswith(("redis://", "rediss://")):
+    if c.state_per_process:
         yield Finding("state-per-process", "high", f"server.processes = {c.server.processes} with limits.storage = "
                       f'"{c.limits.storage}": each serving process counts alone, so every rate limit, budget and '
                       f"sign-in lockout is {c.server.processes} times what it says and a one-time code can be "
