@@ -106,3 +106,11 @@ def test_ready_when_any_keeps_a_replica_in_rotation_while_one_model_is_away() ->
     assert WorkerPool.not_ready(pool) == ["resnetish"]  # type: ignore[arg-type]
     healthy["digits"] = False
     assert status("any") == 503
+
+
+def test_the_log_names_the_tls_listener_https(summarized: Gateway) -> None:
+    """uvicorn's start-up line names the scheme from its own TLS settings, which are off: the
+    gateway's handshake guard does TLS, so the line must not say http."""
+    log = summarized.log.read_text()
+    assert f"Uvicorn running on https://127.0.0.1:{summarized.port} " in log, log[-2000:]
+    assert "Uvicorn running on http://" not in log

@@ -76,11 +76,21 @@ class GatewayUvicornConfig(uvicorn.Config):
         self._tls_stamp = tls_files_stamp(self.gateway_config.tls)
         self._tls_checked = time.monotonic()
         self.ssl = None  # the listener accepts plain TCP; the guard starts TLS itself
+        logging.getLogger("uvicorn.error").addFilter(self._tls_banner)
         s = self.gateway_config.server
         HANDSHAKES.max_connections = self.max_connections
         HANDSHAKES.max_pending = min(s.max_pending_handshakes, self.max_connections)
         HANDSHAKES.max_pending_per_address = s.max_pending_handshakes_per_address
 
+
+    def _tls_banner(self, record: logging.LogRecord) -> bool:
+        """uvicorn names the listener's scheme from its own TLS settings, which are off here: its
+        "running on http://" line says https, as the listener does (a probe port stays http)."""
+        args = record.args
+        if (isinstance(record.msg, str) and record.msg.startswith("Uvicorn running on %s://")
+                and isinstance(args, tuple) and len(args) == 3 and args[0] == "http" and args[2] == self.port):
+            record.args = ("https", *args[1:])
+        return True
 
     def current_tls_context(self) -> ServerContext:
         """The server context, built again (at most once a second) after a CRL file changed; a CRL
