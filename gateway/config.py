@@ -294,6 +294,11 @@ class LimitsConfig:
     storage_retry_s: float = 5.0
     """How often a failed Redis is tried again."""
 
+    @property
+    def shared(self) -> bool:
+        """Counted in Redis, shared by every serving process and replica."""
+        return self.storage.startswith(("redis://", "rediss://"))
+
 
 @dataclass(frozen=True)
 class AuditConfig:
@@ -395,7 +400,7 @@ class Config:
     @property
     def state_per_process(self) -> bool:
         """Several serving processes without Redis: each counts limits, lockouts and one-time codes alone."""
-        return self.server.processes > 1 and not self.limits.storage.startswith(("redis://", "rediss://"))
+        return self.server.processes > 1 and not self.limits.shared
 
     def insecure_settings(self) -> list[str]:
         out = []

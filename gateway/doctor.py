@@ -242,7 +242,7 @@ def _audit(c: Config) -> Iterator[Finding]:
 
 def _redis(c: Config) -> Iterator[Finding]:
     storage = c.limits.storage
-    if not storage.startswith(("redis://", "rediss://")):
+    if not c.limits.shared:
         return
     if storage.startswith("redis://") and "@" not in storage.split("/")[2] and not storage.startswith(
             ("redis://127.0.0.1", "redis://localhost", "redis://[::1]")):

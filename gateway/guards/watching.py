@@ -92,7 +92,7 @@ class WatchStore:
         self.alarms: dict[str, Alarm] = {}
         self._cached: dict[str, tuple[float, Alarm | None]] = {}
         self.redis: Any = None
-        if config.limits.storage.startswith(("redis://", "rediss://")) and any(m.extraction.enabled for m in config.models):
+        if config.limits.shared and any(m.extraction.enabled for m in config.models):
             import redis.asyncio
 
             timeout = config.limits.storage_timeout_s

@@ -125,7 +125,7 @@ class Limiter:
         self.config = config
         self.local = MemoryCounts(config.strategy)
         self.shared: RedisCounts | None = None
-        if config.storage.startswith(("redis://", "rediss://")):
+        if config.shared:
             self.shared = RedisCounts(config.storage, config.strategy, config.storage_timeout_s)
         self.degraded: str | None = None
         self.retry_at = 0.0

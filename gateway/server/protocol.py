@@ -82,7 +82,6 @@ class GatewayUvicornConfig(uvicorn.Config):
         HANDSHAKES.max_pending = min(s.max_pending_handshakes, self.max_connections)
         HANDSHAKES.max_pending_per_address = s.max_pending_handshakes_per_address
 
-
     def _tls_banner(self, record: logging.LogRecord) -> bool:
         """uvicorn names the listener's scheme from its own TLS settings, which are off here: its
         "running on http://" line says https, as the listener does (a probe port stays http)."""
