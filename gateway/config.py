@@ -76,7 +76,10 @@ class ServerConfig:
     """Processes that decode bodies over 64 KiB, per serving process; 0 means half the CPUs (1 to 4)."""
     decode_memory_mb: int = 4096
     """Address space each decoder process may use; a body that needs more to decode is refused (413)."""
-    keepalive_timeout_s: float = 5.0
+    keepalive_timeout_s: float = 20.0
+    """An idle connection is closed after this. Keep it above the idle expiry of your clients'
+    connection pools (httpx 5 s, aiohttp 15 s): a pool that reuses a connection just as the gateway
+    closes it sees "server disconnected" on a request the gateway never read."""
     handshake_timeout_s: float = 5.0
     """A connection must complete its TLS handshake within this, or it is closed."""
     header_timeout_s: float = 10.0

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import Gateway, client_context, start_gateway
@@ -113,3 +115,25 @@ async def test_an_idle_connection_that_sends_nothing_is_closed(slow_gateway: Gat
     ctx = client_context(slow_gateway.pki)
     elapsed, received = await _trickle(slow_gateway, ctx, b"", [b""] * 60)
     assert elapsed < HEADER_TIMEOUT_S + 3 and received.startswith(b"HTTP/1.1 408")
+
+
+@pytest.mark.anyio
+async def test_a_pooled_client_reusing_a_connection_at_its_pool_expiry_is_answered(slow_gateway: Gateway) -> None:
+    """httpx keeps an idle connection 5 s; a gateway closing idle ones at 5 s too raced it: the
+    client's request went into a connection closing under it ("server disconnected")."""
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [4.0] * 64}]}
+    expiry = 5.0  # httpx's default keepalive_expiry
+    rng = random.Random(19)
+
+    async def idle_then_reuse(c: httpx.AsyncClient) -> int | str:
+        async with c:
+            assert (await c.post("/v2/models/digits/infer", json=body)).status_code == 200
+            await asyncio.sleep(rng.uniform(expiry - 0.15, expiry - 0.01))
+            try:
+                return (await c.post("/v2/models/digits/infer", json=body)).status_code
+            except httpx.TransportError as exc:
+                return repr(exc)
+
+    clients = [slow_gateway.async_client(limits=httpx.Limits(keepalive_expiry=expiry)) for _ in range(32)]
+    outcomes = await asyncio.gather(*(idle_then_reuse(c) for c in clients))
+    assert outcomes == [200] * len(clients), [o for o in outcomes if o != 200]
