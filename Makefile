@@ -111,8 +111,11 @@ compose-down:  ## stop the Compose gateway (its audit log stays in deploy/dev/se
 bench-tools:  ## the load generator and compiler the benchmark needs (wrk, cc)
 	@command -v wrk >/dev/null && command -v cc >/dev/null || { $(APT) update -qq && $(APT) install -y -qq wrk gcc libc6-dev; }
 
-test: models test-tools  ## run the whole suite
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# pytest processes, each running whole test files (0: one after another, in this process)
+PYTEST_WORKERS ?= 2
+
+test: models test-tools  ## run the whole suite (PYTEST_WORKERS=2 processes; PYTEST_ARGS for pytest's own)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: models bench-tools  ## benchmark the gateway path against in-process ONNX Runtime
 	$(BIN)/python bench/bench_gateway.py $(BENCH_ARGS)
