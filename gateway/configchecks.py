@@ -39,6 +39,7 @@ def _server_checks(cfg: Config) -> list[Check]:
          "server.decode_processes must be 0..64 and server.decode_memory_mb at least 256"),
         (0 < s.header_timeout_s <= 300 and 0 < s.body_timeout_s <= 3600,
          "server.header_timeout_s must be 0..300 and server.body_timeout_s 0..3600"),
+        (1 <= s.keepalive_timeout_s <= 3600, "server.keepalive_timeout_s must be 1..3600"),
         (0 < s.handshake_timeout_s <= 60 and 0 < s.write_timeout_s <= 3600,
          "server.handshake_timeout_s must be 0..60 and server.write_timeout_s 0..3600"),
         (1 <= s.max_pending_handshakes_per_address <= s.max_pending_handshakes <= s.max_connections,

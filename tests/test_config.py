@@ -98,6 +98,19 @@ def test_the_strictest_role_action_applies() -> None:
     assert guard.action_for(frozenset({"other"})) == "flag"
 
 
+@pytest.mark.parametrize("value,refused", [(0, True), (0.5, True), (3601, True), (1, False), (75, False)])
+def test_the_idle_connection_timeout_is_checked(tmp_path: Path, value: float, refused: bool) -> None:
+    """uvicorn takes whole seconds: below 1 the gateway would close each connection after its answer."""
+    path = tmp_path / "g.toml"
+    path.write_text(f"[server]\nkeepalive_timeout_s = {value}\n")
+    try:
+        load_config(path, environ={})
+        problems = ""
+    except ConfigError as exc:
+        problems = str(exc)
+    assert ("server.keepalive_timeout_s must be 1..3600" in problems) is refused, problems
+
+
 def test_output_settings_are_checked(tmp_path: Path) -> None:
     path = tmp_path / "g.toml"
     path.write_text("""

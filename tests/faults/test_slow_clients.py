@@ -1,4 +1,5 @@
-"""Slowloris and slow bodies: cut off within the configured timeouts while probes keep answering."""
+"""Connection timers: Slowloris and slow bodies cut off within the configured timeouts while probes
+keep answering, and idle keep-alive connections kept past what client pools expect."""
 
 from __future__ import annotations
 
