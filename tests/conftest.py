@@ -27,6 +27,25 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 
 
+def _write_art_config() -> None:
+    """The Adversarial Robustness Toolbox (the security benchmark's, imported by its tests) writes
+    ``~/.art/config.json`` on its first import, and two test processes importing it at once race:
+    one that sees the file appear between its two checks never defines its configuration
+    (``NameError: _config``). Write the file first, atomically, where ART looks for it."""
+    home = Path.home()
+    folder = (home if os.access(home, os.W_OK) else Path("/tmp")) / ".art"
+    path = folder / "config.json"
+    if path.exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / f".config.json.{os.getpid()}"
+    temporary.write_text(json.dumps({"ART_DATA_PATH": str(folder / "data")}, indent=4))
+    os.replace(temporary, path)
+
+
+_write_art_config()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
