@@ -202,9 +202,9 @@ def start_gateway(tmp: Path, processes: int, device: str, limits: dict[str, str]
         lines.append(f"[models.{model}]\ndevice = \"{device}\"\nintra_op_threads = {spec['threads']}\n"
                      f"max_batch_size = {spec['batch']}\nmax_queue_delay_ms = 1.0\n{(model_tables or {}).get(model, '')}")
     (tmp / "bench.toml").write_text("\n".join(lines))
-    log = open(tmp / "gateway.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(tmp / "bench.toml")],
-                            stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp / "gateway.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(tmp / "bench.toml")],
+                                stdout=log, stderr=subprocess.STDOUT)
     import ssl
 
     import httpx
