@@ -4,6 +4,7 @@ the same gateway, credentials and comparison, so the script cannot drift from th
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_gpu_check_passes_on_the_cpu_provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BENCH_PORT", str(free_port()))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script adds bench/ to it; not for later tests
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
     assert spec is not None and spec.loader is not None
     gpu_check = importlib.util.module_from_spec(spec)
