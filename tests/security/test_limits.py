@@ -345,3 +345,62 @@ async def test_a_slow_redis_counts_as_down(redis: Redis) -> None:
     finally:
         sleeper.wait()
         await limiter.close()
+
+
+def _stored(redis: Redis, keys: list[str]) -> dict[str, str]:
+    """What Redis holds under each key (a moving window's list by its length: its entries are times)."""
+    out = {}
+    for key in keys:
+        kind = redis.cli("type", key).strip()
+        if kind == "hash":
+            out[key] = redis.cli("hmget", key, "w", "c", "p")
+        elif kind == "list":
+            out[key] = redis.cli("llen", key)
+        else:
+            out[key] = f"{kind} {redis.cli('get', key).strip()}"
+    return out
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("strategy", ["sliding-window", "moving-window", "fixed-window"])
+async def test_admissions_in_one_script_call_count_as_one_after_another(strategy: str, redis: Redis) -> None:
+    """The script reads each key once per call and writes what the call counted at the end: the
+    answers and the counts left in Redis are those of the same admissions made one call each."""
+    import random
+
+    from gateway.security.limitstores import Limit, RedisCounts
+    from gateway.security.types import LimitPolicy
+
+    policies = [p for p in (LimitPolicy.parse("per-principal", "5/hour"), LimitPolicy.parse("global", "9/hour"),
+                            LimitPolicy.parse("per-principal-model", "3/hour"),
+                            LimitPolicy.parse("budget-rows", "8/day", budget=True)) if p is not None]
+    rng = random.Random(7)
+    admissions = []
+    for _ in range(24):
+        principal, model = rng.choice("ab"), rng.choice("xy")
+        keys = [principal, "all", f"{principal}|{model}", f"{principal}|{model}"]
+        costs = [rng.choice([0, 1, 1, 1]), 1, 1, rng.randint(1, 3)]  # cost 0: a test that counts nothing
+        admissions.append([Limit(p, p.items[0], k, c) for p, k, c in zip(policies, keys, costs, strict=True)])
+    counts = RedisCounts(f"redis://127.0.0.1:{redis.port}/0", strategy, 2.0)
+    try:
+        redis.cli("flushall")
+        redis.cli("config", "resetstat")
+        # Two calls of twelve: the second finds the keys the first wrote (and counts on top of them).
+        together = await counts.admit_many(admissions[:12]) + await counts.admit_many(admissions[12:])
+        calls = redis.calls()
+        stored = redis.cli("keys", "*").split()
+        after_two_calls = _stored(redis, stored)
+        redis.cli("flushall")
+        apart = [(await counts.admit_many([a]))[0] for a in admissions]
+        admitted = [r is None for r in together]
+        assert admitted.count(True) >= 3 and admitted.count(False) >= 3
+        assert [r if r is None else r[0] for r in together] == [r if r is None else r[0] for r in apart]
+        for t, a in zip(together, apart, strict=True):  # the waits too (the clock moved on between the two)
+            assert t is None or a is None or abs(t[1] - a[1]) < 2.0, (t, a)
+        assert sorted(stored) == sorted(redis.cli("keys", "*").split())
+        assert after_two_calls == _stored(redis, stored)
+        distinct = len(stored)  # a, b, all, a|x, a|y, b|x, b|y and their budgets' keys: read once a call
+        reads = calls.get("hmget", 0) + calls.get("get", 0) + calls.get("lindex", 0)
+        assert reads <= 2 * distinct if strategy != "moving-window" else reads >= len(admissions)
+    finally:
+        await counts.close()
