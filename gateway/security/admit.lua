@@ -10,7 +10,7 @@
 -- at the end. The script runs atomically, so this counts exactly as one write per admission would.
 local t = redis.call('time')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local seen, order = {}, {}  -- per key: what was read and what this call adds; keys in first-use order
+local seen = {}  -- per key: what was read and what this call adds
 
 local function fixed(key, quota, need, seconds)
   local s = seen[key]
@@ -18,7 +18,6 @@ local function fixed(key, quota, need, seconds)
     local count = tonumber(redis.call('get', key))
     s = {kind = 'f', count = count or 0, new = count == nil, window = seconds, added = 0}
     seen[key] = s
-    order[#order + 1] = key
   end
   if s.count + s.added + need > quota then
     if s.new then return seconds * 1000 end  -- created by this call: its window starts now
@@ -41,7 +40,6 @@ local function sliding(key, quota, window, need)
     end
     s = {kind = 's', c = c, p = p, shifted = w ~= index, index = index, window = window, added = 0}
     seen[key] = s
-    order[#order + 1] = key
   end
   local c, p, index = s.c + s.added, s.p, s.index
   local elapsed = now - index * window
@@ -79,8 +77,7 @@ local function admit(i)  -- limit i: the milliseconds until it has room, or nil 
   return nil
 end
 
-local function write(key)  -- what this call counted on a fixed or sliding window's key
-  local s = seen[key]
+local function write(key, s)  -- what this call counted on a fixed or sliding window's key
   if s.added == 0 then return end
   if s.kind == 'f' then
     if redis.call('incrby', key, s.added) == s.added then redis.call('expire', key, s.window) end
@@ -102,5 +99,5 @@ for size in string.gmatch(ARGV[1], '%d+') do
   end
   results[#results + 1] = result
 end
-for _, key in ipairs(order) do write(key) end
+for key, s in pairs(seen) do write(key, s) end  -- one script: the order is unobservable
 return results
