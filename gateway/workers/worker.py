@@ -168,7 +168,8 @@ class WorkerApp:
                     "requests": self.batcher.stats.requests,
                     "batch_sizes": {str(k): v for k, v in self.batcher.stats.sizes.items()},
                     "queue_seconds": self.batcher.stats.queue_seconds,
-                    "compute_seconds": self.batcher.stats.compute_seconds, "expired": self.batcher.stats.expired}
+                    "compute_seconds": self.batcher.stats.compute_seconds, "expired": self.batcher.stats.expired,
+                    "immediate": self.batcher.stats.immediate}
             await _respond(send, 200, orjson.dumps(body), b"application/json")
         elif scope["path"] == "/infer" and scope["method"] == "POST":
             await self._infer(scope, receive, send)
@@ -212,20 +213,39 @@ class WorkerApp:
         try:
             tensors = decode_tensor_message(message, header_length, "inputs")
             outputs = await self.batcher.submit({t.name: t.array for t in tensors}, expires)
-        except ProtocolError as exc:
-            return 400, [orjson.dumps({"error": exc.detail})], 0
-        except DeadlineExceeded as exc:
-            return 504, [orjson.dumps({"error": str(exc)})], 0
-        except Exception as exc:  # onnxruntime's own errors: invalid argument or a failed run
-            status = 422 if "INVALID_ARGUMENT" in str(exc) or "Invalid" in type(exc).__name__ else 500
-            return status, [orjson.dumps({"error": f"{type(exc).__name__}: {exc}"})], 0
+        except Exception as exc:
+            return _failure(exc)
+        return self._answer(outputs)
+
+    def answer_now(self, message: bytes, header_length: int, expires: float) -> tuple[int, list[Chunk], int]:
+        """``answer``, in the caller's turn of the event loop; only while ``batcher.quiet``."""
+        try:
+            tensors = decode_tensor_message(message, header_length, "inputs")
+            outputs = self.batcher.run_now({t.name: t.array for t in tensors}, expires)
+        except Exception as exc:
+            return _failure(exc)
+        return self._answer(outputs)
+
+    def _answer(self, outputs: list[np.ndarray]) -> tuple[int, list[Chunk], int]:
         payload, length = encode_tensor_parts("outputs", [Tensor(n, a) for n, a in zip(self.output_names, outputs)])
         return 200, payload, length
 
 
+def _failure(exc: Exception) -> tuple[int, list[Chunk], int]:
+    """An inference that failed, as its status and ``{"error": ...}`` payload."""
+    if isinstance(exc, ProtocolError):
+        return 400, [orjson.dumps({"error": exc.detail})], 0
+    if isinstance(exc, DeadlineExceeded):
+        return 504, [orjson.dumps({"error": str(exc)})], 0
+    # onnxruntime's own errors: invalid argument or a failed run
+    status = 422 if "INVALID_ARGUMENT" in str(exc) or "Invalid" in type(exc).__name__ else 500
+    return status, [orjson.dumps({"error": f"{type(exc).__name__}: {exc}"})], 0
+
+
 class FramedChannel:
     """The worker's side of a connection that speaks frames (``gateway.workers.frames``): each
-    request runs as its own task, so they batch together; answers leave as they finish."""
+    request runs as its own task, so they batch together; answers leave as they finish. A request
+    that arrives alone while the batcher is ``quiet`` is answered in the turn that brought it."""
 
     def __init__(self, app: WorkerApp, transport: Any) -> None:
         self.app = app
@@ -235,11 +255,19 @@ class FramedChannel:
 
     def feed(self, data: bytes) -> None:
         """Raises ``FrameError`` when the bytes are not frames."""
-        loop = asyncio.get_running_loop()
         now = time.monotonic()
-        for request_id, deadline_ms, header_length, payload in self.reader.feed(data):
-            expires = math.inf if deadline_ms == NO_DEADLINE else now + deadline_ms / 1000
-            task = loop.create_task(self._serve(request_id, payload, header_length, expires))
+        frames = self.reader.feed(data)
+        if len(frames) == 1 and self.app.batcher.quiet:  # alone: it would run at once anyway
+            request_id, deadline_ms, header_length, payload = frames[0]
+            status, parts, length = self.app.answer_now(payload, header_length, _expires(deadline_ms, now))
+            # Written at the end of the turn like every answer: answers that finish close together
+            # leave together (written at once, each answer woke the gateway on its own: 8% fewer
+            # requests/s at sixteen clients).
+            self.writer.write(frame_head(sum(map(len, parts)), request_id, status, length), parts)
+            return
+        loop = asyncio.get_running_loop()
+        for request_id, deadline_ms, header_length, payload in frames:
+            task = loop.create_task(self._serve(request_id, payload, header_length, _expires(deadline_ms, now)))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
@@ -250,6 +278,10 @@ class FramedChannel:
     def close(self) -> None:
         for task in self.tasks:
             task.cancel()
+
+
+def _expires(deadline_ms: int, now: float) -> float:
+    return math.inf if deadline_ms == NO_DEADLINE else now + deadline_ms / 1000
 
 
 async def _respond(

@@ -179,3 +179,86 @@ async def test_a_worker_drops_a_request_whose_deadline_has_passed(gateway: Gatew
         await worker.aclose()
     assert gone.status == 504 and b"deadline" in gone.body
     assert fresh.status == 200
+
+
+async def _until_quiet(b: Batcher) -> None:
+    """Lone requests until the run-time average says runs take microseconds (the first is unknown)."""
+    for _ in range(50):
+        await b.submit({"x": np.ones((1, 4), np.float32)})
+        if b.quiet:
+            return
+    raise AssertionError("fast runs never made the batcher quiet")
+
+
+@pytest.mark.anyio
+async def test_a_request_alone_runs_at_once_as_its_batch_of_one_would() -> None:
+    rec = Recorder()
+    rec.gate.set()
+    b = Batcher(rec.run, batchable=True, max_batch_size=8, max_queue_delay_s=0.005)
+    assert not b.quiet, "not started"
+    b.start()
+    assert not b.quiet, "the first run's cost is unknown"
+    await _until_quiet(b)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    batches, requests, singles = b.stats.batches, b.stats.requests, b.stats.sizes.get(1, 0)
+    queued = await b.submit({"x": x})
+    now = b.run_now({"x": x})
+    for a, c in zip(now, queued):
+        np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(now[0], x * 2)
+    assert (b.stats.batches, b.stats.requests, b.stats.sizes[1]) == (batches + 2, requests + 2, singles + 2)
+    assert b.stats.immediate == 1 and rec.calls[-2:] == [2, 2]
+    await b.stop()
+    assert not b.quiet, "stopped"
+
+
+@pytest.mark.anyio
+async def test_the_batcher_is_not_quiet_while_requests_wait_or_batch_or_runs_are_slow() -> None:
+    delay = {"s": 0.0}
+
+    def run(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import time
+
+        time.sleep(delay["s"])
+        return [inputs["x"] + 1]
+
+    b = Batcher(run, batchable=True, max_batch_size=8, max_queue_delay_s=0.001)
+    b.start()
+    await _until_quiet(b)
+    waiting = asyncio.ensure_future(b.submit({"x": np.ones((1, 4), np.float32)}))
+    await asyncio.sleep(0)  # it is queued; the batcher has not taken it yet
+    assert b.depth == 1 and not b.quiet, "a request is waiting: the next must queue behind it"
+    await waiting
+    await asyncio.gather(*(b.submit({"x": np.ones((1, 4), np.float32)}) for _ in range(3)))
+    assert not b.quiet, "the last batch held several requests: the next waits for company"
+    await _until_quiet(b)  # a batch of one again (a run the machine happened to slow may take a few)
+    delay["s"] = 0.01
+    for _ in range(20):
+        await b.submit({"x": np.ones((1, 4), np.float32)})
+        if not b.quiet:
+            break
+    assert not b.quiet, "runs got slow: they belong in the session thread, not on the loop"
+    await b.stop()
+
+
+@pytest.mark.anyio
+async def test_a_request_run_at_once_is_padded_to_its_bucket_and_dropped_past_its_deadline() -> None:
+    import time
+
+    from gateway.workers.batcher import DeadlineExceeded
+
+    rec = Recorder()
+    rec.gate.set()
+    b = Batcher(rec.run, batchable=True, max_batch_size=8, max_queue_delay_s=0.0, buckets=(4, 8))
+    b.start()
+    await _until_quiet(b)
+    x = np.full((1, 4), 3.0, np.float32)
+    doubled, sums = b.run_now({"x": x})
+    assert rec.calls[-1] == 4, "one row ran as a bucket of four"
+    np.testing.assert_array_equal(doubled, x * 2)
+    assert sums.shape == (1, 1)
+    calls, expired = len(rec.calls), b.stats.expired
+    with pytest.raises(DeadlineExceeded):
+        b.run_now({"x": x}, time.monotonic() - 0.001)
+    assert len(rec.calls) == calls and b.stats.expired == expired + 1, "counted, never run"
+    await b.stop()
