@@ -8,7 +8,7 @@ than one request (the model is under concurrent load), the loop also waits up to
 ``max_queue_delay`` for the batch to fill, as Triton's dynamic batcher does. A lone client
 therefore pays no queueing delay; and while the batcher is ``quiet`` a request that arrives alone
 is run in the turn that brought it (``run_now``), which spares it the queue and two task switches
-(a quarter of a ``digits`` worker's CPU per request at one client).
+(a quarter to a third of a ``digits`` worker's CPU per request at one client).
 
 With ``buckets`` (on CUDA by default: the maximum batch size alone), a batch is padded to the
 next bucket size and the padding sliced off the outputs. ONNX Runtime's CUDA kernels redo their
