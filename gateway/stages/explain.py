@@ -64,6 +64,9 @@ class Explain:
         if x.shape[0] != 1:
             raise InvalidInput(f"an explanation is for one input row: send shape [1, ...], not {list(x.shape)}")
         features = int(x[0].size)
+        if not features:
+            raise InvalidInput(f"an explanation attributes a prediction to its input's features; this input "
+                               f"has none (shape {list(x.shape)})")
         if features > MAX_FEATURES:
             raise InvalidInput(f"{manifest.name} takes {features} features per row; explanations by finite "
                                f"differences are limited to {MAX_FEATURES}")

@@ -27,7 +27,8 @@ def tensor_digest(tensor: Tensor) -> TensorDigest:
             size += 4 + len(element)
     else:
         data = np.ascontiguousarray(array)
-        h.update(data.data.cast("B"))
+        if data.size:  # a view with a zero in its shape cannot be cast to bytes; it has none to hash
+            h.update(data.data.cast("B"))
         size = data.nbytes
     return TensorDigest(tensor.name, tensor.datatype, tuple(array.shape), size, h.hexdigest())
 

@@ -41,6 +41,8 @@ def _probabilities(array: np.ndarray) -> bool:
 def apply_policy(array: np.ndarray, policy: str, settings: OutputConfig, rng: np.random.Generator) -> np.ndarray:
     """``array`` (rows × scores) as ``policy`` lets a caller see it, in its own datatype."""
     dtype = array.dtype
+    if not array.size:  # no scores (a width of zero): nothing to reveal, nothing to pick a label from
+        return array
     if policy == "round":
         return np.round(array, settings.decimals).astype(dtype)
     if policy == "label_only":

@@ -252,6 +252,8 @@ Chunk = bytes | memoryview
 def _raw(array: np.ndarray) -> Chunk:
     if array.dtype.kind == "O":
         return _bytes_payload(array)
+    if not array.size:  # a view with a zero in its shape cannot be cast to bytes
+        return b""
     contiguous: Any = np.ascontiguousarray(array)
     return memoryview(contiguous).cast("B")  # a view, not a copy
 

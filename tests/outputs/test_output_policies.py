@@ -56,6 +56,14 @@ def test_noised_probabilities_stay_probabilities_and_logits_stay_logits() -> Non
     assert abs(float(np.abs(noise).mean()) - 1 / SETTINGS.epsilon) < 0.05  # Laplace(b): E|x| = b
 
 
+@pytest.mark.parametrize("policy", ["full", "round", "top_k", "noised", "label_only"])
+def test_an_answer_with_no_scores_passes_every_policy_as_it_is(policy: str) -> None:
+    for shape in ((1, 0), (4, 0)):
+        empty = np.empty(shape, np.float32)
+        out = apply_policy(empty, policy, SETTINGS, RNG)
+        assert out.shape == shape and out.dtype == np.float32
+
+
 def test_the_least_revealing_role_policy_applies() -> None:
     settings = OutputConfig(policy="round", roles=(("partner", "label_only"), ("staff", "full")))
     assert settings.policy_for(frozenset({"staff"})) == "full"

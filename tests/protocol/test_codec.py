@@ -32,6 +32,21 @@ def test_binary_message_round_trip(datatype: str) -> None:
     np.testing.assert_array_equal(back.array, array)
 
 
+@pytest.mark.parametrize("datatype", [*ALL_TYPES, "BYTES"])
+@pytest.mark.parametrize("shape", [(0,), (1, 0), (0, 4), (2, 0, 3)])
+def test_tensors_with_no_elements_round_trip(datatype: str, shape: tuple[int, ...]) -> None:
+    from gateway_client.protocol.datatypes import numpy_dtype
+
+    array = np.empty(shape, dtype=object if datatype == "BYTES" else numpy_dtype(datatype))
+    body, n = encode_tensor_message("outputs", [Tensor("x", array), Tensor("y", np.arange(3, dtype=np.int32))])
+    assert body[n:] == np.arange(3, dtype=np.int32).tobytes(), "no bytes for the empty tensor"
+    empty, after = decode_tensor_message(body, n, "outputs")
+    assert (empty.datatype, empty.array.shape) == (datatype, shape)
+    assert after.array.tolist() == [0, 1, 2]
+    answer, m = encode_infer_response("m", "1", [Tensor("x", array)], binary={"x"})
+    assert decode_tensor_message(answer, m, "outputs")[0].array.shape == shape
+
+
 def test_bytes_round_trip_with_length_prefixes() -> None:
     array = np.array([b"a", b"", "é".encode()], dtype=object)
     body, n = encode_tensor_message("outputs", [Tensor("s", array)])
