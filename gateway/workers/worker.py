@@ -260,9 +260,9 @@ class FramedChannel:
         if len(frames) == 1 and self.app.batcher.quiet:  # alone: it would run at once anyway
             request_id, deadline_ms, header_length, payload = frames[0]
             status, parts, length = self.app.answer_now(payload, header_length, _expires(deadline_ms, now))
-            # Written at the end of the turn like every answer: answers that finish close together
-            # leave together (written at once, each answer woke the gateway on its own: 8% fewer
-            # requests/s at sixteen clients).
+            # Written at the end of the turn like every answer, so that answers finishing close
+            # together leave together (written at once, each woke the serving process on its own:
+            # 13% fewer requests/s at sixteen clients, bench/RESULTS.md).
             self.writer.write(frame_head(sum(map(len, parts)), request_id, status, length), parts)
             return
         loop = asyncio.get_running_loop()
