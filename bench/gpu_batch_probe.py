@@ -17,7 +17,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.workers.worker import providers_for  # noqa: E402
+from gateway.workers.session import providers_for  # noqa: E402
 
 
 def main() -> int:

@@ -67,7 +67,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"gateway: {ORT_MISSING}", file=sys.stderr)
         return 2
     if os.environ.get("GATEWAY_REQUIRE_CUDA") == "1":  # the cuda image: no silent CPU fallback
-        from gateway.workers.worker import cuda_problem
+        from gateway.workers.session import cuda_problem
 
         if problem := cuda_problem():
             print(f"gateway: GATEWAY_REQUIRE_CUDA=1 but {problem}", file=sys.stderr)
