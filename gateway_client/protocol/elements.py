@@ -1,11 +1,11 @@
 """A tensor's data into an array, bounded by the data actually present.
 
 Binary data: the byte count must match the shape and datatype before anything is made (numbers
-are then a view of the body); BYTES elements need four bytes each at least, checked before the
-element array is allocated. JSON data: the list's structure and its elements' Python types are
-checked in plain Python, and the values converted straight into the declared datatype, never
-through numpy's type inference (a stray string would make numpy build a fixed-width unicode
-array as wide as the longest string for every element).
+are then a view of the body; BOOL bytes must be 0 or 1); BYTES elements need four bytes each at
+least, checked before the element array is allocated. JSON data: the list's structure and its
+elements' Python types are checked in plain Python, and the values converted straight into the
+declared datatype, never through numpy's type inference (a stray string would make numpy build
+a fixed-width unicode array as wide as the longest string for every element).
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ def from_binary(raw: memoryview, datatype: str, count: int, where: str, max_elem
             f"{count * dtype.itemsize}",
             field=where,
         )
+    if datatype == "BOOL" and len(raw):
+        # numpy reads any byte but 0 as true; a model may not (ONNX Runtime's Not answered 2 as true too)
+        largest = int(np.frombuffer(raw, dtype=np.uint8).max())
+        if largest > 1:
+            raise ProtocolError(f"{where}: BOOL elements must be bytes 0 or 1, found {largest}", field=where)
     return np.frombuffer(raw, dtype=dtype)
 
 

@@ -109,6 +109,17 @@ def test_malformed_bytes_elements(payload: bytes) -> None:
         decode_infer_request(header + payload, len(header))
 
 
+@pytest.mark.parametrize(("payload", "refused"), [(b"\x00\x01\x01", None), (b"\x00\x02\x01", 2), (b"\xff", 255)])
+def test_binary_bool_elements_are_bytes_0_or_1(payload: bytes, refused: int | None) -> None:
+    header = json.dumps({"inputs": [{"name": "b", "datatype": "BOOL", "shape": [len(payload)],
+                                     "parameters": {"binary_data_size": len(payload)}}]}).encode()
+    if refused is None:
+        assert decode_infer_request(header + payload, len(header)).inputs[0].array.tolist() == [False, True, True]
+        return
+    with pytest.raises(ProtocolError, match=f"BOOL elements must be bytes 0 or 1, found {refused}"):
+        decode_infer_request(header + payload, len(header))
+
+
 def test_response_json_and_binary_outputs() -> None:
     a = np.array([[0.25, 0.75]], np.float32)
     b = np.array([1, 2], np.int64)
