@@ -1,5 +1,6 @@
-"""ONNX Runtime sessions for a worker: the execution providers a device asks for, and the CUDA
-libraries they need (found and loaded before a CUDA session starts, and checked by the cuda image)."""
+"""ONNX Runtime sessions for a worker: the execution providers a device asks for, the CUDA
+libraries they need (found and loaded before a CUDA session starts, and checked by the cuda image),
+and the inputs as a session takes them."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.workers.exits import ExitCode
+import numpy as np
 
-__all__ = ["cuda_problem", "load_session", "providers_for"]
+from gateway.workers.exits import ExitCode
+from gateway_client.protocol.codec import Tensor
+
+__all__ = ["NotText", "cuda_problem", "load_session", "providers_for", "session_inputs"]
 
 
 def _cuda_driver_present() -> bool:
@@ -90,3 +94,29 @@ def load_session(model: bytes, device: str, intra_op_threads: int, tf32: bool = 
         )
         sys.exit(ExitCode.DEVICE)
     return session
+
+
+class NotText(ValueError):
+    """A BYTES input that ONNX Runtime cannot take: its elements must be UTF-8 text."""
+
+
+def session_inputs(tensors: list[Tensor]) -> dict[str, np.ndarray]:
+    """Decoded tensors as ``InferenceSession.run`` takes them. Its Python API takes string tensors
+    as ``str`` objects and turns any other object into its ``repr``: a ``bytes`` element would
+    reach the model as ``"b'...'"``. BYTES elements are therefore decoded as UTF-8, and ones that
+    are not UTF-8 (a manifest may allow them with ``"encoding": "binary"``) are refused."""
+    inputs = {}
+    for tensor in tensors:
+        array = tensor.array
+        if array.dtype == object:
+            text = np.empty(array.shape, dtype=object)
+            flat = text.reshape(-1)
+            for i, element in enumerate(array.reshape(-1)):
+                try:
+                    flat[i] = element.decode("utf-8") if isinstance(element, bytes) else element
+                except UnicodeDecodeError:
+                    raise NotText(f"inputs[{tensor.name!r}]: element {i} is not UTF-8, and ONNX Runtime takes "
+                                  "string tensors as UTF-8 text") from None
+            array = text
+        inputs[tensor.name] = array
+    return inputs

@@ -35,7 +35,7 @@ from gateway.workers.batcher import Batcher, DeadlineExceeded
 from gateway.workers.exits import ExitCode
 from gateway.workers.frames import NO_DEADLINE, PREFACE, FrameError, FrameReader, FrameWriter, frame_head
 from gateway.workers.isolation import apply_isolation
-from gateway.workers.session import load_session
+from gateway.workers.session import NotText, load_session, session_inputs
 from gateway.workers.transport import DEADLINE_HEADER
 from gateway_client.protocol.codec import HEADER_LENGTH, Chunk, Tensor, decode_tensor_message, encode_tensor_parts
 from gateway_client.protocol.errors import ProtocolError
@@ -132,7 +132,7 @@ class WorkerApp:
         tensor message, or ``{"error": ...}``) and the payload's JSON header length out."""
         try:
             tensors = decode_tensor_message(message, header_length, "inputs")
-            outputs = await self.batcher.submit({t.name: t.array for t in tensors}, expires)
+            outputs = await self.batcher.submit(session_inputs(tensors), expires)
         except Exception as exc:
             return _failure(exc)
         return self._answer(outputs)
@@ -141,7 +141,7 @@ class WorkerApp:
         """``answer``, in the caller's turn of the event loop; only while ``batcher.quiet``."""
         try:
             tensors = decode_tensor_message(message, header_length, "inputs")
-            outputs = self.batcher.run_now({t.name: t.array for t in tensors}, expires)
+            outputs = self.batcher.run_now(session_inputs(tensors), expires)
         except Exception as exc:
             return _failure(exc)
         return self._answer(outputs)
@@ -157,6 +157,8 @@ def _failure(exc: Exception) -> tuple[int, list[Chunk], int]:
         return 400, [orjson.dumps({"error": exc.detail})], 0
     if isinstance(exc, DeadlineExceeded):
         return 504, [orjson.dumps({"error": str(exc)})], 0
+    if isinstance(exc, NotText):
+        return 422, [orjson.dumps({"error": str(exc)})], 0
     # onnxruntime's own errors: invalid argument or a failed run
     status = 422 if "INVALID_ARGUMENT" in str(exc) or "Invalid" in type(exc).__name__ else 500
     return status, [orjson.dumps({"error": f"{type(exc).__name__}: {exc}"})], 0
