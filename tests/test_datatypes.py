@@ -6,6 +6,7 @@ that is not UTF-8) is refused with a problem document, never a 500."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
@@ -21,6 +22,7 @@ from onnx import TensorProto, helper
 
 from gateway.registry.signing import sign_model
 from gateway_client import Client
+from gateway_client.protocol.codec import Tensor, decode_infer_response, encode_infer_request
 from tests.conftest import Gateway, client_context, start_gateway
 
 T = TensorProto
@@ -90,7 +92,7 @@ def _every_datatype_model(models_root: Path, root: Path, pki: Path) -> Path:
 def types_gateway(models_root: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("types")
     root = _every_datatype_model(models_root, tmp / "models", pki)
-    gw = start_gateway(pki, tmp, root, sections="[models.types]\n")
+    gw = start_gateway(pki, tmp, root, sections="[models.types]\nmax_batch_size = 16\nmax_queue_delay_ms = 5\n")
     yield gw
     gw.stop()
 
@@ -139,6 +141,43 @@ def test_every_datatype_round_trips_through_the_sdk(types_gateway: Gateway) -> N
             for name in OUTPUTS:
                 assert answer[name].dtype == expected(name).dtype, name
                 assert (answer[name] == expected(name)).all(), f"{name}: {answer[name]!r}"
+
+
+def _own_values(k: int) -> dict[str, np.ndarray]:
+    """Request ``k``'s inputs: 1 to 3 rows, its number in ``ids``, ``text`` and ``mask``."""
+    rows = 1 + k % 3
+    values = {name: np.repeat(VALUES[name][:1], rows, axis=0) for name, *_ in SPEC}
+    values["ids"] = (k * 10 + np.arange(rows)[:, None] + np.zeros((1, 4), np.int64)).astype(np.int64)
+    values["text"] = np.array([f"request {k}, row {r}".encode() for r in range(rows)], dtype=object)
+    values["mask"] = np.array([[(k + r + j) % 2 == 0 for j in range(4)] for r in range(rows)])
+    return values
+
+
+def test_requests_batched_together_each_get_their_own_rows(types_gateway: Gateway) -> None:
+    """Requests of 1 to 3 rows, many at once, share the worker's batches (text and all): each
+    answer holds its own rows, no other request's."""
+    async def one(client: Any, k: int) -> None:
+        values = _own_values(k)
+        body, length = encode_infer_request([Tensor(n, a) for n, a in values.items()])
+        answer = await client.post("/v2/models/types/infer", content=body,
+                                   headers={"Inference-Header-Content-Length": str(length)})
+        assert answer.status_code == 200, answer.text
+        _, tensors = decode_infer_response(answer.content, int(answer.headers["inference-header-content-length"]))
+        got = {t.name: t.array for t in tensors}
+        assert (got["ids_out"] == values["ids"]).all() and list(got["text_out"]) == list(values["text"]), k
+        assert (got["mask_out"] == ~values["mask"]).all(), k
+
+    async def rounds() -> None:
+        async with types_gateway.async_client() as client:
+            for _ in range(4):
+                await asyncio.gather(*(one(client, k) for k in range(48)))
+
+    asyncio.run(rounds())
+    with types_gateway.client("admin") as c:
+        metrics = c.get("/metrics").text
+    batches = {line.split("le=")[1].split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("gateway_batch_size_bucket") and 'model="types"' in line}
+    assert batches["+Inf"] > batches["1"], f"no batch held two requests: {batches}"
 
 
 def test_a_bool_byte_other_than_0_or_1_is_refused(types_gateway: Gateway) -> None:
