@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gateway_client.protocol.datatypes import DATATYPES, datatype_of
+from gateway_client.protocol.datatypes import DATATYPES, TEXT_KINDS, datatype_of
 from gateway_client.protocol.elements import from_binary, from_json
 from gateway_client.protocol.errors import ProtocolError
 
@@ -239,7 +239,7 @@ def _bytes_payload(array: np.ndarray) -> bytes:
 
 def _json_data(array: np.ndarray) -> Any:
     flat = array.reshape(-1)
-    if flat.dtype.kind == "O":
+    if flat.dtype.kind in TEXT_KINDS:
         return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in flat]
     if flat.dtype == np.float16:
         flat = flat.astype(np.float32)
@@ -250,7 +250,7 @@ Chunk = bytes | memoryview
 
 
 def _raw(array: np.ndarray) -> Chunk:
-    if array.dtype.kind == "O":
+    if array.dtype.kind in TEXT_KINDS:
         return _bytes_payload(array)
     if not array.size:  # a view with a zero in its shape cannot be cast to bytes
         return b""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DATATYPES", "JSON_TYPES", "datatype_of", "numpy_dtype"]
+__all__ = ["DATATYPES", "JSON_TYPES", "TEXT_KINDS", "datatype_of", "numpy_dtype"]
 
 # BYTES is a variable-length type held in object arrays of ``bytes``.
 DATATYPES: dict[str, np.dtype] = {
@@ -42,8 +42,12 @@ def numpy_dtype(datatype: str) -> np.dtype:
     return DATATYPES[datatype]
 
 
+TEXT_KINDS = "OSU"
+"""numpy kinds sent as BYTES: object arrays (of bytes or str) and fixed-width bytes or str arrays."""
+
+
 def datatype_of(array: np.ndarray) -> str:
-    if array.dtype.kind in "OSU":
+    if array.dtype.kind in TEXT_KINDS:
         return "BYTES"
     try:
         return _BY_DTYPE[array.dtype]

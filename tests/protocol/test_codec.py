@@ -16,6 +16,7 @@ from gateway_client.protocol import (
     encode_infer_response,
     encode_tensor_message,
 )
+from gateway_client.protocol.codec import encode_infer_request
 from gateway_client.protocol.errors import ProtocolError
 
 ALL_TYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
@@ -53,6 +54,17 @@ def test_bytes_round_trip_with_length_prefixes() -> None:
     assert body[n:] == struct.pack("<I", 1) + b"a" + struct.pack("<I", 0) + struct.pack("<I", 2) + "é".encode()
     (back,) = decode_tensor_message(body, n, "outputs")
     assert list(back.array) == list(array)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("array", [np.array([["ab", "c"], ["é", ""]]), np.array([[b"ab", b"c"], ["é".encode(), b""]])],
+                         ids=["str", "bytes"])
+def test_fixed_width_numpy_strings_are_sent_as_bytes(array: np.ndarray, binary: bool) -> None:
+    """``np.array(["text"])`` is a fixed-width str array, not an object array: still BYTES elements."""
+    body, n = encode_infer_request([Tensor("s", array)], binary=binary)
+    (back,) = decode_infer_request(body, n).inputs
+    assert back.datatype == "BYTES" and back.array.shape == (2, 2)
+    assert back.array.tolist() == [[b"ab", b"c"], ["é".encode(), b""]]
 
 
 def test_json_request_with_nested_data_and_outputs() -> None:
