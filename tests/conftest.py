@@ -332,6 +332,16 @@ def start_gateway(
     raise RuntimeError(f"gateway not ready: {log.read_text()[-3000:]}")
 
 
+def credentials_for(gw: Gateway, tmp: Path) -> Path:
+    """The gateway's credentials.json, pointed at this gateway's port."""
+    data = json.loads((gw.pki / "credentials.json").read_text())
+    data["gateway"] = gw.url
+    data["token_endpoint"] = f"{gw.url}/oauth/token"
+    path = tmp / "credentials.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
 @pytest.fixture(scope="session")
 def gateway(pki: Path, tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Iterator[Gateway]:
     gw = start_gateway(pki, tmp_path_factory.mktemp("gw"), models_root)

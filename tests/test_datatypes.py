@@ -20,10 +20,11 @@ import pytest
 import tritonclient.http as httpclient
 from onnx import TensorProto, helper
 
+from gateway.cli import main
 from gateway.registry.signing import sign_model
 from gateway_client import Client
 from gateway_client.protocol.codec import Tensor, decode_infer_response, encode_infer_request
-from tests.conftest import Gateway, client_context, start_gateway
+from tests.conftest import Gateway, client_context, credentials_for, start_gateway
 
 T = TensorProto
 SPEC = [  # input name, ONNX type, datatype, width (None: one dimension)
@@ -142,6 +143,26 @@ def test_every_datatype_round_trips_through_the_sdk(types_gateway: Gateway) -> N
             for name in OUTPUTS:
                 assert answer[name].dtype == expected(name).dtype, name
                 assert (answer[name] == expected(name)).all(), f"{name}: {answer[name]!r}"
+
+
+def test_the_infer_command_prints_and_saves_every_datatype(types_gateway: Gateway, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``gateway infer`` with text in an .npz and in a .json file: BYTES outputs printed as text
+    and saved as numpy str arrays (an .npz that loads without pickle)."""
+    creds = credentials_for(types_gateway, tmp_path)
+    as_text = {**VALUES, **{n: np.array([e.decode() for e in VALUES[n]]) for n in ("text", "blob")}}
+    np.savez(tmp_path / "x.npz", **as_text)  # type: ignore[arg-type]
+    (tmp_path / "x.json").write_text(json.dumps({n: a.tolist() for n, a in as_text.items()}))
+    for source, encoding in (("x.npz", []), ("x.json", ["--json-tensors"])):
+        assert main(["infer", "types", "--input", str(tmp_path / source), "--credentials", str(creds), *encoding]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["text_out"]["data"] == ["héllo", "", "b'quoted'"], source
+        assert printed["ids_out"]["data"] == VALUES["ids"].tolist() and printed["u64_out"]["data"] == [[2**64 - 1]] * ROWS
+    assert main(["infer", "types", "--input", str(tmp_path / "x.npz"), "--credentials", str(creds),
+                 "--output", str(tmp_path / "out.npz")]) == 0
+    saved = np.load(tmp_path / "out.npz")  # allow_pickle is off
+    assert saved["text_out"].tolist() == ["héllo", "", "b'quoted'"] and saved["blob_out"].tolist() == ["\x00\x01", "ünï", "plain"]
+    assert saved["half_out"].dtype == np.float16 and (saved["mask_out"] == ~VALUES["mask"]).all()
 
 
 def _own_values(k: int) -> dict[str, np.ndarray]:

@@ -95,11 +95,14 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         except ClientError as exc:
             print(f"gateway: {exc}", file=sys.stderr)
             return EXIT_FAILED
+    outputs = {name: _portable(a) for name, a in outputs.items()}
     if args.output:
         np.savez(args.output, **outputs)  # type: ignore[arg-type]
         print(f"wrote {', '.join(outputs)} to {args.output}")
     else:
-        doc = {name: {"shape": list(a.shape), "dtype": str(a.dtype), "data": a.tolist()} for name, a in outputs.items()}
+        doc = {name: {"shape": list(a.shape), "dtype": str(a.dtype),
+                      "data": (np.char.decode(a, "utf-8", "backslashreplace") if a.dtype.kind == "S" else a).tolist()}
+               for name, a in outputs.items()}
         if args.format == "yaml":
             import yaml
 
@@ -107,6 +110,20 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         else:
             print(jsonlib.dumps(doc))
     return EXIT_OK
+
+
+def _portable(array: Any) -> Any:
+    """A BYTES output (an object array of ``bytes``) as numpy's own str array when it is UTF-8 text,
+    else its bytes array: printable, and saved in an .npz that loads without pickle."""
+    import numpy as np
+
+    if array.dtype != object:
+        return array
+    elements = list(array.reshape(-1))
+    try:
+        return np.array([e.decode("utf-8") for e in elements], dtype=str).reshape(array.shape)
+    except UnicodeDecodeError:
+        return np.array(elements, dtype=bytes).reshape(array.shape)
 
 
 def _as_declared(client: Any, model: str, version: str | None, inputs: Any) -> Any:

@@ -30,20 +30,10 @@ from gateway_client import (
     Unavailable,
     ssl_context,
 )
-from tests.conftest import Gateway, fetch_token, onnx_reference, start_gateway
+from tests.conftest import Gateway, credentials_for, fetch_token, onnx_reference, start_gateway
 from tests.security.test_token_matrix import mint
 
 pytestmark = pytest.mark.slow
-
-
-def credentials_for(gw: Gateway, tmp: Path) -> Path:
-    """The gateway's credentials.json, pointed at this gateway's port."""
-    data = json.loads((gw.pki / "credentials.json").read_text())
-    data["gateway"] = gw.url
-    data["token_endpoint"] = f"{gw.url}/oauth/token"
-    path = tmp / "credentials.json"
-    path.write_text(json.dumps(data))
-    return path
 
 
 @pytest.fixture
