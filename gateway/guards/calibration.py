@@ -112,7 +112,8 @@ def _domain(manifest: Manifest) -> tuple[float, float]:
 def _check_model(manifest: Manifest) -> None:
     where = f"{manifest.name}/{manifest.version}"
     if len(manifest.inputs) != 1 or manifest.inputs[0].datatype not in ("FP32", "FP16", "FP64"):
-        raise CalibrationError(f"{where}: the guard needs one floating-point input")
+        takes = ", ".join(f"{i.name} {i.datatype}" for i in manifest.inputs)
+        raise CalibrationError(f"{where}: the guard needs one floating-point input; this model takes {takes}")
     if manifest.inputs[0].shape[:1] != (-1,) or -1 in manifest.inputs[0].shape[1:]:
         raise CalibrationError(f"{where}: the guard needs an input of shape [-1, fixed dimensions...]")
 
@@ -255,6 +256,7 @@ def load_calibration(manifest: Manifest) -> Calibration:
     """``manifest``'s version folder's calibration, checked against the model; ``CalibrationError``
     naming the file otherwise. (The folder's signature, which covers the file, is checked by the
     caller with the model's.)"""
+    _check_model(manifest)  # before the file: no calibration could be made for another kind of model
     path = manifest.path / CALIBRATION_NAME
     try:
         doc = json.loads(path.read_text())

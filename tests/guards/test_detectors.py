@@ -124,6 +124,15 @@ def test_a_missing_calibration_says_how_to_make_one(models_root: Path, tmp_path:
         load_calibration(load_manifest(tmp_path / "1"))
 
 
+def test_a_guard_on_a_model_it_cannot_judge_says_so_before_asking_for_a_calibration(
+        models_root: Path, pki: Path, tmp_path: Path) -> None:
+    from tests.test_datatypes import _every_datatype_model
+
+    root = _every_datatype_model(models_root, tmp_path / "models", pki)
+    with pytest.raises(CalibrationError, match="needs one floating-point input; this model takes ids INT64, mask BOOL"):
+        load_calibration(load_manifest(root / "types" / "1"))
+
+
 def test_median_squeezer_matches_scipy() -> None:
     images = np.random.default_rng(0).uniform(0, 16, (3, 1, 8, 8)).astype(np.float32)
     ours = parse_squeezer("median:3").apply(images.reshape(3, 64), 0, 16, (1, 8, 8)).reshape(images.shape)
