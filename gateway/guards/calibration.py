@@ -38,7 +38,8 @@ from gateway.guards.detectors import (
     probabilities,
     squeeze_scores,
 )
-from gateway.registry.manifest import Manifest, ManifestError
+from gateway.registry.manifest import Manifest, ManifestError, TensorSpec
+from gateway_client.protocol.datatypes import numpy_dtype
 
 __all__ = ["CALIBRATION_NAME", "Calibration", "CalibrationError", "calibrate", "calibrate_folder", "image_shape",
            "load_calibration"]
@@ -118,8 +119,12 @@ def _check_model(manifest: Manifest) -> None:
         raise CalibrationError(f"{where}: the guard needs an input of shape [-1, fixed dimensions...]")
 
 
-def _run_all(session: Any, name: str, x: np.ndarray) -> np.ndarray:
-    parts = [session.run(None, {name: x[i:i + CHUNK_ROWS]})[0] for i in range(0, len(x), CHUNK_ROWS)]
+def _run_all(session: Any, spec: TensorSpec, x: np.ndarray) -> np.ndarray:
+    """The model's first output on ``x``, sent in the datatype it declares (FP16, FP32 or FP64), as
+    the gateway sends requests and the guard's squeezed copies."""
+    dtype = numpy_dtype(spec.datatype)
+    parts = [session.run(None, {spec.name: x[i:i + CHUNK_ROWS].astype(dtype, copy=False)})[0]
+             for i in range(0, len(x), CHUNK_ROWS)]
     return np.concatenate(parts)
 
 
@@ -165,10 +170,10 @@ def calibrate(manifest: Manifest, model: bytes, data: np.ndarray, data_sha256: s
     say = progress or (lambda text: None)
     started = time.monotonic()
     say(f"running the model on {len(x)} rows and {len(parsed)} squeezed copies of each")
-    raw = _run_all(session, spec.name, x)
+    raw = _run_all(session, spec, x)
     kind = "probabilities" if (raw.min() >= 0 and np.allclose(raw.reshape(len(raw), -1).sum(axis=1), 1.0, atol=1e-3)) else "logits"
     p = probabilities(raw, kind)
-    squeezed = [probabilities(_run_all(session, spec.name, s.apply(x, lo, hi, shape)), kind) for s in parsed]
+    squeezed = [probabilities(_run_all(session, spec, s.apply(x, lo, hi, shape)), kind) for s in parsed]
     f = features(x, shape)
     mean, precision = fit_gaussian(f)
     scores = {
