@@ -111,13 +111,15 @@ def infer_stages(
 
 
 def explain_stages(config: Config, models: ModelTable, policy: Policy, limiter: Limiter, pool: WorkerPool,
-                   decoder: Decoder, in_flight: InFlightBytes, incidents: IncidentStore | None = None) -> list[Stage]:
+                   decoder: Decoder, in_flight: InFlightBytes, incidents: IncidentStore | None = None,
+                   gates: Sequence[Stage] = ()) -> list[Stage]:
     """An explanation: the inference path's checks, then attributions instead of one inference."""
     return [
         Resolve(models, policy, "explain", incidents),
         ReadBody(config.server.max_body_bytes, in_flight),
         Decode(decoder),
         CheckSignature(),
+        *gates,  # alarms in force against the caller (model extraction)
         Explain(pool, limiter),
     ]
 
@@ -183,7 +185,8 @@ def create_app(config: Config, runtime_dir: str, manifests: dict[Unit, Manifest]
         writer.count = metrics.audit_records.inc
 
     v2 = V2(models, pool, policy, limiter, stages, health, events,
-            explain_stages(config, models, policy, limiter, pool, decoder, in_flight, incidents), watches, incidents,
+            explain_stages(config, models, policy, limiter, pool, decoder, in_flight, incidents,
+                           [ExtractionGate(watches, limiter, explain=True)]), watches, incidents,
             ready_when=config.server.ready_when)
     metrics.watch_state(lambda: {"degraded": v2.degraded(), "controls": incidents.controls.counts(),
                                  "certificates": certificate_expiries(config.tls), "version": __version__,

@@ -228,14 +228,21 @@ def _apply(call: InferCall, alarm: Alarm, limiter: Limiter, cost: int) -> Awaita
     return None
 
 
+RESTRICTED = {"label_only": "its answers are label-only", "throttle": "its queries are throttled",
+              "block": "its queries are refused"}
+
+
 class ExtractionGate:
-    """An alarm in force, applied before the model runs."""
+    """An alarm in force, applied before the model runs. Before an explanation (``explain``), any
+    alarm that does more than record refuses it: an explanation is thousands of answers and a
+    gradient, more than a principal whose answers are restricted may have."""
 
     name = "extraction-gate"
 
-    def __init__(self, store: WatchStore, limiter: Limiter) -> None:
+    def __init__(self, store: WatchStore, limiter: Limiter, explain: bool = False) -> None:
         self.store = store
         self.limiter = limiter
+        self.explain = explain
 
     async def __call__(self, call: InferCall) -> None:
         monitor = call.model.extraction
@@ -248,6 +255,10 @@ class ExtractionGate:
         call.extraction_alarm = True
         call.ctx.findings.append(Finding("extraction", "extraction-alarm", f"alarm of {alarm.time} in force",
                                          alarm.action, TECHNIQUE, alarm.score))
+        if self.explain and alarm.action != "record":
+            raise ExtractionSuspected(f"explanations of {alarm.model} are refused to this principal since {alarm.time} "
+                                      f"(a model-extraction alarm: {RESTRICTED[alarm.action]}); an operator can clear it",
+                                      technique=TECHNIQUE)
         charge = _apply(call, alarm, self.limiter, monitor.config.throttle_cost)
         if charge is not None:
             await charge

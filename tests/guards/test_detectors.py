@@ -19,7 +19,7 @@ import pytest
 from scipy.ndimage import median_filter
 from starlette.datastructures import Headers
 
-from gateway.app import infer_stages
+from gateway.app import explain_stages, infer_stages
 from gateway.catalog import ModelTable
 from gateway.config import (
     Config,
@@ -198,7 +198,7 @@ def config(guard: GuardConfig, budget: str = "", extraction: ExtractionConfig | 
     return Config(
         models=(ModelConfig("digits", guard=guard, extraction=extraction or ExtractionConfig()),),
         issuer=IssuerConfig(enabled=False),
-        rbac=PolicyConfig(rules=(RuleConfig("inference", ("inference",), ("infer",)),)),
+        rbac=PolicyConfig(rules=(RuleConfig("inference", ("inference",), ("infer", "explain")),)),
         limits=LimitsConfig(budget_inferences=budget),
     )
 
@@ -225,14 +225,19 @@ class Harness:
              [OutputPolicy()]))
         self.stages = infer_stages(self.config, models, Policy(self.config.rbac), self.limiter, pool, self.decoder,
                                    InFlightBytes(1 << 24, 1 << 22), guards, verdicts, policies)
+        self.explain_stages = explain_stages(self.config, models, Policy(self.config.rbac), self.limiter, pool,
+                                             self.decoder, InFlightBytes(1 << 24, 1 << 22),
+                                             gates=[ExtractionGate(self.store, self.limiter, explain=True)])
 
-    async def infer(self, rows: np.ndarray, principal: Principal = DEMO) -> tuple[InferCall, GatewayError | None]:
+    async def infer(self, rows: np.ndarray, principal: Principal = DEMO,
+                    explain: bool = False) -> tuple[InferCall, GatewayError | None]:
+        """``rows`` through the inference stages (``explain``: the explanation's) as ``principal``."""
         body = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(rows.shape),
                                          "data": rows.reshape(-1).tolist()}]})
         ctx = RequestContext("r1", 0.0, 1e12, "127.0.0.1", None, principal=principal)
         call = InferCall(ctx, Headers(headers={"content-type": "application/json"}), {"name": "digits"}, receive_once(body))
         try:
-            await run_stages(self.stages, call)
+            await run_stages(self.explain_stages if explain else self.stages, call)
         except GatewayError as exc:
             return call, exc
         return call, None

@@ -227,6 +227,30 @@ async def test_block_answers_403_of_a_documented_type_and_roles_pick_the_stricte
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("action", ["label_only", "throttle", "block", "record"])
+async def test_an_alarm_in_force_refuses_explanations_unless_it_only_records(calibrated: Path, action: str) -> None:
+    """An explanation is thousands of answers and a gradient: a principal whose answers an alarm
+    restricts gets none, whatever the alarm does to its inferences."""
+    h = Harness(calibrated, dataclasses.replace(WATCH, action=action))
+    x = attackers.digits_split()["holdout"][:1]
+    before, error = await h.infer(x, explain=True)
+    assert error is None and before.answer is not None
+    await h.attack(DEMO)
+    after, error = await h.infer(x, explain=True)
+    assert any(f.kind == "extraction-alarm" for f in after.ctx.findings)
+    if action == "record":
+        assert error is None and after.answer is not None
+        return
+    assert error is not None and error.status == 403 and error.type == "extraction-suspected", error
+    assert "explanations" in error.detail and "an operator can clear it" in error.detail
+    other, error = await h.infer(x, UNTRUSTED, explain=True)
+    assert error is None and other.answer is not None  # only the principal that raised it
+    await h.store.clear(DEMO.key, "digits")
+    _, error = await h.infer(x, explain=True)
+    assert error is None
+
+
+@pytest.mark.anyio
 async def test_throttle_spends_the_budget_faster(calibrated: Path) -> None:
     h = Harness(calibrated, dataclasses.replace(WATCH, action="throttle", throttle_cost=10), budget="100/day")
     await h.attack(DEMO)  # 50 queries, the last with its 9 extra

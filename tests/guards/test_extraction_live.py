@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,6 +34,12 @@ def infer(gw: Gateway, token: str, row: np.ndarray) -> np.ndarray:
         r = c.post("/v2/models/digits/infer", json=body)
     assert r.status_code == 200, r.text
     return np.asarray(r.json()["outputs"][0]["data"])
+
+
+def explain(gw: Gateway, token: str, row: np.ndarray) -> Any:
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": row.tolist()}]}
+    with gw.client(token=False, headers={"Authorization": f"Bearer {token}"}) as c:
+        return c.post("/v2/models/digits/explain", json=body)
 
 
 def one_hot(p: np.ndarray) -> bool:
@@ -84,6 +91,8 @@ def test_an_alarm_on_one_replica_holds_on_both_until_an_operator_clears_it(
     time.sleep(1.1)
     for gw in (a, b):
         assert one_hot(infer(gw, token, digit)), gw.url
+        refused = explain(gw, token, digit)  # the raw prediction and a gradient: not while answers are label-only
+        assert refused.status_code == 403 and "explanations of digits are refused" in refused.json()["error"]
     events = [r for gw in (a, b) for r in gw.audit_records() if r.get("kind") == "security-event"]
     assert [e["detector"] for e in events] == ["extraction"] and events[0]["technique"] == "AML.T0024.002"
     principal = events[0]["principal"]
@@ -113,6 +122,7 @@ def test_an_alarm_on_one_replica_holds_on_both_until_an_operator_clears_it(
     time.sleep(1.1)  # the other replica's one-second cache of the alarm
     for gw in (a, b):
         assert not one_hot(infer(gw, token, digit)), gw.url
+    assert explain(b, token, digit).status_code == 200
     records = [r for r in b.audit_records() if r.get("path") == "/admin/principals/clear"]
     assert [r["status"] for r in records] == [403, 400, 200]  # every refusal audited too
     action = records[-1]["action"]
