@@ -63,7 +63,7 @@ def diagnose(config: Config, url: str = "", ca_file: str = "", client_cert: tupl
     ``client_cert`` (certificate, key) where it requires one)."""
     checks: list[Callable[[], Iterator[Finding]]] = [
         lambda: _settings(config), lambda: _certificates(config), lambda: _keys(config),
-        lambda: _credentials(config), lambda: _admin_mfa(config), lambda: _models(config),
+        lambda: _credentials(config), lambda: _admin_mfa(config), lambda: _explain(config), lambda: _models(config),
         lambda: _audit(config), lambda: _redis(config), lambda: _packages(),
     ]
     if url:
@@ -197,6 +197,31 @@ def _admin_mfa(c: Config) -> Iterator[Finding]:
     if not covered:
         yield Finding("admin-without-mfa", "critical", "no rbac.step_up rule asks a second factor for admin:* verbs",
                       'add [[rbac.step_up]] verbs = ["admin:*"] amr_any = ["mfa", "otp", "hwk"]')
+
+
+def _explain(c: Config) -> Iterator[Finding]:
+    """Roles that may explain a model whose answers are hardened for them: output policies and the
+    guard do not apply to explanations, which hold the raw prediction and a gradient."""
+    from fnmatch import fnmatchcase
+
+    seen: set[tuple[str, str]] = set()
+    for unit, settings in c.units():
+        for rule in c.rbac.rules:
+            if not (any(fnmatchcase("explain", v) for v in rule.verbs)
+                    and any(fnmatchcase(unit.model, m) for m in rule.models)):
+                continue
+            for role in rule.roles:
+                policy = settings.output.policy_for((role,))
+                rejects = settings.guard.enabled and settings.guard.action_for((role,)) == "reject"
+                if (policy == "full" and not rejects) or (unit.model, role) in seen:
+                    continue
+                seen.add((unit.model, role))
+                hardened = f"output policy {policy}" if policy != "full" else "the guard rejecting suspect inputs"
+                yield Finding("explain-bypasses-hardening", "medium",
+                              f"rbac rule {rule.name!r} lets role {role!r} explain {unit.model}, whose answers it gets "
+                              f"with {hardened}; an explanation holds the raw prediction and a gradient, and neither "
+                              "applies to it",
+                              f"take explain out of rule {rule.name!r} for {unit.model}, or harden no answers for {role!r}")
 
 
 def _models(c: Config) -> Iterator[Finding]:

@@ -188,6 +188,7 @@ CASES: dict[str, Callable[[Path], None]] = {
     "redis-unreachable": edit('storage = "memory://"', 'storage = "redis://127.0.0.1:1/0"'),
     "redis-plaintext": edit('storage = "memory://"', 'storage = "redis://redis.example:6379/0"'),
     "state-per-process": edit("[server]\n", "[server]\nprocesses = 2\n"),
+    "explain-bypasses-hardening": edit("[models.digits.guard]", '[models.digits.output]\npolicy = "label_only"\n[models.digits.guard]'),
 }
 
 
