@@ -21,8 +21,9 @@ from gateway.access import principal_of
 from gateway.context import Finding, SecurityEvent
 from gateway.errors import GatewayError, Unavailable
 from gateway.guards.guard import TECHNIQUES, ModelGuard
+from gateway.offload import OFFLOAD_ELEMENTS, offload
 from gateway.security.ratelimit import Limiter
-from gateway.stages.base import OFFLOAD_ELEMENTS, InferCall, offload
+from gateway.stages.base import InferCall
 from gateway_client.protocol.codec import Tensor
 
 __all__ = ["AdversarialInput", "GuardFailed", "GuardHealth", "GuardInputs", "GuardVerdict"]

@@ -5,23 +5,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-import anyio.to_thread
 from starlette.datastructures import Headers
 from starlette.types import Receive
 
 from gateway.catalog import ModelEntry
 from gateway.context import RequestContext
+from gateway.offload import elements, offload
 from gateway_client.protocol.codec import InferRequest, Tensor
 
 __all__ = ["Answer", "InferCall", "Stage", "elements", "offload", "run_stages"]
-
-T = TypeVar("T")
-
-OFFLOAD_ELEMENTS = 1 << 20
-"""Work over more tensor elements than this (a sum, a check, a digest) leaves the event loop."""
-
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -88,17 +82,3 @@ async def run_stages(stages: Sequence[Stage], call: InferCall) -> None:
     finally:
         for release in reversed(call.cleanup):
             release()
-
-
-def elements(tensors: list[Tensor]) -> int:
-    count = 0
-    for t in tensors:
-        count += t.array.size
-    return count
-
-
-async def offload(elements: int, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` here when it is small, else in a thread, so the event loop stays free."""
-    if elements <= OFFLOAD_ELEMENTS:
-        return fn(*args)
-    return await anyio.to_thread.run_sync(fn, *args)

@@ -7,6 +7,7 @@ import hashlib
 import numpy as np
 
 from gateway.context import TensorDigest
+from gateway.offload import text_elements
 from gateway.stages.base import Answer, InferCall, elements, offload
 from gateway.workers.pool import WorkerPool
 from gateway_client.protocol.codec import RequestedOutput, Tensor, encode_infer_response
@@ -96,9 +97,10 @@ class Encode:
         assert call.request is not None
         manifest = call.model.manifest
         selected = _select(call.outputs, call.request.outputs, call.request.binary_output)
-        payload, header_length = encode_infer_response(
-            manifest.name, manifest.version, [t for t, _ in selected], {t.name for t, binary in selected if binary},
-            call.request.id)
+        outputs = [t for t, _ in selected]
+        payload, header_length = await offload(  # BYTES elements are encoded one by one: many, in a thread
+            text_elements(outputs), encode_infer_response, manifest.name, manifest.version, outputs,
+            {t.name for t, binary in selected if binary}, call.request.id)
         headers = dict(call.response_headers)
         if header_length is None:
             call.answer = Answer(payload, "application/json", headers or None)

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import httptools
 import orjson
 
+from gateway.offload import TEXT_WEIGHT, offload, text_elements
 from gateway.workers.frames import (
     MAX_ANSWER_BYTES,
     NO_DEADLINE,
@@ -303,20 +304,23 @@ class HTTPTransport(WorkerTransport):
         return response
 
     async def infer(self, inputs: list[Tensor], timeout: float) -> list[Tensor]:
-        body, header_length = encode_tensor_parts("inputs", inputs)
+        body, header_length = await offload(text_elements(inputs), encode_tensor_parts, "inputs", inputs)
         response = await self.request("POST", "/infer", body, {HEADER_LENGTH: str(header_length),
                                                                 DEADLINE_HEADER: str(int(timeout * 1000))},
                                       timeout=timeout)
-        return self._outputs(response)
+        return await self._outputs(response)
 
-    def _outputs(self, response: WorkerResponse) -> list[Tensor]:
+    async def _outputs(self, response: WorkerResponse) -> list[Tensor]:
         if response.status != 200:
             raise WorkerRefused(response.status, _error_text(response))
         try:
             length = response.header_length
             if length is None:
                 length = int(response.headers[HEADER_KEY])
-            return decode_tensor_message(response.body, length, "outputs")
+            # BYTES outputs are decoded element by element: a large answer holding them, in a thread
+            text = b'"BYTES"' in response.body[:length]
+            work = (len(response.body) - length) * TEXT_WEIGHT // 4 if text else 0
+            return await offload(work, decode_tensor_message, response.body, length, "outputs")
         except (KeyError, ValueError) as exc:
             raise WorkerConnectionLost(f"malformed answer from worker {self.address}: {exc}") from None
 
@@ -393,9 +397,9 @@ class UnixSocketTransport(HTTPTransport):
         channel = self._channel
         if channel is None or channel.closed:
             channel = await self._open_channel()
-        body, header_length = encode_tensor_parts("inputs", inputs)
+        body, header_length = await offload(text_elements(inputs), encode_tensor_parts, "inputs", inputs)
         response = await channel.exchange(body, header_length, timeout)
-        return self._outputs(response)
+        return await self._outputs(response)
 
     async def _open_channel(self) -> _Framed:
         async with self._opening:  # one connection, however many requests arrive meanwhile
