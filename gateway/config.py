@@ -68,6 +68,10 @@ class ServerConfig:
     """Per-request deadline for the worker round trip; past it the answer is 504."""
     max_body_bytes: int = 32 * 1024 * 1024
     """Largest accepted request body (413 above it, checked while streaming)."""
+    max_bytes_elements: int = 65536
+    """BYTES (text) elements in one inference request, all inputs together (400 above it, from the
+    shapes, before any data is read): each costs microseconds of Python work where a number costs
+    nanoseconds, so a 32 MiB body of empty strings would otherwise hold the gateway for seconds."""
     max_inflight_body_bytes: int = 512 * 1024 * 1024
     """Request-body bytes one serving process holds at once, all requests together (503 above it)."""
     max_inflight_body_bytes_per_principal: int = 96 * 1024 * 1024

@@ -33,6 +33,7 @@ def _server_checks(cfg: Config) -> list[Check]:
         (1 <= s.processes <= 64, "server.processes must be 1..64"),
         (s.request_timeout_s > 0, "server.request_timeout_s must be positive"),
         (s.max_body_bytes >= 1024, "server.max_body_bytes must be at least 1024"),
+        (s.max_bytes_elements >= 1, "server.max_bytes_elements must be at least 1"),
         (s.max_inflight_body_bytes >= s.max_inflight_body_bytes_per_principal >= s.max_body_bytes,
          "server: max_inflight_body_bytes >= max_inflight_body_bytes_per_principal >= max_body_bytes"),
         (0 <= s.decode_processes <= 64 and s.decode_memory_mb >= 256,

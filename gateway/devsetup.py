@@ -44,6 +44,7 @@ port = {port}
 processes = 1               # serving processes, one SO_REUSEPORT socket each (workers are separate)
 request_timeout_s = 30.0    # per-request deadline; past it the answer is 504
 max_body_bytes = 33554432   # 32 MiB; larger bodies get 413 (Content-Length or while streaming)
+max_bytes_elements = 65536  # text (BYTES) elements in one request, all inputs together (400 above)
 keepalive_timeout_s = 20.0  # idle connections close after this; above clients' pool expiry (httpx 5 s)
 handshake_timeout_s = 5.0   # a connection must finish its TLS handshake within this
 write_timeout_s = 30.0      # a client that reads none of its answers this long is disconnected

@@ -47,6 +47,8 @@ VALUES: dict[str, np.ndarray] = {
     "u64": np.full((ROWS, 1), 2**64 - 1, np.uint64),
 }
 OUTPUTS = [name + "_out" for name, *_ in SPEC] + ["pix_f"]
+TEXT_CAP = 64
+"""``server.max_bytes_elements`` of the module's gateway: ``text`` and ``blob`` of 32 rows fill it."""
 
 
 def expected(name: str) -> np.ndarray:
@@ -93,7 +95,8 @@ def _every_datatype_model(models_root: Path, root: Path, pki: Path) -> Path:
 def types_gateway(models_root: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("types")
     root = _every_datatype_model(models_root, tmp / "models", pki)
-    gw = start_gateway(pki, tmp, root, sections="[models.types]\nmax_batch_size = 16\nmax_queue_delay_ms = 5\n")
+    gw = start_gateway(pki, tmp, root, extra=f"max_bytes_elements = {TEXT_CAP}\n",
+                       sections="[models.types]\nmax_batch_size = 16\nmax_queue_delay_ms = 5\n")
     yield gw
     gw.stop()
 
@@ -219,6 +222,20 @@ def test_a_bool_byte_other_than_0_or_1_is_refused(types_gateway: Gateway) -> Non
     assert "0 or 1" in refused.json()["error"] and "mask" in refused.json()["error"]
     assert as_json.status_code == 400 and "BOOL" in as_json.json()["error"], as_json.text  # JSON: true/false only
     assert types_gateway.record_of(refused.headers["x-request-id"])["status"] == 400
+
+
+def test_more_text_elements_than_the_gateway_takes_are_refused_from_the_shapes(types_gateway: Gateway) -> None:
+    def request(rows: int) -> tuple[bytes, dict[str, str]]:
+        parts = [(n, d, list(VALUES[n][:1].shape), _raw(n, VALUES[n][:1])) for n, _, d, _ in SPEC]
+        return _binary_body([(n, d, [rows, *s[1:]], b * rows) for n, d, s, b in parts])
+
+    with types_gateway.client() as c:
+        full = c.post("/v2/models/types/infer", content=request(TEXT_CAP // 2)[0], headers=request(TEXT_CAP // 2)[1])
+        over = c.post("/v2/models/types/infer", content=request(TEXT_CAP // 2 + 1)[0],
+                      headers=request(TEXT_CAP // 2 + 1)[1])
+    assert full.status_code == 200, full.text
+    assert over.status_code == 400 and f"more than {TEXT_CAP} BYTES elements" in over.json()["error"], over.text
+    assert types_gateway.record_of(over.headers["x-request-id"])["status"] == 400
 
 
 def test_binary_text_that_onnx_runtime_cannot_take_is_refused_by_name(types_gateway: Gateway) -> None:

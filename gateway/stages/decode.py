@@ -72,7 +72,7 @@ def _decoder_init(memory_mb: int, parent_pid: int, uid: int | None, gid: int | N
 
 class Decoder:
     def __init__(self, server: ServerConfig, limits: DecodeLimits | None = None) -> None:
-        self.limits = limits or DecodeLimits()
+        self.limits = limits or DecodeLimits(max_bytes_elements=server.max_bytes_elements)
         self.processes = server.decode_processes or max(1, min(4, (os.cpu_count() or 2) // 2))
         self.memory_mb = server.decode_memory_mb
         self.identity: tuple[int | None, int | None] = (None, None)

@@ -59,6 +59,9 @@ class DecodeLimits:
     max_rank: int = 8
     max_elements: int = 64 * 1024 * 1024
     max_bytes_element: int = 1024 * 1024
+    max_bytes_elements: int = 64 * 1024 * 1024
+    """BYTES elements in one message, all tensors together: each costs a Python-level step to
+    decode, check, digest and encode, where a number costs a share of a vectorized pass."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +160,7 @@ def _tensors(
 ) -> list[Tensor]:
     if not isinstance(items, list) or not items or len(items) > limits.max_tensors:
         raise ProtocolError(f"'{key}' must be a list of 1 to {limits.max_tensors} tensors", field=key)
-    tensors, offset, names = [], 0, set()
+    tensors, offset, names, text = [], 0, set(), 0
     for i, item in enumerate(items):
         where = f"{key}[{i}]"
         if not isinstance(item, dict):
@@ -170,6 +173,11 @@ def _tensors(
         if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise ProtocolError(f"{where}.datatype {str(datatype)[:32]!r} is not a known datatype", field=where)
         shape, count = _shape(item, where, limits)
+        if datatype == "BYTES":
+            text += count
+            if text > limits.max_bytes_elements:
+                raise ProtocolError(f"{where}: more than {limits.max_bytes_elements} BYTES elements in one message "
+                                    f"({text} so far)", field=where)
         if expect is not None:
             expect(name, datatype, shape)
         params = _parameters(item.get("parameters"), INPUT_PARAMETERS, f"{where}.parameters")

@@ -67,6 +67,17 @@ def test_fixed_width_numpy_strings_are_sent_as_bytes(array: np.ndarray, binary: 
     assert back.array.tolist() == [[b"ab", b"c"], ["é".encode(), b""]]
 
 
+def test_bytes_elements_are_counted_across_tensors_before_any_data_is_read() -> None:
+    limits = DecodeLimits(max_bytes_elements=5)
+    tensors = [{"name": "a", "datatype": "BYTES", "shape": [3], "data": ["x", "y", "z"]},
+               {"name": "b", "datatype": "BYTES", "shape": [3], "parameters": {"binary_data_size": 0}}]
+    header = json.dumps({"inputs": tensors}).encode()
+    with pytest.raises(ProtocolError, match=r"inputs\['b'\]: more than 5 BYTES elements in one message \(6 so far\)"):
+        decode_infer_request(header, len(header), limits)  # b's data is missing: never looked at
+    tensors[1] = {"name": "b", "datatype": "BYTES", "shape": [2], "data": ["v", "w"]}
+    assert len(decode_infer_request(json.dumps({"inputs": tensors}).encode(), None, limits).inputs) == 2
+
+
 def test_json_request_with_nested_data_and_outputs() -> None:
     doc = {"id": "r1", "inputs": [{"name": "x", "datatype": "INT32", "shape": [2, 2], "data": [[1, 2], [3, 4]]}],
            "outputs": [{"name": "y", "parameters": {"binary_data": True}}], "parameters": {"binary_data_output": False}}
