@@ -17,6 +17,7 @@ from gateway_client.protocol.codec import InferRequest, Tensor
 
 __all__ = ["Answer", "InferCall", "Stage", "elements", "offload", "run_stages"]
 
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     body: bytes
