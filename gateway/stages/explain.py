@@ -60,6 +60,10 @@ class Explain:
         if len(manifest.inputs) != 1 or spec.datatype not in ("FP16", "FP32", "FP64"):
             raise InvalidInput(f"explanations need a model with one floating-point input; {manifest.name} takes "
                                f"{', '.join(f'{s.name} ({s.datatype})' for s in manifest.inputs)}")
+        if not spec.shape or spec.shape[0] != -1:
+            raise InvalidInput(f"explanations run the model on a batch of evaluations: they need an input whose "
+                               f"first dimension is the batch, left open (-1); {manifest.name} declares "
+                               f"{list(spec.shape)}")
         x = call.inputs[0].array
         if x.shape[0] != 1:
             raise InvalidInput(f"an explanation is for one input row: send shape [1, ...], not {list(x.shape)}")

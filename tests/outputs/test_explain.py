@@ -119,3 +119,33 @@ async def test_a_model_whose_input_is_not_floating_point_gets_a_422_naming_it(mo
     call.request = InferRequest(inputs=[])
     with pytest.raises(InvalidInput, match=r"one floating-point input; digits takes ids \(INT64\)"):
         await Explain(None, None)(call)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("shape", [(), (1, 64), (64,)], ids=["scalar", "fixed-batch", "no-batch"])
+async def test_a_model_without_an_open_batch_dimension_gets_a_422_naming_its_shape(
+        models_root: Path, shape: tuple[int, ...]) -> None:
+    """The evaluations go to the worker as one batch; a scalar input was a 500, a fixed batch of one
+    ONNX Runtime's own error about 130 rows."""
+    import dataclasses
+
+    from starlette.datastructures import Headers
+
+    from gateway.catalog import ModelEntry
+    from gateway.config import ModelConfig
+    from gateway.context import RequestContext
+    from gateway.errors import InvalidInput
+    from gateway.registry.manifest import load_manifest
+    from gateway.stages import InferCall
+    from gateway.stages.explain import Explain
+    from gateway.units import Unit
+    from gateway_client.protocol.codec import InferRequest, Tensor
+
+    manifest = load_manifest(models_root / "digits" / "1")
+    fixed = dataclasses.replace(manifest, inputs=(dataclasses.replace(manifest.inputs[0], shape=shape),))
+    call = InferCall(RequestContext("r1", 0.0, 1e12, "127.0.0.1", None), Headers(), {"name": "digits"}, None)  # type: ignore[arg-type]
+    call.entry = ModelEntry(Unit("digits"), fixed, ModelConfig("digits"))
+    call.request = InferRequest(inputs=[])
+    call.inputs = [Tensor("input", np.zeros(shape, np.float32))]
+    with pytest.raises(InvalidInput, match=rf"first dimension is the batch, left open \(-1\); digits declares \{list(shape)}"):
+        await Explain(None, None)(call)  # type: ignore[arg-type]
