@@ -17,11 +17,17 @@ set-up whenever the input shape changes, and do not keep it per shape: on an H20
 that size, but 37 ms per run when batches alternated between 16 and 8 (or 13), and 57 to 90 ms
 for the first run of each new size. One shape costs a lone request a padded batch (3.8 ms
 instead of 1.5 ms there); list smaller sizes in ``batch_buckets`` to trade differently.
+
+A batch never mixes requests' answers or errors: if a joined run fails, each request runs again
+alone, so only the one that caused the error gets it; if a batch's outputs do not have one row per
+input row (a model that reshapes across rows, or answers detections of any number), its requests
+run again alone and the batcher stops joining requests for good.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -31,6 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["BatchStats", "Batcher", "DeadlineExceeded"]
+
+log = logging.getLogger("gateway.worker")
 
 # A run this short costs less than handing it to the session thread and back (~40 us): run it
 # on the event loop itself. ``digits`` runs in ~10 us; ``resnetish`` (~18 ms) always uses the thread.
@@ -68,6 +76,8 @@ class BatchStats:
     """Requests dropped because their deadline passed while they queued."""
     immediate: int = 0
     """Requests run at once as they arrived, alone, without queueing (``Batcher.run_now``)."""
+    unbatchable: bool = False
+    """A batch's outputs did not follow its inputs row for row: requests run alone since."""
 
     def record(self, requests: int) -> None:
         self.batches += 1
@@ -145,6 +155,11 @@ class Batcher:
         self.stats.immediate += 1
         try:
             outputs = self._timed_run({n: _join([a], pad) for n, a in inputs.items()} if pad else inputs)
+            if pad and not _aligned(outputs, rows + pad):
+                log.error("a padded run came back with outputs of %s rows: this model cannot be batched; from now "
+                          "on each request runs alone", [o.shape[:1] for o in outputs])
+                self._stop_batching()
+                return self._timed_run(inputs)
         finally:
             self.stats.compute_seconds += time.monotonic() - started
         return [o[:rows] for o in outputs] if pad else outputs
@@ -187,6 +202,28 @@ class Batcher:
             for items in groups.values():
                 await self._execute(loop, items)
 
+    async def _run_in(self, loop: asyncio.AbstractEventLoop, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One run: on the event loop when runs take microseconds, else in the session's thread."""
+        if self._run_time_s < INLINE_BELOW_S:
+            return self._timed_run(inputs)
+        return await loop.run_in_executor(self._executor, self._timed_run, inputs)
+
+    async def _each_alone(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+        """Each request's own run, unpadded: its own outputs, or its own error."""
+        for item in items:
+            try:
+                outputs = await self._run_in(loop, item.inputs)
+            except Exception as exc:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+                continue
+            if not item.future.done():
+                item.future.set_result(outputs)
+
+    def _stop_batching(self) -> None:
+        self._batchable, self._max_rows, self._buckets = False, 1, []
+        self.stats.unbatchable = True
+
     def _timed_run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The run itself, timed where it executes (the hand-off to the thread is not counted)."""
         started = time.perf_counter()
@@ -216,17 +253,23 @@ class Batcher:
         started = time.monotonic()
         self.stats.queue_seconds += sum(started - i.queued_at for i in live)
         try:
-            if self._run_time_s < INLINE_BELOW_S:
-                outputs = self._timed_run(joined)
-            else:
-                outputs = await loop.run_in_executor(self._executor, self._timed_run, joined)
-        except Exception as exc:  # the session's error belongs to every request in the batch
-            for item in live:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            outputs = await self._run_in(loop, joined)
+        except Exception as exc:
+            if len(live) > 1:  # whose was it? Each alone: only that request fails
+                await self._each_alone(loop, live)
+                return
+            live[0].future.set_exception(exc)
             return
         finally:
             self.stats.compute_seconds += (time.monotonic() - started) * len(live)
+        if (len(live) > 1 or pad) and not _aligned(outputs, rows + pad):
+            # The model's outputs do not follow its inputs row for row (a reshape, detections of
+            # any number): splitting them would hand one request's rows to another.
+            log.error("a batch of %d rows came back with outputs of %s rows: this model cannot be batched; "
+                      "from now on each request runs alone", rows + pad, [o.shape[:1] for o in outputs])
+            self._stop_batching()
+            await self._each_alone(loop, live)
+            return
         if pad:
             outputs = [o[:rows] for o in outputs]
         offsets = np.cumsum([i.rows for i in live])[:-1]
@@ -234,6 +277,11 @@ class Batcher:
         for k, item in enumerate(live):
             if not item.future.done():
                 item.future.set_result([p[k] for p in parts])
+
+
+def _aligned(outputs: list[np.ndarray], rows: int) -> bool:
+    """Every output has one row per input row, as a batch's outputs must to be split again."""
+    return all(o.ndim and o.shape[0] == rows for o in outputs)
 
 
 def _join(arrays: list[np.ndarray], pad: int) -> np.ndarray:

@@ -55,9 +55,10 @@ class WorkerApp:
         self.session = session
         self.name = name
         self.output_names = [o.name for o in session.get_outputs()]
-        dims = [i.shape[0] if i.shape else 1 for i in session.get_inputs()]
-        dims += [o.shape[0] if o.shape else 1 for o in session.get_outputs()]
-        batchable = all(not isinstance(d, int) for d in dims)
+        # Requests are joined only when every input and output opens its first dimension under one
+        # name ("batch"): an output whose first dimension is another one need not follow the rows.
+        firsts = {t.shape[0] if t.shape else 1 for t in [*session.get_inputs(), *session.get_outputs()]}
+        batchable = len(firsts) == 1 and isinstance(next(iter(firsts)), str)
         self.batcher = Batcher(
             self._run,
             batchable=batchable,
@@ -89,7 +90,7 @@ class WorkerApp:
                     "batch_sizes": {str(k): v for k, v in self.batcher.stats.sizes.items()},
                     "queue_seconds": self.batcher.stats.queue_seconds,
                     "compute_seconds": self.batcher.stats.compute_seconds, "expired": self.batcher.stats.expired,
-                    "immediate": self.batcher.stats.immediate}
+                    "immediate": self.batcher.stats.immediate, "unbatchable": self.batcher.stats.unbatchable}
             await _respond(send, 200, orjson.dumps(body), b"application/json")
         elif scope["path"] == "/infer" and scope["method"] == "POST":
             await self._infer(scope, receive, send)

@@ -62,12 +62,68 @@ async def test_incompatible_shapes_are_run_separately() -> None:
 
 
 @pytest.mark.anyio
-async def test_a_failed_run_fails_every_request_in_its_batch() -> None:
+async def test_a_run_that_fails_for_every_request_fails_each() -> None:
     rec = Recorder(fail=True)
     b = Batcher(rec.run, batchable=True, max_batch_size=8, max_queue_delay_s=0.0)
     b.start()
     results = await rec.submit_while_held(b, [np.ones((1, 2), np.float32)] * 3)
     assert all(isinstance(r, RuntimeError) for r in results)
+    await b.stop()
+
+
+@pytest.mark.anyio
+async def test_a_failed_batch_fails_only_the_request_that_fails_alone() -> None:
+    """One request that makes the model fail must not fail the others it was batched with (nor
+    hand them its error)."""
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def run(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        gate.wait(5)
+        calls.append(len(inputs["x"]))
+        if (inputs["x"] < 0).any():
+            raise RuntimeError("index out of range")
+        return [inputs["x"] * 2]
+
+    b = Batcher(run, batchable=True, max_batch_size=8, max_queue_delay_s=0.0)
+    b.start()
+    xs = [np.full((1, 2), 1.0, np.float32), np.full((1, 2), -1.0, np.float32), np.full((2, 2), 3.0, np.float32)]
+    tasks = [asyncio.ensure_future(b.submit({"x": x})) for x in xs]
+    await asyncio.sleep(0.01)
+    gate.set()
+    good, bad, other = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(bad, RuntimeError)
+    np.testing.assert_array_equal(good[0], xs[0] * 2)  # type: ignore[index]
+    np.testing.assert_array_equal(other[0], xs[2] * 2)  # type: ignore[index]
+    assert calls == [4, 1, 1, 2]  # the batch of three requests, then each of them alone
+    await b.stop()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("buckets", [(), (4,)], ids=["batched", "padded"])
+async def test_outputs_that_do_not_follow_the_rows_stop_batching(buckets: tuple[int, ...]) -> None:
+    """A model that reshapes across rows (or answers any number of detections): split by rows, one
+    request's outputs would reach another. Each runs again alone, and no batch forms again."""
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def run(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        gate.wait(5)
+        calls.append(len(inputs["x"]))
+        return [inputs["x"].reshape(-1, 2)]  # two output rows per input row
+
+    b = Batcher(run, batchable=True, max_batch_size=8, max_queue_delay_s=0.0, buckets=buckets)
+    b.start()
+    xs = [np.full((1, 4), float(i), np.float32) for i in range(3)]
+    tasks = [asyncio.ensure_future(b.submit({"x": x})) for x in xs]
+    await asyncio.sleep(0.01)
+    gate.set()
+    for x, (y,) in zip(xs, await asyncio.gather(*tasks)):
+        np.testing.assert_array_equal(y, x.reshape(-1, 2))
+    assert b.stats.unbatchable and b.buckets == []
+    calls.clear()
+    later = await asyncio.gather(*(b.submit({"x": x}) for x in xs))
+    assert calls == [1, 1, 1] and [y.tolist() for (y,) in later] == [x.reshape(-1, 2).tolist() for x in xs]
     await b.stop()
 
 
