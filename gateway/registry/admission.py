@@ -11,7 +11,12 @@ when it:
   CVE-2024-5187.)
 * uses an operator domain outside ``allowed_domains`` (custom operators run native code);
 * has more than ``max_nodes`` nodes or an initializer larger than ``max_initializer_bytes``;
-* declares a default-domain opset outside ``opset_min``..``opset_max``.
+* declares a default-domain opset outside ``opset_min``..``opset_max``;
+* (given its manifest) takes or answers other tensors than the manifest declares: other names, a
+  datatype, a rank, or a fixed dimension of its own where the manifest says another. The manifest
+  is what requests are checked against before the model sees them; a manifest that disagrees with
+  the model would let every request through its checks and fail in ONNX Runtime, or advertise
+  outputs the model never answers.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import onnx
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from gateway.config import SupplyConfig
+from gateway.registry.manifest import Manifest, TensorSpec
 
 __all__ = ["AdmissionError", "AdmissionReport", "admit"]
 
@@ -77,8 +83,45 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     return count * itemsize
 
 
-def admit(data: bytes, config: SupplyConfig, folder: Path | None = None) -> AdmissionReport:
-    """Refuse ``data`` (an ONNX model) with ``AdmissionError`` unless it passes every check."""
+# ONNX element types by the Open Inference Protocol datatype a manifest names for them.
+_DATATYPES: dict[int, str] = {
+    onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.UINT16: "UINT16",
+    onnx.TensorProto.UINT32: "UINT32", onnx.TensorProto.UINT64: "UINT64", onnx.TensorProto.INT8: "INT8",
+    onnx.TensorProto.INT16: "INT16", onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64",
+    onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.DOUBLE: "FP64",
+    onnx.TensorProto.STRING: "BYTES",
+}
+
+
+def _disagreement(kind: str, declared: tuple[TensorSpec, ...], graph: list[onnx.ValueInfoProto]) -> str | None:
+    """How the manifest's ``declared`` tensors differ from the graph's, or None."""
+    actual = {v.name: v for v in graph}
+    names = {s.name for s in declared}
+    if names != set(actual):
+        return (f"the manifest declares {kind} {sorted(names)}, the model's graph has {sorted(actual)}")
+    for spec in declared:
+        value = actual[spec.name].type
+        if not value.HasField("tensor_type"):
+            return f"{kind[:-1]} {spec.name!r} is not a tensor in the model"
+        datatype = _DATATYPES.get(value.tensor_type.elem_type, onnx.TensorProto.DataType.Name(value.tensor_type.elem_type))
+        if datatype != spec.datatype:
+            return f"{kind[:-1]} {spec.name!r} is {spec.datatype} in the manifest, {datatype} in the model"
+        if not value.tensor_type.HasField("shape"):
+            continue  # the model leaves the shape open: the manifest's stands
+        dims = value.tensor_type.shape.dim
+        if len(dims) != len(spec.shape):
+            return f"{kind[:-1]} {spec.name!r} has rank {len(spec.shape)} in the manifest, {len(dims)} in the model"
+        for i, (dim, want) in enumerate(zip(dims, spec.shape)):
+            if dim.HasField("dim_value") and dim.dim_value > 0 and want != dim.dim_value:
+                return (f"{kind[:-1]} {spec.name!r} dimension {i} is {want} in the manifest, "
+                        f"{dim.dim_value} in the model")
+    return None
+
+
+def admit(data: bytes, config: SupplyConfig, folder: Path | None = None,
+          manifest: Manifest | None = None) -> AdmissionReport:
+    """Refuse ``data`` (an ONNX model) with ``AdmissionError`` unless it passes every check (and,
+    given its ``manifest``, takes and answers what that declares)."""
     if len(data) > config.max_model_bytes:
         raise AdmissionError(f"the model is {len(data)} bytes, more than max_model_bytes ({config.max_model_bytes})")
     try:
@@ -122,4 +165,11 @@ def admit(data: bytes, config: SupplyConfig, folder: Path | None = None) -> Admi
     opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
     if not config.opset_min <= opset <= config.opset_max:
         raise AdmissionError(f"opset {opset} is outside the supported {config.opset_min}..{config.opset_max}")
+    if manifest is not None:
+        initialized = {t.name for t in model.graph.initializer}  # inputs with a default (IR < 4)
+        inputs = [v for v in model.graph.input if v.name not in initialized]
+        why = (_disagreement("inputs", manifest.inputs, inputs)
+               or _disagreement("outputs", manifest.outputs, list(model.graph.output)))
+        if why:
+            raise AdmissionError(f"the manifest does not describe this model: {why}")
     return AdmissionReport(nodes, initializer_bytes, opset, tuple(sorted(domains)))

@@ -32,7 +32,7 @@ def load_model_bytes(manifest: Manifest, supply: SupplyConfig, kek_file: str = "
             data = manifest.read_verified(plaintext)
         else:
             data = manifest.read_verified()
-        admit(data, supply, None)  # every model reaches its worker as bytes: no external data
+        admit(data, supply, None, manifest)  # every model reaches its worker as bytes: no external data
     except SignatureError as exc:
         raise ManifestError(f"{where}: refused: {exc}") from None
     except SealError as exc:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -102,6 +106,48 @@ def test_the_demo_models_are_admitted(models_root: Path) -> None:
     for name in ("digits", "resnetish"):
         report = admit((models_root / name / "1" / "model.onnx").read_bytes(), SupplyConfig(), models_root / name / "1")
         assert report.nodes > 0 and report.domains and set(report.domains) <= {"", "ai.onnx"}
+
+
+def test_the_demo_models_agree_with_their_manifests(models_root: Path) -> None:
+    for name in ("digits", "resnetish"):
+        folder = models_root / name / "1"
+        assert admit((folder / "model.onnx").read_bytes(), SupplyConfig(), folder, load_manifest(folder)).nodes > 0
+
+
+DISAGREEING = [  # what the manifest of a Softmax over x [batch, 4] -> y [batch, 4] says instead
+    ({"inputs": [{"name": "x", "datatype": "FP64", "shape": [-1, 4]}]}, "input 'x' is FP64 in the manifest, FP32 in the model"),
+    ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]},
+     "the manifest declares inputs ['input'], the model's graph has ['x']"),
+    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4, 1]}]}, "input 'x' has rank 3 in the manifest, 2 in"),
+    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}]}, "input 'x' dimension 1 is -1 in the manifest, 4"),
+    ({"outputs": [{"name": "probs", "datatype": "FP32", "shape": [-1, 4]}]},
+     "the manifest declares outputs ['probs'], the model's graph has ['y']"),
+    ({"outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]},
+                  {"name": "z", "datatype": "FP32", "shape": [-1, 4]}]}, "outputs ['y', 'z'], the model's graph has ['y']"),
+]
+
+
+@pytest.mark.parametrize(("change", "reason"), DISAGREEING, ids=["datatype", "name", "rank", "open-dimension",
+                                                                 "output-name", "extra-output"])
+def test_a_manifest_that_does_not_describe_its_model_is_refused(tmp_path: Path, change: dict[str, Any],
+                                                                reason: str) -> None:
+    """Requests are checked against the manifest: one that disagrees with the model let them through
+    to fail in ONNX Runtime (a 500 for a renamed input), or advertised outputs never answered."""
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    manifest = {"name": "m", "version": "1", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+                "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
+                "onnx": {"file": "model.onnx", "sha256": hashlib.sha256(data).hexdigest()}}
+    (tmp_path / "model.onnx").write_bytes(data)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert admit(data, SUPPLY, None, load_manifest(tmp_path)).nodes == 1
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    with pytest.raises(AdmissionError, match=re.escape(reason)):
+        admit(data, SUPPLY, None, load_manifest(tmp_path))
+    with pytest.raises(ManifestError, match="refused at admission: the manifest does not describe this model"):
+        load_model_bytes(load_manifest(tmp_path), dataclasses.replace(SUPPLY, require_signature=False))
 
 
 def test_a_gateway_refuses_to_start_a_hostile_model(models_root: Path, tmp_path: Path, pki: Path) -> None:
