@@ -156,7 +156,7 @@ Expect = Callable[[str, str, tuple[int, ...]], None]
 
 
 def _tensors(
-    items: Any, raw: memoryview, key: str, limits: DecodeLimits, expect: Expect | None = None
+    items: Any, raw: memoryview, key: str, limits: DecodeLimits, expect: Expect | None = None, nulls: bool = False
 ) -> list[Tensor]:
     if not isinstance(items, list) or not items or len(items) > limits.max_tensors:
         raise ProtocolError(f"'{key}' must be a list of 1 to {limits.max_tensors} tensors", field=key)
@@ -188,7 +188,7 @@ def _tensors(
             array = from_binary(raw[offset : offset + size], datatype, count, where, limits.max_bytes_element)
             offset += size
         elif "data" in item:
-            array = from_json(item["data"], datatype, shape, count, where)
+            array = from_json(item["data"], datatype, shape, count, where, nulls)
         else:
             raise ProtocolError(f"{where} has neither data nor binary_data_size", field=where)
         tensors.append(Tensor(name, array.reshape(shape)))
@@ -327,9 +327,10 @@ def encode_infer_request(
 
 def decode_infer_response(body: bytes, header_length: int | None,
                           limits: DecodeLimits = DecodeLimits()) -> tuple[dict[str, Any], list[Tensor]]:
-    """A response's JSON document (model name, version, id) and its output tensors."""
+    """A response's JSON document (model name, version, id) and its output tensors (a ``null`` in a
+    floating-point JSON tensor, a non-finite value JSON cannot carry, read as NaN)."""
     doc, raw = _split(body, header_length)
-    return doc, _tensors(doc.get("outputs"), raw, "outputs", limits)
+    return doc, _tensors(doc.get("outputs"), raw, "outputs", limits, nulls=True)
 
 
 def encode_tensor_parts(key: str, tensors: list[Tensor]) -> tuple[list[Chunk], int]:

@@ -77,8 +77,11 @@ def _leaf_lists(data: list[Any], shape: tuple[int, ...], where: str) -> list[lis
     return level
 
 
-def from_json(data: Any, datatype: str, shape: tuple[int, ...], count: int, where: str) -> np.ndarray:
-    """A JSON ``data`` list's array, in ``datatype``: flat, or nested exactly as ``shape``."""
+def from_json(data: Any, datatype: str, shape: tuple[int, ...], count: int, where: str,
+              nulls: bool = False) -> np.ndarray:
+    """A JSON ``data`` list's array, in ``datatype``: flat, or nested exactly as ``shape``. With
+    ``nulls`` (an answer, never a request), ``null`` is read as NaN in a floating-point tensor: JSON
+    has no NaN or infinity, and a server writes a model's non-finite outputs as ``null``."""
     if not isinstance(data, list):
         raise ProtocolError(f"{where}.data must be a list", field=where)
     found = set(map(type, data))
@@ -91,7 +94,7 @@ def from_json(data: Any, datatype: str, shape: tuple[int, ...], count: int, wher
         if len(data) != count:
             raise ProtocolError(f"{where}.data has {len(data)} elements but its shape needs {count}", field=where)
         leaves = [data]
-    allowed = JSON_TYPES[datatype]
+    allowed = JSON_TYPES[datatype] | ({type(None)} if nulls and DATATYPES[datatype].kind == "f" else set())
     if not found <= allowed:
         kinds = ", ".join(sorted(t.__name__ for t in found - allowed))
         raise ProtocolError(f"{where}.data holds {kinds} values, not {datatype}", field=where)

@@ -78,6 +78,18 @@ def test_bytes_elements_are_counted_across_tensors_before_any_data_is_read() -> 
     assert len(decode_infer_request(json.dumps({"inputs": tensors}).encode(), None, limits).inputs) == 2
 
 
+def test_null_is_nan_in_an_answer_and_refused_in_a_request() -> None:
+    from gateway_client.protocol.codec import decode_infer_response
+
+    tensor = {"name": "y", "datatype": "FP32", "shape": [3], "data": [1.0, None, 2.0]}
+    _, (y,) = decode_infer_response(json.dumps({"outputs": [tensor]}).encode(), None)
+    assert y.array[0] == 1.0 and np.isnan(y.array[1]) and y.array.dtype == np.float32
+    with pytest.raises(ProtocolError, match="NoneType values, not FP32"):
+        decode_infer_request(json.dumps({"inputs": [{**tensor, "name": "x"}]}).encode(), None)
+    with pytest.raises(ProtocolError, match="NoneType values, not INT32"):  # no NaN in integers
+        decode_infer_response(json.dumps({"outputs": [{**tensor, "datatype": "INT32", "data": [1, None, 2]}]}).encode(), None)
+
+
 def test_json_request_with_nested_data_and_outputs() -> None:
     doc = {"id": "r1", "inputs": [{"name": "x", "datatype": "INT32", "shape": [2, 2], "data": [[1, 2], [3, 4]]}],
            "outputs": [{"name": "y", "parameters": {"binary_data": True}}], "parameters": {"binary_data_output": False}}
