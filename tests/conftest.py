@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -105,6 +106,26 @@ def fetch_token(url: str, pki: Path, principal: str = "demo", mfa: bool = True, 
             r = c.post("/oauth/token", data=form)
         assert r.status_code == 200, r.text
         return str(r.json()["access_token"])
+
+
+def model_version(folder: Path, graph: Any, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]],
+                  signing_key: Path | None = None) -> bytes:
+    """A model version folder (``<root>/<name>/<version>``) for ``graph`` (an ONNX ``GraphProto``,
+    opset 17): its ``model.onnx`` and a ``manifest.json`` declaring ``inputs`` and ``outputs``, signed
+    with ``signing_key`` when given. Returns the model's bytes."""
+    from onnx import helper
+
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(data)
+    (folder / "manifest.json").write_text(json.dumps({
+        "name": folder.parent.name, "version": folder.name, "device": "auto", "inputs": inputs, "outputs": outputs,
+        "onnx": {"file": "model.onnx", "sha256": hashlib.sha256(data).hexdigest()}}))
+    if signing_key is not None:
+        from gateway.registry.signing import sign_model
+
+        sign_model(folder, signing_key)
+    return data
 
 
 def onnx_reference(models_root: Path, name: str, x: np.ndarray) -> np.ndarray:

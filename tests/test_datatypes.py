@@ -7,7 +7,6 @@ that is not UTF-8) is refused with a problem document, never a 500."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 import shutil
@@ -21,10 +20,9 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper
 
 from gateway.cli import main
-from gateway.registry.signing import sign_model
 from gateway_client import Client
 from gateway_client.protocol.codec import Tensor, decode_infer_response, encode_infer_request
-from tests.conftest import Gateway, client_context, credentials_for, start_gateway
+from tests.conftest import Gateway, client_context, credentials_for, model_version, start_gateway
 
 T = TensorProto
 SPEC = [  # input name, ONNX type, datatype, width (None: one dimension)
@@ -79,15 +77,8 @@ def _every_datatype_model(models_root: Path, root: Path, pki: Path) -> Path:
     declared_out.append({"name": "pix_f", "datatype": "FP32", "shape": [-1, 3]})
     declared_in[0]["domain"] = {"min": 0, "max": 100_000}
     declared_in[5]["encoding"] = "binary"
-    graph = helper.make_graph(nodes, "types", inputs, outputs)
-    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
-    folder = root / "types" / "1"
-    folder.mkdir(parents=True)
-    (folder / "model.onnx").write_bytes(data)
-    (folder / "manifest.json").write_text(json.dumps({
-        "name": "types", "version": "1", "inputs": declared_in, "outputs": declared_out, "device": "auto",
-        "onnx": {"file": "model.onnx", "sha256": hashlib.sha256(data).hexdigest()}}))
-    sign_model(folder, pki / "keys" / "model-signing.key")
+    model_version(root / "types" / "1", helper.make_graph(nodes, "types", inputs, outputs), declared_in, declared_out,
+                  pki / "keys" / "model-signing.key")
     return root
 
 

@@ -4,8 +4,6 @@ its record."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from pathlib import Path
 
@@ -13,9 +11,8 @@ import numpy as np
 import tritonclient.http as httpclient
 from onnx import TensorProto, helper
 
-from gateway.registry.signing import sign_model
 from gateway_client import Client
-from tests.conftest import client_context, start_gateway
+from tests.conftest import client_context, model_version, start_gateway
 
 
 def _log_model(models_root: Path, root: Path, pki: Path) -> Path:
@@ -25,16 +22,8 @@ def _log_model(models_root: Path, root: Path, pki: Path) -> Path:
     graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "log",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])])
-    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
-    folder = root / "log" / "1"
-    folder.mkdir(parents=True)
-    (folder / "model.onnx").write_bytes(data)
-    (folder / "manifest.json").write_text(json.dumps({
-        "name": "log", "version": "1", "device": "auto",
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
-        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
-        "onnx": {"file": "model.onnx", "sha256": hashlib.sha256(data).hexdigest()}}))
-    sign_model(folder, pki / "keys" / "model-signing.key")
+    model_version(root / "log" / "1", graph, [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
+                  [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}], pki / "keys" / "model-signing.key")
     return root
 
 

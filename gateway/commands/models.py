@@ -54,8 +54,6 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     import difflib
     import json as jsonlib
 
-    import numpy as np
-
     from gateway_client import Client, ClientError, RetryPolicy
     from gateway_client.errors import GatewayError, NotFound
 
@@ -95,21 +93,29 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         except ClientError as exc:
             print(f"gateway: {exc}", file=sys.stderr)
             return EXIT_FAILED
-    outputs = {name: _portable(a) for name, a in outputs.items()}
-    if args.output:
-        np.savez(args.output, **outputs)  # type: ignore[arg-type]
-        print(f"wrote {', '.join(outputs)} to {args.output}")
-    else:
-        doc = {name: {"shape": list(a.shape), "dtype": str(a.dtype),
-                      "data": (np.char.decode(a, "utf-8", "backslashreplace") if a.dtype.kind == "S" else a).tolist()}
-               for name, a in outputs.items()}
-        if args.format == "yaml":
-            import yaml
-
-            print(yaml.safe_dump(doc, sort_keys=False), end="")
-        else:
-            print(jsonlib.dumps(doc))
+    _emit({name: _portable(a) for name, a in outputs.items()}, args.output, args.format)
     return EXIT_OK
+
+
+def _emit(outputs: dict[str, Any], path: str, form: str) -> None:
+    """The outputs saved to ``path`` (an .npz), or printed as JSON or YAML."""
+    import json as jsonlib
+
+    import numpy as np
+
+    if path:
+        np.savez(path, **outputs)
+        print(f"wrote {', '.join(outputs)} to {path}")
+        return
+    doc = {name: {"shape": list(a.shape), "dtype": str(a.dtype),
+                  "data": (np.char.decode(a, "utf-8", "backslashreplace") if a.dtype.kind == "S" else a).tolist()}
+           for name, a in outputs.items()}
+    if form == "yaml":
+        import yaml
+
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
+    else:
+        print(jsonlib.dumps(doc))
 
 
 def _portable(array: Any) -> Any:

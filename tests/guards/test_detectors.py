@@ -136,23 +136,18 @@ def test_a_guard_on_a_model_it_cannot_judge_says_so_before_asking_for_a_calibrat
 @pytest.mark.parametrize("datatype", ["FP16", "FP64"])
 def test_a_model_of_half_or_double_precision_is_calibrated_in_its_own_datatype(tmp_path: Path, datatype: str) -> None:
     """The gateway sends such a model its own datatype (the squeezed copies too); so must calibration."""
-    import hashlib
-
     from onnx import TensorProto, helper
+
+    from tests.conftest import model_version
 
     onnx_type = {"FP16": TensorProto.FLOAT16, "FP64": TensorProto.DOUBLE}[datatype]
     graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["p"], axis=1)], "g",
                               [helper.make_tensor_value_info("x", onnx_type, ["n", 4])],
                               [helper.make_tensor_value_info("p", onnx_type, ["n", 4])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
     folder = tmp_path / "soft" / "1"
-    folder.mkdir(parents=True)
-    (folder / "model.onnx").write_bytes(model)
-    (folder / "manifest.json").write_text(json.dumps({
-        "name": "soft", "version": "1", "device": "auto",
-        "inputs": [{"name": "x", "datatype": datatype, "shape": [-1, 4], "domain": {"min": 0, "max": 1}}],
-        "outputs": [{"name": "p", "datatype": datatype, "shape": [-1, 4]}],
-        "onnx": {"file": "model.onnx", "sha256": hashlib.sha256(model).hexdigest()}}))
+    model = model_version(folder, graph, [{"name": "x", "datatype": datatype, "shape": [-1, 4],
+                                           "domain": {"min": 0, "max": 1}}],
+                          [{"name": "p", "datatype": datatype, "shape": [-1, 4]}])
     np.save(tmp_path / "clean.npy", np.random.default_rng(0).uniform(0, 1, (200, 4)).astype(np.float32))
     data, digest = data_digest(tmp_path / "clean.npy")
     doc = calibrate(load_manifest(folder), model, data, digest, ("bits:2", "bits:3"), (), 0.01)

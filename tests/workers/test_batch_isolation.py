@@ -8,8 +8,6 @@ other callers' inputs."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,8 +15,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from gateway.registry.signing import sign_model
-from tests.conftest import start_gateway
+from tests.conftest import model_version, start_gateway
 
 
 def _reshaper(root: Path, name: str, output_rows: str, pki: Path) -> None:
@@ -27,16 +24,8 @@ def _reshaper(root: Path, name: str, output_rows: str, pki: Path) -> None:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [output_rows, 2])],
         [numpy_helper.from_array(np.array([-1, 2], np.int64), "shape")])
-    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
-    folder = root / name / "1"
-    folder.mkdir(parents=True)
-    (folder / "model.onnx").write_bytes(data)
-    (folder / "manifest.json").write_text(json.dumps({
-        "name": name, "version": "1", "device": "auto",
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
-        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
-        "onnx": {"file": "model.onnx", "sha256": hashlib.sha256(data).hexdigest()}}))
-    sign_model(folder, pki / "keys" / "model-signing.key")
+    model_version(root / name / "1", graph, [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+                  [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}], pki / "keys" / "model-signing.key")
 
 
 def test_outputs_that_do_not_follow_the_rows_never_reach_another_caller(
