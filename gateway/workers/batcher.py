@@ -258,7 +258,8 @@ class Batcher:
             if len(live) > 1:  # whose was it? Each alone: only that request fails
                 await self._each_alone(loop, live)
                 return
-            live[0].future.set_exception(exc)
+            if not live[0].future.done():  # its caller may have gone meanwhile
+                live[0].future.set_exception(exc)
             return
         finally:
             self.stats.compute_seconds += (time.monotonic() - started) * len(live)
