@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from gateway.config import SupplyConfig
 from gateway.registry.manifest import Manifest, TensorSpec
+from gateway_client.protocol.datatypes import datatype_of
 
 __all__ = ["AdmissionError", "AdmissionReport", "admit"]
 
@@ -83,14 +84,12 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     return count * itemsize
 
 
-# ONNX element types by the Open Inference Protocol datatype a manifest names for them.
-_DATATYPES: dict[int, str] = {
-    onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.UINT16: "UINT16",
-    onnx.TensorProto.UINT32: "UINT32", onnx.TensorProto.UINT64: "UINT64", onnx.TensorProto.INT8: "INT8",
-    onnx.TensorProto.INT16: "INT16", onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64",
-    onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.DOUBLE: "FP64",
-    onnx.TensorProto.STRING: "BYTES",
-}
+def _datatype(elem_type: int) -> str:
+    """The Open Inference Protocol datatype of an ONNX element type (ONNX's own name where none is)."""
+    try:
+        return datatype_of(np.empty(0, onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+    except (KeyError, TypeError, ValueError):
+        return str(onnx.TensorProto.DataType.Name(elem_type))
 
 
 def _disagreement(kind: str, declared: tuple[TensorSpec, ...], graph: list[onnx.ValueInfoProto]) -> str | None:
@@ -103,7 +102,7 @@ def _disagreement(kind: str, declared: tuple[TensorSpec, ...], graph: list[onnx.
         value = actual[spec.name].type
         if not value.HasField("tensor_type"):
             return f"{kind[:-1]} {spec.name!r} is not a tensor in the model"
-        datatype = _DATATYPES.get(value.tensor_type.elem_type, onnx.TensorProto.DataType.Name(value.tensor_type.elem_type))
+        datatype = _datatype(value.tensor_type.elem_type)
         if datatype != spec.datatype:
             return f"{kind[:-1]} {spec.name!r} is {spec.datatype} in the manifest, {datatype} in the model"
         if not value.tensor_type.HasField("shape"):
