@@ -96,6 +96,11 @@ CASES = [
      "shape": [1001], "data": ["x" * 20000] + [""] * 1000}]}).encode(), {}, 422),
     ("string-among-numbers", "POST", INFER, _body(data=["x" * 20000] + [8.0] * 63), {}, 400),
     ("dot-version", "GET", "/v2/models/digits/versions/%2e%2e", b"", {}, 404),
+    # one output asked for again and again: each copy would be encoded into the answer
+    ("output-asked-twice", "POST", INFER, json.dumps({"inputs": [GOOD], "outputs": [{"name": "probabilities"}] * 2}).encode(),
+     {}, 400),
+    ("output-asked-for-a-quarter-million-times", "POST", INFER,
+     json.dumps({"inputs": [GOOD], "outputs": [{"name": "probabilities"}] * 250_000}).encode(), {}, 400),
 ]
 
 

@@ -200,15 +200,21 @@ def _tensors(
     return tensors
 
 
-def _requested_outputs(items: Any) -> list[RequestedOutput]:
+def _requested_outputs(items: Any, limits: DecodeLimits) -> list[RequestedOutput]:
+    """The outputs a request asks for: each named once, no more of them than tensors a message may hold
+    (a request that names one output a million times would otherwise get a million copies back)."""
     if items is None:
         return []
-    if not isinstance(items, list):
-        raise ProtocolError("'outputs' must be a list", field="outputs")
-    out = []
+    if not isinstance(items, list) or len(items) > limits.max_tensors:
+        raise ProtocolError(f"'outputs' must be a list of at most {limits.max_tensors} outputs", field="outputs")
+    out, names = [], set()
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ProtocolError(f"outputs[{i}] must be an object with a name", field=f"outputs[{i}]")
+        if item["name"] in names:
+            raise ProtocolError(f"outputs[{i}] asks for {item['name'][:64]!r} again: name each output once",
+                                field=f"outputs[{i}]")
+        names.add(item["name"])
         params = _parameters(item.get("parameters"), OUTPUT_PARAMETERS, f"outputs[{i}].parameters")
         binary = params.get("binary_data")
         out.append(RequestedOutput(item["name"], None if binary is None else bool(binary)))
@@ -230,7 +236,7 @@ def decode_infer_request(
         raise ProtocolError(f"unknown field {unknown[0][:64]!r} in the inference request", field=unknown[0][:64])
     return InferRequest(
         inputs=_tensors(doc.get("inputs"), raw, "inputs", limits, expect),
-        outputs=_requested_outputs(doc.get("outputs")),
+        outputs=_requested_outputs(doc.get("outputs"), limits),
         id=request_id,
         parameters=params,
     )

@@ -121,9 +121,15 @@ def test_mixed_json_and_binary_inputs() -> None:
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "id": 5}, "'id'"),
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "parameters": []}, "parameters"),
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "outputs": [3]}, "outputs[0]"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "outputs": [{"name": "y"}] * 2},
+         "outputs[1] asks for 'y' again"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}],
+          "outputs": [{"name": f"y{i}"} for i in range(65)]}, "at most 64 outputs"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "outputs": {"name": "y"}},
+         "at most 64 outputs"),
     ],
     ids=["int-overflow", "bool-from-int", "bool-dim", "rank", "no-data", "duplicate", "scalar-data", "id-type",
-         "params-type", "output-type"],
+         "params-type", "output-type", "duplicate-output", "too-many-outputs", "outputs-not-a-list"],
 )
 def test_malformed_json_requests_are_refused(doc: dict[str, object], fragment: str) -> None:
     with pytest.raises(ProtocolError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
