@@ -139,6 +139,10 @@ class _Outcome:
 
     password: bool | None = None
     otp: bool | None = None
+    trying_otp: bool = False
+    """The code took a place among its account's attempts (``Limiter.account_attempt``)."""
+    locked: int = 0
+    """Seconds to wait, when the code could not take one."""
 
 
 class _Request(OAuth2Request):  # type: ignore[misc]
@@ -247,7 +251,10 @@ class BuiltinIssuer:
         amr, acr = ["pwd"], ACR_PASSWORD
         if ok and code:
             assert record is not None
-            ok = outcome.otp = self._check_totp(username, record["totp_secret"], code)
+            outcome.locked = anyio.from_thread.run(self.limiter.account_attempt, f"otp:{username[:256]}",
+                                                   self.max_failed_otp)
+            outcome.trying_otp = not outcome.locked
+            ok = outcome.otp = outcome.trying_otp and self._check_totp(username, record["totp_secret"], code)
             amr, acr = ["pwd", "otp", "mfa"], ACR_MFA
         if not ok or record is None:
             raise InvalidGrantError("invalid username, password or one-time code")
@@ -290,18 +297,24 @@ class BuiltinIssuer:
         if revoked is not None:  # an operator's revocation: no token, whatever the secret
             return 400, {"error": "invalid_grant", "error_description": revoked}, []
         counters = self._counters(request, client_id)
-        for key, limit in counters.values():
+        for key, limit in counters.values():  # any factor locked locks the account
             wait = await self.limiter.account_locked(key, limit)
             if wait:
-                body = {"error": "invalid_grant",
-                        "error_description": "too many failed attempts; this account is locked for now"}
-                return 429, body, [("Retry-After", str(wait))]
-        status, payload, out = await anyio.to_thread.run_sync(self._issue, request, thumbprint)
-        for factor, verdict in _verdicts(counters, request.outcome, status).items():
-            if verdict is True:
-                await self.limiter.account_succeeded(counters[factor][0])
-            elif verdict is False:
-                await self.limiter.account_failed(counters[factor][0], counters[factor][1])
+                return _locked(wait)
+        first, (key, limit) = next(iter(counters.items()))
+        wait = await self.limiter.account_attempt(key, limit)  # in flight counts with the failures
+        if wait:
+            return _locked(wait)
+        outcome, verdicts = request.outcome, {}
+        try:
+            status, payload, out = await anyio.to_thread.run_sync(self._issue, request, thumbprint)
+            verdicts = _verdicts(counters, outcome, status)
+        finally:
+            await self.limiter.account_judged(key, verdicts.get(first), limit)
+            if outcome.trying_otp:  # the code's own place, taken when it was about to be judged
+                await self.limiter.account_judged(counters["otp"][0], verdicts.get("otp"), counters["otp"][1])
+        if outcome.locked:
+            return _locked(outcome.locked)
         return status, payload, list(out or [])
 
     def _revoked(self, client_id: str, form: dict[str, str]) -> str | None:
@@ -335,6 +348,11 @@ class BuiltinIssuer:
             "tls_client_certificate_bound_access_tokens": True,
             "access_token_signing_alg_values_supported": ["ES256"],
         }
+
+
+def _locked(wait: int) -> tuple[int, Any, list[tuple[str, str]]]:
+    body = {"error": "invalid_grant", "error_description": "too many failed attempts; this account is locked for now"}
+    return 429, body, [("Retry-After", str(wait))]
 
 
 def _basic_credentials(request: _Request) -> tuple[str, str] | None:

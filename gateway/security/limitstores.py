@@ -22,6 +22,7 @@ __all__ = ["ADMIT", "Limit", "MemoryCounts", "RedisCounts", "window_s"]
 
 ADMIT = resources.files("gateway.security").joinpath("admit.lua").read_text()
 ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest().encode()
+GIVEBACK = "if redis.call('exists', KEYS[1]) == 1 then return redis.call('decr', KEYS[1]) end return 0"
 _KINDS = {"sliding-window": "s", "moving-window": "m", "fixed-window": "f"}
 
 
@@ -149,6 +150,11 @@ class MemoryCounts:
     async def clear(self, key: str) -> None:
         await self.storage.clear(key)
 
+    async def giveback(self, key: str) -> None:
+        """One count less, where the count still exists (never a new entry, never below 0)."""
+        if await self.storage.get(key) > 0:
+            await self.storage.decr(key)
+
     async def ttl(self, key: str) -> float:
         return await self.storage.get_expiry(key) - time.time()
 
@@ -228,6 +234,11 @@ class RedisCounts:
 
     async def clear(self, key: str) -> None:
         await self.client.delete(self.PREFIX + key)
+
+    async def giveback(self, key: str) -> None:
+        """One count less, where the count still exists: a key that expired meanwhile is not made
+        again, with no expiry, at -1."""
+        await self.client.eval(GIVEBACK, 1, self.PREFIX + key)
 
     async def ttl(self, key: str) -> float:
         return max(0, int(await self.client.pttl(self.PREFIX + key))) / 1000

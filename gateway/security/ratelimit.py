@@ -73,6 +73,8 @@ log = logging.getLogger("gateway.limits")
 T = TypeVar("T")
 
 BATCH_MAX = 64
+TRYING_TTL_S = 60
+"""How long a place taken by a sign-in attempt outlives a process that died judging it."""
 """Admissions sent in one script call at most."""
 
 
@@ -290,16 +292,36 @@ class Limiter:
             return 0
         return max(1, math.ceil(await self._run(lambda b: b.ttl(key))))
 
-    async def account_failed(self, account: str, limit: int | None = None) -> None:
-        key = f"gateway/lockout/{account}"
-        count = await self._run(lambda b: b.incr(key, int(self.lockout_s)))
-        if count == (limit or self.max_failed_logins):
-            log.warning("account %r locked for up to %d s after %d consecutive failures",
-                        account, self.lockout_s, count)
+    async def account_attempt(self, account: str, limit: int | None = None) -> int:
+        """Take a place for one attempt on ``account`` before its credentials are judged: attempts
+        in flight count with the failures against ``limit`` (by default ``max_failed_logins``), so
+        guesses sent together cannot all pass a check made before any of them is judged. 0: go
+        ahead, then report the verdict with ``account_judged``; else the seconds to wait (the
+        lockout's, or one second while the account's other attempts are being judged)."""
+        failures_key, trying_key = f"gateway/lockout/{account}", f"gateway/trying/{account}"
+        limit = limit or self.max_failed_logins
+        trying = await self._run(lambda b: b.incr(trying_key, TRYING_TTL_S))
+        failures = await self._run(lambda b: b.get(failures_key))
+        if failures + trying <= limit:
+            return 0
+        await self._run(lambda b: b.giveback(trying_key))
+        if failures < limit:
+            return 1
+        return max(1, math.ceil(await self._run(lambda b: b.ttl(failures_key))))
 
-    async def account_succeeded(self, account: str) -> None:
-        key = f"gateway/lockout/{account}"
-        await self._run(lambda b: b.clear(key))
+    async def account_judged(self, account: str, verdict: bool | None, limit: int | None = None) -> None:
+        """The verdict on an attempt ``account_attempt`` let through: a success clears the account's
+        consecutive failures, a failure adds one, and either way the attempt's place is given back
+        (None: the factor was never judged)."""
+        failures_key = f"gateway/lockout/{account}"
+        if verdict is True:
+            await self._run(lambda b: b.clear(failures_key))
+        elif verdict is False:
+            count = await self._run(lambda b: b.incr(failures_key, int(self.lockout_s)))
+            if count == (limit or self.max_failed_logins):
+                log.warning("account %r locked for up to %d s after %d consecutive failures",
+                            account, self.lockout_s, count)
+        await self._run(lambda b: b.giveback(f"gateway/trying/{account}"))
 
     async def first_use(self, key: str, ttl_s: int) -> bool:
         """True the first time ``key`` is used within ``ttl_s`` (by any replica sharing Redis):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import stat
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ from gateway.devsetup import init
 from gateway.errors import Unauthorized
 from gateway.security.issuer import BuiltinIssuer, IssuerStore, totp_now
 from gateway.security.tokens import TokenValidator
+from tests.security.test_limits import Redis
 
 
 @pytest.fixture
@@ -235,3 +241,99 @@ async def test_an_unknown_client_and_a_wrong_secret_look_the_same(setup: tuple[C
     assert answers["demo"] == answers["no-such-client"]
     ratio = min(times["no-such-client"]) / min(times["demo"])
     assert 0.5 < ratio < 2, f"an unknown client is refused {ratio:.2f} times as fast"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def storage(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis | None]:
+    """Where the lockout counts live: this process, or a real ``redis-server`` shared by replicas."""
+    if request.param == "memory":
+        yield None
+        return
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is needed: `make test` installs it (apt-get install redis-server)")
+    server = Redis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@contextlib.asynccontextmanager
+async def _issuer(config: Config, storage: Redis | None, max_failed_logins: int) -> AsyncIterator[BuiltinIssuer]:
+    limits = config.limits if storage is None else dataclasses.replace(
+        config.limits, storage=f"redis://127.0.0.1:{storage.port}/0")
+    issuer = BuiltinIssuer(dataclasses.replace(
+        config, limits=limits, issuer=dataclasses.replace(config.issuer, max_failed_logins=max_failed_logins)))
+    try:
+        yield issuer
+    finally:
+        await issuer.limiter.close()
+
+
+@pytest.mark.anyio
+async def test_concurrent_guesses_get_no_more_tries_than_the_lockout_allows(
+        setup: tuple[Config, dict[str, dict[str, str]]], storage: Redis | None) -> None:
+    """Guesses sent together must not all pass a lockout check made before any of them is counted.
+    Once 12 wrong passwords sent at once were all checked against a limit of 3, and 25 wrong codes
+    against a limit of 10: an attacker who knew the password got as many code guesses per lockout
+    as requests it could keep in flight."""
+    config, creds = setup
+    admin = creds["admin"]
+    async with _issuer(config, storage, 3) as issuer:
+        answers = await asyncio.gather(*(_password(issuer, admin, password="wrong-password") for _ in range(12)))
+        assert sorted(status for status, _ in answers) == [400] * 3 + [429] * 9
+        assert (await _password(issuer, admin))[0] == 429  # locked: even the right password
+
+    # A fresh account store, the password known and the code guessed: room for 25 passwords at once.
+    if storage is not None:
+        storage.cli("flushall")
+    async with _issuer(config, storage, 100) as issuer:
+        now = totp_now(admin["totp_secret"])
+        wrong = [f"{n:06d}" for n in range(40) if f"{n:06d}" != now][:25]
+        answers = await asyncio.gather(*(_password(issuer, admin, code=code) for code in wrong))
+        statuses = sorted(status for status, _ in answers)
+        assert statuses == [400] * config.issuer.max_failed_otp + [429] * (25 - config.issuer.max_failed_otp)
+        assert (await _password(issuer, admin, code=now))[0] == 429
+        if storage is not None:  # counted in Redis, not in a fallback of this process's own
+            assert issuer.limiter.degraded is None
+            assert storage.cli("get", "gateway:limits:gateway/lockout/otp:admin").strip() == str(config.issuer.max_failed_otp)
+            assert storage.cli("get", "gateway:limits:gateway/trying/otp:admin").strip() in ("", "0")
+
+
+@pytest.mark.anyio
+async def test_right_secrets_sent_together_wait_a_second_and_lock_nothing(
+        setup: tuple[Config, dict[str, dict[str, str]]], storage: Redis | None) -> None:
+    """Attempts in flight hold places under the lockout's limit: more right secrets at once than
+    the limit are told to try again in a second, and the account is not locked by them."""
+    config, creds = setup
+    form = {"grant_type": "client_credentials"}
+    async with _issuer(config, storage, 3) as issuer:
+        answers = await asyncio.gather(*(_token(issuer, form, _basic("demo", creds["demo"]["client_secret"]))
+                                         for _ in range(8)))
+        assert sorted(status for status, _, _ in answers) == [200] * 3 + [429] * 5
+        assert {headers["Retry-After"] for status, _, headers in answers if status == 429} == {"1"}
+        assert (await _token(issuer, form, _basic("demo", creds["demo"]["client_secret"])))[0] == 200
+        for _ in range(2):  # and failures still count as before
+            assert (await _token(issuer, form, _basic("demo", "wrong")))[0] == 401
+        assert (await _token(issuer, form, _basic("demo", creds["demo"]["client_secret"])))[0] == 200
+        for _ in range(3):
+            assert (await _token(issuer, form, _basic("demo", "wrong")))[0] == 401
+        status, _, headers = await _token(issuer, form, _basic("demo", creds["demo"]["client_secret"]))
+        assert status == 429 and int(headers["Retry-After"]) > 1
+
+
+@pytest.mark.anyio
+async def test_a_refused_password_does_not_use_up_code_guesses(
+        setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+    """A code is only judged with the right password: a wrong password with a code counts against the
+    password, never against the codes."""
+    config, creds = setup
+    issuer = BuiltinIssuer(config)
+    admin = creds["admin"]
+    for _ in range(config.issuer.max_failed_logins - 1):
+        assert (await _password(issuer, admin, password="wrong-password", code="123456"))[0] == 400
+        assert (await _password(issuer, admin))[0] == 200  # clears the password's count, not the codes'
+    for _ in range(config.issuer.max_failed_otp - 1):
+        status, _ = await _password(issuer, admin, password="wrong-password", code="123456")
+        assert status == 400
+        assert (await _password(issuer, admin))[0] == 200
+    assert (await _password(issuer, admin, code=totp_now(admin["totp_secret"])))[0] == 200
