@@ -223,6 +223,10 @@ class IssuerConfig:
     """Wrong one-time codes before a person is locked; cleared only by a right code, never by a
     password-only sign-in."""
     lockout_s: int = 900
+    sign_in_threads: int = 0
+    """Token requests judged at once, each a ~50 ms, 16 MiB scrypt; more wait their turn, so a burst
+    of sign-ins takes neither the memory nor every core that inference needs. 0: half the cores,
+    at least one."""
 
     @property
     def incidents_path(self) -> str:

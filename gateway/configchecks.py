@@ -105,6 +105,7 @@ def _identity_checks(cfg: Config) -> list[Check]:
         (1 <= iss.max_failed_logins <= 100 and 1 <= iss.max_failed_otp <= 100,
          "issuer.max_failed_logins and issuer.max_failed_otp must be 1..100 (NIST SP 800-63B)"),
         (iss.lockout_s >= 1, "issuer.lockout_s must be positive"),
+        (0 <= iss.sign_in_threads <= 64, "issuer.sign_in_threads must be 0..64 (0: half the cores)"),
         (bool(iss.enabled or a.issuers or not a.require_token),
          "no token issuer: enable [issuer] or add [[auth.issuers]]"),
         (_safe_url(cfg.issuer_url), "issuer.url must be https://"),

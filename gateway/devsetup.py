@@ -96,6 +96,7 @@ token_ttl_s = 900
 max_failed_logins = 100     # failed secrets before an account locks (NIST SP 800-63B)
 max_failed_otp = 10         # wrong one-time codes before a person locks (a password alone never clears them)
 lockout_s = 900
+sign_in_threads = 0         # token requests judged at once (a 16 MiB scrypt each); 0: half the cores
 
 # Deny by default: each rule grants verbs on models to roles. Verbs: infer, metadata, list,
 # explain, admin:models, admin:audit, admin:incident ("admin:*" and "*" match several).

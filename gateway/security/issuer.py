@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import contextvars
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -202,6 +203,8 @@ class BuiltinIssuer:
         self.limiter = limiter or Limiter(config.limits, config.issuer.max_failed_logins, config.issuer.lockout_s)
         self.max_failed_otp = config.issuer.max_failed_otp
         self._used_codes: dict[str, int] = {}  # last accepted TOTP step per user: no replays (and Redis)
+        self.sign_in_threads = config.issuer.sign_in_threads or max(1, (os.cpu_count() or 2) // 2)
+        self._judging: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
         self.server = self._authorization_server()
 
     def _authorization_server(self) -> AuthorizationServer:
@@ -307,7 +310,10 @@ class BuiltinIssuer:
             return _locked(wait)
         outcome, verdicts = request.outcome, {}
         try:
-            status, payload, out = await anyio.to_thread.run_sync(self._issue, request, thumbprint)
+            if self._judging is None:
+                self._judging = anyio.CapacityLimiter(self.sign_in_threads)
+            status, payload, out = await anyio.to_thread.run_sync(self._issue, request, thumbprint,
+                                                                  limiter=self._judging)
             verdicts = _verdicts(counters, outcome, status)
         finally:
             await self.limiter.account_judged(key, verdicts.get(first), limit)

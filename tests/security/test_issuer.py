@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from gateway.cli import main
 from gateway.config import Config, load_config
 from gateway.devsetup import init
 from gateway.errors import Unauthorized
+from gateway.security import issuer as issuer_module
 from gateway.security.issuer import BuiltinIssuer, IssuerStore, totp_now
 from gateway.security.tokens import TokenValidator
 from tests.security.test_limits import Redis
@@ -337,3 +339,36 @@ async def test_a_refused_password_does_not_use_up_code_guesses(
         assert status == 400
         assert (await _password(issuer, admin))[0] == 200
     assert (await _password(issuer, admin, code=totp_now(admin["totp_secret"])))[0] == 200
+
+
+@pytest.mark.anyio
+async def test_sign_ins_are_judged_a_few_at_a_time(setup: tuple[Config, dict[str, dict[str, str]]],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each secret costs a 16 MiB, ~50 ms scrypt. Once every token request took a thread of its own
+    (up to 40): a burst of right secrets took ~1 GB and both cores, and inference answers waited
+    ~100 ms instead of 3. At most ``issuer.sign_in_threads`` are judged at once; the rest wait."""
+    config, creds = setup
+    config = dataclasses.replace(config, issuer=dataclasses.replace(config.issuer, max_failed_logins=100))
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # sign_in_threads = 0: half the cores
+    judging, most = 0, 0
+    lock = threading.Lock()
+    verify = issuer_module.verify_secret
+
+    def counted(secret: str, stored: str) -> bool:
+        nonlocal judging, most
+        with lock:
+            judging += 1
+            most = max(most, judging)
+        try:
+            return verify(secret, stored)
+        finally:
+            with lock:
+                judging -= 1
+
+    monkeypatch.setattr(issuer_module, "verify_secret", counted)
+    issuer = BuiltinIssuer(config)
+    form = {"grant_type": "client_credentials"}
+    answers = await asyncio.gather(*(_token(issuer, form, _basic("demo", creds["demo"]["client_secret"]))
+                                     for _ in range(12)))
+    assert [status for status, _, _ in answers] == [200] * 12
+    assert most == 2
