@@ -63,8 +63,8 @@ def diagnose(config: Config, url: str = "", ca_file: str = "", client_cert: tupl
     ``client_cert`` (certificate, key) where it requires one)."""
     checks: list[Callable[[], Iterator[Finding]]] = [
         lambda: _settings(config), lambda: _certificates(config), lambda: _keys(config),
-        lambda: _credentials(config), lambda: _admin_mfa(config), lambda: _explain(config), lambda: _models(config),
-        lambda: _audit(config), lambda: _redis(config), lambda: _packages(),
+        lambda: _credentials(config), lambda: _admin_mfa(config), lambda: _explain(config),
+        lambda: _unhardened_outputs(config), lambda: _models(config), lambda: _audit(config), lambda: _redis(config), lambda: _packages(),
     ]
     if url:
         checks += [lambda: _running(config, url, ca_file, client_cert)]
@@ -222,6 +222,34 @@ def _explain(c: Config) -> Iterator[Finding]:
                               f"with {hardened}; an explanation holds the raw prediction and a gradient, and neither "
                               "applies to it",
                               f"take explain out of rule {rule.name!r} for {unit.model}, or harden no answers for {role!r}")
+
+
+def _unhardened_outputs(c: Config) -> Iterator[Finding]:
+    """Models whose answers are hardened (an output policy, or an extraction alarm's ``label_only``)
+    for some caller while a floating-point output of theirs is not rows × scores: the policies
+    apply only to those, so that output reaches the caller as the model answered it."""
+    from gateway.registry.manifest import load_manifest
+
+    for unit, settings in c.units():
+        policies = {settings.output.policy, *(policy for _, policy in settings.output.roles)} - {"full"}
+        extraction = settings.extraction
+        if extraction.enabled and "label_only" in {extraction.action, *(action for _, action in extraction.roles)}:
+            policies.add("label_only (an extraction alarm's)")
+        if not policies:
+            continue
+        try:
+            manifest = load_manifest(Path(c.models_root) / unit.model / settings.version)
+        except (OSError, ValueError):
+            continue  # the model-missing and model-signature findings name it
+        passing = [f"{s.name} {list(s.shape)}" for s in manifest.outputs
+                   if s.datatype in ("FP16", "BF16", "FP32", "FP64") and len(s.shape) != 2]
+        if passing:
+            yield Finding("output-policy-not-applied", "medium",
+                          f"models.{unit.model} hardens answers with {', '.join(sorted(policies))}, which apply to "
+                          f"two-dimensional scores (rows × classes) only; its output {', '.join(passing)} reaches "
+                          "every caller as the model answered it",
+                          f"give the model a [-1, classes] scores output (a Reshape at the end of its graph), or do "
+                          f"not serve {unit.model} to the roles its policy is meant to restrict")
 
 
 def _models(c: Config) -> Iterator[Finding]:

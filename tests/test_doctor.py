@@ -164,6 +164,15 @@ def _break_audit(config: Path) -> None:
     (stream / "p0-000000000001.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
+def _scores_as_one_column(config: Path) -> None:
+    """A binary classifier's shape: one probability per row, [-1], which no output policy touches."""
+    edit("[models.digits.guard]", '[models.digits.output.roles]\npartner = "label_only"\n[models.digits.guard]')(config)
+    manifest = config.parent / "models" / "digits" / "1" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["outputs"][0]["shape"] = [-1]
+    manifest.write_text(json.dumps(doc))
+
+
 CASES: dict[str, Callable[[Path], None]] = {
     "tls-mtls-not-required": edit('client_auth = "required"', 'client_auth = "optional"'),
     "tls-1.2-accepted": edit('min_version = "1.3"', 'min_version = "1.2"'),
@@ -188,6 +197,7 @@ CASES: dict[str, Callable[[Path], None]] = {
     "redis-unreachable": edit('storage = "memory://"', 'storage = "redis://127.0.0.1:1/0"'),
     "redis-plaintext": edit('storage = "memory://"', 'storage = "redis://redis.example:6379/0"'),
     "state-per-process": edit("[server]\n", "[server]\nprocesses = 2\n"),
+    "output-policy-not-applied": _scores_as_one_column,
     "explain-bypasses-hardening": edit("[models.digits.guard]", '[models.digits.output]\npolicy = "label_only"\n[models.digits.guard]'),
 }
 
