@@ -44,6 +44,18 @@ def _path_batch(x: np.ndarray, baseline: np.ndarray, h: float) -> np.ndarray:
     return np.asarray(np.concatenate([x[None], baseline[None], around]), dtype=np.float32)
 
 
+def _scores(outputs: list[Tensor], evaluations: int, model: str) -> np.ndarray:
+    """The first output holding one row of floating-point scores per evaluation: a classifier's label,
+    which converted scikit-learn models answer first, is no score; an answer that does not follow
+    the rows (one for the whole batch, say) explains nothing."""
+    for t in outputs:
+        if t.array.dtype.kind == "f" and t.array.ndim == 2 and t.array.shape[0] == evaluations:
+            return t.array
+    answered = ", ".join(f"{t.name} {t.array.dtype} {list(t.array.shape)}" for t in outputs)
+    raise InvalidInput(f"{model} gave no output with one row of scores per evaluation ({evaluations} rows of "
+                       f"floating-point numbers) to attribute; it answered {answered}")
+
+
 class Explain:
     """Integrated-gradients attributions for the one checked input row, into the answer."""
 
@@ -93,7 +105,7 @@ class Explain:
             call.ctx.worker = worker
 
         outputs = await self.pool.infer(call.model.unit.key, [Tensor(spec.name, shaped)], call.ctx.deadline, picked)
-        scores = outputs[0].array.reshape(evaluations, -1).astype(np.float64)
+        scores = _scores(outputs, evaluations, manifest.name).astype(np.float64)
         target = int(np.argmax(scores[0]))
         f = scores[:, target]
         around = f[2:].reshape(STEPS, 2, features)
