@@ -117,13 +117,17 @@ def _check_model(manifest: Manifest) -> None:
         raise CalibrationError(f"{where}: the guard needs one floating-point input; this model takes {takes}")
     if manifest.inputs[0].shape[:1] != (-1,) or -1 in manifest.inputs[0].shape[1:]:
         raise CalibrationError(f"{where}: the guard needs an input of shape [-1, fixed dimensions...]")
+    if manifest.scores is None:
+        answers = ", ".join(f"{o.name} {o.datatype} {list(o.shape)}" for o in manifest.outputs)
+        raise CalibrationError(f"{where}: the guard judges a floating-point scores output of shape [-1, classes] "
+                               f"(probabilities or logits); this model answers {answers}")
 
 
-def _run_all(session: Any, spec: TensorSpec, x: np.ndarray) -> np.ndarray:
-    """The model's first output on ``x``, sent in the datatype it declares (FP16, FP32 or FP64), as
-    the gateway sends requests and the guard's squeezed copies."""
+def _run_all(session: Any, spec: TensorSpec, x: np.ndarray, scores: str) -> np.ndarray:
+    """The model's ``scores`` output on ``x``, sent in the datatype it declares (FP16, FP32 or FP64),
+    as the gateway sends requests and the guard's squeezed copies."""
     dtype = numpy_dtype(spec.datatype)
-    parts = [session.run(None, {spec.name: x[i:i + CHUNK_ROWS].astype(dtype, copy=False)})[0]
+    parts = [session.run([scores], {spec.name: x[i:i + CHUNK_ROWS].astype(dtype, copy=False)})[0]
              for i in range(0, len(x), CHUNK_ROWS)]
     return np.concatenate(parts)
 
@@ -170,10 +174,12 @@ def calibrate(manifest: Manifest, model: bytes, data: np.ndarray, data_sha256: s
     say = progress or (lambda text: None)
     started = time.monotonic()
     say(f"running the model on {len(x)} rows and {len(parsed)} squeezed copies of each")
-    raw = _run_all(session, spec, x)
+    assert manifest.scores is not None  # _check_model
+    raw = _run_all(session, spec, x, manifest.scores.name)
     kind = "probabilities" if (raw.min() >= 0 and np.allclose(raw.reshape(len(raw), -1).sum(axis=1), 1.0, atol=1e-3)) else "logits"
     p = probabilities(raw, kind)
-    squeezed = [probabilities(_run_all(session, spec, s.apply(x, lo, hi, shape)), kind) for s in parsed]
+    squeezed = [probabilities(_run_all(session, spec, s.apply(x, lo, hi, shape), manifest.scores.name), kind)
+                for s in parsed]
     f = features(x, shape)
     mean, precision = fit_gaussian(f)
     scores = {

@@ -17,6 +17,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from gateway.access import principal_of
 from gateway.context import Finding, SecurityEvent
 from gateway.errors import GatewayError, Unavailable
@@ -26,7 +28,7 @@ from gateway.security.ratelimit import Limiter
 from gateway.stages.base import InferCall
 from gateway_client.protocol.codec import Tensor
 
-__all__ = ["AdversarialInput", "GuardFailed", "GuardHealth", "GuardInputs", "GuardVerdict"]
+__all__ = ["AdversarialInput", "GuardFailed", "GuardHealth", "GuardInputs", "GuardVerdict", "scores_of"]
 
 log = logging.getLogger("gateway.guard")
 FINDING_HEADER = "Gateway-Finding"
@@ -58,6 +60,16 @@ class GuardHealth:
     def degraded(self) -> dict[str, str]:
         now = time.monotonic()
         return {m: f"{why} ({self.errors[m]} failures so far)" for m, (at, why) in self.last.items() if now - at < RECENT_S}
+
+
+def scores_of(call: InferCall, outputs: list[Tensor]) -> np.ndarray:
+    """The model's scores output (``Manifest.scores``) among ``outputs``: what the guard and the
+    extraction monitor judge, and what their calibration was made on."""
+    spec = call.model.manifest.scores
+    for t in outputs:
+        if spec is not None and t.name == spec.name:
+            return t.array
+    raise LookupError(f"no scores output ({spec.name if spec else 'none declared'}) among {[t.name for t in outputs]}")
 
 
 class GuardInputs:
@@ -98,13 +110,14 @@ class GuardVerdict:
         if guard.squeezers and not call.rider_outputs:
             return  # GuardInputs failed and said so
         x = call.inputs[0].array
-        rider = call.rider_outputs[0].array if call.rider_outputs else None
         work = x.size * (2 + len(guard.squeezers))
         try:
+            scores = scores_of(call, call.outputs)
+            rider = scores_of(call, call.rider_outputs) if call.rider_outputs else None
             if work <= OFFLOAD_ELEMENTS:  # microseconds, on the event loop: nothing to time out
-                verdict = guard.verdict(x, call.outputs[0].array, rider)
+                verdict = guard.verdict(x, scores, rider)
             else:
-                verdict = await asyncio.wait_for(offload(work, guard.verdict, x, call.outputs[0].array, rider),
+                verdict = await asyncio.wait_for(offload(work, guard.verdict, x, scores, rider),
                                                  guard.config.timeout_ms / 1000)
         except TimeoutError:
             _failed(call, self.health, guard, TimeoutError(f"the detectors ran past {guard.config.timeout_ms:g} ms"))

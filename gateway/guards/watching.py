@@ -39,7 +39,7 @@ from gateway.config import Config
 from gateway.context import Finding, SecurityEvent
 from gateway.errors import GatewayError
 from gateway.guards.extraction import TECHNIQUE, Assessment, ExtractionModel, Observations, Watch
-from gateway.guards.stages import GuardHealth
+from gateway.guards.stages import GuardHealth, scores_of
 from gateway.security.ratelimit import Limiter
 from gateway.stages.base import InferCall, offload
 
@@ -283,7 +283,7 @@ class ExtractionWatch:
         model = call.model.unit.model
         key = watch_key(model, principal.key)
         try:
-            x, output = call.inputs[0].array, call.outputs[0].array
+            x, output = call.inputs[0].array, scores_of(call, call.outputs)
             obs = await offload(x.size, monitor.observations, x, output)
             assessment = await self.store.observe(key, monitor, obs)
         except Exception as exc:  # the monitor's failure is never the request's 500

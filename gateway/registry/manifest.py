@@ -63,6 +63,14 @@ class Manifest:
     def onnx_path(self) -> Path:
         return self.path / "model.onnx"
 
+    @property
+    def scores(self) -> TensorSpec | None:
+        """The output the guard, the extraction monitor and explanations judge: the first
+        floating-point one declared ``[-1, classes]`` (a classifier's probabilities or logits; not
+        its label, which converted scikit-learn classifiers answer first)."""
+        return next((s for s in self.outputs
+                     if s.datatype in ("FP16", "FP32", "FP64") and len(s.shape) == 2 and s.shape[0] == -1), None)
+
     def read_verified(self, plaintext: bytes | None = None) -> bytes:
         """The ONNX file's bytes (or ``plaintext`` unsealed elsewhere), refused unless they match
         the manifest's SHA-256."""

@@ -44,18 +44,6 @@ def _path_batch(x: np.ndarray, baseline: np.ndarray, h: float) -> np.ndarray:
     return np.asarray(np.concatenate([x[None], baseline[None], around]), dtype=np.float32)
 
 
-def _scores(outputs: list[Tensor], evaluations: int, model: str) -> np.ndarray:
-    """The first output holding one row of floating-point scores per evaluation: a classifier's label,
-    which converted scikit-learn models answer first, is no score; an answer that does not follow
-    the rows (one for the whole batch, say) explains nothing."""
-    for t in outputs:
-        if t.array.dtype.kind == "f" and t.array.ndim == 2 and t.array.shape[0] == evaluations:
-            return t.array
-    answered = ", ".join(f"{t.name} {t.array.dtype} {list(t.array.shape)}" for t in outputs)
-    raise InvalidInput(f"{model} gave no output with one row of scores per evaluation ({evaluations} rows of "
-                       f"floating-point numbers) to attribute; it answered {answered}")
-
-
 class Explain:
     """Integrated-gradients attributions for the one checked input row, into the answer."""
 
@@ -76,6 +64,10 @@ class Explain:
             raise InvalidInput(f"explanations run the model on a batch of evaluations: they need an input whose "
                                f"first dimension is the batch, left open (-1); {manifest.name} declares "
                                f"{list(spec.shape)}")
+        if manifest.scores is None:
+            answers = ", ".join(f"{o.name} {o.datatype} {list(o.shape)}" for o in manifest.outputs)
+            raise InvalidInput(f"explanations attribute a floating-point scores output of shape [-1, classes] "
+                               f"(probabilities or logits); {manifest.name} answers {answers}")
         x = call.inputs[0].array
         if x.shape[0] != 1:
             raise InvalidInput(f"an explanation is for one input row: send shape [1, ...], not {list(x.shape)}")
@@ -105,7 +97,12 @@ class Explain:
             call.ctx.worker = worker
 
         outputs = await self.pool.infer(call.model.unit.key, [Tensor(spec.name, shaped)], call.ctx.deadline, picked)
-        scores = _scores(outputs, evaluations, manifest.name).astype(np.float64)
+        answer = next((t.array for t in outputs if t.name == manifest.scores.name), None)
+        if answer is None or answer.ndim != 2 or answer.shape[0] != evaluations:  # not the declared [-1, classes]
+            got = "nothing" if answer is None else list(answer.shape)
+            raise InvalidInput(f"{manifest.name} answered {got} for {evaluations} evaluations: its "
+                               f"{manifest.scores.name} does not give one row of scores per row")
+        scores = answer.reshape(evaluations, -1).astype(np.float64)
         target = int(np.argmax(scores[0]))
         f = scores[:, target]
         around = f[2:].reshape(STEPS, 2, features)
