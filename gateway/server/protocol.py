@@ -198,6 +198,8 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
     _timer: asyncio.TimerHandle | None = None
     _write_timer: asyncio.TimerHandle | None = None
     _refusing = False
+    _header_bytes = _header_count = 0
+    _in_trailers = False
     header_timeout_s = 10.0
     body_timeout_s = 30.0
     write_timeout_s = 30.0
@@ -281,20 +283,29 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._arm(self.header_timeout_s, "headers")
-        self._header_bytes = 0
+        self._header_bytes = self._header_count = 0
+        self._in_trailers = False
         if self._tls_extension is not None:
             self.scope["extensions"] = {"tls": self._tls_extension}
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
-        if len(self.headers) >= MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
+        self._header_count += 1
+        if self._header_count > MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
             self._refuse(HeadersTooLarge(
                 f"at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes of headers are accepted"))
             # Stop the parser: httptools surfaces this as a parse error, which we then ignore.
             raise ValueError("headers too large")
+        if self._in_trailers:
+            # A chunked body's trailer fields: uvicorn would append them to the headers the
+            # application reads after the body, so a client (or anything a proxy forwards
+            # unexamined) could add an Authorization or an X-Forwarded-Client-Cert there. Counted
+            # against the limits above, then dropped (RFC 9110 section 6.5.1).
+            return
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._in_trailers = True
         self._arm(self.body_timeout_s, "body")
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):

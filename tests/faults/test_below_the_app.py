@@ -69,6 +69,33 @@ def test_refusals_below_the_app_are_problems_with_a_record(strict: Gateway, raw:
     assert record["client"]["cert_sha256"], "the verified certificate is on the record"
 
 
+def _chunked(gw: Gateway, headers: str, trailers: str) -> bytes:
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [8.0] * 64}]})
+    return (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"{headers}Transfer-Encoding: chunked\r\n\r\n{len(body):x}\r\n{body}\r\n0\r\n{trailers}\r\n").encode()
+
+
+def test_a_chunked_bodys_trailer_fields_never_become_headers(strict: Gateway) -> None:
+    """uvicorn appends trailer fields to the headers the application reads after the body: a bearer
+    token sent after the body once authenticated the request, and an X-Forwarded-Client-Cert could
+    have followed a proxy's own the same way."""
+    token = strict.token()
+    with _connect(strict) as tls:
+        tls.sendall(_chunked(strict, "", f"Authorization: Bearer {token}\r\n"))
+        status, headers, problem = _answer(tls)
+    assert status == 401 and "bearer token" in str(problem["detail"])
+    with _connect(strict) as tls:  # the same token as a header: the request itself is good
+        tls.sendall(_chunked(strict, f"Authorization: Bearer {token}\r\n", "X-Request-Id: from-the-trailer\r\n"))
+        status, headers, _ = _answer(tls)
+    assert status == 200
+    assert strict.record_of(headers["x-request-id"]).get("correlation_id") is None
+    with _connect(strict) as tls:  # and trailer fields count against the header limits
+        tls.sendall(_chunked(strict, f"Authorization: Bearer {token}\r\n",
+                             "".join(f"x-t{i}: v\r\n" for i in range(150))))
+        status, _, problem = _answer(tls)
+    assert status == 431 and problem["type"] == "urn:gateway:problem:headers-too-large"
+
+
 def test_over_the_concurrency_limit_the_answer_is_a_recorded_problem(strict: Gateway) -> None:
     held = [_connect(strict) for _ in range(6)]  # limit_concurrency = 6: connections count
     try:
