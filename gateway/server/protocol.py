@@ -57,6 +57,8 @@ log = logging.getLogger("gateway.server")
 
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 32 * 1024  # Envoy's edge default buffer per connection
+MAX_HEAD_BYTES = 64 * 1024
+"""The request line and headers as sent (Envoy's max_request_headers_kb is 60)."""
 
 
 class GatewayUvicornConfig(uvicorn.Config):
@@ -200,6 +202,8 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
     _refusing = False
     _header_bytes = _header_count = 0
     _in_trailers = False
+    _in_head = True  # reading a request's line and headers (the first, or the next after one ends)
+    _head_bytes = 0
     header_timeout_s = 10.0
     body_timeout_s = 30.0
     write_timeout_s = 30.0
@@ -276,8 +280,24 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if not self._refusing:  # after a refusal, whatever else the client sends is not read
+        """The parser gets at most ``MAX_HEAD_BYTES`` of a request's line and headers: it holds a
+        header value (and uvicorn the URL) whole until it ends, so one long one would grow this
+        process by whatever the client sends before ``header_timeout_s``."""
+        if self._refusing:  # after a refusal, whatever else the client sends is not read
+            return
+        if not self._in_head:
             super().data_received(data)
+            return
+        room = MAX_HEAD_BYTES - self._head_bytes
+        self._head_bytes += min(room, len(data))
+        super().data_received(data[:room])
+        rest = data[room:]
+        if not rest or self._refusing:
+            return
+        if self._in_head:
+            self._refuse(HeadersTooLarge(f"the request line and headers may be at most {MAX_HEAD_BYTES} bytes"))
+            return
+        self.data_received(rest)  # the body, and perhaps the next request's head
 
     # -- parser callbacks -------------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -306,6 +326,7 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_trailers = True
+        self._in_head = False
         self._arm(self.body_timeout_s, "body")
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
@@ -321,6 +342,7 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()
+        self._in_head, self._head_bytes = True, 0
         super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
