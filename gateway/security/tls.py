@@ -140,17 +140,25 @@ def build_server_context(tls: TLSConfig) -> ServerContext:
     return ctx
 
 
+def _read_crl(name: str) -> x509.CertificateRevocationList:
+    data = Path(name).read_bytes()
+    try:
+        return x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+    except ValueError as exc:
+        raise ssl.SSLError(f"{name}: not a certificate revocation list ({exc})") from None
+
+
+def revoked_certificates(files: tuple[str, ...]) -> frozenset[tuple[str, str]]:
+    """(issuer, serial in lowercase hex) of each certificate the CRLs revoke: what a connection made
+    before a CRL changed is checked against (its handshake checked the CRLs of its time)."""
+    return frozenset((crl.issuer.rfc4514_string(), format(entry.serial_number, "x"))
+                     for crl in map(_read_crl, files) for entry in crl)
+
+
 def _load_crls(ctx: ssl.SSLContext, files: tuple[str, ...]) -> None:
     """Each CRL (PEM or DER) into the context, and revocation checked for client certificates.
     OpenSSL reads CRLs only from a file of PEM blocks, so they go through a private temporary one."""
-    pems = []
-    for name in files:
-        data = Path(name).read_bytes()
-        try:
-            crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
-        except ValueError as exc:
-            raise ssl.SSLError(f"{name}: not a certificate revocation list ({exc})") from None
-        pems.append(crl.public_bytes(serialization.Encoding.PEM))
+    pems = [_read_crl(name).public_bytes(serialization.Encoding.PEM) for name in files]
     with tempfile.NamedTemporaryFile(suffix=".pem") as bundle:
         bundle.write(b"".join(pems))
         bundle.flush()
@@ -204,4 +212,6 @@ def identity_from_der(der: bytes) -> PeerIdentity:
         fingerprint_sha256=hashlib.sha256(der).hexdigest(),
         source="tls",
         serial=format(cert.serial_number, "x"),
+        issuer=cert.issuer.rfc4514_string(),
+        not_after=cert.not_valid_after_utc.timestamp(),
     )

@@ -27,6 +27,10 @@ class PeerIdentity:
     source: str  # "tls" (verified by our handshake) or "xfcc" (asserted by a trusted proxy)
     serial: str = ""
     """The certificate's serial number, lowercase hex ("" when a proxy did not pass the certificate)."""
+    issuer: str = ""
+    """Its issuer (RFC 4514), which with the serial names it in a revocation list."""
+    not_after: float = 0.0
+    """When it expires (Unix time; 0: not known)."""
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"subject": self.subject, "sans": list(self.sans),

@@ -35,10 +35,12 @@ from gateway.config import Config
 from gateway.context import REFUSAL_KEY, SCOPE_KEY
 from gateway.errors import (
     BadRequest,
+    CredentialRevoked,
     GatewayError,
     HeadersTooLarge,
     Overloaded,
     RequestTimeout,
+    Unauthorized,
     header_safe,
     render_problem,
 )
@@ -48,6 +50,7 @@ from gateway.security.tls import (
     ServerContext,
     build_server_context,
     identity_from_der,
+    revoked_certificates,
     tls_files_stamp,
 )
 
@@ -68,6 +71,9 @@ class GatewayUvicornConfig(uvicorn.Config):
         self.gateway_config = gateway_config
         self.max_connections = max_connections
         self.tls_context: ServerContext | None = None
+        self.revoked: frozenset[tuple[str, str]] = frozenset()
+        self.tls_generation = 0
+        """Counts the reloads of the CRLs: a connection made before one checks its certificate again."""
         self._tls_stamp: tuple[float, ...] = ()
         self._tls_checked = 0.0
         super().__init__(**kwargs)
@@ -104,6 +110,8 @@ class GatewayUvicornConfig(uvicorn.Config):
             if stamp != self._tls_stamp:
                 try:
                     self.tls_context = build_server_context(self.gateway_config.tls)
+                    self.revoked = revoked_certificates(self.gateway_config.tls.crl_files)
+                    self.tls_generation += 1
                     log.warning("certificate revocation lists reloaded: %s", ", ".join(self.gateway_config.tls.crl_files))
                 except (OSError, ssl.SSLError, ValueError) as exc:
                     log.error("certificate revocation lists changed but cannot be loaded (%s); keeping the previous ones",
@@ -202,6 +210,7 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
     _refusing = False
     _header_bytes = _header_count = 0
     _in_trailers = False
+    _tls_generation = 0
     _in_head = True  # reading a request's line and headers (the first, or the next after one ends)
     _head_bytes = 0
     header_timeout_s = 10.0
@@ -265,6 +274,8 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is None:
             return
+        if isinstance(self.config, GatewayUvicornConfig):
+            self._tls_generation = self.config.tls_generation
         der = ssl_object.getpeercert(binary_form=True)
         self._tls_extension = {
             "client_cert_der": der,
@@ -328,6 +339,9 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
         self._in_trailers = True
         self._in_head = False
         self._arm(self.body_timeout_s, "body")
+        invalid = self._certificate_now_invalid()
+        if invalid is not None:  # answered through the application, then the connection closes
+            self.scope[REFUSAL_KEY] = invalid  # type: ignore[literal-required]
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             # uvicorn would answer plain text below the application; ours answers (and records) it.
@@ -339,6 +353,26 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
             super().on_headers_complete()
         finally:
             self.limit_concurrency = limit
+        if invalid is not None:
+            self.cycle.keep_alive = False
+
+    def _certificate_now_invalid(self) -> GatewayError | None:
+        """The client certificate's handshake was good; a keep-alive connection may outlive its
+        expiry, or a CRL that revokes it. Checked at each request (a comparison, and a look at the
+        CRL files at most once a second)."""
+        identity = self._tls_extension.get("client_identity") if self._tls_extension else None
+        if identity is None:
+            return None
+        if identity.not_after and time.time() > identity.not_after:
+            return Unauthorized("the client certificate expired during this connection; connect again with a "
+                                "current one", error=None)
+        config = self.config
+        if isinstance(config, GatewayUvicornConfig):
+            config.current_tls_context()
+            if (config.tls_generation != self._tls_generation
+                    and (identity.issuer, identity.serial) in config.revoked):
+                return CredentialRevoked("the client certificate was revoked after this connection was made")
+        return None
 
     def on_message_complete(self) -> None:
         self._disarm()

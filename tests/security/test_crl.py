@@ -129,3 +129,49 @@ crl_files = ["{tmp_path}/bad.crl", "{tmp_path}/absent.crl"]
         load_config(config, environ={})
     assert "bad.crl is not a certificate revocation list" in str(info.value)
     assert "absent.crl: No such file" in str(info.value)
+
+
+def _keep_alive(gw: Gateway, cert: Path, key: Path) -> ssl.SSLSocket:
+    ctx = ssl.create_default_context(cafile=str(gw.pki / "certs" / "ca.pem"))
+    ctx.load_cert_chain(cert, key)
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def _ask(tls: ssl.SSLSocket) -> bytes:
+    """One request on an open connection; the answer's head (b"" once the server has closed it)."""
+    tls.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = tls.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    return answer
+
+
+def test_an_open_connection_is_refused_once_its_certificate_is_revoked_or_expires(
+        crl_gateway: tuple[Gateway, Path]) -> None:
+    """A handshake checks the CRLs of its time and the certificate's dates; a keep-alive connection
+    outlived both, served as before."""
+    gw, tmp = crl_gateway
+    ca = load_ca(gw.pki / "certs")
+    kept = client_files(tmp, "kept-open", issue_certificate(ca, "kept-open", server=False,
+                                                            uris=("spiffe://gateway.local/principal/demo",)))
+    now = dt.datetime.now(dt.UTC)
+    brief = client_files(tmp, "brief", issue_certificate(ca, "brief", server=False, days=1,
+                                                         not_before=now - dt.timedelta(days=1, seconds=-5),
+                                                         uris=("spiffe://gateway.local/principal/demo",)))
+    with _keep_alive(gw, *kept) as tls, _keep_alive(gw, *brief) as short:
+        assert _ask(tls).startswith(b"HTTP/1.1 200") and _ask(short).startswith(b"HTTP/1.1 200")
+        earlier = [x509.load_pem_x509_certificate((tmp / f"{n}.pem").read_bytes()) for n in ("revoked", "later")]
+        write_crl(tmp / "ca.crl", ca, [*earlier, x509.load_pem_x509_certificate(kept[0].read_bytes())])
+        time.sleep(5.5)  # the CRL is looked at at most once a second; the brief certificate has expired
+        answer = _ask(tls)
+        assert answer.startswith(b"HTTP/1.1 401") and b"credential-revoked" in answer + tls.recv(4096)
+        assert _ask(tls) == b"", "the connection is closed"
+        answer = _ask(short)
+        assert answer.startswith(b"HTTP/1.1 401")
+    assert "certificate revocation lists reloaded" in gw.log.read_text()
+    with _keep_alive(gw, gw.pki / "certs" / "client-demo.pem", gw.pki / "certs" / "client-demo.key") as other:
+        assert _ask(other).startswith(b"HTTP/1.1 200") and _ask(other).startswith(b"HTTP/1.1 200")
