@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from gateway.config import SupplyConfig
+from gateway.cpus import available_cpus
 from gateway.guards.detectors import (
     DETECTORS,
     Reference,
@@ -169,7 +170,7 @@ def calibrate(manifest: Manifest, model: bytes, data: np.ndarray, data_sha256: s
     if any(s.kind == "median" for s in parsed) and shape is None:
         raise CalibrationError(f"{where}: median squeezers need an image shape (set image = [height, width])")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, min(4, os.cpu_count() or 1))
+    options.intra_op_num_threads = min(4, available_cpus())
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     say = progress or (lambda text: None)
     started = time.monotonic()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import contextvars
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from cryptography.hazmat.primitives.twofactor import InvalidToken as InvalidTOTP
 from joserfc.jwk import KeySet
 
 from gateway.config import ACR_MFA, ACR_PASSWORD, Config
+from gateway.cpus import available_cpus
 from gateway.security.accounts import (
     TOTP_STEP,
     IssuerStore,
@@ -203,7 +203,7 @@ class BuiltinIssuer:
         self.limiter = limiter or Limiter(config.limits, config.issuer.max_failed_logins, config.issuer.lockout_s)
         self.max_failed_otp = config.issuer.max_failed_otp
         self._used_codes: dict[str, int] = {}  # last accepted TOTP step per user: no replays (and Redis)
-        self.sign_in_threads = config.issuer.sign_in_threads or max(1, (os.cpu_count() or 2) // 2)
+        self.sign_in_threads = config.issuer.sign_in_threads or max(1, available_cpus() // 2)
         self._judging: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
         self.server = self._authorization_server()
 

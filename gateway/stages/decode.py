@@ -27,6 +27,7 @@ import signal
 from concurrent.futures.process import BrokenProcessPool
 
 from gateway.config import ServerConfig
+from gateway.cpus import available_cpus
 from gateway.errors import PayloadTooLarge, Unavailable, bad_request
 from gateway.registry.manifest import TensorSpec
 from gateway.registry.signature import Signature
@@ -73,7 +74,7 @@ def _decoder_init(memory_mb: int, parent_pid: int, uid: int | None, gid: int | N
 class Decoder:
     def __init__(self, server: ServerConfig, limits: DecodeLimits | None = None) -> None:
         self.limits = limits or DecodeLimits(max_bytes_elements=server.max_bytes_elements)
-        self.processes = server.decode_processes or max(1, min(4, (os.cpu_count() or 2) // 2))
+        self.processes = server.decode_processes or max(1, min(4, available_cpus() // 2))
         self.memory_mb = server.decode_memory_mb
         self.identity: tuple[int | None, int | None] = (None, None)
         if os.geteuid() == 0 and server.worker_user:

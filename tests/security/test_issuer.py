@@ -349,7 +349,7 @@ async def test_sign_ins_are_judged_a_few_at_a_time(setup: tuple[Config, dict[str
     ~100 ms instead of 3. At most ``issuer.sign_in_threads`` are judged at once; the rest wait."""
     config, creds = setup
     config = dataclasses.replace(config, issuer=dataclasses.replace(config.issuer, max_failed_logins=100))
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # sign_in_threads = 0: half the cores
+    monkeypatch.setattr(issuer_module, "available_cpus", lambda: 4)  # sign_in_threads = 0: half the cores
     judging, most = 0, 0
     lock = threading.Lock()
     verify = issuer_module.verify_secret
