@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import contextvars
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -203,6 +204,7 @@ class BuiltinIssuer:
         self.limiter = limiter or Limiter(config.limits, config.issuer.max_failed_logins, config.issuer.lockout_s)
         self.max_failed_otp = config.issuer.max_failed_otp
         self._used_codes: dict[str, int] = {}  # last accepted TOTP step per user: no replays (and Redis)
+        self._codes_lock = threading.Lock()
         self.sign_in_threads = config.issuer.sign_in_threads or max(1, available_cpus() // 2)
         self._judging: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
         self.server = self._authorization_server()
@@ -275,9 +277,10 @@ class BuiltinIssuer:
             except InvalidTOTP:
                 continue
             step = at // TOTP_STEP
-            if self._used_codes.get(username, -1) >= step:
-                return False  # a code is good for one sign-in only
-            self._used_codes[username] = step
+            with self._codes_lock:  # sign-ins are judged in several threads
+                if self._used_codes.get(username, -1) >= step:
+                    return False  # a code is good for one sign-in only
+                self._used_codes[username] = step
             if self.limiter.shared is not None:  # nor on another replica (runs in the grant's thread)
                 return anyio.from_thread.run(self.limiter.first_use, f"totp/{username}/{step}", 3 * TOTP_STEP)
             return True

@@ -372,3 +372,25 @@ async def test_sign_ins_are_judged_a_few_at_a_time(setup: tuple[Config, dict[str
                                      for _ in range(12)))
     assert [status for status, _, _ in answers] == [200] * 12
     assert most == 2
+
+
+@pytest.mark.anyio
+async def test_a_code_sent_in_several_sign_ins_at_once_signs_in_once(
+        setup: tuple[Config, dict[str, dict[str, str]]]) -> None:
+    """Sign-ins are judged in several threads; the check that a code is unused and the note that it is
+    now used are one step. (The window between them is widened here, as a busy machine can.)"""
+    config, creds = setup
+    config = dataclasses.replace(config, issuer=dataclasses.replace(config.issuer, sign_in_threads=8,
+                                                                     max_failed_logins=100))
+    issuer = BuiltinIssuer(config)
+
+    class Slow(dict[str, int]):
+        def get(self, *args: Any) -> Any:
+            value = super().get(*args)
+            time.sleep(0.05)  # between reading and writing: others may read meanwhile
+            return value
+
+    issuer._used_codes = Slow()
+    code = totp_now(creds["admin"]["totp_secret"])
+    answers = await asyncio.gather(*(_password(issuer, creds["admin"], code=code) for _ in range(8)))
+    assert sorted(status for status, _ in answers) == [200] + [400] * 7
