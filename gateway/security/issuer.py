@@ -14,8 +14,10 @@ Failed sign-ins are counted per factor, and each counter is cleared only by a su
 factor: after ``issuer.max_failed_logins`` failed secrets (a client's or a person's password) or
 ``issuer.max_failed_otp`` wrong one-time codes, the account is locked for up to
 ``issuer.lockout_s`` (NIST SP 800-63B allows at most 100), so a known password cannot be used to
-reset the count of guessed codes. The counters live in the rate limiter's storage, so replicas
-sharing Redis share them. A client authenticates one way only (RFC 6749 section 2.3): a Basic
+reset the count of guessed codes. Attempts in flight count with the failures (a place is taken
+before a secret or code is judged), so guesses sent together get no more tries than the limit,
+and at most ``issuer.sign_in_threads`` sign-ins are judged at once. The counters live in the rate
+limiter's storage, so replicas sharing Redis share them. A client authenticates one way only (RFC 6749 section 2.3): a Basic
 header together with credentials in the form is refused before anything is counted. An unknown
 client and a wrong secret get the same answer after the same work (one scrypt), so client ids
 cannot be enumerated.
@@ -144,7 +146,9 @@ class _Outcome:
     trying_otp: bool = False
     """The code took a place among its account's attempts (``Limiter.account_attempt``)."""
     locked: int = 0
-    """Seconds to wait, when the code could not take one."""
+    """Seconds to wait, when the code could not take one;"""
+    busy: bool = False
+    """because its account's other attempts were being judged (not locked by failures)."""
 
 
 class _Request(OAuth2Request):  # type: ignore[misc]
@@ -256,8 +260,8 @@ class BuiltinIssuer:
         amr, acr = ["pwd"], ACR_PASSWORD
         if ok and code:
             assert record is not None
-            outcome.locked = anyio.from_thread.run(self.limiter.account_attempt, f"otp:{username[:256]}",
-                                                   self.max_failed_otp)
+            outcome.locked, outcome.busy = anyio.from_thread.run(self.limiter.account_attempt, f"otp:{username[:256]}",
+                                                                 self.max_failed_otp)
             outcome.trying_otp = not outcome.locked
             ok = outcome.otp = outcome.trying_otp and self._check_totp(username, record["totp_secret"], code)
             amr, acr = ["pwd", "otp", "mfa"], ACR_MFA
@@ -308,9 +312,9 @@ class BuiltinIssuer:
             if wait:
                 return _locked(wait)
         first, (key, limit) = next(iter(counters.items()))
-        wait = await self.limiter.account_attempt(key, limit)  # in flight counts with the failures
+        wait, busy = await self.limiter.account_attempt(key, limit)  # in flight counts with the failures
         if wait:
-            return _locked(wait)
+            return _locked(wait, busy)
         outcome, verdicts = request.outcome, {}
         try:
             if self._judging is None:
@@ -323,7 +327,7 @@ class BuiltinIssuer:
             if outcome.trying_otp:  # the code's own place, taken when it was about to be judged
                 await self.limiter.account_judged(counters["otp"][0], verdicts.get("otp"), counters["otp"][1])
         if outcome.locked:
-            return _locked(outcome.locked)
+            return _locked(outcome.locked, outcome.busy)
         return status, payload, list(out or [])
 
     def _revoked(self, client_id: str, form: dict[str, str]) -> str | None:
@@ -359,9 +363,10 @@ class BuiltinIssuer:
         }
 
 
-def _locked(wait: int) -> tuple[int, Any, list[tuple[str, str]]]:
-    body = {"error": "invalid_grant", "error_description": "too many failed attempts; this account is locked for now"}
-    return 429, body, [("Retry-After", str(wait))]
+def _locked(wait: int, busy: bool = False) -> tuple[int, Any, list[tuple[str, str]]]:
+    why = ("other sign-ins to this account are being checked; try again in a second" if busy
+           else "too many failed attempts; this account is locked for now")
+    return 429, {"error": "invalid_grant", "error_description": why}, [("Retry-After", str(wait))]
 
 
 def _basic_credentials(request: _Request) -> tuple[str, str] | None:

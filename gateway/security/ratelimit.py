@@ -292,22 +292,22 @@ class Limiter:
             return 0
         return max(1, math.ceil(await self._run(lambda b: b.ttl(key))))
 
-    async def account_attempt(self, account: str, limit: int | None = None) -> int:
+    async def account_attempt(self, account: str, limit: int | None = None) -> tuple[int, bool]:
         """Take a place for one attempt on ``account`` before its credentials are judged: attempts
         in flight count with the failures against ``limit`` (by default ``max_failed_logins``), so
         guesses sent together cannot all pass a check made before any of them is judged. 0: go
-        ahead, then report the verdict with ``account_judged``; else the seconds to wait (the
-        lockout's, or one second while the account's other attempts are being judged)."""
+        ahead, then report the verdict with ``account_judged``; else the seconds to wait: the
+        lockout's, or one second while the account's other attempts are being judged (``busy``)."""
         failures_key, trying_key = f"gateway/lockout/{account}", f"gateway/trying/{account}"
         limit = limit or self.max_failed_logins
         trying = await self._run(lambda b: b.incr(trying_key, TRYING_TTL_S))
         failures = await self._run(lambda b: b.get(failures_key))
         if failures + trying <= limit:
-            return 0
+            return 0, False
         await self._run(lambda b: b.giveback(trying_key))
         if failures < limit:
-            return 1
-        return max(1, math.ceil(await self._run(lambda b: b.ttl(failures_key))))
+            return 1, True
+        return max(1, math.ceil(await self._run(lambda b: b.ttl(failures_key)))), False
 
     async def account_judged(self, account: str, verdict: bool | None, limit: int | None = None) -> None:
         """The verdict on an attempt ``account_attempt`` let through: a success clears the account's

@@ -313,6 +313,8 @@ async def test_right_secrets_sent_together_wait_a_second_and_lock_nothing(
                                          for _ in range(8)))
         assert sorted(status for status, _, _ in answers) == [200] * 3 + [429] * 5
         assert {headers["Retry-After"] for status, _, headers in answers if status == 429} == {"1"}
+        assert {body["error_description"] for status, body, _ in answers if status == 429} == {
+            "other sign-ins to this account are being checked; try again in a second"}
         assert (await _token(issuer, form, _basic("demo", creds["demo"]["client_secret"])))[0] == 200
         for _ in range(2):  # and failures still count as before
             assert (await _token(issuer, form, _basic("demo", "wrong")))[0] == 401
