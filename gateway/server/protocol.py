@@ -213,6 +213,7 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
     _tls_generation = 0
     _in_head = True  # reading a request's line and headers (the first, or the next after one ends)
     _head_bytes = 0
+    _completed = 0  # requests parsed on this connection
     header_timeout_s = 10.0
     body_timeout_s = 30.0
     write_timeout_s = 30.0
@@ -294,21 +295,17 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
         """The parser gets at most ``MAX_HEAD_BYTES`` of a request's line and headers: it holds a
         header value (and uvicorn the URL) whole until it ends, so one long one would grow this
         process by whatever the client sends before ``header_timeout_s``."""
-        if self._refusing:  # after a refusal, whatever else the client sends is not read
-            return
-        if not self._in_head:
-            super().data_received(data)
-            return
-        room = MAX_HEAD_BYTES - self._head_bytes
-        self._head_bytes += min(room, len(data))
-        super().data_received(data[:room])
-        rest = data[room:]
-        if not rest or self._refusing:
-            return
-        if self._in_head:
-            self._refuse(HeadersTooLarge(f"the request line and headers may be at most {MAX_HEAD_BYTES} bytes"))
-            return
-        self.data_received(rest)  # the body, and perhaps the next request's head
+        while data and not self._refusing:  # after a refusal, whatever else the client sends is not read
+            if not self._in_head:
+                super().data_received(data)
+                return
+            room = MAX_HEAD_BYTES - self._head_bytes
+            self._head_bytes += min(room, len(data))
+            completed = self._completed
+            super().data_received(data[:room])
+            data = data[room:]  # the body, and perhaps the next requests (pipelined)
+            if data and self._in_head and self._completed == completed and not self._refusing:
+                self._refuse(HeadersTooLarge(f"the request line and headers may be at most {MAX_HEAD_BYTES} bytes"))
 
     # -- parser callbacks -------------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -377,6 +374,7 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
     def on_message_complete(self) -> None:
         self._disarm()
         self._in_head, self._head_bytes = True, 0
+        self._completed += 1
         super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:

@@ -101,25 +101,33 @@ def test_a_chunked_bodys_trailer_fields_never_become_headers(strict: Gateway) ->
     assert status == 431 and problem["type"] == "urn:gateway:problem:headers-too-large"
 
 
-def test_large_bodies_sent_with_their_heads_in_one_write_are_not_taken_for_long_heads(strict: Gateway) -> None:
-    """The head limit counts a request's line and headers only: two requests whose heads and
-    300 KB bodies arrive together, in one write, are both answered."""
+def _statuses(tls: ssl.SSLSocket, count: int) -> list[int]:
+    """The statuses of ``count`` answers on one connection (several may come in one read)."""
+    answers = tls.makefile("rb")
+    statuses = []
+    for _ in range(count):
+        statuses.append(int(answers.readline().split()[1]))
+        length = 0
+        while (line := answers.readline()) != b"\r\n":
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        answers.read(length)
+    return statuses
+
+
+@pytest.mark.parametrize("requests,padding", [(2, 300_000), (150, 0)], ids=["large-bodies", "many-small-requests"])
+def test_requests_sent_together_in_one_write_are_not_taken_for_long_heads(strict: Gateway, requests: int,
+                                                                          padding: int) -> None:
+    """The head limit counts one request's line and headers: requests whose heads and bodies arrive
+    together in one write (two with 300 KB bodies; 150 small ones, 100 KB in all) are all answered."""
     body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [8.0] * 64}]})
-    body += " " * 300_000
+    body += " " * padding
     one = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
            f"Authorization: Bearer {strict.token()}\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode()
     with _connect(strict) as tls:
-        tls.sendall(one + one)
-        answers = tls.makefile("rb")  # both answers may come in one read
-        statuses = []
-        for _ in range(2):
-            statuses.append(int(answers.readline().split()[1]))
-            length = 0
-            while (line := answers.readline()) != b"\r\n":
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            answers.read(length)
-    assert statuses == [200, 200]
+        tls.sendall(one * requests)
+        statuses = _statuses(tls, requests)
+    assert 431 not in statuses and statuses.count(200) == requests, statuses
 
 
 def test_over_the_concurrency_limit_the_answer_is_a_recorded_problem(strict: Gateway) -> None:
