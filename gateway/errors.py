@@ -325,6 +325,15 @@ class OAuthError(GatewayError):
         self.type = "oauth-" + error.replace("_", "-")
 
 
+class BadModelAnswer(GatewayError):
+    """502: the model's worker answered outside the model's declared signature (a model the
+    manifest misdescribes, or a compromised worker); nothing of the answer reaches the caller."""
+
+    status = 502
+    type = "bad-model-answer"
+    title = "The model answered outside its signature"
+
+
 class GatewayTimeout(GatewayError):
     status = 504
     type = "timeout"

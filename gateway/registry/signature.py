@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from gateway.errors import InvalidInput
+from gateway.errors import BadModelAnswer, InvalidInput
 from gateway.registry.manifest import Manifest, TensorSpec
 from gateway_client.protocol.codec import RequestedOutput, Tensor
 
-__all__ = ["Signature", "check_inputs", "check_outputs"]
+__all__ = ["Signature", "check_answer", "check_inputs", "check_outputs"]
 
 
 def _check_declared(datatype: str, shape: tuple[int, ...], spec: TensorSpec) -> None:
@@ -95,6 +95,21 @@ def check_inputs(manifest: Manifest, inputs: list[Tensor]) -> list[Tensor]:
     if batch == {0}:
         raise InvalidInput("the batch is empty", field="inputs")
     return checked
+
+
+def check_answer(manifest: Manifest, outputs: list[Tensor]) -> None:
+    """A worker's outputs against the model's declared ones: names, datatypes, ranks and fixed
+    dimensions. The worker is not trusted further than that (``BadModelAnswer``, 502)."""
+    declared = {s.name: s for s in manifest.outputs}
+    for t in outputs:
+        spec = declared.get(t.name)
+        shape = t.array.shape
+        if spec is None:
+            raise BadModelAnswer(f"{manifest.name} answered an output it does not declare ({t.name[:64]!r})")
+        if (t.datatype != spec.datatype or len(shape) != len(spec.shape)
+                or any(want != -1 and got != want for got, want in zip(shape, spec.shape))):
+            raise BadModelAnswer(f"{manifest.name} answered {spec.name} as {t.datatype} {list(shape)}; its manifest "
+                                 f"declares {spec.datatype} {list(spec.shape)}")
 
 
 def check_outputs(manifest: Manifest, outputs: list[RequestedOutput]) -> None:

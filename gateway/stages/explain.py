@@ -19,6 +19,7 @@ import orjson
 
 from gateway.access import principal_of
 from gateway.errors import InvalidInput
+from gateway.registry.signature import check_answer
 from gateway.security.ratelimit import Charge, Limiter
 from gateway.stages.base import Answer, InferCall, offload
 from gateway.stages.infer import tensor_digest
@@ -97,6 +98,7 @@ class Explain:
             call.ctx.worker = worker
 
         outputs = await self.pool.infer(call.model.unit.key, [Tensor(spec.name, shaped)], call.ctx.deadline, picked)
+        check_answer(manifest, outputs)
         answer = next((t.array for t in outputs if t.name == manifest.scores.name), None)
         if answer is None or answer.ndim != 2 or answer.shape[0] != evaluations:  # not the declared [-1, classes]
             got = "nothing" if answer is None else list(answer.shape)

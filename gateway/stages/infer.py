@@ -8,6 +8,7 @@ import numpy as np
 
 from gateway.context import TensorDigest
 from gateway.offload import text_elements
+from gateway.registry.signature import check_answer
 from gateway.stages.base import Answer, InferCall, elements, offload
 from gateway.workers.pool import WorkerPool
 from gateway_client.protocol.codec import RequestedOutput, Tensor, encode_infer_response
@@ -65,6 +66,7 @@ class Infer:
         finally:
             if admission is not None:
                 await admission  # refused: its 429, and these outputs are never used
+        check_answer(call.model.manifest, outputs)
         if not call.riders:
             call.outputs = outputs
         else:
