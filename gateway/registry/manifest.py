@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
+MAX_MANIFEST_BYTES = 1024 * 1024
+
+
 class ManifestError(ValueError):
     """A manifest or model file that cannot be served, with the reason."""
 
@@ -108,9 +111,16 @@ def _spec(raw: Any, where: str) -> TensorSpec:
 
 
 def load_manifest(directory: Path) -> Manifest:
-    """Read and validate ``directory/manifest.json``; raises ``ManifestError`` with the reason."""
+    """Read and validate ``directory/manifest.json``; raises ``ManifestError`` with the reason. It is
+    read before the folder's signature is checked (it names what to check), so at most
+    ``MAX_MANIFEST_BYTES`` of it are read: a planted file of gigabytes is refused, not parsed."""
     try:
-        raw = json.loads((directory / "manifest.json").read_text())
+        with open(directory / "manifest.json", "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{directory}/manifest.json is over {MAX_MANIFEST_BYTES} bytes; a manifest "
+                                "describes a model, it does not hold one")
+        raw = json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ManifestError(f"{directory}: no manifest.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

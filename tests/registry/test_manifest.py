@@ -53,7 +53,10 @@ def test_a_modified_model_file_is_refused(tmp_path: Path) -> None:
     ({"inputs": []}, "at least one"),
     ({"inputs": [{"name": "x", "datatype": "FP8", "shape": [1]}]}, "datatype"),
     ({"device": "tpu"}, "device"),
-], ids=["name-traversal", "version-dots", "bad-digest", "file-escape", "no-inputs", "bad-dtype", "bad-device"])
+    # Read before the signature is checked: a planted manifest of gigabytes must not be parsed.
+    ({"description": "x" * (2 << 20)}, "over 1048576 bytes"),
+], ids=["name-traversal", "version-dots", "bad-digest", "file-escape", "no-inputs", "bad-dtype", "bad-device",
+        "oversized"])
 def test_invalid_manifests_name_the_problem(tmp_path: Path, changes: dict[str, object], fragment: str) -> None:
     with pytest.raises(ManifestError, match=fragment):
         load_manifest(_write(tmp_path, **changes))
