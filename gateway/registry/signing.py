@@ -14,6 +14,7 @@ from typing import Any
 __all__ = ["SIGNATURE_NAME", "SignatureError", "sign_model", "verify_model"]
 
 SIGNATURE_NAME = "model.sig"
+MAX_SIGNATURE_BYTES = 1024 * 1024
 
 
 class SignatureError(ValueError):
@@ -48,6 +49,9 @@ def verify_model(folder: Path, trusted_keys: list[Path]) -> Path:
         raise SignatureError(f"unsigned: {signature} does not exist (sign it with `gateway models sign`)")
     if not trusted_keys:
         raise SignatureError("no trusted keys are configured (supply.trusted_keys)")
+    size = signature.stat().st_size
+    if size > MAX_SIGNATURE_BYTES:  # a bundle is a few KiB; a planted one of gigabytes is not parsed
+        raise SignatureError(f"{signature} is {size} bytes; a signature bundle is at most {MAX_SIGNATURE_BYTES}")
     reasons = []
     for key in trusted_keys:
         try:

@@ -271,8 +271,13 @@ def _signing_cases() -> list[tuple[str, Callable[[Path, Path], None], str]]:
     def unsigned(folder: Path, pki: Path) -> None:
         (folder / "model.sig").unlink()
 
+    def huge_signature(folder: Path, pki: Path) -> None:  # parsed once per trusted key, had it been read
+        with open(folder / "model.sig", "ab") as f:
+            f.truncate(3 << 30)
+
     return [("one byte tampered", tamper, "does not match the files"), ("an extra file", extra, "notes.txt"),
-            ("signed by another key", wrong_key, "not trusted"), ("unsigned", unsigned, "unsigned")]
+            ("signed by another key", wrong_key, "not trusted"), ("unsigned", unsigned, "unsigned"),
+            ("a signature of 3 GiB", huge_signature, "a signature bundle is at most 1048576")]
 
 
 @pytest.mark.parametrize("change,reason", [(c[1], c[2]) for c in _signing_cases()], ids=[c[0] for c in _signing_cases()])
