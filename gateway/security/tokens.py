@@ -52,6 +52,8 @@ __all__ = ["JWKSCache", "TokenValidator", "bearer_token", "cert_thumbprint", "ro
 log = logging.getLogger("gateway.auth")
 
 MAX_TOKEN_BYTES = 8192
+MAX_PROVIDER_DOCUMENT_BYTES = 1024 * 1024
+"""A discovery document or a key set: a few KiB where real."""
 VERIFIED_TTL_S = 30.0
 """A token whose signature verified is not verified again for this long (its claims always are)."""
 VERIFIED_MAX = 10_000
@@ -77,6 +79,22 @@ def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
 def cert_thumbprint(peer: PeerIdentity) -> str:
     """RFC 8705 ``x5t#S256``: base64url of the certificate's SHA-256, unpadded."""
     return base64.urlsafe_b64encode(bytes.fromhex(peer.fingerprint_sha256)).rstrip(b"=").decode()
+
+
+async def _document(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
+    """A provider's JSON object at ``url``, read up to ``MAX_PROVIDER_DOCUMENT_BYTES``; ``ValueError``
+    for anything else (a provider's answers are input like any other)."""
+    async with http.stream("GET", url) as response:
+        response.raise_for_status()
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > MAX_PROVIDER_DOCUMENT_BYTES:
+                raise ValueError(f"{url} answered more than {MAX_PROVIDER_DOCUMENT_BYTES} bytes")
+    doc = orjson.loads(bytes(body))
+    if not isinstance(doc, dict):
+        raise ValueError(f"{url} answered {type(doc).__name__}, not a JSON object")
+    return doc
 
 
 def _public_signing_keys(data: Any) -> KeySet:
@@ -116,14 +134,13 @@ class JWKSCache:
         async with self._client() as http:
             if not self.jwks_uri:
                 url = self.trust.issuer.rstrip("/") + "/.well-known/openid-configuration"
-                doc = (await http.get(url)).raise_for_status().json()
+                doc = await _document(http, url)
                 if doc.get("issuer") != self.trust.issuer:
                     raise ValueError(f"discovery names issuer {doc.get('issuer')!r}, expected {self.trust.issuer!r}")
                 if not isinstance(doc.get("jwks_uri"), str):
                     raise ValueError("discovery document has no jwks_uri")
                 self.jwks_uri = doc["jwks_uri"]
-            response = (await http.get(self.jwks_uri)).raise_for_status()
-            return _public_signing_keys(response.json())
+            return _public_signing_keys(await _document(http, self.jwks_uri))
 
     async def refresh(self) -> bool:
         """Fetch now (single-flight); False, with the cache untouched, when the provider fails."""
