@@ -19,6 +19,7 @@ import orjson
 
 from gateway.access import principal_of
 from gateway.errors import InvalidInput
+from gateway.registry.manifest import Manifest, TensorSpec
 from gateway.registry.signature import check_answer
 from gateway.security.ratelimit import Charge, Limiter
 from gateway.stages.base import Answer, InferCall, offload
@@ -45,6 +46,35 @@ def _path_batch(x: np.ndarray, baseline: np.ndarray, h: float) -> np.ndarray:
     return np.asarray(np.concatenate([x[None], baseline[None], around]), dtype=np.float32)
 
 
+def _explainable(manifest: Manifest, inputs: list[Tensor]) -> tuple[np.ndarray, int, TensorSpec]:
+    """The one input row, its features and the scores output to attribute, when ``manifest``'s
+    model can be explained by finite differences over a batch; else ``InvalidInput`` saying why."""
+    spec = manifest.inputs[0]
+    if len(manifest.inputs) != 1 or spec.datatype not in ("FP16", "FP32", "FP64"):
+        raise InvalidInput(f"explanations need a model with one floating-point input; {manifest.name} takes "
+                           f"{', '.join(f'{s.name} ({s.datatype})' for s in manifest.inputs)}")
+    if not spec.shape or spec.shape[0] != -1:
+        raise InvalidInput(f"explanations run the model on a batch of evaluations: they need an input whose "
+                           f"first dimension is the batch, left open (-1); {manifest.name} declares "
+                           f"{list(spec.shape)}")
+    scores = manifest.scores
+    if scores is None:
+        answers = ", ".join(f"{o.name} {o.datatype} {list(o.shape)}" for o in manifest.outputs)
+        raise InvalidInput(f"explanations attribute a floating-point scores output of shape [-1, classes] "
+                           f"(probabilities or logits); {manifest.name} answers {answers}")
+    x = inputs[0].array
+    if x.shape[0] != 1:
+        raise InvalidInput(f"an explanation is for one input row: send shape [1, ...], not {list(x.shape)}")
+    features = int(x[0].size)
+    if not features:
+        raise InvalidInput(f"an explanation attributes a prediction to its input's features; this input "
+                           f"has none (shape {list(x.shape)})")
+    if features > MAX_FEATURES:
+        raise InvalidInput(f"{manifest.name} takes {features} features per row; explanations by finite "
+                           f"differences are limited to {MAX_FEATURES}")
+    return x, features, scores
+
+
 class Explain:
     """Integrated-gradients attributions for the one checked input row, into the answer."""
 
@@ -58,27 +88,7 @@ class Explain:
         assert call.request is not None
         manifest = call.model.manifest
         spec = manifest.inputs[0]
-        if len(manifest.inputs) != 1 or spec.datatype not in ("FP16", "FP32", "FP64"):
-            raise InvalidInput(f"explanations need a model with one floating-point input; {manifest.name} takes "
-                               f"{', '.join(f'{s.name} ({s.datatype})' for s in manifest.inputs)}")
-        if not spec.shape or spec.shape[0] != -1:
-            raise InvalidInput(f"explanations run the model on a batch of evaluations: they need an input whose "
-                               f"first dimension is the batch, left open (-1); {manifest.name} declares "
-                               f"{list(spec.shape)}")
-        if manifest.scores is None:
-            answers = ", ".join(f"{o.name} {o.datatype} {list(o.shape)}" for o in manifest.outputs)
-            raise InvalidInput(f"explanations attribute a floating-point scores output of shape [-1, classes] "
-                               f"(probabilities or logits); {manifest.name} answers {answers}")
-        x = call.inputs[0].array
-        if x.shape[0] != 1:
-            raise InvalidInput(f"an explanation is for one input row: send shape [1, ...], not {list(x.shape)}")
-        features = int(x[0].size)
-        if not features:
-            raise InvalidInput(f"an explanation attributes a prediction to its input's features; this input "
-                               f"has none (shape {list(x.shape)})")
-        if features > MAX_FEATURES:
-            raise InvalidInput(f"{manifest.name} takes {features} features per row; explanations by finite "
-                               f"differences are limited to {MAX_FEATURES}")
+        x, features, scores_spec = _explainable(manifest, call.inputs)
         lo = spec.min if spec.min is not None else 0.0
         span = (spec.max - lo) if spec.max is not None else 1.0
         flat = x.reshape(-1).astype(np.float64)
@@ -99,11 +109,11 @@ class Explain:
 
         outputs = await self.pool.infer(call.model.unit.key, [Tensor(spec.name, shaped)], call.ctx.deadline, picked)
         check_answer(manifest, outputs)
-        answer = next((t.array for t in outputs if t.name == manifest.scores.name), None)
+        answer = next((t.array for t in outputs if t.name == scores_spec.name), None)
         if answer is None or answer.ndim != 2 or answer.shape[0] != evaluations:  # not the declared [-1, classes]
             got = "nothing" if answer is None else list(answer.shape)
             raise InvalidInput(f"{manifest.name} answered {got} for {evaluations} evaluations: its "
-                               f"{manifest.scores.name} does not give one row of scores per row")
+                               f"{scores_spec.name} does not give one row of scores per row")
         scores = answer.reshape(evaluations, -1).astype(np.float64)
         target = int(np.argmax(scores[0]))
         f = scores[:, target]

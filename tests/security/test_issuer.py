@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import stat
 import threading
 import time
@@ -26,7 +25,7 @@ from gateway.errors import Unauthorized
 from gateway.security import issuer as issuer_module
 from gateway.security.issuer import BuiltinIssuer, IssuerStore, totp_now
 from gateway.security.tokens import TokenValidator
-from tests.security.test_limits import Redis
+from tests.security.test_limits import Redis, running_redis
 
 
 @pytest.fixture
@@ -250,13 +249,8 @@ def storage(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     """Where the lockout counts live: this process, or a real ``redis-server`` shared by replicas."""
     if request.param == "memory":
         yield None
-        return
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is needed: `make test` installs it (apt-get install redis-server)")
-    server = Redis(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.kill()
+    else:
+        yield from running_redis(tmp_path_factory)
 
 
 @contextlib.asynccontextmanager

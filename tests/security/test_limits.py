@@ -66,14 +66,19 @@ class Redis:
             self.proc = None
 
 
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
+def running_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
+    """A real ``redis-server`` for the test's duration (the body of a fixture)."""
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is needed: `make test` installs it (apt-get install redis-server)")
     r = Redis(tmp_path_factory.mktemp("redis"))
     r.start()
     yield r
     r.kill()
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
+    yield from running_redis(tmp_path_factory)
 
 
 def _status(gw: Gateway, token: str, method: str = "GET", path: str = "/v2/models/digits",
