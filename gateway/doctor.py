@@ -64,7 +64,8 @@ def diagnose(config: Config, url: str = "", ca_file: str = "", client_cert: tupl
     checks: list[Callable[[], Iterator[Finding]]] = [
         lambda: _settings(config), lambda: _certificates(config), lambda: _keys(config),
         lambda: _credentials(config), lambda: _admin_mfa(config), lambda: _explain(config),
-        lambda: _unhardened_outputs(config), lambda: _models(config), lambda: _audit(config), lambda: _redis(config), lambda: _packages(),
+        lambda: _unhardened_outputs(config), lambda: _models(config), lambda: _audit(config), lambda: _redis(config),
+        lambda: _packages(),
     ]
     if url:
         checks += [lambda: _running(config, url, ca_file, client_cert)]
@@ -229,6 +230,7 @@ def _unhardened_outputs(c: Config) -> Iterator[Finding]:
     for some caller while a floating-point output of theirs is not rows × scores: the policies
     apply only to those, so that output reaches the caller as the model answered it."""
     from gateway.registry.manifest import load_manifest
+    from gateway_client.protocol.datatypes import FLOATS
 
     for unit, settings in c.units():
         policies = {settings.output.policy, *(policy for _, policy in settings.output.roles)} - {"full"}
@@ -242,7 +244,7 @@ def _unhardened_outputs(c: Config) -> Iterator[Finding]:
         except (OSError, ValueError):
             continue  # the model-missing and model-signature findings name it
         passing = [f"{s.name} {list(s.shape)}" for s in manifest.outputs
-                   if s.datatype in ("FP16", "BF16", "FP32", "FP64") and len(s.shape) != 2]
+                   if s.datatype in FLOATS and len(s.shape) != 2]
         if passing:
             yield Finding("output-policy-not-applied", "medium",
                           f"models.{unit.model} hardens answers with {', '.join(sorted(policies))}, which apply to "

@@ -40,7 +40,7 @@ from gateway.guards.detectors import (
     squeeze_scores,
 )
 from gateway.registry.manifest import Manifest, ManifestError, TensorSpec
-from gateway_client.protocol.datatypes import numpy_dtype
+from gateway_client.protocol.datatypes import FLOATS, numpy_dtype
 
 __all__ = ["CALIBRATION_NAME", "Calibration", "CalibrationError", "calibrate", "calibrate_folder", "image_shape",
            "load_calibration"]
@@ -113,7 +113,7 @@ def _domain(manifest: Manifest) -> tuple[float, float]:
 
 def _check_model(manifest: Manifest) -> None:
     where = f"{manifest.name}/{manifest.version}"
-    if len(manifest.inputs) != 1 or manifest.inputs[0].datatype not in ("FP32", "FP16", "FP64"):
+    if len(manifest.inputs) != 1 or manifest.inputs[0].datatype not in FLOATS:
         takes = ", ".join(f"{i.name} {i.datatype}" for i in manifest.inputs)
         raise CalibrationError(f"{where}: the guard needs one floating-point input; this model takes {takes}")
     if manifest.inputs[0].shape[:1] != (-1,) or -1 in manifest.inputs[0].shape[1:]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway_client.protocol.datatypes import DATATYPES
+from gateway_client.protocol.datatypes import DATATYPES, FLOATS
 
 __all__ = ["NAME_PATTERN", "Manifest", "ManifestError", "TensorSpec", "load_manifest", "load_manifests"]
 
@@ -72,7 +72,7 @@ class Manifest:
         floating-point one declared ``[-1, classes]`` (a classifier's probabilities or logits; not
         its label, which converted scikit-learn classifiers answer first)."""
         return next((s for s in self.outputs
-                     if s.datatype in ("FP16", "FP32", "FP64") and len(s.shape) == 2 and s.shape[0] == -1), None)
+                     if s.datatype in FLOATS and len(s.shape) == 2 and s.shape[0] == -1), None)
 
     def read_verified(self, plaintext: bytes | None = None) -> bytes:
         """The ONNX file's bytes (or ``plaintext`` unsealed elsewhere), refused unless they match

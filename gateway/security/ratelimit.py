@@ -73,9 +73,9 @@ log = logging.getLogger("gateway.limits")
 T = TypeVar("T")
 
 BATCH_MAX = 64
+"""Admissions sent in one script call at most."""
 TRYING_TTL_S = 60
 """How long a place taken by a sign-in attempt outlives a process that died judging it."""
-"""Admissions sent in one script call at most."""
 
 
 class RateLimited(TooManyRequests):

@@ -26,6 +26,7 @@ from gateway.stages.base import Answer, InferCall, offload
 from gateway.stages.infer import tensor_digest
 from gateway.workers.pool import WorkerPool
 from gateway_client.protocol.codec import Tensor
+from gateway_client.protocol.datatypes import FLOATS
 
 __all__ = ["MAX_FEATURES", "STEPS", "Explain"]
 
@@ -50,7 +51,7 @@ def _explainable(manifest: Manifest, inputs: list[Tensor]) -> tuple[np.ndarray, 
     """The one input row, its features and the scores output to attribute, when ``manifest``'s
     model can be explained by finite differences over a batch; else ``InvalidInput`` saying why."""
     spec = manifest.inputs[0]
-    if len(manifest.inputs) != 1 or spec.datatype not in ("FP16", "FP32", "FP64"):
+    if len(manifest.inputs) != 1 or spec.datatype not in FLOATS:
         raise InvalidInput(f"explanations need a model with one floating-point input; {manifest.name} takes "
                            f"{', '.join(f'{s.name} ({s.datatype})' for s in manifest.inputs)}")
     if not spec.shape or spec.shape[0] != -1:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DATATYPES", "JSON_TYPES", "TEXT_KINDS", "datatype_of", "numpy_dtype"]
+__all__ = ["DATATYPES", "FLOATS", "JSON_TYPES", "TEXT_KINDS", "datatype_of", "numpy_dtype"]
 
 # BYTES is a variable-length type held in object arrays of ``bytes``.
 DATATYPES: dict[str, np.dtype] = {
@@ -27,6 +27,8 @@ DATATYPES: dict[str, np.dtype] = {
 }
 
 _BY_DTYPE = {dt: name for name, dt in DATATYPES.items() if name != "BYTES"}
+FLOATS = frozenset(name for name, dt in DATATYPES.items() if dt.kind == "f")
+"""The floating-point datatypes: FP16, FP32, FP64."""
 
 # Which Python types (as a JSON parser makes them) a ``data`` list may hold for each datatype:
 # numbers for numeric types (whole numbers only for integer types), booleans for BOOL, strings for
