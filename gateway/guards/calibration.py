@@ -48,6 +48,8 @@ __all__ = ["CALIBRATION_NAME", "Calibration", "CalibrationError", "calibrate", "
 CALIBRATION_NAME = "calibration.json"
 FORMAT = "gateway-calibration/1"
 MIN_ROWS = 50
+MAX_CALIBRATION_BYTES = 64 * 1024 * 1024
+"""Thresholds and a score per held-out row and detector: a few MB for a hundred thousand rows."""
 """Fewer clean rows cannot place a threshold at a few percent."""
 CHUNK_ROWS = 64
 
@@ -271,7 +273,11 @@ def load_calibration(manifest: Manifest) -> Calibration:
     _check_model(manifest)  # before the file: no calibration could be made for another kind of model
     path = manifest.path / CALIBRATION_NAME
     try:
-        doc = json.loads(path.read_text())
+        with open(path, "rb") as f:  # the serving process reads it again when it follows a swap
+            raw = f.read(MAX_CALIBRATION_BYTES + 1)
+        if len(raw) > MAX_CALIBRATION_BYTES:
+            raise CalibrationError(f"{path}: over {MAX_CALIBRATION_BYTES} bytes; no calibration is that large")
+        doc = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise CalibrationError(f"{path}: missing; run `gateway models calibrate {manifest.path} --data CLEAN.npy`, "
                                "then sign the folder again") from None

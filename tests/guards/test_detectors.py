@@ -98,7 +98,7 @@ def test_threshold_keeps_its_false_positive_rate_on_unseen_clean_data(calibrated
     assert np.mean(fired) <= 1.5 * GUARD.target_fpr  # the bar: within 1.5x of the target
 
 
-@pytest.mark.parametrize("change", ["digest", "shape", "squeezers", "malformed"])
+@pytest.mark.parametrize("change", ["digest", "shape", "squeezers", "malformed", "oversized"])
 def test_a_calibration_for_something_else_is_refused_naming_the_file(calibrated: Path, tmp_path: Path, change: str) -> None:
     folder = tmp_path / "digits" / "1"
     shutil.copytree(calibrated, folder)
@@ -111,10 +111,12 @@ def test_a_calibration_for_something_else_is_refused_naming_the_file(calibrated:
         doc["input"]["shape"] = [8, 8]
     elif change == "squeezers":
         guard = dataclasses.replace(GUARD, squeezers=("bits:3",))
-    else:
+    elif change == "malformed":
         del doc["anomaly"]
+    else:  # read by the serving process when it follows a swap: never parsed whole
+        doc["padding"] = " " * (65 << 20)
     path.write_text(json.dumps(doc))
-    with pytest.raises(CalibrationError, match=str(path)):
+    with pytest.raises(CalibrationError, match=str(path) + (": over" if change == "oversized" else "")):
         check_guard(load_manifest(folder), guard)
 
 
