@@ -23,7 +23,8 @@ import uvicorn
 from gateway.config import Config, load_config
 from gateway.registry.manifest import ManifestError, load_units
 from gateway.server.processes import ServingProcesses, connection_budget
-from gateway.server.protocol import GatewayUvicornConfig, HandshakeGuard
+from gateway.server.protocol import HandshakeGuard
+from gateway.server.uvconfig import GatewayUvicornConfig
 
 __all__ = ["serve"]
 
