@@ -140,6 +140,9 @@ class RequestContext:
     """What an administrative request changed, with its reason (incident controls)."""
     charges: list[Charge] = field(default_factory=list)
     """Limits gathered on the way in and not admitted yet (``gateway.security.ratelimit``)."""
+    failed_auth_counted: bool = False
+    """The built-in issuer counts its refusals against the address's failed-auth limit itself,
+    while it judges (so sign-ins sent together cannot all pass the limit); the address layer does not."""
 
     def take_charges(self, *more: Charge) -> list[Charge]:
         """What the request still owes (and ``more``), for one admission; the request then owes nothing."""

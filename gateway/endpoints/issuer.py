@@ -42,12 +42,15 @@ class IssuerEndpoints:
         form = dict(pairs)
         if len(form) != len(pairs):
             raise BadRequest("a parameter appears more than once (RFC 6749 section 3.2)")
-        peer = get_context(request.scope).peer
+        ctx = get_context(request.scope)
+        peer = ctx.peer
         incidents = self.issuer.incidents
         if incidents is not None and incidents.controls.refusal(None, peer) is not None:
             raise OAuthError(400, "invalid_grant", "the client certificate is revoked")
+        ctx.failed_auth_counted = True  # from here the issuer counts its refusals against the address
         status, payload, headers = await self.issuer.respond(self.issuer.url + TOKEN_PATH, request.headers, form,
-                                                             cert_thumbprint(peer) if peer else None)
+                                                             cert_thumbprint(peer) if peer else None,
+                                                             ctx.client_host or "unknown")
         out = {k: v for k, v in headers if k.lower() != "content-type"}
         out["Cache-Control"] = "no-store"
         if status >= 400:

@@ -68,11 +68,11 @@ class AddressLimitMiddleware:
         try:
             await self.app(scope, receive, watch)
         except GatewayError as exc:
-            if exc.status == 401:  # not answered yet: an address over its limits hears 429 instead
+            if exc.status == 401 and not ctx.failed_auth_counted:  # not answered yet: over its limits, 429
                 await limiter.admit(ctx.take_charges(Charge(limiter.failed_auth, address)))
             raise
         finally:
-            failed = (Charge(limiter.failed_auth, address),) if refused else ()
+            failed = (Charge(limiter.failed_auth, address),) if refused and not ctx.failed_auth_counted else ()
             if ctx.charges or failed:
                 await settle(limiter, ctx, *failed)
 

@@ -61,7 +61,7 @@ from gateway.security.accounts import (
     verify_secret,
 )
 from gateway.security.incidents import IncidentStore
-from gateway.security.ratelimit import Limiter
+from gateway.security.ratelimit import Limiter, RateLimited
 
 __all__ = [
     "JWKS_PATH", "TOKEN_PATH", "BuiltinIssuer", "IssuerStore", "enrolment_uri", "hash_secret",
@@ -149,6 +149,8 @@ class _Outcome:
     """Seconds to wait, when the code could not take one;"""
     busy: bool = False
     """because its account's other attempts were being judged (not locked by failures)."""
+    counted: bool = False
+    """The refusal was counted against the address's failed-auth limit while it was judged."""
 
 
 class _Request(OAuth2Request):  # type: ignore[misc]
@@ -294,11 +296,27 @@ class BuiltinIssuer:
         _peer_thumbprint.set(thumbprint)
         return self.server.create_token_response(oauth_request)  # type: ignore[no-any-return]
 
-    async def respond(self, url: str, headers: Mapping[str, str], form: dict[str, str],
-                      thumbprint: str | None) -> tuple[int, Any, list[tuple[str, str]]]:
+    async def respond(self, url: str, headers: Mapping[str, str], form: dict[str, str], thumbprint: str | None,
+                      address: str | None = None) -> tuple[int, Any, list[tuple[str, str]]]:
         """One token request: how the client authenticates, the accounts' lockouts, then the grant
-        (in a thread: scrypt is slow), then each factor's count."""
+        (in a thread: scrypt is slow), then each factor's count. With ``address``, its refusals
+        count against that address's failed-auth limit, checked and counted while the request holds
+        its place among the sign-ins being judged."""
         request = _Request(url, headers, form)
+        status, payload, out = await self._respond(request, thumbprint, address)
+        if address is not None and status in (400, 401) and not request.outcome.counted:
+            await self._failed_auth(address)
+        return status, payload, out
+
+    async def _failed_auth(self, address: str) -> None:
+        try:
+            await self.limiter.hit(self.limiter.failed_auth, address)
+        except RateLimited:  # counted; the next one from there is refused up front
+            pass
+
+    async def _respond(self, request: _Request, thumbprint: str | None,
+                       address: str | None) -> tuple[int, Any, list[tuple[str, str]]]:
+        form = request.form
         try:
             client_id = _claimed_client_id(request)
         except ValueError as exc:  # malformed, or more than one way of authenticating
@@ -319,8 +337,13 @@ class BuiltinIssuer:
         try:
             if self._judging is None:
                 self._judging = anyio.CapacityLimiter(self.sign_in_threads)
-            status, payload, out = await anyio.to_thread.run_sync(self._issue, request, thumbprint,
-                                                                  limiter=self._judging)
+            async with self._judging:  # the address's limit, checked and counted in the same place
+                if address is not None:
+                    await self.limiter.exceeded(self.limiter.failed_auth, address)
+                status, payload, out = await anyio.to_thread.run_sync(self._issue, request, thumbprint)
+                if address is not None and status in (400, 401):
+                    await self._failed_auth(address)
+                    outcome.counted = True
             verdicts = _verdicts(counters, outcome, status)
         finally:
             await self.limiter.account_judged(key, verdicts.get(first), limit)

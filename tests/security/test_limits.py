@@ -7,6 +7,7 @@ back, shared limits return by themselves.
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 import subprocess
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.cpus import available_cpus
 from gateway.security.issuer import totp_now
 from tests.conftest import Gateway, credentials, free_port, start_gateway
 from tests.test_metrics import value
@@ -194,6 +196,29 @@ budget_rows = "10/day"
         assert blocked.status_code == 429 and blocked.json()["policy"] == "failed-auth"
         with gw.client(token=False) as c:
             assert c.get("/v2/health/ready").status_code == 200  # probes are never limited
+    finally:
+        gw.stop()
+
+
+def test_sign_ins_sent_together_from_one_address_get_no_more_tries_than_its_limit(
+        pki: Path, tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> None:
+    """The failed-auth limit was checked when a token request arrived and counted when it was
+    answered: 120 wrong secrets sent at once from one address were all judged against a limit of
+    30 a minute (password spraying at whatever rate scrypt allows). The issuer now checks and counts
+    it while a request holds its place among the sign-ins being judged."""
+    limits = 'strategy = "fixed-window"\nper_address = "100000/minute"\nfailed_auth_per_address = "30/minute"\n'
+    gw = start_gateway(pki, tmp_path_factory.mktemp("gw-spray"), models_root, limits=limits)
+    threads = max(1, available_cpus() // 2)  # issuer.sign_in_threads: judged at once, each checked before
+    try:
+        def guess(n: int) -> int:
+            with gw.client(token=False) as c:
+                return c.post("/oauth/token", data={"grant_type": "client_credentials"},
+                              auth=(f"spray-{n}", "guess"), timeout=120).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(120) as pool:
+            statuses = list(pool.map(guess, range(120)))
+        assert set(statuses) == {401, 429}
+        assert 30 <= statuses.count(401) <= 30 + threads - 1, statuses.count(401)
     finally:
         gw.stop()
 
