@@ -6,7 +6,8 @@ authentication: it counts health probes per client address in this process's mem
 (``per-address-probes``); for every other request it refuses up front an address this process
 knows to be over its limit, and charges the request to its address and to the address's
 failed-auth limit (which needs room for one); it counts each 401, and each refused sign-in at the
-token endpoint, against that limit. ``PrincipalLimitMiddleware`` sits inside authentication and
+token endpoint, against that limit (the built-in issuer counts the sign-ins it judges itself, while
+it judges them: ``RequestContext.failed_auth_counted``). ``PrincipalLimitMiddleware`` sits inside authentication and
 charges per principal and globally, then admits what the request owes so far, except for an
 inference or an explanation, whose model-level stage admits it with the model's limits and
 budgets. Whatever a request owes and was never admitted (it was refused on the way) is counted
