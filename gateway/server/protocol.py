@@ -146,7 +146,7 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
     _timer: asyncio.TimerHandle | None = None
     _write_timer: asyncio.TimerHandle | None = None
     _refusing = False
-    _header_bytes = _header_count = 0
+    _header_bytes = _header_count = _hosts = 0
     _in_trailers = False
     _tls_generation = 0
     _in_head = True  # reading a request's line and headers (the first, or the next after one ends)
@@ -249,7 +249,7 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._arm(self.header_timeout_s, "headers")
-        self._header_bytes = self._header_count = 0
+        self._header_bytes = self._header_count = self._hosts = 0
         self._in_trailers = False
         if self._tls_extension is not None:
             self.scope["extensions"] = {"tls": self._tls_extension}
@@ -262,6 +262,8 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
                 f"at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes of headers are accepted"))
             # Stop the parser: httptools surfaces this as a parse error, which we then ignore.
             raise ValueError("headers too large")
+        if len(name) == 4 and name.lower() == b"host":
+            self._hosts += 1
         if self._in_trailers:
             # A chunked body's trailer fields: uvicorn would append them to the headers the
             # application reads after the body, so a client (or anything a proxy forwards
@@ -275,6 +277,9 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
         self._in_head = False
         self._arm(self.body_timeout_s, "body")
         invalid = self._certificate_now_invalid()
+        if self._hosts != 1 and self.parser.get_http_version() == "1.1":
+            # RFC 9112 section 3.2: a proxy in front and this server could each take another one
+            invalid = BadRequest(f"an HTTP/1.1 request carries exactly one Host header, not {self._hosts}")
         if invalid is not None:  # answered through the application, then the connection closes
             self.scope[REFUSAL_KEY] = invalid  # type: ignore[literal-required]
         limit = self.limit_concurrency

@@ -54,6 +54,10 @@ REFUSED = [
     ("headers-too-slow", b"GET /v2/models HTTP/1.1\r\nHost: loc", 408, "request-timeout"),
     # One long URL or header value, never ended: refused at 64 KiB, not held until the header
     # timeout (one connection grew the process by ~90 MiB in 10 s).
+    # RFC 9112 section 3.2: exactly one Host in HTTP/1.1 (a proxy in front could route by the other)
+    ("two-host-headers", b"GET /v2/models HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n", 400,
+     "bad-request"),
+    ("no-host-header", b"GET /v2/models HTTP/1.1\r\n\r\n", 400, "bad-request"),
     ("url-too-long", b"GET /v2/models?x=" + b"a" * 100_000, 431, "headers-too-large"),
     ("header-value-too-long", b"GET /v2/models HTTP/1.1\r\nHost: localhost\r\nx-a: " + b"a" * 100_000,
      431, "headers-too-large"),
