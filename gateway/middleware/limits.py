@@ -6,9 +6,9 @@ authentication: it counts health probes per client address in this process's mem
 (``per-address-probes``); for every other request it refuses up front an address this process
 knows to be over its limit, and charges the request to its address and to the address's
 failed-auth limit (which needs room for one); it counts each 401, and each refused sign-in at the
-token endpoint, against that limit (the built-in issuer counts the sign-ins it judges itself, while
-it judges them: ``RequestContext.failed_auth_counted``). ``PrincipalLimitMiddleware`` sits inside authentication and
-charges per principal and globally, then admits what the request owes so far, except for an
+token endpoint, against that limit (the built-in issuer counts the sign-ins it judges itself,
+while it judges them: ``RequestContext.failed_auth_counted``). ``PrincipalLimitMiddleware`` sits
+inside authentication and charges per principal and globally, then admits what the request owes so far, except for an
 inference or an explanation, whose model-level stage admits it with the model's limits and
 budgets. Whatever a request owes and was never admitted (it was refused on the way) is counted
 when it ends.
@@ -18,24 +18,15 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.context import RequestContext, get_context
+from gateway.context import get_context
 from gateway.errors import GatewayError
 from gateway.routes import PROBE_PATHS
 from gateway.security.issuer import TOKEN_PATH
-from gateway.security.ratelimit import Charge, Limiter, RateLimited
+from gateway.security.ratelimit import Charge, Limiter
 
-__all__ = ["AddressLimitMiddleware", "PrincipalLimitMiddleware", "settle"]
+__all__ = ["AddressLimitMiddleware", "PrincipalLimitMiddleware"]
 
 _MODEL_CALLS = ("/infer", "/explain")
-
-
-async def settle(limiter: Limiter, ctx: RequestContext, *extra: Charge) -> None:
-    """Count what ``ctx`` still owes (and ``extra``) for a request that is answered already: a
-    refusal now only makes this process refuse the next one up front."""
-    try:
-        await limiter.admit(ctx.take_charges(*extra))
-    except RateLimited:
-        pass
 
 
 class AddressLimitMiddleware:
@@ -75,7 +66,7 @@ class AddressLimitMiddleware:
         finally:
             failed = (Charge(limiter.failed_auth, address),) if refused and not ctx.failed_auth_counted else ()
             if ctx.charges or failed:
-                await settle(limiter, ctx, *failed)
+                await limiter.count(ctx.take_charges(*failed))
 
 
 class PrincipalLimitMiddleware:

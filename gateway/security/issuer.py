@@ -17,10 +17,10 @@ factor: after ``issuer.max_failed_logins`` failed secrets (a client's or a perso
 reset the count of guessed codes. Attempts in flight count with the failures (a place is taken
 before a secret or code is judged), so guesses sent together get no more tries than the limit,
 and at most ``issuer.sign_in_threads`` sign-ins are judged at once. The counters live in the rate
-limiter's storage, so replicas sharing Redis share them. A client authenticates one way only (RFC 6749 section 2.3): a Basic
-header together with credentials in the form is refused before anything is counted. An unknown
-client and a wrong secret get the same answer after the same work (one scrypt), so client ids
-cannot be enumerated.
+limiter's storage, so replicas sharing Redis share them. A client authenticates one way only
+(RFC 6749 section 2.3): a Basic header together with credentials in the form is refused before
+anything is counted (``gateway.security.tokenrequest``). An unknown client and a wrong secret get
+the same answer after the same work (one scrypt), so client ids cannot be enumerated.
 
 The store (signing keys, clients, people) is ``gateway.security.accounts``; the HTTP endpoints
 are ``gateway.endpoints.issuer``. Nothing here knows a web framework.
@@ -28,7 +28,6 @@ are ``gateway.endpoints.issuer``. Nothing here knows a web framework.
 
 from __future__ import annotations
 
-import base64
 import contextvars
 import logging
 import threading
@@ -36,11 +35,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 import anyio.from_thread
 import anyio.to_thread
-from authlib.oauth2.rfc6749 import AuthorizationServer, ClientMixin, OAuth2Payload, OAuth2Request
+from authlib.oauth2.rfc6749 import AuthorizationServer, ClientMixin, OAuth2Request
 from authlib.oauth2.rfc6749.errors import InvalidGrantError
 from authlib.oauth2.rfc6749.grants import ClientCredentialsGrant, ResourceOwnerPasswordCredentialsGrant
 from authlib.oauth2.rfc9068 import JWTBearerTokenGenerator
@@ -61,7 +59,8 @@ from gateway.security.accounts import (
     verify_secret,
 )
 from gateway.security.incidents import IncidentStore
-from gateway.security.ratelimit import Limiter, RateLimited
+from gateway.security.ratelimit import Charge, Limiter
+from gateway.security.tokenrequest import Outcome, TokenRequest, claimed_client_id, locked_answer, verdicts_of
 
 __all__ = [
     "JWKS_PATH", "TOKEN_PATH", "BuiltinIssuer", "IssuerStore", "enrolment_uri", "hash_secret",
@@ -124,51 +123,6 @@ class _Client(ClientMixin):  # type: ignore[misc]
         return grant_type in self.record.get("grants", ())
 
 
-class _Payload(OAuth2Payload):  # type: ignore[misc]
-    def __init__(self, form: dict[str, str]) -> None:
-        self._form = form
-
-    @property
-    def data(self) -> dict[str, str]:
-        return self._form
-
-    @property
-    def datalist(self) -> dict[str, list[str]]:
-        return {k: [v] for k, v in self._form.items()}
-
-
-@dataclass
-class _Outcome:
-    """Which factors of a person's sign-in were right (None: not tried)."""
-
-    password: bool | None = None
-    otp: bool | None = None
-    trying_otp: bool = False
-    """The code took a place among its account's attempts (``Limiter.account_attempt``)."""
-    locked: int = 0
-    """Seconds to wait, when the code could not take one;"""
-    busy: bool = False
-    """because its account's other attempts were being judged (not locked by failures)."""
-    counted: bool = False
-    """The refusal was counted against the address's failed-auth limit while it was judged."""
-
-
-class _Request(OAuth2Request):  # type: ignore[misc]
-    def __init__(self, url: str, headers: Mapping[str, str], form: dict[str, str]) -> None:
-        super().__init__("POST", url, headers=headers)
-        self.payload = _Payload(form)
-        self._form = form
-        self.outcome = _Outcome()
-
-    @property
-    def args(self) -> dict[str, str]:
-        return {}
-
-    @property
-    def form(self) -> dict[str, str]:
-        return self._form
-
-
 _peer_thumbprint: contextvars.ContextVar[str | None] = contextvars.ContextVar("peer_thumbprint", default=None)
 
 
@@ -229,7 +183,7 @@ class BuiltinIssuer:
             def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None:
                 pass  # self-contained JWTs: nothing to store
 
-            def create_oauth2_request(self, request: _Request) -> _Request:
+            def create_oauth2_request(self, request: TokenRequest) -> TokenRequest:
                 return request
 
             def handle_response(self, status: int, body: Any, headers: Any) -> tuple[int, Any, Any]:
@@ -254,8 +208,8 @@ class BuiltinIssuer:
         server.register_token_generator("default", _TokenGenerator(self))
         return server
 
-    def login(self, username: str, password: str, code: str | None, outcome: _Outcome | None = None) -> _User:
-        outcome = outcome or _Outcome()
+    def login(self, username: str, password: str, code: str | None, outcome: Outcome | None = None) -> _User:
+        outcome = outcome or Outcome()
         record = self.store.users().get(username)
         ok = verify_secret(password, record["password_hash"] if record else unknown_account_hash()) and record is not None
         outcome.password = ok
@@ -292,7 +246,7 @@ class BuiltinIssuer:
             return True
         return False
 
-    def _issue(self, oauth_request: _Request, thumbprint: str | None) -> tuple[int, Any, Any]:
+    def _issue(self, oauth_request: TokenRequest, thumbprint: str | None) -> tuple[int, Any, Any]:
         _peer_thumbprint.set(thumbprint)
         return self.server.create_token_response(oauth_request)  # type: ignore[no-any-return]
 
@@ -302,23 +256,17 @@ class BuiltinIssuer:
         (in a thread: scrypt is slow), then each factor's count. With ``address``, its refusals
         count against that address's failed-auth limit, checked and counted while the request holds
         its place among the sign-ins being judged."""
-        request = _Request(url, headers, form)
+        request = TokenRequest(url, headers, form)
         status, payload, out = await self._respond(request, thumbprint, address)
         if address is not None and status in (400, 401) and not request.outcome.counted:
-            await self._failed_auth(address)
+            await self.limiter.count((Charge(self.limiter.failed_auth, address),))
         return status, payload, out
 
-    async def _failed_auth(self, address: str) -> None:
-        try:
-            await self.limiter.hit(self.limiter.failed_auth, address)
-        except RateLimited:  # counted; the next one from there is refused up front
-            pass
-
-    async def _respond(self, request: _Request, thumbprint: str | None,
+    async def _respond(self, request: TokenRequest, thumbprint: str | None,
                        address: str | None) -> tuple[int, Any, list[tuple[str, str]]]:
         form = request.form
         try:
-            client_id = _claimed_client_id(request)
+            client_id = claimed_client_id(request)
         except ValueError as exc:  # malformed, or more than one way of authenticating
             return 400, {"error": "invalid_request", "error_description": str(exc)}, []
         revoked = self._revoked(client_id, form)
@@ -328,11 +276,11 @@ class BuiltinIssuer:
         for key, limit in counters.values():  # any factor locked locks the account
             wait = await self.limiter.account_locked(key, limit)
             if wait:
-                return _locked(wait)
+                return locked_answer(wait)
         first, (key, limit) = next(iter(counters.items()))
         wait, busy = await self.limiter.account_attempt(key, limit)  # in flight counts with the failures
         if wait:
-            return _locked(wait, busy)
+            return locked_answer(wait, busy)
         outcome, verdicts = request.outcome, {}
         try:
             if self._judging is None:
@@ -342,15 +290,15 @@ class BuiltinIssuer:
                     await self.limiter.exceeded(self.limiter.failed_auth, address)
                 status, payload, out = await anyio.to_thread.run_sync(self._issue, request, thumbprint)
                 if address is not None and status in (400, 401):
-                    await self._failed_auth(address)
+                    await self.limiter.count((Charge(self.limiter.failed_auth, address),))
                     outcome.counted = True
-            verdicts = _verdicts(counters, outcome, status)
+            verdicts = verdicts_of(counters, outcome, status)
         finally:
             await self.limiter.account_judged(key, verdicts.get(first), limit)
             if outcome.trying_otp:  # the code's own place, taken when it was about to be judged
                 await self.limiter.account_judged(counters["otp"][0], verdicts.get("otp"), counters["otp"][1])
         if outcome.locked:
-            return _locked(outcome.locked, outcome.busy)
+            return locked_answer(outcome.locked, outcome.busy)
         return status, payload, list(out or [])
 
     def _revoked(self, client_id: str, form: dict[str, str]) -> str | None:
@@ -363,7 +311,7 @@ class BuiltinIssuer:
             return "this principal is revoked"
         return None
 
-    def _counters(self, request: _Request, client_id: str) -> dict[str, tuple[str, int]]:
+    def _counters(self, request: TokenRequest, client_id: str) -> dict[str, tuple[str, int]]:
         """The failure counters a token request may touch, by factor: (storage key, lockout threshold)."""
         if request.form.get("grant_type") == "password":
             user = request.form.get("username", "")[:256]
@@ -384,45 +332,3 @@ class BuiltinIssuer:
             "tls_client_certificate_bound_access_tokens": True,
             "access_token_signing_alg_values_supported": ["ES256"],
         }
-
-
-def _locked(wait: int, busy: bool = False) -> tuple[int, Any, list[tuple[str, str]]]:
-    why = ("other sign-ins to this account are being checked; try again in a second" if busy
-           else "too many failed attempts; this account is locked for now")
-    return 429, {"error": "invalid_grant", "error_description": why}, [("Retry-After", str(wait))]
-
-
-def _basic_credentials(request: _Request) -> tuple[str, str] | None:
-    """The client id and secret of an ``Authorization: Basic`` header (RFC 6749 section 2.3.1:
-    form-encoded, then base64); ``ValueError`` when it is not that."""
-    auth = request.headers.get("authorization", "")
-    if auth[:6].lower() != "basic ":
-        return None
-    try:
-        decoded = base64.b64decode(auth[6:].strip(), validate=True).decode("utf-8")
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("the Basic credentials are not base64 of UTF-8 text") from None
-    client_id, sep, secret = decoded.partition(":")
-    if not sep:
-        raise ValueError("the Basic credentials are not client_id:client_secret")
-    return unquote(client_id), unquote(secret)
-
-
-def _claimed_client_id(request: _Request) -> str:
-    """The client id a request claims (Basic header or form), before it is authenticated;
-    ``ValueError`` when its authentication is malformed or ambiguous."""
-    basic = _basic_credentials(request)
-    if basic is None:
-        return request.form.get("client_id", "?")
-    if "client_secret" in request.form or request.form.get("client_id", basic[0]) != basic[0]:
-        raise ValueError("the client authenticates in more than one way (Basic and the form); use one "
-                         "(RFC 6749 section 2.3)")
-    return basic[0]
-
-
-def _verdicts(counters: dict[str, tuple[str, int]], person: _Outcome, status: int) -> dict[str, bool | None]:
-    """Which counters a token request's result clears (True) or adds to (False): a person's by
-    factor, each only by its own; a client's by the answer (not by a lockout or an error of ours)."""
-    if "password" in counters:
-        return {"password": status == 200 if person.password is None else person.password, "otp": person.otp}
-    return {"client": status == 200 if status in (200, 400, 401) else None}

@@ -259,6 +259,14 @@ class Limiter:
         if units:
             await self._settle(units, local)
 
+    async def count(self, charges: Iterable[Charge]) -> None:
+        """``admit`` for a request that is answered already: a refusal now only makes this process
+        refuse the next one up front."""
+        try:
+            await self.admit(charges)
+        except RateLimited:
+            pass
+
     def admit_soon(self, charges: Iterable[Charge]) -> asyncio.Future[None] | None:
         """``admit``, with the Redis round trip left running for the caller to await when it must
         know (None when there is nothing to count); a refusal this process remembers raises now."""
