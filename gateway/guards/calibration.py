@@ -113,7 +113,8 @@ def _domain(manifest: Manifest) -> tuple[float, float]:
     return float(spec.min), float(spec.max)
 
 
-def _check_model(manifest: Manifest) -> None:
+def _check_model(manifest: Manifest) -> str:
+    """The name of the scores output to judge, when the guard can judge ``manifest``'s model."""
     where = f"{manifest.name}/{manifest.version}"
     if len(manifest.inputs) != 1 or manifest.inputs[0].datatype not in FLOATS:
         takes = ", ".join(f"{i.name} {i.datatype}" for i in manifest.inputs)
@@ -121,9 +122,10 @@ def _check_model(manifest: Manifest) -> None:
     if manifest.inputs[0].shape[:1] != (-1,) or -1 in manifest.inputs[0].shape[1:]:
         raise CalibrationError(f"{where}: the guard needs an input of shape [-1, fixed dimensions...]")
     if manifest.scores is None:
-        answers = ", ".join(f"{o.name} {o.datatype} {list(o.shape)}" for o in manifest.outputs)
+        answers = ", ".join(o.described for o in manifest.outputs)
         raise CalibrationError(f"{where}: the guard judges a floating-point scores output of shape [-1, classes] "
                                f"(probabilities or logits); this model answers {answers}")
+    return manifest.scores.name
 
 
 def _run_all(session: Any, spec: TensorSpec, x: np.ndarray, scores: str) -> np.ndarray:
@@ -153,7 +155,7 @@ def calibrate(manifest: Manifest, model: bytes, data: np.ndarray, data_sha256: s
     """The calibration document for ``manifest``'s model (its verified ``model`` bytes) on ``data``."""
     import onnxruntime as ort
 
-    _check_model(manifest)
+    scores_output = _check_model(manifest)
     where = f"{manifest.name}/{manifest.version}"
     spec = manifest.inputs[0]
     row = spec.shape[1:]
@@ -177,12 +179,10 @@ def calibrate(manifest: Manifest, model: bytes, data: np.ndarray, data_sha256: s
     say = progress or (lambda text: None)
     started = time.monotonic()
     say(f"running the model on {len(x)} rows and {len(parsed)} squeezed copies of each")
-    assert manifest.scores is not None  # _check_model
-    raw = _run_all(session, spec, x, manifest.scores.name)
+    raw = _run_all(session, spec, x, scores_output)
     kind = "probabilities" if (raw.min() >= 0 and np.allclose(raw.reshape(len(raw), -1).sum(axis=1), 1.0, atol=1e-3)) else "logits"
     p = probabilities(raw, kind)
-    squeezed = [probabilities(_run_all(session, spec, s.apply(x, lo, hi, shape), manifest.scores.name), kind)
-                for s in parsed]
+    squeezed = [probabilities(_run_all(session, spec, s.apply(x, lo, hi, shape), scores_output), kind) for s in parsed]
     f = features(x, shape)
     mean, precision = fit_gaussian(f)
     scores = {

@@ -49,6 +49,11 @@ class TensorSpec:
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
+    @property
+    def described(self) -> str:
+        """``name DATATYPE [shape]``, as refusals name a tensor."""
+        return f"{self.name} {self.datatype} {list(self.shape)}"
+
 
 @dataclass(frozen=True, slots=True)
 class Manifest:

@@ -60,7 +60,7 @@ def _explainable(manifest: Manifest, inputs: list[Tensor]) -> tuple[np.ndarray, 
                            f"{list(spec.shape)}")
     scores = manifest.scores
     if scores is None:
-        answers = ", ".join(f"{o.name} {o.datatype} {list(o.shape)}" for o in manifest.outputs)
+        answers = ", ".join(o.described for o in manifest.outputs)
         raise InvalidInput(f"explanations attribute a floating-point scores output of shape [-1, classes] "
                            f"(probabilities or logits); {manifest.name} answers {answers}")
     x = inputs[0].array
