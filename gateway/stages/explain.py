@@ -3,9 +3,11 @@
 Integrated gradients (Sundararajan et al., 2017) from the baseline ``b`` (the input domain's
 minimum, a blank input) to the input ``x``: attribution_i = (x_i − b_i) · mean over the path of
 ∂f/∂x_i, where ``f`` is the score of the class the model predicts for ``x``. The gradients are estimated model-agnostically by central
-finite differences at ``STEPS`` midpoints of the path: all 2·STEPS·features + 2 evaluations go to
-the worker as one batch, not one round trip per feature. By completeness the attributions add up
-to f(x) − f(b); the answer reports the difference (``completeness_delta``).
+finite differences at ``STEPS`` midpoints of the path: 2·STEPS·features + 2 evaluations. They go
+to the worker in batches of up to ``BATCH_BYTES``, not one round trip per feature, and each batch is
+built just before it is sent: the whole set for 4,096 features is 2 GiB as FP32 (it was once built
+at once, ~10 GiB at the peak in the serving process). By completeness the attributions add up to
+f(x) − f(b); the answer reports the difference (``completeness_delta``).
 
 Each evaluation is counted against the principal's budgets (an explanation reveals far more of
 the model than an answer does), and explanations have their own rate limit
@@ -28,23 +30,26 @@ from gateway.workers.pool import WorkerPool
 from gateway_client.protocol.codec import Tensor
 from gateway_client.protocol.datatypes import FLOATS
 
-__all__ = ["MAX_FEATURES", "STEPS", "Explain"]
+__all__ = ["BATCH_BYTES", "MAX_FEATURES", "STEPS", "Explain", "path_rows"]
 
 STEPS = 16
 MAX_FEATURES = 4096
 """Finite differences cost two evaluations per feature and step: 4,096 features are 131,074 rows."""
 STEP_FRACTION = 0.01
 """The finite-difference step, as a share of the input domain's span."""
+BATCH_BYTES = 8 << 20
+"""The most input bytes of evaluations sent to the worker at once (and held in the serving process)."""
 
 
-def _path_batch(x: np.ndarray, baseline: np.ndarray, h: float) -> np.ndarray:
-    """x, the baseline, then for each midpoint of the path each feature nudged up and down by h."""
-    d = x.size
-    alphas = (np.arange(STEPS) + 0.5) / STEPS
-    points = baseline + alphas[:, None] * (x - baseline)  # (STEPS, d)
-    nudges = np.concatenate([np.eye(d), -np.eye(d)]) * h  # (2d, d)
-    around = (points[:, None, :] + nudges[None, :, :]).reshape(-1, d)
-    return np.asarray(np.concatenate([x[None], baseline[None], around]), dtype=np.float32)
+def path_rows(points: np.ndarray, h: float, start: int, stop: int) -> np.ndarray:
+    """Rows ``start`` to ``stop`` of the evaluations along the path: for each of its points (one
+    row of ``points`` per midpoint), each feature nudged up by ``h``, then each nudged down."""
+    d = points.shape[1]
+    index = np.arange(start, stop)
+    step, j = np.divmod(index, 2 * d)
+    rows: np.ndarray = points[step]  # a copy, one row per evaluation
+    rows[np.arange(len(index)), j % d] += np.where(j < d, h, -h)
+    return rows
 
 
 def _explainable(manifest: Manifest, inputs: list[Tensor]) -> tuple[np.ndarray, int, TensorSpec]:
@@ -95,38 +100,57 @@ class Explain:
         flat = x.reshape(-1).astype(np.float64)
         baseline = np.full_like(flat, lo)
         h = STEP_FRACTION * span
-        batch = await offload(2 * STEPS * features * features, _path_batch, flat, baseline, h)
-        evaluations = len(batch)
+        evaluations = 2 * STEPS * features + 2
         key = f"{principal_of(call.ctx).key}|{call.model.unit.model}"
         limiter = self.limiter
         await limiter.admit(call.ctx.take_charges(Charge(limiter.per_principal_explain, key),
                                                   Charge(limiter.budget_inferences, key, evaluations),
                                                   Charge(limiter.budget_rows, key, evaluations)))
-        shaped = batch.reshape(evaluations, *x.shape[1:]).astype(x.dtype, copy=False)
         call.ctx.inputs = [tensor_digest(call.inputs[0])]  # the record: what was explained, where
-
-        def picked(worker: str) -> None:
-            call.ctx.worker = worker
-
-        outputs = await self.pool.infer(call.model.unit.key, [Tensor(spec.name, shaped)], call.ctx.deadline, picked)
-        check_answer(manifest, outputs)
-        answer = next((t.array for t in outputs if t.name == scores_spec.name), None)
-        if answer is None or answer.ndim != 2 or answer.shape[0] != evaluations:  # not the declared [-1, classes]
-            got = "nothing" if answer is None else list(answer.shape)
-            raise InvalidInput(f"{manifest.name} answered {got} for {evaluations} evaluations: its "
-                               f"{scores_spec.name} does not give one row of scores per row")
-        scores = answer.reshape(evaluations, -1).astype(np.float64)
-        target = int(np.argmax(scores[0]))
-        f = scores[:, target]
-        around = f[2:].reshape(STEPS, 2, features)
+        ends = await self._scores(call, scores_spec, np.stack([flat, baseline]), x)  # f(x) and f(b), every class
+        target = int(np.argmax(ends[0]))
+        alphas = (np.arange(STEPS) + 0.5) / STEPS
+        points = baseline + alphas[:, None] * (flat - baseline)  # (STEPS, features)
+        around = (await self._along_path(call, scores_spec, points, h, target, x)).reshape(STEPS, 2, features)
         gradients = (around[:, 0, :] - around[:, 1, :]) / (2 * h)
         attributions = (flat - baseline) * gradients.mean(axis=0)
+        prediction, baseline_prediction = float(ends[0, target]), float(ends[1, target])
         body = {
             "model_name": manifest.name, "model_version": manifest.version, "id": call.request.id,
             "method": "integrated_gradients", "target": target, "steps": STEPS, "evaluations": evaluations,
-            "baseline": float(lo), "prediction": float(f[0]), "baseline_prediction": float(f[1]),
-            "completeness_delta": float(attributions.sum() - (f[0] - f[1])),
+            "baseline": float(lo), "prediction": prediction, "baseline_prediction": baseline_prediction,
+            "completeness_delta": float(attributions.sum() - (prediction - baseline_prediction)),
             "attributions": [{"name": spec.name, "datatype": "FP32", "shape": list(x.shape),
                               "data": attributions.astype(np.float32).tolist()}],
         }
         call.answer = Answer(orjson.dumps({k: v for k, v in body.items() if v is not None}), "application/json")
+
+    async def _along_path(self, call: InferCall, scores_spec: TensorSpec, points: np.ndarray, h: float,
+                          target: int, x: np.ndarray) -> np.ndarray:
+        """The ``target`` score of every evaluation along the path, a batch of ``BATCH_BYTES`` at a time."""
+        features = points.shape[1]
+        per_batch = max(1, BATCH_BYTES // (features * x.dtype.itemsize))
+        f = np.empty(2 * len(points) * features)
+        for start in range(0, len(f), per_batch):
+            stop = min(start + per_batch, len(f))
+            rows = await offload((stop - start) * features, path_rows, points, h, start, stop)
+            f[start:stop] = (await self._scores(call, scores_spec, rows, x))[:, target]
+        return f
+
+    async def _scores(self, call: InferCall, scores_spec: TensorSpec, rows: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """The model's scores for ``rows`` (flat evaluations of the input), one row of classes each."""
+        manifest = call.model.manifest
+
+        def picked(worker: str) -> None:
+            call.ctx.worker = worker
+
+        shaped = rows.reshape(len(rows), *x.shape[1:]).astype(x.dtype, copy=False)
+        outputs = await self.pool.infer(call.model.unit.key, [Tensor(manifest.inputs[0].name, shaped)],
+                                        call.ctx.deadline, picked)
+        check_answer(manifest, outputs)
+        answer = next((t.array for t in outputs if t.name == scores_spec.name), None)
+        if answer is None or answer.ndim != 2 or answer.shape[0] != len(rows):  # not the declared [-1, classes]
+            got = "nothing" if answer is None else list(answer.shape)
+            raise InvalidInput(f"{manifest.name} answered {got} for {len(rows)} evaluations: its "
+                               f"{scores_spec.name} does not give one row of scores per row")
+        return np.asarray(answer, np.float64)
