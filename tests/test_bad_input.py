@@ -178,3 +178,30 @@ def test_worker_never_sees_rejected_input(gateway: Gateway) -> None:
         for _ in range(5):
             assert c.post(INFER, content=_body(data=[99.0] * 64)).status_code == 422
     assert fetch_health(sock)["requests"] == before  # type: ignore[index]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_an_operator_action_too_large_is_refused_before_it_is_read(gateway: Gateway, framing: str) -> None:
+    """The incident API's bodies are a few fields (at most 4,096 bytes): one declared at 1 GiB was
+    awaited whole, and a chunked one read whole, before its size was checked."""
+    import socket
+
+    from tests.conftest import client_context
+
+    head = (b"POST /admin/incidents/actions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer %s\r\n" % gateway.token("admin").encode())
+    if framing == "chunked":
+        request = head + b"Transfer-Encoding: chunked\r\n\r\n" + b"2000\r\n" + b" " * 0x2000 + b"\r\n"
+    else:
+        request = head + b"Content-Length: 1073741824\r\n\r\n{"
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
+            client_context(gateway.pki, "admin").wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(request)  # and nothing more: the rest never comes
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = tls.recv(65536)
+            assert chunk, data
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    assert status == 413, data[:300]
+    assert b"at most 4096 bytes" in data

@@ -19,6 +19,7 @@ from gateway.context import get_context
 from gateway.errors import BadRequest, GatewayError, UnsupportedEncoding
 from gateway.guards.watching import WatchStore
 from gateway.security.incidents import IncidentError, IncidentStore
+from gateway.stages.body import read_body
 
 __all__ = ["IncidentEndpoints"]
 
@@ -99,9 +100,7 @@ class IncidentEndpoints:
 async def _document(request: Request) -> dict[str, Any]:
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         raise UnsupportedEncoding("send application/json")
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise BadRequest(f"at most {MAX_BODY} bytes")
+    body = await read_body(request.receive, request.headers, MAX_BODY)  # refused past it, not read whole first
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
