@@ -30,6 +30,7 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +74,10 @@ P = TypeVar("P", bound=asyncio.Protocol)
 DEADLINE_HEADER = "gateway-deadline-ms"
 """What is left of the gateway's deadline when it sends an inference, in milliseconds: the worker
 drops a request still queued when it passes (504) instead of running it for nobody."""
+MAX_HEALTH_BYTES = 1 << 20
+"""The most of a health answer read from a worker (its document is a few hundred bytes)."""
+MAX_HEAD_BYTES = 64 * 1024
+"""What an HTTP answer from a worker may add to its body's limit: its status line and headers."""
 
 
 class WorkerConnectError(ConnectionError):
@@ -147,12 +152,18 @@ class _Connection(asyncio.Protocol):
         self.headers: dict[bytes, bytes] = {}
         self.body: list[bytes] = []
         self.closed = False
+        self.limit = MAX_ANSWER_BYTES + MAX_HEAD_BYTES
+        self.received = 0
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > self.limit:  # a worker's answer is input: bounded before it is kept
+            self._fail(WorkerConnectionLost(f"the worker's answer passed {self.limit} bytes"))
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -182,10 +193,13 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    async def exchange(self, message: list[Chunk], timeout: float | None) -> WorkerResponse:
+    async def exchange(self, message: list[Chunk], timeout: float | None,
+                       limit: int = MAX_ANSWER_BYTES) -> WorkerResponse:
+        """Send ``message``; its answer, of at most ``limit`` bytes of body (and its head)."""
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self.headers, self.body = {}, []
+        self.limit, self.received = limit + MAX_HEAD_BYTES, 0
         self.waiter = waiter = loop.create_future()
         self.transport.writelines(message)
         # A timer on the future itself: cheaper per request than asyncio.timeout's task machinery.
@@ -279,9 +293,10 @@ class HTTPTransport(WorkerTransport):
 
     async def request(
         self, method: str, target: str, body: list[Chunk] | bytes = b"",
-        headers: dict[str, str] | None = None, timeout: float | None = None,
+        headers: dict[str, str] | None = None, timeout: float | None = None, limit: int = MAX_ANSWER_BYTES,
     ) -> WorkerResponse:
-        """One exchange; ``body`` may be a list of parts, written in order without joining."""
+        """One exchange; ``body`` may be a list of parts, written in order without joining; an
+        answer of more than ``limit`` bytes closes the connection (``WorkerConnectionLost``)."""
         parts = [body] if isinstance(body, bytes) else body
         head = [f"{method} {target} HTTP/1.1\r\nhost: worker\r\ncontent-length: {sum(map(len, parts))}\r\n"]
         head += [f"{k}: {v}\r\n" for k, v in (headers or {}).items()]
@@ -293,7 +308,7 @@ class HTTPTransport(WorkerTransport):
         else:
             conn = await self._connect()
         try:
-            response = await conn.exchange(message, timeout)
+            response = await conn.exchange(message, timeout, limit)
         except BaseException:
             conn.close()  # a half-finished exchange poisons the connection
             raise
@@ -326,7 +341,7 @@ class HTTPTransport(WorkerTransport):
 
     async def health(self, timeout: float) -> dict[str, Any] | None:
         try:
-            response = await self.request("GET", "/health", timeout=timeout)
+            response = await self.request("GET", "/health", timeout=timeout, limit=MAX_HEALTH_BYTES)
             doc = orjson.loads(response.body) if response.status == 200 else None
         except (ConnectionError, TimeoutError, orjson.JSONDecodeError):
             return None
@@ -423,13 +438,19 @@ def fetch_health(path: str, timeout: float = 2.0) -> dict[str, object] | None:
     import json
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deadline = time.monotonic() + timeout
     try:
         sock.settimeout(timeout)
         sock.connect(path)
         sock.sendall(b"GET /health HTTP/1.1\r\nhost: worker\r\nconnection: close\r\n\r\n")
-        chunks = []
-        while chunk := sock.recv(65536):
+        chunks, size = [], 0
+        while chunk := sock.recv(65536):  # at most MAX_HEALTH_BYTES, within ``timeout`` in all
             chunks.append(chunk)
+            size += len(chunk)
+            left = deadline - time.monotonic()
+            if size > MAX_HEALTH_BYTES + MAX_HEAD_BYTES or left <= 0:
+                return None
+            sock.settimeout(left)
     except OSError:
         return None
     finally:
