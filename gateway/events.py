@@ -37,6 +37,8 @@ __all__ = ["EventSink", "SecurityEvent", "sign_body", "verify_signature"]
 log = logging.getLogger("gateway.events")
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
+ANSWER_BYTES = 64 * 1024
+"""The most of a receiver's answer read; the rest is not (its status is what counts)."""
 
 
 def sign_body(secret: bytes, body: bytes, timestamp: int) -> str:
@@ -120,14 +122,16 @@ class EventSink:
             try:
                 headers = {"content-type": "application/json",
                            "gateway-signature": sign_body(self._secret, body, int(time.time()))}
-                response = await client.post(self.config.webhook_url, content=body, headers=headers)
-                if 200 <= response.status_code < 300:
+                status = await self._post(client, body, headers)
+                if 200 <= status < 300:
                     self.counts["delivered"] += len(batch)
                     self.last_error = ""
                     return
-                self.last_error = f"the receiver answered {response.status_code}"
+                self.last_error = f"the receiver answered {status}"
             except httpx.HTTPError as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            except TimeoutError:
+                self.last_error = f"the receiver took more than {self.config.timeout_s} s to answer"
             self.counts["failed_attempts"] += 1
             if time.monotonic() + delay > give_up_at:
                 self.counts["given_up"] += len(batch)
@@ -136,6 +140,19 @@ class EventSink:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def _post(self, client: httpx.AsyncClient, body: bytes, headers: dict[str, str]) -> int:
+        """The receiver's status, within ``timeout_s`` in all; of its answer's body at most
+        ``ANSWER_BYTES`` is read (a receiver's word is its status), so neither a receiver that never
+        ends its answer nor one that trickles it holds the delivery or the process's memory."""
+        async with asyncio.timeout(self.config.timeout_s), \
+                client.stream("POST", self.config.webhook_url, content=body, headers=headers) as response:
+            read = 0
+            async for chunk in response.aiter_raw():
+                read += len(chunk)
+                if read > ANSWER_BYTES:
+                    break
+            return response.status_code
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"queued": self.queue.qsize(), **self.counts}
