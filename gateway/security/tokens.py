@@ -53,6 +53,8 @@ log = logging.getLogger("gateway.auth")
 
 MAX_TOKEN_BYTES = 8192
 MAX_PROVIDER_DOCUMENT_BYTES = 1024 * 1024
+FETCH_TIMEOUT_S = 10.0
+"""A refresh of a provider's keys (discovery and key set) ends after this long, however the bytes come."""
 """A discovery document or a key set: a few KiB where real."""
 VERIFIED_TTL_S = 30.0
 """A token whose signature verified is not verified again for this long (its claims always are)."""
@@ -147,9 +149,11 @@ class JWKSCache:
         async with self._lock:
             self.attempted_at = self.clock()
             try:
-                self.keys = await self._fetch()
-            except (httpx.HTTPError, ValueError, JoseError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                async with asyncio.timeout(FETCH_TIMEOUT_S):  # httpx's timeout is per read: a trickle never ends it
+                    self.keys = await self._fetch()
+            except (httpx.HTTPError, ValueError, JoseError, TimeoutError) as exc:
+                self.last_error = (f"the provider took more than {FETCH_TIMEOUT_S:.0f} s to answer"
+                                   if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}")
                 self.fetch_errors += 1
                 log.warning("cannot fetch the keys of %s: %s", self.trust.issuer, self.last_error)
                 return False

@@ -4,7 +4,9 @@ reason is kept), never an exception on the request path or a download without en
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.config import IssuerTrust
+from gateway.security import tokens
 from gateway.security.tokens import JWKSCache
 
 ANSWERS: dict[str, bytes] = {}
@@ -19,6 +22,16 @@ ANSWERS: dict[str, bytes] = {}
 
 class _Provider(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
+        if self.path == "/trickle":  # a byte every half second, each well within httpx's read timeout
+            self.send_response(200)
+            self.send_header("content-length", "1000")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(60):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            return
         body = ANSWERS.get(self.path, b"{}")
         self.send_response(200)
         self.send_header("content-type", "application/json")
@@ -53,3 +66,16 @@ async def test_a_provider_answer_that_is_no_document_is_a_failed_refresh(provide
     cache = JWKSCache(IssuerTrust(issuer=provider, jwks_uri=jwks_uri))
     assert await cache.refresh() is False
     assert reason in cache.last_error and cache.keys is None
+
+
+@pytest.mark.anyio
+async def test_a_provider_that_trickles_its_answer_is_a_failed_refresh_at_the_fetch_timeout(
+        provider: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx's timeout is per read: a provider sending a byte every half second held the refresh
+    (and the gateway's start-up, which waits for it) for as long as it went on."""
+    monkeypatch.setattr(tokens, "FETCH_TIMEOUT_S", 1.0, raising=False)
+    cache = JWKSCache(IssuerTrust(issuer=provider, jwks_uri=f"{provider}/trickle"))
+    started = time.monotonic()
+    assert await cache.refresh() is False
+    assert time.monotonic() - started < 3.0
+    assert "took more than 1 s" in cache.last_error and cache.keys is None
