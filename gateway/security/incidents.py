@@ -26,6 +26,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -124,9 +125,9 @@ class Controls:
         now = time.time() if now is None else now
         changes: dict[str, Any] = {}
         if action == "revoke-token":
-            until = params.get("expires_at") or now + 86400
+            until = _expiry(params, now + 86400)
             tokens = {j: v for j, v in self.tokens.items() if v.get("until", 0) > now}  # expired ones go
-            changes["tokens"] = {**tokens, _text(params, "jti"): {**stamp, "until": float(until)}}
+            changes["tokens"] = {**tokens, _text(params, "jti"): {**stamp, "until": until}}
         elif action in ("revoke-principal", "reinstate-principal"):
             who = _text(params, "principal")
             changes["principals"] = _toggled(self.principals, who, stamp if action == "revoke-principal" else None)
@@ -153,6 +154,16 @@ def _text(params: dict[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value or len(value) > 512:
         raise IncidentError(f'"{name}" is required (a string of at most 512 characters)')
     return value
+
+
+def _expiry(params: dict[str, Any], default: float) -> float:
+    """``expires_at``, the revoked token's ``exp`` (a Unix time), or ``default`` when not given."""
+    value = params.get("expires_at")
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise IncidentError('"expires_at", when given, is the token\'s expiry as a Unix time (its "exp")')
+    return float(value)
 
 
 def _certificate_key(params: dict[str, Any]) -> str:

@@ -58,6 +58,15 @@ def test_actions_are_checked_and_versioned() -> None:
     assert revoked.refusal(None, peer) == "client certificate revoked"
 
 
+@pytest.mark.parametrize("expires_at", ["tomorrow", [1], True, float("nan"), float("inf")],
+                         ids=["text", "list", "bool", "nan", "infinite"])
+def test_a_revocation_expiry_that_is_no_time_is_refused(expires_at: object) -> None:
+    """A string or a list was a 500 (float() raised past the action's checks); true was taken as
+    1.0, a revocation that expired in 1970 and was dropped at the next action."""
+    with pytest.raises(IncidentError, match='"expires_at", when given, is the token\'s expiry'):
+        Controls().apply("revoke-token", {"jti": "t1", "expires_at": expires_at}, "op", "stolen")
+
+
 @pytest.mark.anyio
 async def test_concurrent_actions_in_one_process_are_all_kept(tmp_path: Path) -> None:
     store = IncidentStore(tmp_path / "incidents.json")
@@ -232,6 +241,9 @@ def test_the_admin_api_wants_the_admin_role_and_a_second_factor(replicas: Replic
                 {"action": "lift", "reason": "nothing"}).status_code == 409
     refusals = [r["status"] for r in a.audit_records() if r.get("path") == "/admin/incidents/actions" and r["status"] >= 400]
     assert refusals[-4:] == [401, 403, 400, 409]
+    no_time = call(a, operator, "admin", "POST", "/admin/incidents/actions",
+                   {"action": "revoke-token", "jti": "j1", "expires_at": "tomorrow", "reason": "INC-6"})
+    assert no_time.status_code == 400 and "expires_at" in no_time.json()["detail"]
     # The CLI, with the operator's token; rotate-key makes a new signing key on the running gateway.
     stolen_before_rotation = fetch_token(a.url, a.pki, "demo")
     creds = json.loads((a.pki / "credentials.json").read_text())
