@@ -48,9 +48,9 @@ __all__ = ["CALIBRATION_NAME", "Calibration", "CalibrationError", "calibrate", "
 CALIBRATION_NAME = "calibration.json"
 FORMAT = "gateway-calibration/1"
 MIN_ROWS = 50
+"""Fewer clean rows cannot place a threshold at a few percent."""
 MAX_CALIBRATION_BYTES = 64 * 1024 * 1024
 """Thresholds and a score per held-out row and detector: a few MB for a hundred thousand rows."""
-"""Fewer clean rows cannot place a threshold at a few percent."""
 CHUNK_ROWS = 64
 
 
