@@ -53,9 +53,9 @@ log = logging.getLogger("gateway.auth")
 
 MAX_TOKEN_BYTES = 8192
 MAX_PROVIDER_DOCUMENT_BYTES = 1024 * 1024
+"""A discovery document or a key set: a few KiB where real."""
 FETCH_TIMEOUT_S = 10.0
 """A refresh of a provider's keys (discovery and key set) ends after this long, however the bytes come."""
-"""A discovery document or a key set: a few KiB where real."""
 VERIFIED_TTL_S = 30.0
 """A token whose signature verified is not verified again for this long (its claims always are)."""
 VERIFIED_MAX = 10_000
