@@ -30,7 +30,8 @@ import uvloop
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.workers.transport import HTTPTransport, UnixSocketTransport, fetch_health  # noqa: E402
+from gateway.workers.local import UnixSocketTransport, fetch_health  # noqa: E402
+from gateway.workers.transport import HTTPTransport  # noqa: E402
 from gateway_client.protocol.codec import Tensor, encode_tensor_message  # noqa: E402
 
 HEADER = "inference-header-content-length"

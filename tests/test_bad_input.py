@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gateway.workers.transport import fetch_health
+from gateway.workers.local import fetch_health
 from tests.conftest import Gateway
 
 GOOD = {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [8.0] * 64}

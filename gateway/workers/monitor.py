@@ -33,7 +33,7 @@ from pathlib import Path
 from gateway.config import Config, ModelConfig
 from gateway.units import Unit
 from gateway.workers.exits import ExitCode
-from gateway.workers.transport import fetch_health
+from gateway.workers.local import fetch_health
 
 __all__ = ["ProcessMonitor", "WorkerProcess", "WorkerStartError", "socket_path"]
 

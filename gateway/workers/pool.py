@@ -27,10 +27,10 @@ import orjson
 from gateway.config import Config
 from gateway.errors import GatewayError, GatewayTimeout, InvalidInput, Unavailable
 from gateway.units import Unit
+from gateway.workers.local import UnixSocketTransport
 from gateway.workers.remote import TLSTransport, client_context
 from gateway.workers.transport import (
     PeerCredentials,
-    UnixSocketTransport,
     WorkerConnectError,
     WorkerConnectionLost,
     WorkerImpostor,

@@ -30,14 +30,8 @@ from typing import Any, cast
 import orjson
 from cryptography import x509
 
-from gateway.workers.transport import (
-    HTTPTransport,
-    PeerCredentials,
-    WorkerConnectError,
-    WorkerImpostor,
-    _Connection,
-    peer_credentials,
-)
+from gateway.workers.local import peer_credentials
+from gateway.workers.transport import HTTPTransport, PeerCredentials, WorkerConnectError, WorkerImpostor, _Connection
 
 __all__ = ["TLSTransport", "WorkerFront", "split_address", "uri_sans"]
 

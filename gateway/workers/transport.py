@@ -1,13 +1,13 @@
-"""How the gateway reaches one worker: the ``WorkerTransport`` interface and its implementations.
+"""How the gateway reaches one worker: the ``WorkerTransport`` interface, its errors, and HTTP.
 
 A transport carries already-checked tensors to one worker and its outputs back, and asks the
 worker for its health. ``HTTPTransport`` speaks binary tensors over HTTP/1.1 keep-alive (the
 small subset the worker serves, parsed with ``httptools``: ``Content-Length`` bodies, one request
-at a time per connection); ``UnixSocketTransport`` reaches a local worker's socket, and sends its
-inferences as frames over one connection instead (``gateway.workers.frames``: many at once, the
-requests of one event-loop turn in one write), keeping HTTP for health.
+at a time per connection); a worker's answers are input, bounded before they are kept.
+``gateway.workers.local.UnixSocketTransport`` reaches a local worker's socket and sends its
+inferences as frames over one connection instead, keeping HTTP for health.
 ``gateway.workers.memory.InMemoryTransport`` runs a function in-process, for tests. A remote worker
-is another ``HTTPTransport`` that connects over TCP with mutual TLS.
+is another ``HTTPTransport`` that connects over TCP with mutual TLS (``gateway.workers.remote``).
 
 The gateway sends every inference through here, so its cost is per request. Measured against one
 ``digits`` worker (``bench/transport.py``, two-core machine): httpx's pooled async transport
@@ -17,22 +17,13 @@ client, 4,014 and 5,450.
 Errors are split by whether the request may have reached the worker: ``WorkerConnectError`` (it
 did not; safe to send elsewhere) and ``WorkerConnectionLost`` (it may have); ``WorkerRefused`` is
 the worker's own refusal (``status`` and its message).
-
-A local worker is verified on every new connection: the kernel's credentials of the socket's
-listener (``SO_PEERCRED``: the process that called ``listen()``, which the worker does itself)
-must be the process and user the supervisor started. Anything else listening on that path (a
-compromised worker that swapped sockets, say) is refused before a byte of input is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import struct
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -42,27 +33,21 @@ import orjson
 from gateway.offload import TEXT_WEIGHT, offload, text_elements
 from gateway.workers.frames import (
     MAX_ANSWER_BYTES,
-    NO_DEADLINE,
-    PREFACE,
-    FrameError,
-    FrameReader,
-    FrameWriter,
-    frame_head,
 )
 from gateway_client.protocol.codec import HEADER_LENGTH, Chunk, Tensor, decode_tensor_message, encode_tensor_parts
 
 __all__ = [
     "DEADLINE_HEADER",
+    "MAX_HEAD_BYTES",
+    "MAX_HEALTH_BYTES",
     "HTTPTransport",
     "PeerCredentials",
-    "UnixSocketTransport",
     "WorkerConnectError",
     "WorkerConnectionLost",
     "WorkerImpostor",
     "WorkerRefused",
     "WorkerResponse",
     "WorkerTransport",
-    "fetch_health",
 ]
 
 
@@ -217,68 +202,6 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-class _Framed(asyncio.Protocol):
-    """The gateway's side of a connection that speaks frames (``gateway.workers.frames``)."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.writer: FrameWriter | None = None
-        self.reader = FrameReader(limit=MAX_ANSWER_BYTES)
-        self.waiting: dict[int, asyncio.Future[WorkerResponse]] = {}
-        self.next_id = 0
-        self.closed = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.writer = FrameWriter(self.transport)  # type: ignore[arg-type]
-        self.transport.write(PREFACE)  # type: ignore[union-attr]
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            frames = self.reader.feed(data)
-        except FrameError as exc:
-            self._fail(WorkerConnectionLost(f"malformed answer from worker: {exc}"))
-            return
-        for request_id, status, header_length, payload in frames:
-            waiter = self.waiting.pop(request_id, None)
-            if waiter is None:  # timed out or cancelled meanwhile (or never asked: ignored)
-                continue
-            if not waiter.done():
-                waiter.set_result(WorkerResponse(status, {}, payload, header_length))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(WorkerConnectionLost("worker closed the connection"))
-
-    def _fail(self, exc: Exception) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-        waiting, self.waiting = self.waiting, {}
-        for waiter in waiting.values():
-            if not waiter.done():
-                waiter.set_exception(exc)
-
-    async def exchange(self, parts: list[Chunk], header_length: int, timeout: float) -> WorkerResponse:
-        assert self.writer is not None
-        if self.closed:
-            raise WorkerConnectionLost("worker closed the connection")
-        loop = asyncio.get_running_loop()
-        request_id = self.next_id = (self.next_id + 1) & 0xFFFFFFFF
-        waiter: asyncio.Future[WorkerResponse] = loop.create_future()
-        self.waiting[request_id] = waiter
-        deadline_ms = min(int(timeout * 1000), NO_DEADLINE - 1)
-        self.writer.write(frame_head(sum(map(len, parts)), request_id, deadline_ms, header_length), parts)
-        timer = loop.call_later(timeout, _expire, waiter)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-            self.waiting.pop(request_id, None)
-
-    def close(self) -> None:
-        self._fail(WorkerConnectionLost("the connection was closed"))
-
-
 class HTTPTransport(WorkerTransport):
     """Binary tensors over HTTP/1.1 with up to ``max_connections`` kept alive; subclasses connect."""
 
@@ -357,109 +280,3 @@ def _error_text(response: WorkerResponse) -> str:
         return str(orjson.loads(response.body).get("error", ""))[:500]
     except (orjson.JSONDecodeError, AttributeError):
         return f"status {response.status}"
-
-
-_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-def peer_credentials(sock: Any) -> PeerCredentials:
-    """The pid and uid of the process that listens on the other end of a Unix socket."""
-    pid, uid, _gid = _CREDENTIALS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
-    return PeerCredentials(pid, uid)
-
-
-class UnixSocketTransport(HTTPTransport):
-    """A local worker on its Unix socket, verified by the kernel's peer credentials."""
-
-    def __init__(self, path: str, max_connections: int = 256, credentials: PeerCredentials | None = None) -> None:
-        super().__init__(path, max_connections)
-        self.credentials = credentials
-        self._channel: _Framed | None = None
-        self._opening = asyncio.Lock()
-
-    def expect(self, credentials: PeerCredentials | None) -> None:
-        if credentials != self.credentials:
-            self.credentials = credentials
-            for conn in self._idle:  # made with the previous process: never reuse them
-                conn.close()
-            self._idle.clear()
-            if self._channel is not None:
-                self._channel.close()
-                self._channel = None
-
-    async def _connect(self) -> _Connection:
-        return await self._open(_Connection)
-
-    async def _open(self, protocol: Callable[[], P]) -> P:
-        loop = asyncio.get_running_loop()
-        try:
-            transport, conn = await loop.create_unix_connection(protocol, self.address)
-        except OSError as exc:
-            raise WorkerConnectError(f"cannot connect to {self.address}: {exc.strerror or exc}") from None
-        if self.credentials is not None:
-            found = peer_credentials(transport.get_extra_info("socket"))
-            if found != self.credentials:
-                transport.abort()
-                error = WorkerImpostor(
-                    f"{self.address} is listened on by pid {found.pid} uid {found.uid}, not the worker the "
-                    f"supervisor started (pid {self.credentials.pid} uid {self.credentials.uid})")
-                log.error("SECURITY: %s; nothing was sent to it", error)
-                raise error
-        return conn
-
-    async def infer(self, inputs: list[Tensor], timeout: float) -> list[Tensor]:
-        """Over the worker's framed connection (opened, and verified, on first use)."""
-        channel = self._channel
-        if channel is None or channel.closed:
-            channel = await self._open_channel()
-        body, header_length = await offload(text_elements(inputs), encode_tensor_parts, "inputs", inputs)
-        response = await channel.exchange(body, header_length, timeout)
-        return await self._outputs(response)
-
-    async def _open_channel(self) -> _Framed:
-        async with self._opening:  # one connection, however many requests arrive meanwhile
-            if self._channel is None or self._channel.closed:
-                self._channel = await self._open(_Framed)
-            return self._channel
-
-    async def aclose(self) -> None:
-        await super().aclose()
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-
-
-def fetch_health(path: str, timeout: float = 2.0) -> dict[str, object] | None:
-    """Blocking ``GET /health`` on a worker socket (for the supervisor's thread); None if unwell.
-
-    ``OSError`` from making the socket itself (no file descriptor left, say) is raised: that is
-    this process's trouble, not a sign that the worker is unwell.
-    """
-    import json
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    deadline = time.monotonic() + timeout
-    try:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.sendall(b"GET /health HTTP/1.1\r\nhost: worker\r\nconnection: close\r\n\r\n")
-        chunks, size = [], 0
-        while chunk := sock.recv(65536):  # at most MAX_HEALTH_BYTES, within ``timeout`` in all
-            chunks.append(chunk)
-            size += len(chunk)
-            left = deadline - time.monotonic()
-            if size > MAX_HEALTH_BYTES + MAX_HEAD_BYTES or left <= 0:
-                return None
-            sock.settimeout(left)
-    except OSError:
-        return None
-    finally:
-        sock.close()
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        return None
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return None
-    return doc if isinstance(doc, dict) else None

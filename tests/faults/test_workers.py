@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from gateway.workers.transport import fetch_health
+from gateway.workers.local import fetch_health
 from tests.conftest import Gateway, onnx_reference, start_gateway
 from tests.test_metrics import value
 

@@ -221,7 +221,8 @@ async def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_not_run()
 async def test_a_worker_drops_a_request_whose_deadline_has_passed(gateway: Gateway) -> None:
     """The gateway sends what is left of its deadline; a worker (local or behind a worker host)
     answers 504 rather than run a request nobody waits for any more."""
-    from gateway.workers.transport import DEADLINE_HEADER, UnixSocketTransport
+    from gateway.workers.local import UnixSocketTransport
+    from gateway.workers.transport import DEADLINE_HEADER
     from gateway_client.protocol.codec import HEADER_LENGTH, Tensor, encode_tensor_parts
 
     worker = UnixSocketTransport(str(gateway.routes()["digits"]["workers"][0]["socket"]))

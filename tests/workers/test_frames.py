@@ -16,7 +16,8 @@ import onnxruntime as ort
 import pytest
 
 from gateway.workers.frames import HEAD, MAX_ANSWER_BYTES, PREFACE, FrameError, FrameReader, frame_head
-from gateway.workers.transport import UnixSocketTransport, WorkerConnectionLost, fetch_health
+from gateway.workers.local import UnixSocketTransport, fetch_health
+from gateway.workers.transport import WorkerConnectionLost
 from gateway_client.protocol.codec import Tensor, decode_tensor_message, encode_tensor_message
 from tests.conftest import Gateway
 

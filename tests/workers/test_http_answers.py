@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.workers.transport import MAX_HEALTH_BYTES, UnixSocketTransport, WorkerConnectionLost, fetch_health
+from gateway.workers.local import UnixSocketTransport, fetch_health
+from gateway.workers.transport import MAX_HEALTH_BYTES, WorkerConnectionLost
 from tests.hostile_peers import SLACK, answering, first_sent, flood, trickle
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.workers.transport import fetch_health
+from gateway.workers.local import fetch_health
 from tests.conftest import Gateway, start_gateway, write_config
 from tests.test_metrics import value
 

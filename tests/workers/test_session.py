@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.workers.local import fetch_health
 from gateway.workers.session import load_session
-from gateway.workers.transport import fetch_health
 from tests.conftest import start_gateway
 
 SPINNING = "session.intra_op.allow_spinning"
