@@ -572,23 +572,35 @@ def _limits_with_password(limits: LimitsConfig, base: Path, problems: list[str])
 def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> Config:
     """Load, override from the environment, validate and freeze. Raises ``ConfigError``."""
     problems: list[str] = []
-    data: dict[str, Any] = {}
-    base = Path.cwd()
-    if path is not None:
-        p = Path(path)
-        base = p.resolve().parent
-        try:
-            data = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError([f"{p}: no such file (create one with `gateway init`)"]) from None
-        except IsADirectoryError:
-            raise ConfigError([f"{p}: a folder, not a configuration file (is a volume mounted over it?)"]) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{p}: {exc}"]) from None
+    data, base = _read(path)
     _env_overrides(data, dict(os.environ if environ is None else environ))
     for section in set(data) - {"server", "tls", "models", "auth", "issuer", "rbac", "limits", "audit", "supply", "events",
                                   "remote_workers", "worker_host"}:
         problems.append(f"[{section}]: unknown section")
+    cfg = _sections(data, base, str(path or ""), problems)
+    _check_files(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _read(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], Path]:
+    """The TOML document at ``path`` (nothing when None) and the folder its relative paths start from."""
+    if path is None:
+        return {}, Path.cwd()
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text()), p.resolve().parent
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: no such file (create one with `gateway init`)"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{p}: a folder, not a configuration file (is a volume mounted over it?)"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{p}: {exc}"]) from None
+
+
+def _sections(data: dict[str, Any], base: Path, source: str, problems: list[str]) -> Config:
+    """Each section typed, its paths resolved against ``base``; what is wrong goes to ``problems``."""
     server = ServerConfig(**_coerce(ServerConfig, data.get("server", {}), "server", problems))
     server = dataclasses.replace(server, pid_file=_resolve(base, server.pid_file))
     tls = TLSConfig(**_coerce(TLSConfig, data.get("tls", {}), "tls", problems))
@@ -617,21 +629,23 @@ def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | N
     supply = dataclasses.replace(supply, kek_file=_resolve(base, supply.kek_file),
                                  signing_key=_resolve(base, supply.signing_key),
                                  trusted_keys=tuple(_resolve(base, k) for k in supply.trusted_keys))
-    cfg = Config(server, tls, _resolve(base, str(root)), tuple(models), str(path or ""), auth, issuer, rbac, limits,
-                 audit, supply, _events(data.get("events", {}), base, problems),
-                 _remote_workers(data.get("remote_workers", {}), base, tls, problems),
-                 WorkerHostConfig(**_coerce(WorkerHostConfig, data.get("worker_host", {}), "worker_host", problems)),
-                 "worker_host" in data)
+    return Config(server, tls, _resolve(base, str(root)), tuple(models), source, auth, issuer, rbac, limits,
+                  audit, supply, _events(data.get("events", {}), base, problems),
+                  _remote_workers(data.get("remote_workers", {}), base, tls, problems),
+                  WorkerHostConfig(**_coerce(WorkerHostConfig, data.get("worker_host", {}), "worker_host", problems)),
+                  "worker_host" in data)
+
+
+def _check_files(cfg: Config, problems: list[str]) -> None:
+    """The ranges, and the files the configuration names that must exist before anything starts."""
     from gateway.configchecks import check_ranges, crl_problems, remote_worker_problems  # they read the classes above
 
     check_ranges(cfg, problems)
     if not cfg.models:
         problems.append("models: no model is configured (add a [models.NAME] table)")
+    tls = cfg.tls
     for name in ("cert_file", "key_file") + (("client_ca_file",) if tls.client_auth != "off" else ()):
         if not Path(getattr(tls, name)).is_file():
             problems.append(f"tls.{name}: {getattr(tls, name)} does not exist (run `gateway init`)")
     problems.extend(crl_problems(tls.crl_files))
     problems.extend(remote_worker_problems(cfg))
-    if problems:
-        raise ConfigError(problems)
-    return cfg

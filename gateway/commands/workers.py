@@ -7,9 +7,12 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.commands import add_area, config_opt, load, opt
+
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 __all__ = ["add_parsers", "serve_worker_host"]
 
@@ -37,19 +40,11 @@ def serve_worker_host(config_path: str) -> int:
 
         drop_capabilities()
     config = load_config(config_path)
-    if not config.is_worker_host:
-        print(f"error: {config_path} is not a worker host's configuration: add a [worker_host] section "
-              "(its clients = the gateways' SPIFFE IDs)", file=sys.stderr)
+    refusal = _not_a_worker_host(config, config_path)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
     served = [m for m in config.models if m.listen]
-    if not served:
-        print(f"error: no model in {config_path} has a listen address ([models.NAME] listen = \"host:port\")",
-              file=sys.stderr)
-        return 2
-    if not (config.tls.cert_file and config.tls.key_file and config.tls.client_ca_file):
-        print("error: a worker host needs [tls] cert_file, key_file (its worker identity) and client_ca_file "
-              "(the CA of the gateways' certificates)", file=sys.stderr)
-        return 2
     context = server_context(config.tls.cert_file, config.tls.key_file, config.tls.client_ca_file)
     manifests = load_units(config)  # signatures checked against the trusted keys; sealed ones opened
     runtime_dir = Path(config.server.runtime_dir or tempfile.mkdtemp(prefix="gateway-worker-"))
@@ -78,6 +73,19 @@ def serve_worker_host(config_path: str) -> int:
     finally:
         supervisor.stop()
     return 0
+
+
+def _not_a_worker_host(config: Config, config_path: str) -> str | None:
+    """Why ``config`` cannot run a worker host, or None."""
+    if not config.is_worker_host:
+        return (f"{config_path} is not a worker host's configuration: add a [worker_host] section "
+                "(its clients = the gateways' SPIFFE IDs)")
+    if not any(m.listen for m in config.models):
+        return f"no model in {config_path} has a listen address ([models.NAME] listen = \"host:port\")"
+    if not (config.tls.cert_file and config.tls.key_file and config.tls.client_ca_file):
+        return ("a worker host needs [tls] cert_file, key_file (its worker identity) and client_ca_file "
+                "(the CA of the gateways' certificates)")
+    return None
 
 
 def _issue(args: argparse.Namespace) -> int:
