@@ -4,8 +4,10 @@ supervisor's health checks."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,29 +25,31 @@ def _listening(tmp_path: Path) -> tuple[socket.socket, str]:
     return server, path
 
 
-@pytest.mark.anyio
-async def test_an_endless_health_answer_is_cut_off_at_its_limit(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def _flooding_worker(tmp_path: Path) -> AsyncIterator[tuple[UnixSocketTransport, list[int]]]:
+    """The gateway's transport to a worker that answers every request with an endless flood."""
     server, path = _listening(tmp_path)
     with answering(server, flood) as sent:
         worker = UnixSocketTransport(path)
         try:
-            assert await worker.health(timeout=10) is None
+            yield worker, sent
         finally:
             await worker.aclose()
-        assert first_sent(sent) < MAX_HEALTH_BYTES + SLACK, f"{sent[0] >> 20} MiB of a health answer read"
+
+
+@pytest.mark.anyio
+async def test_an_endless_health_answer_is_cut_off_at_its_limit(tmp_path: Path) -> None:
+    async with _flooding_worker(tmp_path) as (worker, sent):
+        assert await worker.health(timeout=10) is None
+    assert first_sent(sent) < MAX_HEALTH_BYTES + SLACK, f"{sent[0] >> 20} MiB of a health answer read"
 
 
 @pytest.mark.anyio
 async def test_an_answer_past_its_limit_closes_the_connection(tmp_path: Path) -> None:
-    server, path = _listening(tmp_path)
-    with answering(server, flood) as sent:
-        worker = UnixSocketTransport(path)
-        try:
-            with pytest.raises(WorkerConnectionLost, match="passed"):
-                await worker.request("POST", "/infer", b"{}", timeout=10, limit=1 << 20)
-        finally:
-            await worker.aclose()
-        assert first_sent(sent) < (1 << 20) + SLACK
+    async with _flooding_worker(tmp_path) as (worker, sent):
+        with pytest.raises(WorkerConnectionLost, match="passed"):
+            await worker.request("POST", "/infer", b"{}", timeout=10, limit=1 << 20)
+    assert first_sent(sent) < (1 << 20) + SLACK
 
 
 def test_the_supervisors_health_check_reads_at_most_its_limit(tmp_path: Path) -> None:
