@@ -99,6 +99,7 @@ def build_digits() -> Built:
         "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10], "domain": {"min": 0.0, "max": 1.0}}
         ],
+        "batch": True,
         "device": "auto",
         "metrics": {"test_accuracy": round(accuracy, 4), "test_samples": int(len(y_test))},
     }
@@ -194,6 +195,7 @@ def build_resnetish() -> Built:
             {"name": "input", "datatype": "FP32", "shape": [-1, 3, 224, 224], "domain": {"min": -10.0, "max": 10.0}}
         ],
         "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 1000]}],
+        "batch": True,
         "device": "auto",
         "metrics": {"parameters": int(b.params)},
     }

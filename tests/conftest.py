@@ -109,10 +109,10 @@ def fetch_token(url: str, pki: Path, principal: str = "demo", mfa: bool = True, 
 
 
 def model_version(folder: Path, graph: Any, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]],
-                  signing_key: Path | None = None) -> bytes:
+                  signing_key: Path | None = None, **manifest: Any) -> bytes:
     """A model version folder (``<root>/<name>/<version>``) for ``graph`` (an ONNX ``GraphProto``,
-    opset 17): its ``model.onnx`` and a ``manifest.json`` declaring ``inputs`` and ``outputs``, signed
-    with ``signing_key`` when given. Returns the model's bytes."""
+    opset 17): its ``model.onnx`` and a ``manifest.json`` declaring ``inputs`` and ``outputs`` (and
+    ``manifest``'s other fields), signed with ``signing_key`` when given. Returns the model's bytes."""
     from onnx import helper
 
     data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
@@ -120,7 +120,7 @@ def model_version(folder: Path, graph: Any, inputs: list[dict[str, Any]], output
     (folder / "model.onnx").write_bytes(data)
     (folder / "manifest.json").write_text(json.dumps({
         "name": folder.parent.name, "version": folder.name, "device": "auto", "inputs": inputs, "outputs": outputs,
-        "onnx": {"file": "model.onnx", "sha256": hashlib.sha256(data).hexdigest()}}))
+        "onnx": {"file": "model.onnx", "sha256": hashlib.sha256(data).hexdigest()}, **manifest}))
     if signing_key is not None:
         from gateway.registry.signing import sign_model
 

@@ -16,7 +16,9 @@ when it:
   datatype, a rank, or a fixed dimension of its own where the manifest says another. The manifest
   is what requests are checked against before the model sees them; a manifest that disagrees with
   the model would let every request through its checks and fail in ONNX Runtime, or advertise
-  outputs the model never answers.
+  outputs the model never answers. A manifest that declares ``"batch": true`` must have a graph
+  whose every input and output opens its first dimension under one name: the gateway bounds and
+  checks a worker's answer by the request's rows on that promise.
 """
 
 from __future__ import annotations
@@ -117,6 +119,18 @@ def _disagreement(kind: str, declared: tuple[TensorSpec, ...], graph: list[onnx.
     return None
 
 
+def _not_batched(tensors: list[onnx.ValueInfoProto]) -> str | None:
+    """Why the graph's inputs and outputs do not share their first dimension, or None."""
+    names = {}
+    for value in tensors:
+        dims = value.type.tensor_type.shape.dim
+        names[value.name] = dims[0].dim_param if dims and dims[0].HasField("dim_param") else ""
+    if all(names.values()) and len(set(names.values())) == 1:
+        return None
+    described = ", ".join(f"{name!r}: {param or 'none'}" for name, param in names.items())
+    return f"batch is true, but the graph's first dimensions are not one named dimension ({described})"
+
+
 def admit(data: bytes, config: SupplyConfig, folder: Path | None = None,
           manifest: Manifest | None = None) -> AdmissionReport:
     """Refuse ``data`` (an ONNX model) with ``AdmissionError`` unless it passes every check (and,
@@ -169,6 +183,8 @@ def admit(data: bytes, config: SupplyConfig, folder: Path | None = None,
         inputs = [v for v in model.graph.input if v.name not in initialized]
         why = (_disagreement("inputs", manifest.inputs, inputs)
                or _disagreement("outputs", manifest.outputs, list(model.graph.output)))
+        if why is None and manifest.batch:
+            why = _not_batched([*inputs, *model.graph.output])
         if why:
             raise AdmissionError(f"the manifest does not describe this model: {why}")
     return AdmissionReport(nodes, initializer_bytes, opset, tuple(sorted(domains)))

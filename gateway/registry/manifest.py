@@ -1,8 +1,10 @@
 """Model manifests: ``<root>/<name>/<version>/manifest.json`` beside the ONNX file.
 
 A manifest declares the model's signature (inputs and outputs with datatype, shape, with ``-1``
-for a variable dimension, and an optional value domain), the ONNX file's SHA-256 and the
-preferred device. The gateway checks requests against it before any worker sees a byte.
+for a variable dimension, and an optional value domain), whether the first dimension of every
+input and output is the batch (``"batch": true``: the model answers one row per input row), the
+ONNX file's SHA-256 and the preferred device. The gateway checks requests against it before any
+worker sees a byte, and a worker's answers after.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class Manifest:
     device: str = "auto"
     description: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    batch: bool = False
+    """The first dimension of every input and output is the batch: a worker answers exactly one row
+    per input row, so its answer to a request is bounded by the request (``answer_bound``)."""
 
     @property
     def onnx_path(self) -> Path:
@@ -149,6 +154,13 @@ def load_manifest(directory: Path) -> Manifest:
     device = raw.get("device", "auto")
     if device not in ("auto", "cuda", "cpu"):
         raise ManifestError(f"{directory}: device must be auto, cuda or cpu")
+    batch = raw.get("batch", False)
+    if not isinstance(batch, bool):
+        raise ManifestError(f"{directory}: batch must be true or false")
+    fixed = next((s for s in (*inputs, *outputs) if not s.shape or s.shape[0] != -1), None)
+    if batch and fixed is not None:
+        raise ManifestError(f"{directory}: batch is true, so every input and output's first dimension must be -1 "
+                            f"(the batch); {fixed.described} has none")
     return Manifest(
         name=name,
         version=version,
@@ -159,6 +171,7 @@ def load_manifest(directory: Path) -> Manifest:
         device=device,
         description=str(raw.get("description", "")),
         metrics=dict(raw.get("metrics") or {}),
+        batch=batch,
     )
 
 

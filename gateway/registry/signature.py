@@ -6,17 +6,27 @@ rank and fixed dimensions from its description alone, before the decoder reads i
 ``check_inputs`` then checks the decoded tensors: the same again, a shared batch dimension, NaN
 and Inf, the declared value domain (refused, or clipped where the manifest's ``domain.policy`` is
 ``"clip"``), and UTF-8 for text BYTES. Failures are ``InvalidInput`` (422) naming the offending input.
+
+A worker's answer is checked after (``check_answer``), and for a model whose manifest declares
+``"batch": true`` bounded before it is read (``answer_bound``): a compromised worker can neither
+answer rows nobody asked for nor make the gateway buffer more than the request's rows can fill.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from gateway.errors import BadModelAnswer, InvalidInput
 from gateway.registry.manifest import Manifest, TensorSpec
 from gateway_client.protocol.codec import RequestedOutput, Tensor
+from gateway_client.protocol.datatypes import numpy_dtype
 
-__all__ = ["Signature", "check_answer", "check_inputs", "check_outputs"]
+__all__ = ["ANSWER_HEAD_BYTES", "Signature", "answer_bound", "check_answer", "check_inputs", "check_outputs"]
+
+ANSWER_HEAD_BYTES = 64 * 1024
+"""What an answer's tensor-message header (its JSON: names, datatypes, shapes) may add to its data."""
 
 
 def _check_declared(datatype: str, shape: tuple[int, ...], spec: TensorSpec) -> None:
@@ -97,9 +107,24 @@ def check_inputs(manifest: Manifest, inputs: list[Tensor]) -> list[Tensor]:
     return checked
 
 
-def check_answer(manifest: Manifest, outputs: list[Tensor]) -> None:
+def answer_bound(manifest: Manifest, rows: int | None) -> int | None:
+    """The most bytes a worker's answer to ``rows`` input rows can hold (its tensor message), or
+    None where the manifest does not bound it: a model without ``"batch": true``, or one with a
+    BYTES output or an open dimension past the first."""
+    if not manifest.batch or rows is None:
+        return None
+    total = ANSWER_HEAD_BYTES
+    for spec in manifest.outputs:
+        if spec.datatype == "BYTES" or -1 in spec.shape[1:]:
+            return None
+        total += rows * math.prod(spec.shape[1:]) * numpy_dtype(spec.datatype).itemsize
+    return total
+
+
+def check_answer(manifest: Manifest, outputs: list[Tensor], rows: int | None = None) -> None:
     """A worker's outputs against the model's declared ones: names, datatypes, ranks and fixed
-    dimensions. The worker is not trusted further than that (``BadModelAnswer``, 502)."""
+    dimensions, and for a model declared ``"batch"`` one row per input row (``rows``). The worker
+    is not trusted further than that (``BadModelAnswer``, 502)."""
     declared = {s.name: s for s in manifest.outputs}
     for t in outputs:
         spec = declared.get(t.name)
@@ -110,6 +135,9 @@ def check_answer(manifest: Manifest, outputs: list[Tensor]) -> None:
                 or any(want != -1 and got != want for got, want in zip(shape, spec.shape))):
             raise BadModelAnswer(f"{manifest.name} answered {spec.name} as {t.datatype} {list(shape)}; its manifest "
                                  f"declares {spec.datatype} {list(spec.shape)}")
+        if manifest.batch and rows is not None and shape[0] != rows:
+            raise BadModelAnswer(f"{manifest.name} answered {shape[0]} rows of {spec.name} to {rows} input rows; its "
+                                 "manifest declares one row per input row")
 
 
 def check_outputs(manifest: Manifest, outputs: list[RequestedOutput]) -> None:

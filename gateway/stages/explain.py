@@ -22,7 +22,7 @@ import orjson
 from gateway.access import principal_of
 from gateway.errors import InvalidInput
 from gateway.registry.manifest import Manifest, TensorSpec
-from gateway.registry.signature import check_answer
+from gateway.registry.signature import answer_bound, check_answer
 from gateway.security.ratelimit import Charge, Limiter
 from gateway.stages.base import Answer, InferCall, offload
 from gateway.stages.infer import tensor_digest
@@ -146,8 +146,8 @@ class Explain:
 
         shaped = rows.reshape(len(rows), *x.shape[1:]).astype(x.dtype, copy=False)
         outputs = await self.pool.infer(call.model.unit.key, [Tensor(manifest.inputs[0].name, shaped)],
-                                        call.ctx.deadline, picked)
-        check_answer(manifest, outputs)
+                                        call.ctx.deadline, picked, answer_bound(manifest, len(rows)))
+        check_answer(manifest, outputs, len(rows))
         answer = next((t.array for t in outputs if t.name == scores_spec.name), None)
         if answer is None or answer.ndim != 2 or answer.shape[0] != len(rows):  # not the declared [-1, classes]
             got = "nothing" if answer is None else list(answer.shape)

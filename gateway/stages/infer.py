@@ -8,7 +8,7 @@ import numpy as np
 
 from gateway.context import TensorDigest
 from gateway.offload import text_elements
-from gateway.registry.signature import check_answer
+from gateway.registry.signature import answer_bound, check_answer
 from gateway.stages.base import Answer, InferCall, elements, offload
 from gateway.workers.pool import WorkerPool
 from gateway_client.protocol.codec import RequestedOutput, Tensor, encode_infer_response
@@ -55,24 +55,26 @@ class Infer:
         def picked(worker: str) -> None:
             ctx.worker = worker
 
+        manifest = call.model.manifest
         admission, call.admission = call.admission, None
         try:
-            if not call.riders:
-                outputs = await self.pool.infer(call.model.unit.key, call.inputs, ctx.deadline, picked)
-            else:
-                joined = await offload(elements(call.inputs) + elements(call.riders), _with_riders,
-                                       call.inputs, call.riders)
-                outputs = await self.pool.infer(call.model.unit.key, joined, ctx.deadline, picked)
+            sent = call.inputs
+            if call.riders:
+                sent = await offload(elements(call.inputs) + elements(call.riders), _with_riders,
+                                     call.inputs, call.riders)
+            rows = sent[0].array.shape[0] if manifest.batch else None
+            outputs = await self.pool.infer(call.model.unit.key, sent, ctx.deadline, picked,
+                                            answer_bound(manifest, rows))
         finally:
             if admission is not None:
                 await admission  # refused: its 429, and these outputs are never used
-        check_answer(call.model.manifest, outputs)
+        check_answer(manifest, outputs, rows)
         if not call.riders:
             call.outputs = outputs
         else:
-            rows = call.inputs[0].array.shape[0]
-            call.outputs = [Tensor(t.name, t.array[:rows]) for t in outputs]
-            call.rider_outputs = [Tensor(t.name, t.array[rows:]) for t in outputs]
+            own = call.inputs[0].array.shape[0]
+            call.outputs = [Tensor(t.name, t.array[:own]) for t in outputs]
+            call.rider_outputs = [Tensor(t.name, t.array[own:]) for t in outputs]
         ctx.outputs = await offload(elements(call.outputs), _digests, call.outputs)
 
 

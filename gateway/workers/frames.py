@@ -21,7 +21,8 @@ The worker also keeps serving HTTP on the same socket (``GET /health``, ``POST /
 them apart by the preface. Remote worker hosts are reached over HTTP (``remote``). A worker is
 verified as before, by its socket's peer credentials when the connection opens, and an answer is
 never trusted further than a local worker's HTTP answer was: its length is bounded
-(``MAX_ANSWER_BYTES``), its id must be one still waited for, and its tensors are decoded and
+(``MAX_ANSWER_BYTES``, or less where the model's manifest bounds the request's answer), its id
+must be one still waited for, and its tensors are decoded and
 checked as any.
 """
 
@@ -29,10 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Callable
 
 from gateway_client.protocol.codec import Chunk
 
-__all__ = ["HEAD", "MAX_ANSWER_BYTES", "NO_DEADLINE", "PREFACE", "FrameError", "FrameReader", "FrameWriter", "frame_head"]
+__all__ = ["HEAD", "MAX_ANSWER_BYTES", "NO_DEADLINE", "PREFACE", "FrameError", "FrameReader", "FrameTooLarge",
+           "FrameWriter", "frame_head"]
 
 PREFACE = b"TENSORS/1\r\n"
 """What a connection that speaks frames sends first (never the start of an HTTP request)."""
@@ -48,16 +51,26 @@ class FrameError(ValueError):
     """The bytes on a connection are not frames: the connection cannot be trusted further."""
 
 
+class FrameTooLarge(FrameError):
+    """A frame longer than its request's limit."""
+
+    def __init__(self, request_id: int, length: int, limit: int) -> None:
+        super().__init__(f"a frame of {length} bytes (at most {limit})")
+        self.request_id = request_id
+
+
 def frame_head(length: int, request_id: int, field: int, header_length: int) -> bytes:
     return HEAD.pack(length, request_id, field, header_length)
 
 
 class FrameReader:
     """Frames out of a byte stream, whatever pieces it arrives in; payloads of more than
-    ``limit`` bytes raise ``FrameError`` before any of it is buffered."""
+    ``limit`` bytes (or than ``limit_of(request id)``, where given) raise ``FrameTooLarge`` before
+    any of it is buffered."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, limit_of: Callable[[int], int] | None = None) -> None:
         self.limit = limit
+        self.limit_of = limit_of
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
@@ -72,8 +85,9 @@ class FrameReader:
         try:
             while size - offset >= HEAD.size:
                 length, request_id, field, header_length = HEAD.unpack_from(view, offset)
-                if length > self.limit:
-                    raise FrameError(f"a frame of {length} bytes (at most {self.limit})")
+                limit = self.limit if self.limit_of is None else min(self.limit, self.limit_of(request_id))
+                if length > limit:
+                    raise FrameTooLarge(request_id, length, limit)
                 end = offset + HEAD.size + length
                 if end > size:
                     break

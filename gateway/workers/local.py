@@ -25,12 +25,14 @@ from gateway.workers.frames import (
     PREFACE,
     FrameError,
     FrameReader,
+    FrameTooLarge,
     FrameWriter,
     frame_head,
 )
 from gateway.workers.transport import (
     MAX_HEAD_BYTES,
     MAX_HEALTH_BYTES,
+    AnswerTooLarge,
     HTTPTransport,
     P,
     PeerCredentials,
@@ -40,11 +42,18 @@ from gateway.workers.transport import (
     WorkerResponse,
     _Connection,
     _expire,
+    answer_limit,
     log,
 )
 from gateway_client.protocol.codec import Chunk, Tensor, encode_tensor_parts
 
 __all__ = ["UnixSocketTransport", "fetch_health", "peer_credentials"]
+
+
+MAX_UNANSWERED = 65536
+"""Requests whose answer limits are remembered after they were given up on (a late answer is
+still read, within its own limit); past that, the oldest are forgotten and their answers read
+within ``MAX_ANSWER_BYTES``."""
 
 
 class _Framed(asyncio.Protocol):
@@ -53,10 +62,15 @@ class _Framed(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.writer: FrameWriter | None = None
-        self.reader = FrameReader(limit=MAX_ANSWER_BYTES)
+        self.reader = FrameReader(limit=MAX_ANSWER_BYTES, limit_of=self._limit_of)
         self.waiting: dict[int, asyncio.Future[WorkerResponse]] = {}
+        self.limits: dict[int, int] = {}
+        """Each request sent and not yet answered: the most bytes its answer may hold."""
         self.next_id = 0
         self.closed = False
+
+    def _limit_of(self, request_id: int) -> int:
+        return self.limits.get(request_id, MAX_ANSWER_BYTES)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -66,10 +80,17 @@ class _Framed(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             frames = self.reader.feed(data)
+        except FrameTooLarge as exc:
+            waiter = self.waiting.pop(exc.request_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(AnswerTooLarge(f"the worker's answer claimed more than its request allows: {exc}"))
+            self._fail(WorkerConnectionLost(f"the worker answered another request beyond its limit: {exc}"))
+            return
         except FrameError as exc:
             self._fail(WorkerConnectionLost(f"malformed answer from worker: {exc}"))
             return
         for request_id, status, header_length, payload in frames:
+            self.limits.pop(request_id, None)
             waiter = self.waiting.pop(request_id, None)
             if waiter is None:  # timed out or cancelled meanwhile (or never asked: ignored)
                 continue
@@ -84,11 +105,14 @@ class _Framed(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         waiting, self.waiting = self.waiting, {}
+        self.limits.clear()
         for waiter in waiting.values():
             if not waiter.done():
                 waiter.set_exception(exc)
 
-    async def exchange(self, parts: list[Chunk], header_length: int, timeout: float) -> WorkerResponse:
+    async def exchange(self, parts: list[Chunk], header_length: int, timeout: float,
+                       limit: int = MAX_ANSWER_BYTES) -> WorkerResponse:
+        """Send the request; its answer, of at most ``limit`` bytes (``AnswerTooLarge``)."""
         assert self.writer is not None
         if self.closed:
             raise WorkerConnectionLost("worker closed the connection")
@@ -96,6 +120,9 @@ class _Framed(asyncio.Protocol):
         request_id = self.next_id = (self.next_id + 1) & 0xFFFFFFFF
         waiter: asyncio.Future[WorkerResponse] = loop.create_future()
         self.waiting[request_id] = waiter
+        if len(self.limits) >= MAX_UNANSWERED:
+            del self.limits[next(iter(self.limits))]
+        self.limits[request_id] = limit
         deadline_ms = min(int(timeout * 1000), NO_DEADLINE - 1)
         self.writer.write(frame_head(sum(map(len, parts)), request_id, deadline_ms, header_length), parts)
         timer = loop.call_later(timeout, _expire, waiter)
@@ -157,13 +184,13 @@ class UnixSocketTransport(HTTPTransport):
                 raise error
         return conn
 
-    async def infer(self, inputs: list[Tensor], timeout: float) -> list[Tensor]:
+    async def infer(self, inputs: list[Tensor], timeout: float, limit: int | None = None) -> list[Tensor]:
         """Over the worker's framed connection (opened, and verified, on first use)."""
         channel = self._channel
         if channel is None or channel.closed:
             channel = await self._open_channel()
         body, header_length = await offload(text_elements(inputs), encode_tensor_parts, "inputs", inputs)
-        response = await channel.exchange(body, header_length, timeout)
+        response = await channel.exchange(body, header_length, timeout, answer_limit(limit))
         return await self._outputs(response)
 
     async def _open_channel(self) -> _Framed:

@@ -28,7 +28,7 @@ class InMemoryTransport(WorkerTransport):
         self.fail_with: BaseException | None = None
         """Raised by the next inferences instead of running (a dead worker: ``WorkerConnectionLost``)."""
 
-    async def infer(self, inputs: list[Tensor], timeout: float) -> list[Tensor]:
+    async def infer(self, inputs: list[Tensor], timeout: float, limit: int | None = None) -> list[Tensor]:
         if self.fail_with is not None:
             raise self.fail_with
         arrays = {t.name: t.array for t in inputs}

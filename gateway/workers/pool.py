@@ -25,11 +25,12 @@ from typing import Any
 import orjson
 
 from gateway.config import Config
-from gateway.errors import GatewayError, GatewayTimeout, InvalidInput, Unavailable
+from gateway.errors import BadModelAnswer, GatewayError, GatewayTimeout, InvalidInput, Unavailable
 from gateway.units import Unit
 from gateway.workers.local import UnixSocketTransport
 from gateway.workers.remote import TLSTransport, client_context
 from gateway.workers.transport import (
+    AnswerTooLarge,
     PeerCredentials,
     WorkerConnectError,
     WorkerConnectionLost,
@@ -252,15 +253,16 @@ class WorkerPool:
         return best
 
     async def infer(self, key: str, inputs: list[Tensor], deadline: float | None = None,
-                    picked: Callable[[str], None] | None = None) -> list[Tensor]:
-        """Run ``inputs`` on the least-loaded healthy worker of unit ``key``; ``picked`` hears its name."""
+                    picked: Callable[[str], None] | None = None, limit: int | None = None) -> list[Tensor]:
+        """Run ``inputs`` on the least-loaded healthy worker of unit ``key``; ``picked`` hears its
+        name. ``limit``: the most bytes its answer can hold (``answer_bound``), where known."""
         refused: WorkerClient | None = None
         for _ in range(2):  # a refused connection reached no worker: safe to try another, once
             worker = self._pick(key, exclude=refused)
             if picked is not None:
                 picked(worker.name)
             try:
-                return await self._send(worker, inputs, deadline)
+                return await self._send(worker, inputs, deadline, limit)
             except WorkerImpostor:
                 self._mark_down(worker, "not the expected worker process")
                 refused = worker
@@ -288,13 +290,14 @@ class WorkerPool:
             why = f"{why}; held out for {hold:g} s (ejection {worker.ejections} with no request served between)"
         self._mark_down(worker, why)
 
-    async def _send(self, worker: WorkerClient, inputs: list[Tensor], deadline: float | None) -> list[Tensor]:
+    async def _send(self, worker: WorkerClient, inputs: list[Tensor], deadline: float | None,
+                    limit: int | None) -> list[Tensor]:
         timeout = self.config.server.request_timeout_s
         if deadline is not None:
             timeout = max(0.001, deadline - time.monotonic())
         worker.inflight += 1
         try:
-            outputs = await worker.transport.infer(inputs, timeout)
+            outputs = await worker.transport.infer(inputs, timeout, limit)
             worker.strikes = worker.ejections = 0
             return outputs
         except TimeoutError:
@@ -305,6 +308,10 @@ class WorkerPool:
                 self._mark_down(worker, str(exc))
             elif worker.strikes >= self.config.remote_workers.eject_after:
                 self._eject(worker, str(exc))
+            if isinstance(exc, AnswerTooLarge):
+                log.error("SECURITY: %s answered beyond what its model can answer: %s", worker.name, exc)
+                raise BadModelAnswer(f"model {worker.unit!r} answered more than its signature allows for the "
+                                     "request; nothing of it was kept") from None
             raise Unavailable(
                 f"the worker serving {worker.unit!r} failed during the request; retry shortly", retry_after=1,
             ) from None

@@ -42,6 +42,7 @@ __all__ = [
     "MAX_HEALTH_BYTES",
     "HTTPTransport",
     "PeerCredentials",
+    "AnswerTooLarge",
     "WorkerConnectError",
     "WorkerConnectionLost",
     "WorkerImpostor",
@@ -77,6 +78,11 @@ class WorkerConnectionLost(ConnectionError):
     """The connection broke after the request was (perhaps) sent."""
 
 
+class AnswerTooLarge(WorkerConnectionLost):
+    """The worker's answer claimed, or sent, more bytes than its request's answer can hold: it was
+    cut off before it was kept, and the connection closed."""
+
+
 class WorkerRefused(Exception):
     """The worker answered, with an error (``status`` 400 or 422: the input; else a failed run)."""
 
@@ -110,8 +116,9 @@ class WorkerTransport(ABC):
     """Where the worker is, for logs."""
 
     @abstractmethod
-    async def infer(self, inputs: list[Tensor], timeout: float) -> list[Tensor]:
-        """Run ``inputs``; raises the errors above, or ``TimeoutError`` past ``timeout`` seconds."""
+    async def infer(self, inputs: list[Tensor], timeout: float, limit: int | None = None) -> list[Tensor]:
+        """Run ``inputs``; raises the errors above, or ``TimeoutError`` past ``timeout`` seconds.
+        ``limit``: the most bytes the answer can hold (``answer_bound``; else ``MAX_ANSWER_BYTES``)."""
 
     @abstractmethod
     async def health(self, timeout: float) -> dict[str, Any] | None:
@@ -122,6 +129,11 @@ class WorkerTransport(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 (optional to override)
         """Close whatever the transport keeps open."""
+
+
+def answer_limit(limit: int | None) -> int:
+    """The most bytes of an answer the gateway reads: ``limit`` where the request bounds it."""
+    return MAX_ANSWER_BYTES if limit is None else min(limit, MAX_ANSWER_BYTES)
 
 
 def _expire(waiter: asyncio.Future[WorkerResponse]) -> None:
@@ -147,7 +159,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
         if self.received > self.limit:  # a worker's answer is input: bounded before it is kept
-            self._fail(WorkerConnectionLost(f"the worker's answer passed {self.limit} bytes"))
+            self._fail(AnswerTooLarge(f"the worker's answer passed {self.limit} bytes"))
             return
         try:
             self.parser.feed_data(data)
@@ -241,11 +253,11 @@ class HTTPTransport(WorkerTransport):
             conn.close()
         return response
 
-    async def infer(self, inputs: list[Tensor], timeout: float) -> list[Tensor]:
+    async def infer(self, inputs: list[Tensor], timeout: float, limit: int | None = None) -> list[Tensor]:
         body, header_length = await offload(text_elements(inputs), encode_tensor_parts, "inputs", inputs)
         response = await self.request("POST", "/infer", body, {HEADER_LENGTH: str(header_length),
                                                                 DEADLINE_HEADER: str(int(timeout * 1000))},
-                                      timeout=timeout)
+                                      timeout=timeout, limit=answer_limit(limit))
         return await self._outputs(response)
 
     async def _outputs(self, response: WorkerResponse) -> list[Tensor]:

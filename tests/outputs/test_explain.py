@@ -191,7 +191,8 @@ async def test_an_explanation_of_a_wide_input_is_built_a_batch_at_a_time(models_
     batches: list[int] = []
 
     class LinearWorkers:
-        async def infer(self, key: str, inputs: list[Tensor], deadline: float | None, picked: object) -> list[Tensor]:
+        async def infer(self, key: str, inputs: list[Tensor], deadline: float | None, picked: object,
+                        limit: int | None = None) -> list[Tensor]:
             batches.append(inputs[0].array.nbytes)
             return [Tensor("probabilities", inputs[0].array.reshape(len(inputs[0].array), -1) @ weights.T)]
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.errors import InvalidInput
+from gateway.errors import BadModelAnswer, InvalidInput
 from gateway.registry import ManifestError, check_inputs, check_outputs, load_manifest
+from gateway.registry.signature import ANSWER_HEAD_BYTES, answer_bound, check_answer
 from gateway_client.protocol import RequestedOutput, Tensor
 
 
@@ -53,13 +54,30 @@ def test_a_modified_model_file_is_refused(tmp_path: Path) -> None:
     ({"inputs": []}, "at least one"),
     ({"inputs": [{"name": "x", "datatype": "FP8", "shape": [1]}]}, "datatype"),
     ({"device": "tpu"}, "device"),
+    ({"batch": "yes"}, "batch must be true or false"),
+    ({"batch": True, "outputs": [{"name": "y", "datatype": "FP32", "shape": [1]}]},
+     r"first dimension must be -1 \(the batch\); y FP32 \[1\] has none"),
     # Read before the signature is checked: a planted manifest of gigabytes must not be parsed.
     ({"description": "x" * (2 << 20)}, "over 1048576 bytes"),
 ], ids=["name-traversal", "version-dots", "bad-digest", "file-escape", "no-inputs", "bad-dtype", "bad-device",
-        "oversized"])
+        "batch-not-bool", "batch-fixed-first", "oversized"])
 def test_invalid_manifests_name_the_problem(tmp_path: Path, changes: dict[str, object], fragment: str) -> None:
     with pytest.raises(ManifestError, match=fragment):
         load_manifest(_write(tmp_path, **changes))
+
+
+def test_a_batch_models_answer_is_bounded_and_checked_by_the_requests_rows(tmp_path: Path) -> None:
+    outputs = [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}, {"name": "k", "datatype": "INT64", "shape": [-1]}]
+    m = load_manifest(_write(tmp_path, batch=True, outputs=outputs))
+    assert answer_bound(m, 5) == ANSWER_HEAD_BYTES + 5 * 3 * 4 + 5 * 8
+    check_answer(m, [Tensor("y", np.zeros((5, 3), np.float32)), Tensor("k", np.zeros(5, np.int64))], 5)
+    with pytest.raises(BadModelAnswer, match="answered 6 rows of k to 5 input rows"):
+        check_answer(m, [Tensor("y", np.zeros((5, 3), np.float32)), Tensor("k", np.zeros(6, np.int64))], 5)
+    # Nothing bounds it: not declared batch; a BYTES output; an open dimension past the first.
+    assert answer_bound(load_manifest(_write(tmp_path, outputs=outputs)), 5) is None
+    check_answer(load_manifest(_write(tmp_path, outputs=outputs)), [Tensor("k", np.zeros(6, np.int64))], 5)
+    for spec in ({"name": "t", "datatype": "BYTES", "shape": [-1]}, {"name": "y", "datatype": "FP32", "shape": [-1, -1]}):
+        assert answer_bound(load_manifest(_write(tmp_path, batch=True, outputs=[spec])), 5) is None
 
 
 @pytest.mark.parametrize("array,fragment", [

@@ -127,15 +127,18 @@ DISAGREEING = [  # what the manifest of a Softmax over x [batch, 4] -> y [batch,
 ]
 
 
-@pytest.mark.parametrize(("change", "reason"), DISAGREEING, ids=["datatype", "name", "rank", "open-dimension",
-                                                                 "output-name", "extra-output"])
+@pytest.mark.parametrize(("change", "reason", "rows"), [*((c, r, "batch") for c, r in DISAGREEING), (
+    {"batch": True}, "batch is true, but the graph's first dimensions are not one named dimension ('x': batch, "
+                     "'y': rows)", "rows",
+)], ids=["datatype", "name", "rank", "open-dimension", "output-name", "extra-output", "batch"])
 def test_a_manifest_that_does_not_describe_its_model_is_refused(tmp_path: Path, change: dict[str, Any],
-                                                                reason: str) -> None:
+                                                                reason: str, rows: str) -> None:
     """Requests are checked against the manifest: one that disagrees with the model let them through
-    to fail in ONNX Runtime (a 500 for a renamed input), or advertised outputs never answered."""
+    to fail in ONNX Runtime (a 500 for a renamed input), or advertised outputs never answered; a
+    worker's answers are bounded by the request's rows where it declares ``batch``."""
     graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=1)], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, 4])])
     data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
     manifest = {"name": "m", "version": "1", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
                 "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],

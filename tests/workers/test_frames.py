@@ -17,7 +17,7 @@ import pytest
 
 from gateway.workers.frames import HEAD, MAX_ANSWER_BYTES, PREFACE, FrameError, FrameReader, frame_head
 from gateway.workers.local import UnixSocketTransport, fetch_health
-from gateway.workers.transport import WorkerConnectionLost
+from gateway.workers.transport import AnswerTooLarge, WorkerConnectionLost
 from gateway_client.protocol.codec import Tensor, decode_tensor_message, encode_tensor_message
 from tests.conftest import Gateway
 
@@ -181,8 +181,56 @@ async def test_a_worker_that_claims_an_enormous_answer_is_cut_off_and_its_caller
         await reader.read()  # the gateway hangs up
 
     async with _fake_worker(tmp_path, lie) as worker:
-        with pytest.raises(WorkerConnectionLost, match="malformed answer"):
+        with pytest.raises(AnswerTooLarge, match="claimed more than its request allows"):
             await worker.infer(_digits_inputs(0), timeout=5)
+
+
+@pytest.mark.anyio
+async def test_an_answer_past_its_requests_bound_fails_that_request_at_its_head_and_the_connection(
+        tmp_path: Path) -> None:
+    """A request's bound (``answer_bound``: 64 KiB and its rows, for a model declared ``batch``)
+    holds the answer to it, not only the 256 MiB every frame is held to; the other requests on
+    the connection fail as on any connection the worker broke."""
+    async def lie(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_id(reader)
+        second = await _request_id(reader)
+        writer.write(frame_head(64 << 20, second, 200, 0) + b"\0" * 65536)  # 64 MiB claimed, for 1 MiB
+        await writer.drain()
+        await reader.read()
+
+    async with _fake_worker(tmp_path, lie) as worker:
+        first = asyncio.create_task(worker.infer(_digits_inputs(0), timeout=5, limit=1 << 20))
+        await asyncio.sleep(0.05)
+        with pytest.raises(AnswerTooLarge, match="a frame of 67108864 bytes \\(at most 1048576\\)"):
+            await worker.infer(_digits_inputs(1), timeout=5, limit=1 << 20)
+        with pytest.raises(WorkerConnectionLost, match="answered another request beyond its limit") as lost:
+            await first
+        assert not isinstance(lost.value, AnswerTooLarge)
+
+
+@pytest.mark.anyio
+async def test_a_late_answer_is_still_held_to_its_requests_bound(tmp_path: Path) -> None:
+    """A request given up on (its deadline passed) may still be answered: within its own bound."""
+    late: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def answer_late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request_id = await _request_id(reader)
+        await late
+        writer.write(frame_head(64 << 20, request_id, 200, 0) + b"\0" * 65536)
+        await writer.drain()
+        await reader.read()
+
+    async with _fake_worker(tmp_path, answer_late) as worker:
+        with pytest.raises(TimeoutError):
+            await worker.infer(_digits_inputs(0), timeout=0.2, limit=1 << 20)
+        channel = worker._channel
+        assert channel is not None and not channel.closed
+        late.set_result(0)
+        for _ in range(100):
+            if channel.closed:
+                break
+            await asyncio.sleep(0.02)
+        assert channel.closed, "64 MiB claimed for a request bounded at 1 MiB"
 
 
 @pytest.mark.anyio
