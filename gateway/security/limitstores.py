@@ -167,6 +167,19 @@ def _command(*parts: bytes) -> bytes:
     return b"".join([b"*%d\r\n" % len(parts), *(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)])
 
 
+def _refusal(answer: Any, units: int) -> tuple[int, float] | None:
+    """One admission's answer from the script: 0 (admitted) or the 1-based index of the limit that
+    refused it and the wait in milliseconds; ``ValueError`` for anything else."""
+    if answer == 0:
+        return None
+    if not isinstance(answer, list) or len(answer) != 2:
+        raise ValueError(f"the admission script answered {str(answer)[:100]} for one admission")
+    index, wait_ms = int(answer[0]) - 1, int(answer[1])
+    if not 0 <= index < units:
+        raise ValueError(f"the admission script named limit {index + 1} of {units}")
+    return index, wait_ms / 1000
+
+
 class RedisCounts:
     """Counts in Redis, shared by every replica: one script call admits every request waiting."""
 
@@ -206,7 +219,9 @@ class RedisCounts:
         except self._no_script:
             await self.client.script_load(ADMIT)
             answers = await self._call(command)
-        return [None if a == 0 else (int(a[0]) - 1, int(a[1]) / 1000) for a in answers]
+        if not isinstance(answers, list) or len(answers) != len(admissions):  # never one request left unanswered
+            raise ValueError(f"the admission script answered {str(answers)[:100]} to {len(admissions)} admissions")
+        return [_refusal(answer, len(units)) for answer, units in zip(answers, admissions)]
 
     async def _call(self, command: bytes) -> Any:
         """Send one packed command on a pooled connection and read its answer (the client's own

@@ -8,6 +8,7 @@ back, shared limits return by themselves.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import shutil
 import subprocess
 import time
@@ -375,6 +376,43 @@ async def test_a_slow_redis_counts_as_down(redis: Redis) -> None:
     finally:
         sleeper.wait()
         await limiter.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("answer", [b"*0\r\n", b":1\r\n", b"*1\r\n*1\r\n:1\r\n", b"*1\r\n$2\r\nno\r\n"],
+                         ids=["no-answers", "not-a-list", "short-answer", "text"])
+async def test_a_storage_that_answers_wrongly_counts_as_down(answer: bytes) -> None:
+    """Something other than Redis at ``limits.storage`` (or a Redis that answers out of turn): the
+    admission falls back to local counts, as for one that is down. An answer with fewer results
+    than admissions left every request of that call waiting for ever."""
+    import asyncio
+
+    from gateway.config import LimitsConfig
+    from gateway.security.ratelimit import Limiter
+
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        while line := await reader.readline():  # RESP commands: "*N", then "$len" and a value per part
+            parts = [await reader.readline() for _ in range(2 * int(line[1:]))][1::2]
+            writer.write(answer if parts[0].strip().upper() == b"EVALSHA" else b"+OK\r\n")
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    limiter = Limiter(LimitsConfig(storage=f"redis://127.0.0.1:{port}/0", per_principal="2/minute"))
+    try:
+        async with asyncio.timeout(5):
+            await limiter.hit(limiter.per_principal, "p")
+        assert limiter.degraded is not None and "using local limits" in limiter.status()["degraded"]
+    finally:
+        await limiter.close()
+        server.close()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
 
 def _stored(redis: Redis, keys: list[str]) -> dict[str, str]:
