@@ -10,10 +10,12 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gateway.workers.local import UnixSocketTransport, fetch_health
-from gateway.workers.transport import MAX_HEALTH_BYTES, WorkerConnectionLost
+from gateway.workers.transport import MAX_HEALTH_BYTES, AnswerTooLarge, HTTPTransport, WorkerConnectionLost
+from gateway_client.protocol.codec import Tensor
 from tests.hostile_peers import SLACK, answering, first_sent, flood, trickle
 
 
@@ -49,6 +51,17 @@ async def test_an_answer_past_its_limit_closes_the_connection(tmp_path: Path) ->
     async with _flooding_worker(tmp_path) as (worker, sent):
         with pytest.raises(WorkerConnectionLost, match="passed"):
             await worker.request("POST", "/infer", b"{}", timeout=10, limit=1 << 20)
+    assert first_sent(sent) < (1 << 20) + SLACK
+
+
+@pytest.mark.anyio
+async def test_an_inference_over_http_is_held_to_its_requests_bound(tmp_path: Path) -> None:
+    """As a worker host's answers reach the gateway: the request's bound (``answer_bound``) cuts
+    the answer off, not the 256 MiB that holds every answer."""
+    inputs = [Tensor("input", np.zeros((1, 64), np.float32))]
+    async with _flooding_worker(tmp_path) as (worker, sent):
+        with pytest.raises(AnswerTooLarge, match="passed"):
+            await HTTPTransport.infer(worker, inputs, 10, limit=1 << 20)
     assert first_sent(sent) < (1 << 20) + SLACK
 
 
