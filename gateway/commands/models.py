@@ -252,8 +252,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
         if args.action == "check":
             data = load_model_bytes(manifest, supply)
             report = admit(data, supply, None)  # as the serving path: models go to workers as bytes
+            bound = ("each answer held to the request's rows (batch)" if manifest.batch
+                     else "answers held to 256 MiB (no batch in the manifest)")
             print(f"{manifest.name}/{manifest.version}: admitted ({report.nodes} nodes, opset {report.opset}, "
-                  f"{report.initializer_bytes} bytes of initializers, domains {list(report.domains)})")
+                  f"{report.initializer_bytes} bytes of initializers, domains {list(report.domains)}); {bound}")
             return 0
         if args.action == "sign":
             signature = sign_model(folder, Path(args.key or supply.signing_key))

@@ -205,7 +205,8 @@ def test_seal_unseal_rewrap() -> None:
 
 @pytest.mark.slow
 def test_an_encrypted_model_serves_what_its_plaintext_does_and_leaves_no_plaintext_on_disk(
-        models_root: Path, tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        models_root: Path, tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     root = _copy_models(models_root, tmp_path / "models")
     plaintext = (root / "digits" / "1" / "model.onnx").read_bytes()
     kek = tmp_path / "kek.b64"
@@ -219,7 +220,10 @@ def test_an_encrypted_model_serves_what_its_plaintext_does_and_leaves_no_plainte
     assert not (root / "digits" / "1" / "model.onnx").exists() and (root / "digits" / "1" / SEALED_NAME).exists()
     # The folder changed; the command signed it again with the configured key.
     assert main(["models", "verify", str(root / "digits" / "1"), "--config", str(gateway_toml)]) == 0
+    capsys.readouterr()
     assert main(["models", "check", str(root / "digits" / "1"), "--config", str(gateway_toml)]) == 0
+    assert "digits/1: admitted (" in (checked := capsys.readouterr().out), checked
+    assert "; each answer held to the request's rows (batch)" in checked
     # Rotate the KEK, then serve with the new one only.
     new_kek = tmp_path / "kek2.b64"
     new_kek.write_bytes(base64.b64encode(os.urandom(32)))
