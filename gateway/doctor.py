@@ -275,6 +275,22 @@ def _models(c: Config) -> Iterator[Finding]:
         if not settings.extraction.enabled:
             yield Finding("extraction-monitor-off", "low", f"models.{unit.model}.extraction is off",
                           f"set [models.{unit.model}.extraction] enabled = true")
+        yield from _answers_unbounded(folder, unit.model)
+
+
+def _answers_unbounded(folder: Path, model: str) -> Iterator[Finding]:
+    from gateway.registry.manifest import load_manifest
+
+    try:
+        batch = load_manifest(folder).batch
+    except (OSError, ValueError):
+        return  # the model-signature finding names it
+    if not batch:
+        yield Finding("answers-not-bounded-by-rows", "low",
+                      f"{folder}: the manifest does not declare batch, so a worker's answer to {model} is held to "
+                      "256 MiB and its shape, not to the request's rows",
+                      f'if {model} answers one row per input row, add "batch": true to its manifest.json and sign it '
+                      "again (gateway models sign)")
 
 
 def _audit(c: Config) -> Iterator[Finding]:

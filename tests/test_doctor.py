@@ -173,6 +173,13 @@ def _scores_as_one_column(config: Path) -> None:
     manifest.write_text(json.dumps(doc))
 
 
+def _unbatched(config: Path) -> None:
+    manifest = config.parent / "models" / "digits" / "1" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    del doc["batch"]
+    manifest.write_text(json.dumps(doc))
+
+
 CASES: dict[str, Callable[[Path], None]] = {
     "tls-mtls-not-required": edit('client_auth = "required"', 'client_auth = "optional"'),
     "tls-1.2-accepted": edit('min_version = "1.3"', 'min_version = "1.2"'),
@@ -198,6 +205,7 @@ CASES: dict[str, Callable[[Path], None]] = {
     "redis-plaintext": edit('storage = "memory://"', 'storage = "redis://redis.example:6379/0"'),
     "state-per-process": edit("[server]\n", "[server]\nprocesses = 2\n"),
     "output-policy-not-applied": _scores_as_one_column,
+    "answers-not-bounded-by-rows": _unbatched,
     "explain-bypasses-hardening": edit("[models.digits.guard]", '[models.digits.output]\npolicy = "label_only"\n[models.digits.guard]'),
 }
 
