@@ -91,6 +91,8 @@ def remote_worker_problems(cfg: Config) -> list[str]:
         problems.append("remote_workers.eject_after must be 1..100")
     if not 1 <= r.max_ejection_s <= 3600:
         problems.append("remote_workers.max_ejection_s must be 1..3600")
+    if not 16 <= r.answers_in_flight_mb <= 1 << 20:
+        problems.append("remote_workers.answers_in_flight_mb must be 16..1048576")
     if not re.fullmatch(r"spiffe://[^/]+/\S+/", r.identity):  # a path below the trust domain, ending a segment
         problems.append(f"remote_workers.identity: {r.identity!r} must be a SPIFFE ID prefix ending in '/' "
                         "(spiffe://gateway.local/worker/)")

@@ -22,6 +22,10 @@ class RemoteWorkersConfig:
     eject_after: int = 1
     """Requests in a row that fail on an endpoint (a connection lost mid-request, a garbled
     answer) before it leaves rotation; a refused connection or a wrong identity ejects it at once."""
+    answers_in_flight_mb: int = 1024
+    """The most unfinished answers from one worker host hold at once, in MiB: each answer is bounded
+    on its own (256 MiB, or its request's rows), but up to a model's ``max_inflight`` arrive together.
+    The answer that crosses it fails (502). Raise it for models whose answers are large and many."""
     max_ejection_s: float = 60.0
     """The longest an endpoint is held out of rotation. One that fails again before it has served
     a request since it returned is held out for 1 s, then 2, 4 ... up to this, whatever its health

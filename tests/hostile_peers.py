@@ -50,18 +50,26 @@ def _read_request(conn: socket.socket) -> None:
 
 
 @contextlib.contextmanager
-def answering(server: socket.socket, answer: Callable[[socket.socket], int]) -> Iterator[list[int]]:
-    """Each request to the listening ``server`` answered with ``answer``; what it got out to each
+def answering(server: socket.socket, answer: Callable[[socket.socket], int],
+              together: bool = False) -> Iterator[list[int]]:
+    """Each request to the listening ``server`` answered with ``answer`` (``together``: each
+    connection in a thread of its own, so their answers arrive at once); what it got out to each
     connection before the other side hung up, in bytes, goes into the list."""
     sent: list[int] = []
+
+    def one(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            _read_request(conn)
+            sent.append(answer(conn))
 
     def serve() -> None:
         with contextlib.suppress(OSError):
             while True:
                 conn, _ = server.accept()
-                with conn:
-                    _read_request(conn)
-                    sent.append(answer(conn))
+                if together:
+                    threading.Thread(target=one, args=(conn,), daemon=True).start()
+                else:
+                    one(conn)
 
     threading.Thread(target=serve, daemon=True).start()
     try:

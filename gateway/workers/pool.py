@@ -332,8 +332,9 @@ def remote_clients(config: Config) -> dict[str, list[WorkerClient]]:
         return {}
     r = config.remote_workers
     context = client_context(r.cert_file, r.key_file, r.ca_file)
-    return {m.name: [WorkerClient(m.name, i, TLSTransport(e, context, r.identity, m.max_inflight), m.max_inflight,
-                                  endpoint=e) for i, e in enumerate(m.endpoints)] for m in served}
+    return {m.name: [WorkerClient(m.name, i, TLSTransport(e, context, r.identity, m.max_inflight,
+                                                          r.answers_in_flight_mb << 20),
+                                  m.max_inflight, endpoint=e) for i, e in enumerate(m.endpoints)] for m in served}
 
 
 def _credentials(entry: dict[str, Any]) -> PeerCredentials | None:

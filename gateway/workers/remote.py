@@ -77,8 +77,9 @@ def client_context(cert_file: str, key_file: str, ca_file: str) -> ssl.SSLContex
 class TLSTransport(HTTPTransport):
     """A remote worker host's model, over TCP with mutual TLS, verified by its SPIFFE ID."""
 
-    def __init__(self, address: str, context: ssl.SSLContext, identity: str, max_connections: int = 256) -> None:
-        super().__init__(address, max_connections)
+    def __init__(self, address: str, context: ssl.SSLContext, identity: str, max_connections: int = 256,
+                 answers_in_flight: int = 0) -> None:
+        super().__init__(address, max_connections, answers_in_flight)
         self.host, self.port = split_address(address)
         self.context = context
         self.identity = identity

@@ -37,6 +37,7 @@ from gateway.workers.frames import (
 from gateway_client.protocol.codec import HEADER_LENGTH, Chunk, Tensor, decode_tensor_message, encode_tensor_parts
 
 __all__ = [
+    "ANSWERS_IN_FLIGHT_BYTES",
     "DEADLINE_HEADER",
     "MAX_HEAD_BYTES",
     "MAX_HEALTH_BYTES",
@@ -64,6 +65,10 @@ MAX_HEALTH_BYTES = 1 << 20
 """The most of a health answer read from a worker (its document is a few hundred bytes)."""
 MAX_HEAD_BYTES = 64 * 1024
 """What an HTTP answer from a worker may add to its body's limit: its status line and headers."""
+ANSWERS_IN_FLIGHT_BYTES = 1 << 30
+"""The most bytes of unfinished answers one worker's (or worker host's) connections hold at once
+by default (1 GiB; ``remote_workers.answers_in_flight_mb``): each answer is bounded on its own,
+but up to ``max_inflight`` of them arrive together."""
 
 
 class WorkerConnectError(ConnectionError):
@@ -141,6 +146,16 @@ def _expire(waiter: asyncio.Future[WorkerResponse]) -> None:
         waiter.set_exception(TimeoutError())
 
 
+class _InFlight:
+    """Bytes of unfinished answers held by a transport's connections, against ``limit``."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.held = 0
+        self.limit = limit
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -151,6 +166,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.limit = MAX_ANSWER_BYTES + MAX_HEAD_BYTES
         self.received = 0
+        self.in_flight: _InFlight | None = None
+        """The transport's answers in flight, which this connection's unfinished answer counts in."""
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -158,8 +175,14 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
+        in_flight = self.in_flight
+        if in_flight is not None:
+            in_flight.held += len(data)
         if self.received > self.limit:  # a worker's answer is input: bounded before it is kept
             self._fail(AnswerTooLarge(f"the worker's answer passed {self.limit} bytes"))
+            return
+        if in_flight is not None and in_flight.held > in_flight.limit:
+            self._fail(AnswerTooLarge(f"the worker's answers in flight passed {in_flight.limit} bytes"))
             return
         try:
             self.parser.feed_data(data)
@@ -178,12 +201,20 @@ class _Connection(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        self._release()
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(WorkerResponse(self.parser.get_status_code(), self.headers, b"".join(self.body)))
 
+    def _release(self) -> None:
+        """This connection's bytes out of the transport's answers in flight (once)."""
+        if self.in_flight is not None:
+            self.in_flight.held -= self.received
+            self.in_flight = None
+
     def _fail(self, exc: Exception) -> None:
         self.closed = True
+        self._release()
         if self.transport is not None:
             self.transport.close()
         waiter, self.waiter = self.waiter, None
@@ -191,12 +222,14 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(exc)
 
     async def exchange(self, message: list[Chunk], timeout: float | None,
-                       limit: int = MAX_ANSWER_BYTES) -> WorkerResponse:
-        """Send ``message``; its answer, of at most ``limit`` bytes of body (and its head)."""
+                       limit: int = MAX_ANSWER_BYTES, in_flight: _InFlight | None = None) -> WorkerResponse:
+        """Send ``message``; its answer, of at most ``limit`` bytes of body (and its head), counted
+        while it arrives in ``in_flight``."""
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self.headers, self.body = {}, []
-        self.limit, self.received = limit + MAX_HEAD_BYTES, 0
+        self._release()
+        self.limit, self.received, self.in_flight = limit + MAX_HEAD_BYTES, 0, in_flight
         self.waiter = waiter = loop.create_future()
         self.transport.writelines(message)
         # A timer on the future itself: cheaper per request than asyncio.timeout's task machinery.
@@ -210,17 +243,20 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._release()
         if self.transport is not None:
             self.transport.close()
 
 
 class HTTPTransport(WorkerTransport):
-    """Binary tensors over HTTP/1.1 with up to ``max_connections`` kept alive; subclasses connect."""
+    """Binary tensors over HTTP/1.1 with up to ``max_connections`` kept alive; subclasses connect.
+    The answers arriving on them together are bounded (``ANSWERS_IN_FLIGHT_BYTES``) as each one is."""
 
-    def __init__(self, address: str, max_connections: int = 256) -> None:
+    def __init__(self, address: str, max_connections: int = 256, answers_in_flight: int = 0) -> None:
         self.address = address
         self.max_connections = max_connections
         self._idle: list[_Connection] = []
+        self._in_flight = _InFlight(answers_in_flight or ANSWERS_IN_FLIGHT_BYTES)
 
     @abstractmethod
     async def _connect(self) -> _Connection:
@@ -243,7 +279,7 @@ class HTTPTransport(WorkerTransport):
         else:
             conn = await self._connect()
         try:
-            response = await conn.exchange(message, timeout, limit)
+            response = await conn.exchange(message, timeout, limit, self._in_flight)
         except BaseException:
             conn.close()  # a half-finished exchange poisons the connection
             raise
