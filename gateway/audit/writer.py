@@ -49,6 +49,7 @@ import anyio.to_thread
 
 from gateway import __version__
 from gateway.audit.chain import FILE_PATTERN, GENESIS, AuditKey, canonical, digest, update_manifest
+from gateway.audit.streamfile import StreamFile
 from gateway.config import AuditConfig
 from gateway.errors import Unavailable
 
@@ -56,8 +57,6 @@ __all__ = ["AuditUnavailable", "AuditWriter", "utc_now"]
 
 log = logging.getLogger("gateway.audit")
 RETRY_S = 1.0
-ACCESS_CHECK_S = 1.0
-"""How often a writer checks that its directory is still writable (a path check runs per write)."""
 
 
 class AuditUnavailable(Unavailable):
@@ -104,11 +103,7 @@ class AuditWriter:
         self.key = key
         self.directory = Path(config.directory) / stream
         self.state = _State()
-        self.path: Path | None = None
-        self.fd = -1
-        self.size = 0
-        self.inode = 0
-        self.opened_at = 0.0
+        self.file = StreamFile(self.directory, stream)
         self.last_checkpoint_at = time.monotonic()
         self.failed: str | None = None
         self.retry_at = 0.0
@@ -122,7 +117,6 @@ class AuditWriter:
         self._turn_appends = 0
         self._busy = False
         """The last turn of the loop appended more than once: this one's records all wait for its end."""
-        self._access_checked_at = -ACCESS_CHECK_S
         self._write_lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
         self.count: Callable[[int], object] | None = None
@@ -151,7 +145,7 @@ class AuditWriter:
                 last = orjson_loads(lines[-1])
                 self.state = _State(seq=int(last["seq"]), prev=digest(lines[-1]), last_kind=str(last.get("kind")))
                 break
-        self._open_file(files[-1] if files else None)
+        self.file.open(files[-1] if files else self.file.named(self.state.seq + 1))
         start: list[dict[str, Any]] = [{"kind": "start", "pid": os.getpid(), "version": __version__}]
         if torn:
             start.append({"kind": "recovery", "torn_bytes": len(torn), "torn_sha256": hashlib.sha256(torn).hexdigest(),
@@ -162,20 +156,9 @@ class AuditWriter:
                           "were found unsealed (the gateway stopped without closing the log)"})
         lines = [self._seal(r) for r in start]
         lines.append(self._seal(self._checkpoint("start")))
-        self._write(b"".join(lines))
+        self.file.write(b"".join(lines))
         self._commit(lines, self.state)
         update_manifest(Path(self.config.directory), self.stream, None, self.key)
-
-    def _open_file(self, path: Path | None) -> None:
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.fsync(self.fd)  # what ``process`` durability wrote and has not synced yet
-            os.close(self.fd)
-        if path is None:
-            path = self.directory / f"{self.stream}-{self.state.seq + 1:012d}.jsonl"
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        st = os.fstat(self.fd)
-        self.path, self.size, self.inode, self.opened_at = path, st.st_size, st.st_ino, time.monotonic()
 
     async def start_ticker(self) -> None:
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
@@ -197,11 +180,7 @@ class AuditWriter:
             self._seal_manifest()
         except AuditUnavailable:
             pass  # the stream stays "open" in the manifest: a verifier reports it unsealed
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
+        self.file.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
 
@@ -211,8 +190,8 @@ class AuditWriter:
         lines = [self._seal(record, state)]
         if record.get("kind") != "checkpoint":
             lines.append(self._seal(self._checkpoint("event"), state))  # rare events: seal each at once
-        self._check_target()
-        self._write(b"".join(lines))
+        self.file.check(self.state.seq + 1)
+        self.file.write(b"".join(lines))
         self.state = state
         self._commit(lines, state)
 
@@ -221,10 +200,10 @@ class AuditWriter:
         with contextlib.suppress(OSError):
             self.append_now(self._checkpoint("shutdown"))
             self._seal_manifest()
-        for fd in (self.fd, self._lock_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.fd = self._lock_fd = -1
+        self.file.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+        self._lock_fd = -1
 
     def _seal_manifest(self) -> None:
         try:
@@ -293,8 +272,8 @@ class AuditWriter:
         if state.since_checkpoint >= self.config.checkpoint_every:
             lines.append(self._seal(self._checkpoint("count"), state))
         try:
-            self._check_target()
-            self._write(b"".join(lines), sync=False)
+            self.file.check(self.state.seq + 1)
+            self.file.write(b"".join(lines), sync=False)
         except OSError as exc:
             raise self._failure(exc) from None
         self._recovered()
@@ -330,13 +309,13 @@ class AuditWriter:
         descriptor: a rotation may close the original meanwhile, after its own fsync)."""
         self._sync_handle = None
         try:
-            fd = os.dup(self.fd)
+            fd = os.dup(self.file.fd)
         except OSError:
             return
         try:
             await anyio.to_thread.run_sync(os.fsync, fd)
         except OSError as exc:
-            log.error("audit log %s cannot be fsynced: %s", self.path, exc)
+            log.error("audit log %s cannot be fsynced: %s", self.file.path, exc)
         finally:
             os.close(fd)
 
@@ -344,13 +323,13 @@ class AuditWriter:
         """Note a failed write (retried after ``RETRY_S``) and the error its requests get."""
         self.failed = f"{type(exc).__name__}: {exc.strerror or exc}"
         self.retry_at = time.monotonic() + RETRY_S
-        log.error("audit log %s cannot be written: %s", self.path, self.failed)
+        log.error("audit log %s cannot be written: %s", self.file.path, self.failed)
         return AuditUnavailable(f"the audit log cannot be written ({self.failed}); nothing is served unrecorded",
                                 retry_after=int(RETRY_S) + 1)
 
     def _recovered(self) -> None:
         if self.failed is not None:
-            log.warning("audit log %s is writable again", self.path)
+            log.warning("audit log %s is writable again", self.file.path)
             self.failed = None
 
     def _schedule(self, delay: float) -> None:
@@ -392,62 +371,15 @@ class AuditWriter:
                     p.future.set_result(None)
 
     def _rotation_due(self) -> bool:
-        return self.size >= self.config.max_file_bytes or (
-            time.monotonic() - self.opened_at >= self.config.rotate_interval_s and self.size > 0)
+        return self.file.rotation_due(self.config.max_file_bytes, self.config.rotate_interval_s)
 
     def _write_batch(self, head: bytes, body: bytes, last_seq: int, rotate: bool) -> None:
         """In a thread: check the target, write, fsync; on failure leave the file as it was."""
-        self._check_target()
-        if head:
-            self._write(head)
+        self.file.check(self.state.seq + 1)
+        self.file.write(head)
         if rotate:
-            first = last_seq - body.count(b"\n") + 1
-            self._open_file(self.directory / f"{self.stream}-{first:012d}.jsonl")
-            with contextlib.suppress(OSError):
-                dir_fd = os.open(self.directory, os.O_RDONLY)
-                os.fsync(dir_fd)
-                os.close(dir_fd)
-        self._write(body)
-
-    def _check_target(self) -> None:
-        """The open file must still be the one in the directory, and the directory writable."""
-        assert self.path is not None
-        try:
-            st = os.stat(self.path)
-        except OSError as exc:
-            self._reopen_if_possible()
-            raise OSError(exc.errno, f"the audit file {self.path} is gone") from None
-        if st.st_ino != self.inode:
-            raise OSError(0, f"the audit file {self.path} was replaced")
-        now = time.monotonic()
-        if now - self._access_checked_at >= ACCESS_CHECK_S:  # writes to the open file still land meanwhile
-            if not os.access(self.directory, os.W_OK):
-                raise PermissionError(13, f"the audit directory {self.directory} is not writable")
-            self._access_checked_at = now
-
-    def _reopen_if_possible(self) -> None:
-        """After the file vanished: continue in a new file (the chain state is in memory)."""
-        try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._open_file(self.directory / f"{self.stream}-{self.state.seq + 1:012d}.jsonl")
-        except OSError:
-            pass
-
-    def _write(self, data: bytes, sync: bool = True) -> None:
-        if not data:
-            return
-        view = memoryview(data)
-        try:
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
-            if sync:
-                os.fsync(self.fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, self.size)  # no half record left behind
-            raise
-        self.size += len(data)
+            self.file.rotate(last_seq - body.count(b"\n") + 1)
+        self.file.write(body)
 
 
 def orjson_loads(line: bytes) -> dict[str, Any]:

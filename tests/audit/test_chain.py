@@ -89,9 +89,9 @@ async def test_an_append_returns_once_its_record_is_as_durable_as_configured(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    inode = os.fstat(writer.fd).st_ino
+    inode = os.fstat(writer.file.fd).st_ino
     await writer.append(request(1), request(2))
-    assert b'"request_id":"r2"' in Path(str(writer.path)).read_bytes()  # written before the answer, either way
+    assert b'"request_id":"r2"' in Path(str(writer.file.path)).read_bytes()  # written before the answer, either way
     if durability == "fsync":
         assert synced == [inode]
     else:
@@ -115,7 +115,7 @@ async def test_records_of_one_loop_turn_share_a_write_and_each_waits_for_it(
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", counted)
-    path = Path(str(writer.path))
+    path = Path(str(writer.file.path))
 
     async def answer(i: int) -> None:
         await writer.append(request(i))
@@ -351,7 +351,7 @@ async def test_a_crash_leaves_a_torn_tail_that_restart_cuts_and_records(tmp_path
     last = stream_files([tmp_path])["p0"][-1]
     with open(last, "ab") as f:
         f.write(b'{"kind":"request","prev":"')  # a record torn mid-write
-    os.close(writer.fd)  # what the kernel does when the process dies
+    os.close(writer.file.fd)  # what the kernel does when the process dies
     os.close(writer._lock_fd)
     strict = verify_paths([tmp_path], KEY.public)
     assert not strict.ok and "torn" in strict.problems[0]
