@@ -309,9 +309,10 @@ class WorkerPool:
             elif worker.strikes >= self.config.remote_workers.eject_after:
                 self._eject(worker, str(exc))
             if isinstance(exc, AnswerTooLarge):
-                log.error("SECURITY: %s answered beyond what its model can answer: %s", worker.name, exc)
-                raise BadModelAnswer(f"model {worker.unit!r} answered more than its signature allows for the "
-                                     "request; nothing of it was kept") from None
+                log.error("SECURITY: %s answered past the gateway's bound: %s", worker.name, exc)
+                raise BadModelAnswer(f"model {worker.unit!r} answered more than the gateway accepts for the request "
+                                     "(its signature's bound, or its worker's answers in flight); nothing of it "
+                                     "was kept") from None
             raise Unavailable(
                 f"the worker serving {worker.unit!r} failed during the request; retry shortly", retry_after=1,
             ) from None

@@ -48,8 +48,8 @@ def test_an_answer_outside_the_declared_outputs_is_a_502(models_root: Path, pki:
             for model, error in (
                 ("wide", "answered y as FP32 [1, 4000000]; its manifest declares FP32 [-1, 10]"),
                 ("doubled", "doubled answered 2 rows of y to 1 input rows; its manifest declares one row per input row"),
-                ("flooded", "model 'flooded' answered more than its signature allows for the request; nothing of it "
-                            "was kept"),
+                ("flooded", "model 'flooded' answered more than the gateway accepts for the request (its "
+                            "signature's bound, or its worker's answers in flight); nothing of it was kept"),
             ):
                 r = c.post(f"/v2/models/{model}/infer", json=BODY)
                 assert r.status_code == 502, (model, r.text[:300])
@@ -59,7 +59,7 @@ def test_an_answer_outside_the_declared_outputs_is_a_502(models_root: Path, pki:
                 record = gw.record_of(r.headers["x-request-id"])
                 assert record["status"] == 502 and "outputs" not in record
             log = gw.log.read_text()
-            assert "answered beyond what its model can answer" in log and "(at most 65576)" in log, log[-3000:]
+            assert "answered past the gateway's bound" in log and "(at most 65576)" in log, log[-3000:]
             digits = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [8.0] * 64}]}
             assert c.post("/v2/models/digits/infer", json=digits).status_code == 200
     finally:
