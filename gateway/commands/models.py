@@ -6,9 +6,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.commands import add_area, config_opt, load, opt
+
+if TYPE_CHECKING:
+    from gateway.config import SupplyConfig
+    from gateway.registry.manifest import Manifest
 
 __all__ = ["add_parsers"]
 
@@ -201,6 +205,20 @@ def _calibrate(args: argparse.Namespace, config: Any, folder: Path) -> int:
     return 0
 
 
+def _check(manifest: Manifest, supply: SupplyConfig) -> int:
+    """``gateway models check``: the serving path's checks, and what bounds the model's answers."""
+    from gateway.registry.admission import admit
+    from gateway.registry.loading import load_model_bytes
+
+    # as the serving path: models go to workers as bytes
+    report = admit(load_model_bytes(manifest, supply), supply, None)
+    bound = ("each answer held to the request's rows (batch)" if manifest.batch
+             else "answers held to 256 MiB (no batch in the manifest)")
+    print(f"{manifest.name}/{manifest.version}: admitted ({report.nodes} nodes, opset {report.opset}, "
+          f"{report.initializer_bytes} bytes of initializers, domains {list(report.domains)}); {bound}")
+    return 0
+
+
 def _pull(args: argparse.Namespace) -> int:
     """``gateway models pull --from DIR``: deliver signed versions into ``models.root``, verified.
     With ``--to`` and ``--trusted-key`` it needs no configuration (an init container holds only
@@ -233,7 +251,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
     (``<root>/<name>/<version>``)."""
     from gateway.guards.calibration import CalibrationError
     from gateway.registry.admission import AdmissionError, admit
-    from gateway.registry.loading import load_model_bytes
     from gateway.registry.manifest import ManifestError, load_manifest
     from gateway.registry.sealing import SEALED_NAME, SealError, key_provider, rewrap, seal
     from gateway.registry.signing import SignatureError, sign_model, verify_model
@@ -250,13 +267,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         if args.action == "calibrate":
             return _calibrate(args, config, folder)
         if args.action == "check":
-            data = load_model_bytes(manifest, supply)
-            report = admit(data, supply, None)  # as the serving path: models go to workers as bytes
-            bound = ("each answer held to the request's rows (batch)" if manifest.batch
-                     else "answers held to 256 MiB (no batch in the manifest)")
-            print(f"{manifest.name}/{manifest.version}: admitted ({report.nodes} nodes, opset {report.opset}, "
-                  f"{report.initializer_bytes} bytes of initializers, domains {list(report.domains)}); {bound}")
-            return 0
+            return _check(manifest, supply)
         if args.action == "sign":
             signature = sign_model(folder, Path(args.key or supply.signing_key))
             print(f"signed {folder} -> {signature}")

@@ -157,8 +157,8 @@ def load_manifest(directory: Path) -> Manifest:
     batch = raw.get("batch", False)
     if not isinstance(batch, bool):
         raise ManifestError(f"{directory}: batch must be true or false")
-    fixed = next((s for s in (*inputs, *outputs) if not s.shape or s.shape[0] != -1), None)
-    if batch and fixed is not None:
+    fixed = next((s for s in (*inputs, *outputs) if not s.shape or s.shape[0] != -1), None) if batch else None
+    if fixed is not None:
         raise ManifestError(f"{directory}: batch is true, so every input and output's first dimension must be -1 "
                             f"(the batch); {fixed.described} has none")
     return Manifest(

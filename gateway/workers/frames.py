@@ -22,8 +22,7 @@ them apart by the preface. Remote worker hosts are reached over HTTP (``remote``
 verified as before, by its socket's peer credentials when the connection opens, and an answer is
 never trusted further than a local worker's HTTP answer was: its length is bounded
 (``MAX_ANSWER_BYTES``, or less where the model's manifest bounds the request's answer), its id
-must be one still waited for, and its tensors are decoded and
-checked as any.
+must be one still waited for, and its tensors are decoded and checked as any.
 """
 
 from __future__ import annotations
