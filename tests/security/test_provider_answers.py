@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from gateway.config import IssuerTrust
-from gateway.security import tokens
-from gateway.security.tokens import JWKSCache
+from gateway.security import keysources
+from gateway.security.keysources import JWKSCache
 
 ANSWERS: dict[str, bytes] = {}
 
@@ -73,7 +73,7 @@ async def test_a_provider_that_trickles_its_answer_is_a_failed_refresh_at_the_fe
         provider: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """httpx's timeout is per read: a provider sending a byte every half second held the refresh
     (and the gateway's start-up, which waits for it) for as long as it went on."""
-    monkeypatch.setattr(tokens, "FETCH_TIMEOUT_S", 1.0, raising=False)
+    monkeypatch.setattr(keysources, "FETCH_TIMEOUT_S", 1.0, raising=False)
     cache = JWKSCache(IssuerTrust(issuer=provider, jwks_uri=f"{provider}/trickle"))
     started = time.monotonic()
     assert await cache.refresh() is False
