@@ -1,6 +1,6 @@
 """uvicorn's httptools protocol tuned for tensors, for the gateway and its workers.
 
-Two changes, each measured with ``wrk`` over mTLS on this project's two-core machine:
+Two changes for speed, each measured with ``wrk`` over mTLS on this project's two-core machine:
 
 * the response head and body leave in one write (``CoalescingTransport``): one TLS record and
   one system call instead of two; ``digits`` at 16 clients went from about 3,500 to 4,800
@@ -13,6 +13,16 @@ and the workers read the whole body at once (bounded by ``server.max_body_bytes`
 continues until ``BODY_HIGH_WATER`` is buffered before back-pressure applies. Measured with
 ``wrk`` on a 588 KiB binary tensor over mTLS (a model that costs ~0.1 ms): p50 at one client
 from 1.8 ms to 1.45 ms, and +13% requests/s at 16 clients. uvicorn is pinned for this subclass.
+
+And one bound. With HTTP/1.1 pipelining, uvicorn parses every request a read brings, queues those
+that must wait for the one being answered, and goes back to reading after each answer (and at
+each ``receive()``) however many are queued: a client that sent requests faster than they were
+answered, or read none of its answers, had all it sent parsed and held (one connection grew the
+gateway by ~570 MiB with 200,000 small requests). Here at most ``MAX_PIPELINED`` requests wait
+parsed; what the client sent after them stays unparsed (``_held``) and reading stays paused until
+answers catch up, so the rest waits in the sockets' buffers. Requests are parsed in pieces (a
+head in ``HEAD_PIECE`` bytes, a body of declared length at once) so that one read cannot queue
+thousands before the bound is looked at.
 """
 
 from __future__ import annotations
@@ -21,11 +31,17 @@ import asyncio
 import gc
 from typing import Any
 
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["BODY_HIGH_WATER", "BufferedBodyProtocol", "CoalescingTransport", "freeze_startup_heap"]
+__all__ = ["BODY_HIGH_WATER", "MAX_PIPELINED", "BufferedBodyProtocol", "CoalescingTransport", "freeze_startup_heap"]
 
 BODY_HIGH_WATER = 1024 * 1024
+MAX_PIPELINED = 32
+"""Requests parsed and waiting on one connection while an earlier one is answered."""
+HEAD_PIECE = 4096
+"""What the parser is given at a time outside a body of declared length: at most ~150 of the
+smallest requests (27 bytes) can be parsed past ``MAX_PIPELINED`` before it is looked at again."""
 
 
 class CoalescingTransport:
@@ -61,11 +77,77 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+class PipelineFlow(FlowControl):
+    """uvicorn's flow control, except that reading is not resumed while the connection is
+    backlogged: ``MAX_PIPELINED`` requests waiting, or what came after them held unparsed."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: BufferedBodyProtocol) -> None:
+        super().__init__(transport)
+        self.protocol = protocol
+
+    def resume_reading(self) -> None:
+        protocol = self.protocol
+        if not protocol.held and len(protocol.pipeline) < MAX_PIPELINED:
+            super().resume_reading()
+
+
 class BufferedBodyProtocol(HttpToolsProtocol):
+    held = b""
+    """What the client sent after the requests waiting, not yet parsed."""
+    _body_left = 0  # bytes of the current body not yet parsed, where its length was declared
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport))  # type: ignore[arg-type]
+        self.flow = PipelineFlow(self.transport, self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.held = b""
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.held:  # reading is paused; this was already on its way
+            self.held += data
+            return
+        while data:
+            if len(self.pipeline) >= MAX_PIPELINED:
+                self.held = data
+                self.flow.pause_reading()
+                self.hold_started()
+                return
+            size = self._body_left if self._body_left > 0 else HEAD_PIECE
+            self.feed(data[:size])
+            data = data[size:]
+
+    def feed(self, piece: bytes) -> None:
+        """Give the parser one piece of what the client sent."""
+        super().data_received(piece)
+
+    def hold_started(self) -> None:
+        """What the client sent next waits unparsed until earlier requests are answered."""
+
+    def hold_ended(self) -> None:
+        """Everything held was parsed, and reading goes on."""
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # starts the next request waiting, if any
+        if self.held and len(self.pipeline) < MAX_PIPELINED:
+            self.loop.call_soon(self._parse_held)
+
+    def _parse_held(self) -> None:
+        data, self.held = self.held, b""
+        if data and not self.transport.is_closing():
+            self.data_received(data)
+            if not self.held:
+                self.flow.resume_reading()
+                self.hold_ended()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) == 14 and name.lower() == b"content-length":
+            self._body_left = int(value) if value.isdigit() else 0
+        super().on_header(name, value)
 
     def on_body(self, body: bytes) -> None:
+        self._body_left -= len(body)  # 0 at the body's end; a chunked one goes below 0
         if (self.parser.should_upgrade() and self._should_upgrade()) or self.cycle.response_complete:
             return
         self.cycle.body += body

@@ -144,6 +144,9 @@ class AlertingTransport:
 class TLSHttpToolsProtocol(BufferedBodyProtocol):
     _tls_extension: Any = None
     _timer: asyncio.TimerHandle | None = None
+    _armed: tuple[float, str] | None = None  # the timer's seconds and what it times
+    _suspended: tuple[float, str, int] | None = None  # ... stopped while requests are held back
+    _completed = 0  # requests parsed on this connection
     _write_timer: asyncio.TimerHandle | None = None
     _refusing = False
     _header_bytes = _header_count = _hosts = 0
@@ -151,7 +154,6 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
     _tls_generation = 0
     _in_head = True  # reading a request's line and headers (the first, or the next after one ends)
     _head_bytes = 0
-    _completed = 0  # requests parsed on this connection
     header_timeout_s = 10.0
     body_timeout_s = 30.0
     write_timeout_s = 30.0
@@ -159,12 +161,26 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
     # -- timers -----------------------------------------------------------------------------------
     def _arm(self, seconds: float, what: str) -> None:
         self._disarm()
+        self._armed = (seconds, what)
         self._timer = self.loop.call_later(seconds, self._too_slow, what, seconds)
 
     def _disarm(self) -> None:
+        self._armed = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def hold_started(self) -> None:
+        """Pipelined requests wait for earlier ones to be answered: the wait is this process's, not
+        the client's, so the clock on the request being read stops until parsing goes on."""
+        if self._armed is not None:
+            self._suspended = (*self._armed, self._completed)
+        self._disarm()
+
+    def hold_ended(self) -> None:
+        suspended, self._suspended = self._suspended, None
+        if suspended is not None and self._timer is None and suspended[2] == self._completed:
+            self._arm(suspended[0], suspended[1])  # that request is still being read: its clock again
 
     def _too_slow(self, what: str, seconds: float) -> None:
         self._timer = None
@@ -229,21 +245,19 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
             self._write_timer.cancel()
         super().connection_lost(exc)
 
-    def data_received(self, data: bytes) -> None:
+    def feed(self, piece: bytes) -> None:
         """The parser gets at most ``MAX_HEAD_BYTES`` of a request's line and headers: it holds a
         header value (and uvicorn the URL) whole until it ends, so one long one would grow this
-        process by whatever the client sends before ``header_timeout_s``."""
-        while data and not self._refusing:  # after a refusal, whatever else the client sends is not read
-            if not self._in_head:
-                super().data_received(data)
-                return
-            room = MAX_HEAD_BYTES - self._head_bytes
-            self._head_bytes += min(room, len(data))
-            completed = self._completed
-            super().data_received(data[:room])
-            data = data[room:]  # the body, and perhaps the next requests (pipelined)
-            if data and self._in_head and self._completed == completed and not self._refusing:
+        process by whatever the client sends before ``header_timeout_s``. Pieces come at most
+        ``HEAD_PIECE`` bytes long while a head is read."""
+        if self._refusing:  # after a refusal, whatever else the client sends is not read
+            return
+        if self._in_head:
+            if self._head_bytes >= MAX_HEAD_BYTES:
                 self._refuse(HeadersTooLarge(f"the request line and headers may be at most {MAX_HEAD_BYTES} bytes"))
+                return
+            self._head_bytes += len(piece)
+        super().feed(piece)
 
     # -- parser callbacks -------------------------------------------------------------------------
     def on_message_begin(self) -> None:

@@ -110,7 +110,9 @@ def _statuses(tls: ssl.SSLSocket, count: int) -> list[int]:
     answers = tls.makefile("rb")
     statuses = []
     for _ in range(count):
-        statuses.append(int(answers.readline().split()[1]))
+        line = answers.readline()
+        assert line, f"the connection closed after {len(statuses)} answers of {count}"
+        statuses.append(int(line.split()[1]))
         length = 0
         while (line := answers.readline()) != b"\r\n":
             if line.lower().startswith(b"content-length:"):
@@ -119,11 +121,13 @@ def _statuses(tls: ssl.SSLSocket, count: int) -> list[int]:
     return statuses
 
 
-@pytest.mark.parametrize("requests,padding", [(2, 300_000), (150, 0)], ids=["large-bodies", "many-small-requests"])
+@pytest.mark.parametrize("requests,padding", [(2, 300_000), (150, 0), (40, 100_000)],
+                         ids=["large-bodies", "many-small-requests", "more-than-wait-parsed"])
 def test_requests_sent_together_in_one_write_are_not_taken_for_long_heads(strict: Gateway, requests: int,
                                                                           padding: int) -> None:
     """The head limit counts one request's line and headers: requests whose heads and bodies arrive
-    together in one write (two with 300 KB bodies; 150 small ones, 100 KB in all) are all answered."""
+    together in one write (two with 300 KB bodies; 150 small ones, 100 KB in all) are all answered,
+    also past the ``MAX_PIPELINED`` parsed while one is answered (40 of 100 KB)."""
     body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [8.0] * 64}]})
     body += " " * padding
     one = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -165,3 +169,50 @@ def test_a_client_that_never_reads_its_answers_is_disconnected(strict: Gateway) 
         except (ConnectionResetError, ssl.SSLError):
             pass
     assert received < 600 * 15_000, "the server gave up before sending every answer"
+
+
+def _peak_rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+
+
+def test_pipelined_requests_are_read_no_faster_than_they_are_answered(strict: Gateway) -> None:
+    """One connection pipelines 3,000 requests with 30 KB heads (90 MB) and reads none of its
+    answers. uvicorn went back to reading after each answer while requests were still queued, so
+    the whole 90 MB was parsed and held (~950 MiB for 200,000 small requests); now at most a few
+    dozen are parsed ahead of the answers and the rest wait unread, in the sockets' buffers."""
+    request = (b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nx-pad: " + b"p" * 30_000 + b"\r\n\r\n")
+    pid = strict.proc.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak from here on
+    before = _peak_rss(pid)
+    with _connect(strict, rcvbuf=4096) as tls:
+        tls.settimeout(8)
+        sent = 0
+        try:
+            for _ in range(3000):
+                tls.sendall(request)
+                sent += 1
+        except (TimeoutError, ConnectionError, ssl.SSLError):
+            pass  # the server stopped reading (and, past write_timeout_s, closed the connection)
+    growth = _peak_rss(pid) - before
+    assert growth < 48 * 2**20, f"the serving process grew by {growth / 2**20:.0f} MiB for {sent} requests"
+    with strict.client() as c:  # and it still serves (the probes' per-address limit is spent by now)
+        assert c.get("/v2/models/digits").status_code == 200
+
+
+def test_requests_held_back_behind_unread_answers_are_not_timed_as_slow(
+        pki: Path, tmp_path: Path, models_root: Path) -> None:
+    """400 pipelined requests with large answers, and a client that reads none for 3 s: the
+    requests parsed ahead stop at ``MAX_PIPELINED`` and the rest wait unparsed, one of them perhaps
+    half parsed. That wait is the server's: the request's header clock (1 s here) stops while it
+    lasts, and the client gets every answer once it reads (``write_timeout_s`` is 30 s here)."""
+    gw = start_gateway(pki, tmp_path, models_root, extra="header_timeout_s = 1\nwrite_timeout_s = 30\n")
+    try:
+        with _connect(gw, rcvbuf=4096) as tls:
+            tls.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n" * 400)
+            time.sleep(3)
+            statuses = _statuses(tls, 400)
+        assert statuses == [200] * 400
+        assert "slower than" not in gw.log.read_text()
+    finally:
+        gw.stop()
