@@ -18,9 +18,10 @@ And one bound. With HTTP/1.1 pipelining, uvicorn parses every request a read bri
 that must wait for the one being answered, and goes back to reading after each answer (and at
 each ``receive()``) however many are queued: a client that sent requests faster than they were
 answered, or read none of its answers, had all it sent parsed and held (one connection grew the
-gateway by ~570 MiB with 200,000 small requests). Here at most ``MAX_PIPELINED`` requests wait
-parsed; what the client sent after them stays unparsed (``_held``) and reading stays paused until
-answers catch up, so the rest waits in the sockets' buffers. Requests are parsed in pieces (a
+gateway by ~570 MiB with 200,000 small requests). Here at most ``MAX_PIPELINED`` requests, and
+``MAX_PIPELINED_BYTES`` of what came after the request being answered, wait parsed; what the
+client sent after them stays unparsed (``held``) and reading stays paused until answers catch up,
+so the rest waits in the sockets' buffers. Requests are parsed in pieces (a
 head in ``HEAD_PIECE`` bytes, a body of declared length at once) so that one read cannot queue
 thousands before the bound is looked at.
 """
@@ -34,11 +35,14 @@ from typing import Any
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["BODY_HIGH_WATER", "MAX_PIPELINED", "BufferedBodyProtocol", "CoalescingTransport", "freeze_startup_heap"]
+__all__ = ["BODY_HIGH_WATER", "MAX_PIPELINED", "MAX_PIPELINED_BYTES", "BufferedBodyProtocol", "CoalescingTransport", "freeze_startup_heap"]
 
 BODY_HIGH_WATER = 1024 * 1024
 MAX_PIPELINED = 32
 """Requests parsed and waiting on one connection while an earlier one is answered."""
+MAX_PIPELINED_BYTES = 64 * 1024
+"""... and bytes parsed for them (heads and bodies), until none waits: 32 heads of 30 KB held
+~1 MiB per connection."""
 HEAD_PIECE = 4096
 """What the parser is given at a time outside a body of declared length: at most ~150 of the
 smallest requests (27 bytes) can be parsed past ``MAX_PIPELINED`` before it is looked at again."""
@@ -79,15 +83,14 @@ class CoalescingTransport:
 
 class PipelineFlow(FlowControl):
     """uvicorn's flow control, except that reading is not resumed while the connection is
-    backlogged: ``MAX_PIPELINED`` requests waiting, or what came after them held unparsed."""
+    backlogged: as many requests (or bytes) waiting as it may have, or what came after them held."""
 
     def __init__(self, transport: asyncio.Transport, protocol: BufferedBodyProtocol) -> None:
         super().__init__(transport)
         self.protocol = protocol
 
     def resume_reading(self) -> None:
-        protocol = self.protocol
-        if not protocol.held and len(protocol.pipeline) < MAX_PIPELINED:
+        if not self.protocol.backlogged():
             super().resume_reading()
 
 
@@ -95,6 +98,13 @@ class BufferedBodyProtocol(HttpToolsProtocol):
     held = b""
     """What the client sent after the requests waiting, not yet parsed."""
     _body_left = 0  # bytes of the current body not yet parsed, where its length was declared
+    _ahead = 0  # bytes parsed while requests wait, since none did
+
+    def backlogged(self) -> bool:
+        return bool(self.held) or self._waiting_full()
+
+    def _waiting_full(self) -> bool:
+        return len(self.pipeline) >= MAX_PIPELINED or self._ahead >= MAX_PIPELINED_BYTES
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport))  # type: ignore[arg-type]
@@ -109,13 +119,16 @@ class BufferedBodyProtocol(HttpToolsProtocol):
             self.held += data
             return
         while data:
-            if len(self.pipeline) >= MAX_PIPELINED:
+            if self.pipeline and self._waiting_full():
                 self.held = data
                 self.flow.pause_reading()
                 self.hold_started()
                 return
             size = self._body_left if self._body_left > 0 else HEAD_PIECE
-            self.feed(data[:size])
+            piece = data[:size]
+            self.feed(piece)
+            if self.pipeline:
+                self._ahead += len(piece)
             data = data[size:]
 
     def feed(self, piece: bytes) -> None:
@@ -130,7 +143,9 @@ class BufferedBodyProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # starts the next request waiting, if any
-        if self.held and len(self.pipeline) < MAX_PIPELINED:
+        if not self.pipeline:
+            self._ahead = 0
+        if self.held and not self._waiting_full():
             self.loop.call_soon(self._parse_held)
 
     def _parse_held(self) -> None:
