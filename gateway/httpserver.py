@@ -90,8 +90,9 @@ class PipelineFlow(FlowControl):
         self.protocol = protocol
 
     def resume_reading(self) -> None:
-        if not self.protocol.backlogged():
-            super().resume_reading()
+        if self.read_paused and not self.protocol.backlogged():
+            self.read_paused = False
+            self._transport.resume_reading()
 
 
 class BufferedBodyProtocol(HttpToolsProtocol):
@@ -157,9 +158,12 @@ class BufferedBodyProtocol(HttpToolsProtocol):
                 self.hold_ended()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) == 14 and name.lower() == b"content-length":
-            self._body_left = int(value) if value.isdigit() else 0
+        if len(name) == 14 and name.lower() == b"content-length":  # (never a trailer field: llhttp refuses it)
+            self.declare_length(value)
         super().on_header(name, value)
+
+    def declare_length(self, value: bytes) -> None:
+        self._body_left = int(value) if value.isdigit() else 0
 
     def on_body(self, body: bytes) -> None:
         self._body_left -= len(body)  # 0 at the body's end; a chunked one goes below 0

@@ -29,6 +29,8 @@ import ssl
 import time
 from typing import Any
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
 from gateway.context import REFUSAL_KEY, SCOPE_KEY
 from gateway.errors import (
     BadRequest,
@@ -276,15 +278,18 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
                 f"at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes of headers are accepted"))
             # Stop the parser: httptools surfaces this as a parse error, which we then ignore.
             raise ValueError("headers too large")
-        if len(name) == 4 and name.lower() == b"host":
-            self._hosts += 1
         if self._in_trailers:
             # A chunked body's trailer fields: uvicorn would append them to the headers the
             # application reads after the body, so a client (or anything a proxy forwards
             # unexamined) could add an Authorization or an X-Forwarded-Client-Cert there. Counted
             # against the limits above, then dropped (RFC 9110 section 6.5.1).
             return
-        super().on_header(name, value)
+        if len(name) == 4 and name.lower() == b"host":
+            self._hosts += 1
+        elif len(name) == 14 and name.lower() == b"content-length":
+            self.declare_length(value)
+        # uvicorn's, past BufferedBodyProtocol's, which would only look for the content length again
+        HttpToolsProtocol.on_header(self, name, value)
 
     def on_headers_complete(self) -> None:
         self._in_trailers = True
