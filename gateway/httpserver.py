@@ -21,9 +21,9 @@ answered, or read none of its answers, had all it sent parsed and held (one conn
 gateway by ~570 MiB with 200,000 small requests). Here at most ``MAX_PIPELINED`` requests, and
 ``MAX_PIPELINED_BYTES`` of what came after the request being answered, wait parsed; what the
 client sent after them stays unparsed (``held``) and reading stays paused until answers catch up,
-so the rest waits in the sockets' buffers. Requests are parsed in pieces (a
-head in ``HEAD_PIECE`` bytes, a body of declared length at once) so that one read cannot queue
-thousands before the bound is looked at.
+so the rest waits in the sockets' buffers. Requests are parsed in pieces (a head ``HEAD_PIECE``
+bytes at a time, a body of declared length at once), so that one read cannot queue thousands
+before the bound is looked at.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from typing import Any
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["BODY_HIGH_WATER", "MAX_PIPELINED", "MAX_PIPELINED_BYTES", "BufferedBodyProtocol", "CoalescingTransport", "freeze_startup_heap"]
+__all__ = ["BODY_HIGH_WATER", "HEAD_PIECE", "MAX_PIPELINED", "MAX_PIPELINED_BYTES", "BufferedBodyProtocol", "CoalescingTransport",
+           "freeze_startup_heap"]
 
 BODY_HIGH_WATER = 1024 * 1024
 MAX_PIPELINED = 32
