@@ -102,6 +102,10 @@ class ServerConfig:
     """Connections in their TLS handshake at once per serving process; more are closed at once."""
     max_pending_handshakes_per_address: int = 256
     """... and from one client address."""
+    max_connections_per_address: int = 256
+    """Connections from one client address, established and in their handshake (nginx's
+    ``limit_conn``): one client's kept-alive connections cannot take every place under
+    ``limit_concurrency``. 0: no such limit. The trusted proxies (``tls.trusted_proxies``) have none."""
     limit_concurrency: int = 2048
     """Connections plus in-flight requests per process before 503."""
     backlog: int = 2048
@@ -338,6 +342,8 @@ class Config:
                        "lockouts and one-time codes alone")
         if not self.limits.per_address and not self.limits.per_principal:
             out.append("limits: neither per_address nor per_principal is limited")
+        if not self.server.max_connections_per_address:
+            out.append("server.max_connections_per_address = 0: one client may hold every connection")
         if not self.supply.require_signature:
             out.append("supply.require_signature = false: unsigned models are served")
         if not self.audit.enabled:

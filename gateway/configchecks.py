@@ -45,6 +45,8 @@ def _server_checks(cfg: Config) -> list[Check]:
          "server.handshake_timeout_s must be 0..60 and server.write_timeout_s 0..3600"),
         (1 <= s.max_pending_handshakes_per_address <= s.max_pending_handshakes <= s.max_connections,
          "server: 1 <= max_pending_handshakes_per_address <= max_pending_handshakes <= max_connections"),
+        (0 <= s.max_connections_per_address <= s.max_connections,
+         "server.max_connections_per_address must be 0 (no limit) to max_connections"),
         (not (s.probe_port and s.processes > 1),
          "server.probe_port needs server.processes = 1 (probes are not served per process yet)"),
     ]

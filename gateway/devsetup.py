@@ -51,6 +51,7 @@ write_timeout_s = 30.0      # a client that reads none of its answers this long 
 max_connections = 10000     # per process; lowered at start-up to what the file-descriptor limit allows
 max_pending_handshakes = 1024               # connections in their handshake at once; more are closed
 max_pending_handshakes_per_address = 256    # ... from one client address
+max_connections_per_address = 256           # connections from one address (0: no limit; trusted proxies have none)
 max_inflight_body_bytes = 536870912         # 512 MiB of request bodies held at once per process (503)
 max_inflight_body_bytes_per_principal = 100663296   # 96 MiB per principal (429)
 decode_processes = 0        # processes decoding bodies over 64 KiB; 0 = half the CPUs (1 to 4)

@@ -110,6 +110,11 @@ def _settings(c: Config) -> Iterator[Finding]:
                       f"sign-in lockout is {c.server.processes} times what it says and a one-time code can be "
                       "used once in each process", "set limits.storage to a Redis server the processes share "
                       "(redis:// on loopback, rediss:// elsewhere), or server.processes = 1")
+    if not c.server.max_connections_per_address:
+        yield Finding("connections-per-address-unlimited", "medium", "server.max_connections_per_address = 0: one "
+                      "client's kept-alive connections can take every place under server.limit_concurrency",
+                      "set server.max_connections_per_address (256 by default; a proxy in front is exempt when "
+                      "listed in tls.trusted_proxies)")
     if not c.limits.budget_inferences and not c.limits.budget_rows:
         yield Finding("budgets-off", "medium", "no query budget (limits.budget_inferences, budget_rows)",
                       'set limits.budget_inferences (e.g. "100000/day"): budgets bound model extraction')

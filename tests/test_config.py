@@ -111,6 +111,18 @@ def test_the_idle_connection_timeout_is_checked(tmp_path: Path, value: float, re
     assert ("server.keepalive_timeout_s must be 1..3600" in problems) is refused, problems
 
 
+@pytest.mark.parametrize("value,refused", [(-1, True), (10_001, True), (0, False), (256, False)])
+def test_the_connections_per_address_are_checked(tmp_path: Path, value: int, refused: bool) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(f"[server]\nmax_connections_per_address = {value}\n")
+    try:
+        load_config(path, environ={})
+        problems = ""
+    except ConfigError as exc:
+        problems = str(exc)
+    assert ("server.max_connections_per_address must be 0 (no limit) to max_connections" in problems) is refused
+
+
 def test_output_settings_are_checked(tmp_path: Path) -> None:
     path = tmp_path / "g.toml"
     path.write_text("""

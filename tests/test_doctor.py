@@ -187,6 +187,7 @@ CASES: dict[str, Callable[[Path], None]] = {
     "debug-mode": edit("debug = false", "debug = true"),
     "workers-not-isolated": edit('worker_user = "nobody"', 'worker_user = ""'),
     "limits-off": edit('per_address = "100/second"\nper_principal = "50/second"', 'per_address = ""\nper_principal = ""'),
+    "connections-per-address-unlimited": edit("[server]\n", "[server]\nmax_connections_per_address = 0\n"),
     "budgets-off": edit('budget_inferences = "100000/day"', 'budget_inferences = ""\nbudget_rows = ""'),
     "models-unsigned-accepted": edit("require_signature = true", "require_signature = false"),
     "audit-off": edit("[audit]\nenabled = true", "[audit]\nenabled = false"),

@@ -14,6 +14,7 @@ import hashlib
 import os
 import ssl
 import tempfile
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,20 +40,28 @@ class HandshakeLedger:
     handshakes that failed or were refused since the audit layer last collected them.
 
     ``admit`` decides whether a new connection may start a handshake at all: not past
-    ``max_connections`` (established and pending together), ``max_pending`` pending in all, or
-    ``max_pending_per_address`` from one address; the excess is closed at once, so idle or slow
-    connections cannot exhaust the process's file descriptors.
+    ``max_connections`` (established and pending together), ``max_pending`` pending in all,
+    ``max_pending_per_address`` from one address, or ``max_per_address`` connections of any kind
+    from one address (0: no such limit; addresses in ``exempt``, the trusted proxies, have none);
+    the excess is closed at once, so idle or slow connections cannot exhaust the process's file
+    descriptors, and one client's kept-alive connections cannot take every place under
+    ``server.limit_concurrency``.
     """
 
     MAX_ADDRESSES = 1000
     """Addresses tracked per collection window; the rest are counted under ``"other"``."""
 
-    def __init__(self, max_connections: int = 10_000, max_pending: int = 1024, max_pending_per_address: int = 256) -> None:
+    def __init__(self, max_connections: int = 10_000, max_pending: int = 1024, max_pending_per_address: int = 256,
+                 max_per_address: int = 0) -> None:
         self.max_connections = max_connections
         self.max_pending = max_pending
         self.max_pending_per_address = max_pending_per_address
+        self.max_per_address = max_per_address
+        self.exempt: Callable[[str], bool] = lambda address: False
         self.pending: dict[str, int] = {}
         self.total_pending = 0
+        self.open: dict[str, int] = {}
+        """address -> connections past their handshake and not yet closed."""
         self.failures: dict[str, dict[str, int]] = {}
         """address -> reason -> count, since the last ``collect``."""
 
@@ -64,6 +73,9 @@ class HandshakeLedger:
             why = "too many handshakes in progress"
         elif self.pending.get(address, 0) >= self.max_pending_per_address:
             why = "too many handshakes in progress from this address"
+        elif (self.max_per_address and self.open.get(address, 0) + self.pending.get(address, 0) >= self.max_per_address
+              and not self.exempt(address)):
+            why = "too many connections from this address"
         else:
             self.pending[address] = self.pending.get(address, 0) + 1
             self.total_pending += 1
@@ -80,6 +92,17 @@ class HandshakeLedger:
         self.total_pending -= 1
         if error is not None:
             self._count(address, handshake_failure(error))
+
+    def opened(self, address: str) -> None:
+        """A connection from ``address`` finished its handshake (until ``closed``)."""
+        self.open[address] = self.open.get(address, 0) + 1
+
+    def closed(self, address: str) -> None:
+        left = self.open.get(address, 1) - 1
+        if left > 0:
+            self.open[address] = left
+        else:
+            self.open.pop(address, None)
 
     def _count(self, address: str, reason: str) -> None:
         if address not in self.failures and len(self.failures) >= self.MAX_ADDRESSES:

@@ -145,6 +145,7 @@ class AlertingTransport:
 
 class TLSHttpToolsProtocol(BufferedBodyProtocol):
     _tls_extension: Any = None
+    _address = "unknown"  # the client's, counted in HANDSHAKES while the connection is open
     _timer: asyncio.TimerHandle | None = None
     _armed: tuple[float, str] | None = None  # the timer's seconds and what it times
     _suspended: tuple[float, str, int] | None = None  # ... stopped while requests are held back
@@ -222,6 +223,8 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
     # -- connection -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._address = str(self.client[0]) if self.client else "unknown"  # as HandshakeGuard names it
+        HANDSHAKES.opened(self._address)
         gateway_config = getattr(self.config, "gateway_config", None)
         if gateway_config is not None:
             s = gateway_config.server
@@ -245,6 +248,7 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
         self._disarm()
         if self._write_timer is not None:
             self._write_timer.cancel()
+        HANDSHAKES.closed(self._address)
         super().connection_lost(exc)
 
     def feed(self, piece: bytes) -> None:
@@ -304,8 +308,8 @@ class TLSHttpToolsProtocol(BufferedBodyProtocol):
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             # uvicorn would answer plain text below the application; ours answers (and records) it.
-            overloaded = Overloaded(f"this process has {len(self.tasks)} requests in flight (at most {limit}); "
-                                    "retry shortly", retry_after=1)
+            overloaded = Overloaded(f"this process has {len(self.connections)} connections and {len(self.tasks)} "
+                                    f"requests in flight (at most {limit} of either); retry shortly", retry_after=1)
             self.scope[REFUSAL_KEY] = overloaded  # type: ignore[literal-required]
         self.limit_concurrency = None
         try:

@@ -20,6 +20,7 @@ from gateway.security.tls import (
     revoked_certificates,
     tls_files_stamp,
 )
+from gateway.security.xfcc import TrustedProxies
 
 __all__ = ["GatewayUvicornConfig"]
 
@@ -51,6 +52,8 @@ class GatewayUvicornConfig(uvicorn.Config):
         HANDSHAKES.max_connections = self.max_connections
         HANDSHAKES.max_pending = min(s.max_pending_handshakes, self.max_connections)
         HANDSHAKES.max_pending_per_address = s.max_pending_handshakes_per_address
+        HANDSHAKES.max_per_address = s.max_connections_per_address
+        HANDSHAKES.exempt = TrustedProxies(self.gateway_config.tls.trusted_proxies).trusts
 
     def _tls_banner(self, record: logging.LogRecord) -> bool:
         """uvicorn names the listener's scheme from its own TLS settings, which are off here: its

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import resource
 import socket
+import ssl
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.conftest import client_context, start_gateway
+from tests.conftest import Gateway, client_context, start_gateway
 
 FLOOD = 1500
 
@@ -68,4 +70,51 @@ def test_idle_connections_past_the_caps_are_closed_and_clients_still_served(
     finally:
         for s in flood:
             s.close()
+        gw.stop()
+
+
+def _served(gw: Gateway, source: str, token: str) -> ssl.SSLSocket:
+    """A kept-alive mTLS connection from ``source`` that has had one request answered 200."""
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=5, source_address=(source, 0))
+    tls = client_context(gw.pki, "demo").wrap_socket(raw, server_hostname="localhost")
+    tls.sendall(f"GET /v2/models/digits HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    assert tls.recv(65536).startswith(b"HTTP/1.1 200"), "the connection was not served"
+    return tls
+
+
+def test_one_address_cannot_hold_every_connection(pki: Path, tmp_path: Path, models_root: Path) -> None:
+    """Kept-alive connections from one address count against ``server.max_connections_per_address``
+    (8 here): one client held 2,048 idle ones with a request each every few seconds, and every
+    other client got 503 for as long as it went on. Past the limit its connections are closed before
+    any handshake; other addresses are served, a closed connection frees its place, and the
+    refusals are on the audit record with the address."""
+    gw = start_gateway(pki, tmp_path, models_root, extra="max_connections_per_address = 8\n")
+    held: list[ssl.SSLSocket] = []
+    try:
+        token = gw.token("demo")
+        held = [_served(gw, "127.0.0.1", token) for _ in range(8)]
+        with pytest.raises((ssl.SSLError, ConnectionError, AssertionError, OSError)):
+            held.append(_served(gw, "127.0.0.1", token))
+        other = _served(gw, "127.0.0.2", token)
+        other.close()
+        held.pop(0).close()
+        deadline = time.monotonic() + 5
+        while True:  # the server sees the close within a moment
+            try:
+                held.append(_served(gw, "127.0.0.1", token))
+                break
+            except (ssl.SSLError, ConnectionError, AssertionError, OSError):
+                assert time.monotonic() < deadline, "a closed connection did not free its place"
+                time.sleep(0.2)
+        deadline = time.monotonic() + 15
+        while True:
+            tls = [r for r in gw.audit_records() if r.get("kind") == "tls"]
+            reasons = {k for r in tls for k in r.get("by_address", {}).get("127.0.0.1", {})}
+            if "too many connections from this address" in reasons:
+                break
+            assert time.monotonic() < deadline, f"no record of the refusal: {tls}"
+            time.sleep(0.5)
+    finally:
+        for c in held:
+            c.close()
         gw.stop()
