@@ -98,28 +98,27 @@ def test_the_strictest_role_action_applies() -> None:
     assert guard.action_for(frozenset({"other"})) == "flag"
 
 
+def _server_problems(tmp_path: Path, setting: str) -> str:
+    """What loading a configuration whose [server] holds ``setting`` refuses ("" when nothing)."""
+    path = tmp_path / "g.toml"
+    path.write_text(f"[server]\n{setting}\n")
+    try:
+        load_config(path, environ={})
+    except ConfigError as exc:
+        return str(exc)
+    return ""
+
+
 @pytest.mark.parametrize("value,refused", [(0, True), (0.5, True), (3601, True), (1, False), (75, False)])
 def test_the_idle_connection_timeout_is_checked(tmp_path: Path, value: float, refused: bool) -> None:
     """uvicorn takes whole seconds: below 1 the gateway would close each connection after its answer."""
-    path = tmp_path / "g.toml"
-    path.write_text(f"[server]\nkeepalive_timeout_s = {value}\n")
-    try:
-        load_config(path, environ={})
-        problems = ""
-    except ConfigError as exc:
-        problems = str(exc)
+    problems = _server_problems(tmp_path, f"keepalive_timeout_s = {value}")
     assert ("server.keepalive_timeout_s must be 1..3600" in problems) is refused, problems
 
 
 @pytest.mark.parametrize("value,refused", [(-1, True), (10_001, True), (0, False), (256, False)])
 def test_the_connections_per_address_are_checked(tmp_path: Path, value: int, refused: bool) -> None:
-    path = tmp_path / "g.toml"
-    path.write_text(f"[server]\nmax_connections_per_address = {value}\n")
-    try:
-        load_config(path, environ={})
-        problems = ""
-    except ConfigError as exc:
-        problems = str(exc)
+    problems = _server_problems(tmp_path, f"max_connections_per_address = {value}")
     assert ("server.max_connections_per_address must be 0 (no limit) to max_connections" in problems) is refused
 
 

@@ -93,7 +93,7 @@ def test_one_address_cannot_hold_every_connection(pki: Path, tmp_path: Path, mod
     try:
         token = gw.token("demo")
         held = [_served(gw, "127.0.0.1", token) for _ in range(8)]
-        with pytest.raises((ssl.SSLError, ConnectionError, AssertionError, OSError)):
+        with pytest.raises(OSError):  # reset, or closed during the handshake
             held.append(_served(gw, "127.0.0.1", token))
         other = _served(gw, "127.0.0.2", token)
         other.close()
@@ -103,7 +103,7 @@ def test_one_address_cannot_hold_every_connection(pki: Path, tmp_path: Path, mod
             try:
                 held.append(_served(gw, "127.0.0.1", token))
                 break
-            except (ssl.SSLError, ConnectionError, AssertionError, OSError):
+            except OSError:
                 assert time.monotonic() < deadline, "a closed connection did not free its place"
                 time.sleep(0.2)
         deadline = time.monotonic() + 15
