@@ -91,9 +91,8 @@ class PipelineFlow(FlowControl):
         self.protocol = protocol
 
     def resume_reading(self) -> None:
-        if self.read_paused and not self.protocol.backlogged():
-            self.read_paused = False
-            self._transport.resume_reading()
+        if self.read_paused and not self.protocol.backlogged():  # asked only when paused: cheap
+            super().resume_reading()
 
 
 class BufferedBodyProtocol(HttpToolsProtocol):
